@@ -1,0 +1,99 @@
+"""Stage configs: building them from notebook parameters or YAML, resolving paths, saving them.
+
+Every stage (train, select, infer, ...) has one ``@dataclass`` config in its module. The notebook's
+``parameters`` cell holds exactly that dataclass's fields; ``from_params(globals())`` builds it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("kaggle_utils")
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+class ConfigError(ValueError):
+    """A stage config has a value that cannot work; the message names the field."""
+
+
+def project_root() -> Path:
+    """The folder relative paths are resolved against.
+
+    Inside a checkout of the bundle (the package sits next to the Makefile) it is the checkout, so a notebook opened
+    in Jupyter from ``notebooks/`` finds ``../shared/data`` exactly as ``make`` does. Elsewhere (Kaggle, an installed
+    wheel) it is the current working directory. ``KAGGLE_UTILS_ROOT`` overrides both.
+    """
+    if os.environ.get("KAGGLE_UTILS_ROOT"):
+        return Path(os.environ["KAGGLE_UTILS_ROOT"]).resolve()
+    checkout = _PACKAGE_DIR.parent
+    if (checkout / "Makefile").exists() and (checkout / "notebooks").is_dir():
+        return checkout
+    return Path.cwd()
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """An absolute path for ``path``; relative ones are taken from :func:`project_root`."""
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else (project_root() / p).resolve()
+
+
+def config_fields(cls) -> list[str]:
+    """Names of a config dataclass's fields, in declaration order."""
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def from_params(cls, namespace: dict[str, Any]):
+    """Build ``cls`` from a notebook namespace (``globals()``), taking exactly the dataclass's fields.
+
+    A field missing from the namespace keeps its default, so an older notebook still runs.
+    """
+    values = {name: namespace[name] for name in config_fields(cls) if name in namespace}
+    return cls(**values)
+
+
+def load_yaml(cls, path: str | os.PathLike, **overrides):
+    """Build ``cls`` from a YAML recipe; keyword overrides win. Unknown keys are an error naming the file."""
+    import yaml
+
+    file = resolve_path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"config file not found: {file}")
+    values = yaml.safe_load(file.read_text()) or {}
+    unknown = sorted(set(values) - set(config_fields(cls)))
+    if unknown:
+        raise ConfigError(f"{file}: unknown keys {unknown} for {cls.__name__}; known: {config_fields(cls)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return cls(**values)
+
+
+def save_config(cfg, folder: str | os.PathLike, name: str = "config.json") -> Path:
+    """Write the resolved config as JSON into ``folder`` (created if needed), before the stage works."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / name
+    path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
+    return path
+
+
+def setup_logging(level: int = logging.INFO) -> logging.Logger:
+    """Send the library's log lines to stdout once, so they show in notebooks and papermill logs."""
+    if not any(getattr(h, "_kaggle_utils", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        handler._kaggle_utils = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    return logger
+
+
+def require(condition: bool, field: str, message: str) -> None:
+    """Raise :class:`ConfigError` naming ``field`` unless ``condition`` holds."""
+    if not condition:
+        raise ConfigError(f"{field}: {message}")

@@ -1,0 +1,159 @@
+"""Reading and validating competition-format CSVs, prompt dedup, the split by prompt group, the length filter.
+
+Columns: ``id`` (optional for training), ``original_text``, ``rewritten_text``, ``rewrite_prompt`` (absent in a test
+CSV). Extra columns are kept but ignored.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .config import resolve_path
+
+logger = logging.getLogger("kaggle_utils")
+
+TEXT_COLUMNS = ("original_text", "rewritten_text")
+PROMPT_COLUMN = "rewrite_prompt"
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and, where it applies, the row and the column."""
+
+
+def _csv_row(index: int) -> int:
+    """The line number a spreadsheet shows for a 0-based data row (line 1 is the header)."""
+    return int(index) + 2
+
+
+def read_rewrites(path: str | os.PathLike, require_prompt: bool = True, require_id: bool = False) -> pd.DataFrame:
+    """Read one competition-format CSV and validate its columns and ids.
+
+    Invalid UTF-8 bytes are replaced (and counted in the log), so a stray byte never stops a submission. Rows keep
+    their file order; ``_file`` and ``_row`` columns record where each came from, for error messages.
+    """
+    file = resolve_path(path)
+    if not file.exists():
+        raise DataError(f"{file}: file does not exist")
+    raw = file.read_bytes()
+    text = raw.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - raw.decode("utf-8", errors="ignore").count("\ufffd")
+    if bad:
+        logger.warning("%s: replaced %d invalid UTF-8 byte sequence(s)", file, bad)
+    import io
+
+    try:
+        df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False, na_values=[])
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{file}: the file is empty (no header)") from None
+    except pd.errors.ParserError as e:
+        raise DataError(f"{file}: not a readable CSV ({e})") from None
+    required = list(TEXT_COLUMNS) + ([PROMPT_COLUMN] if require_prompt else []) + (["id"] if require_id else [])
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DataError(f"{file}: missing column(s) {missing}; found {list(df.columns)}")
+    if "id" in df.columns:
+        ids = df["id"].str.strip()
+        blank = ids.eq("")
+        if require_id and blank.any():
+            row = _csv_row(np.flatnonzero(blank.to_numpy())[0])
+            raise DataError(f"{file}: row {row}, column 'id': empty id")
+        dup = ids[~blank].duplicated(keep="first")
+        if dup.any():
+            first = dup[dup].index[0]
+            other = ids.index[(ids == ids[first])][0]
+            raise DataError(
+                f"{file}: row {_csv_row(first)}, column 'id': duplicated id '{ids[first]}' (first seen on row "
+                f"{_csv_row(other)})"
+            )
+        df["id"] = ids
+    df["_file"] = str(file)
+    df["_row"] = [_csv_row(i) for i in range(len(df))]
+    return df
+
+
+def drop_incomplete(df: pd.DataFrame, columns=TEXT_COLUMNS + (PROMPT_COLUMN,)) -> pd.DataFrame:
+    """Drop rows with an empty value in any of ``columns`` and log how many went, with the first few row numbers."""
+    empty = np.zeros(len(df), dtype=bool)
+    for c in columns:
+        empty |= df[c].fillna("").astype(str).str.strip().eq("").to_numpy()
+    if empty.any():
+        where = df.loc[empty, ["_file", "_row"]].head(5).apply(lambda r: f"{Path(r._file).name}:{r._row}", axis=1)
+        logger.warning("dropped %d row(s) with an empty %s (first: %s)", int(empty.sum()), "/".join(columns),
+                       ", ".join(where))
+    return df.loc[~empty].reset_index(drop=True)
+
+
+def normalize_prompt(prompt: str) -> str:
+    """The key two prompts share when they only differ in case, spacing or final punctuation."""
+    return re.sub(r"\s+", " ", prompt.strip().lower()).rstrip(" .!?")
+
+
+def dedup_prompts(df: pd.DataFrame, max_per_prompt: int = 1) -> pd.DataFrame:
+    """Keep at most ``max_per_prompt`` rows per (normalized) prompt, the first ones; log how many were removed."""
+    key = df[PROMPT_COLUMN].map(normalize_prompt)
+    keep = key.groupby(key).cumcount() < max_per_prompt
+    removed = int((~keep).sum())
+    if removed:
+        logger.info("dedup: removed %d row(s) with a repeated prompt, %d remain", removed, int(keep.sum()))
+    return df.loc[keep.to_numpy()].reset_index(drop=True)
+
+
+def split_by_prompt(df: pd.DataFrame, val_rows: int, seed: int = 0, max_per_group: int = 0
+                    ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Split into (train, validation) by prompt group, never by row, so no prompt is on both sides.
+
+    Whole groups are drawn in a seeded random order until the validation side has at least ``val_rows`` rows.
+    ``max_per_group`` (0 = no cap) keeps at most that many rows of each drawn group, so a few huge groups cannot fill
+    the validation set; the rest of a drawn group goes to neither side.
+    """
+    key = df[PROMPT_COLUMN].map(normalize_prompt)
+    groups = key.unique()
+    if len(groups) < 2:
+        raise DataError(f"split_by_prompt: need at least 2 prompt groups to split, found {len(groups)}")
+    if val_rows < 1:
+        raise DataError(f"split_by_prompt: val_rows must be >= 1, got {val_rows}")
+    order = np.random.default_rng(seed).permutation(len(groups))
+    sizes = key.value_counts()
+    chosen, total = [], 0
+    for i in order[:-1]:  # the last group always stays on the train side
+        if total >= val_rows:
+            break
+        chosen.append(groups[i])
+        total += min(int(sizes[groups[i]]), max_per_group or int(sizes[groups[i]]))
+    in_val = key.isin(set(chosen)).to_numpy()
+    val = df.loc[in_val]
+    if max_per_group:
+        val = val.loc[key[in_val].groupby(key[in_val]).cumcount().to_numpy() < max_per_group]
+    return df.loc[~in_val].reset_index(drop=True), val.reset_index(drop=True)
+
+
+def filter_by_length(df: pd.DataFrame, lengths, max_length: int, margin: int = 8) -> pd.DataFrame:
+    """Drop rows whose token count (``lengths``, one per row) exceeds ``max_length - margin``; log the count.
+
+    The margin leaves room for the special tokens the template adds around the answer.
+    """
+    lengths = np.asarray(lengths)
+    keep = lengths <= max_length - margin
+    dropped = int((~keep).sum())
+    if dropped:
+        logger.info("length filter: dropped %d of %d row(s) longer than %d tokens (max_seq_length %d - margin %d)",
+                    dropped, len(df), max_length - margin, max_length, margin)
+    return df.loc[keep].reset_index(drop=True)
+
+
+def load_training_rows(files, dedup: bool = True) -> pd.DataFrame:
+    """Read, validate and concatenate training CSVs; drop incomplete rows; optionally dedup prompts."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    if not files:
+        raise DataError("no training files given")
+    frames = [drop_incomplete(read_rewrites(f, require_prompt=True)) for f in files]
+    df = pd.concat(frames, ignore_index=True)
+    if dedup:
+        df = dedup_prompts(df)
+    return df

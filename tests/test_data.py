@@ -1,0 +1,99 @@
+"""Reading, validation, dedup, the prompt-group split, the length filter. Run: `pytest tests/test_data.py`."""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from kaggle_utils import data
+from conftest import GEMMA_CSV
+
+
+def test_reads_real_gemma_rows():
+    df = data.read_rewrites(GEMMA_CSV)
+    assert len(df) == 998
+    assert {"id", "original_text", "rewritten_text", "rewrite_prompt", "_file", "_row"} <= set(df.columns)
+    assert df["_row"].iloc[0] == 2  # line 1 is the header
+
+
+def test_missing_file_names_the_path(tmp_path):
+    with pytest.raises(data.DataError, match="nope.csv: file does not exist"):
+        data.read_rewrites(tmp_path / "nope.csv")
+
+
+def test_missing_column_names_file_and_column(rewrites_csv):
+    df = pd.read_csv(rewrites_csv).drop(columns=["rewritten_text"])
+    df.to_csv(rewrites_csv, index=False)
+    with pytest.raises(data.DataError) as err:
+        data.read_rewrites(rewrites_csv)
+    assert "rewrites.csv" in str(err.value) and "rewritten_text" in str(err.value)
+
+
+def test_test_csv_needs_no_prompt(rewrites_csv):
+    df = pd.read_csv(rewrites_csv).drop(columns=["rewrite_prompt"])
+    df.to_csv(rewrites_csv, index=False)
+    assert len(data.read_rewrites(rewrites_csv, require_prompt=False)) == 12
+
+
+def test_duplicated_id_names_both_rows(rewrites_csv):
+    df = pd.read_csv(rewrites_csv)
+    df.loc[5, "id"] = df.loc[1, "id"]
+    df.to_csv(rewrites_csv, index=False)
+    with pytest.raises(data.DataError, match=r"row 7, column 'id': duplicated id 'r01' \(first seen on row 3\)"):
+        data.read_rewrites(rewrites_csv)
+
+
+def test_invalid_utf8_is_replaced_and_logged(rewrites_csv, caplog):
+    raw = rewrites_csv.read_bytes().replace(b"feline", b"fel\xffine", 1)
+    rewrites_csv.write_bytes(raw)
+    df = data.read_rewrites(rewrites_csv)
+    assert "\ufffd" in df["rewritten_text"].iloc[0]
+    assert "replaced 1 invalid UTF-8" in caplog.text
+
+
+def test_empty_rows_are_dropped_and_counted(rewrites_csv, caplog):
+    df = pd.read_csv(rewrites_csv)
+    df.loc[3, "rewrite_prompt"] = ""
+    df.loc[4, "original_text"] = "   "
+    df.to_csv(rewrites_csv, index=False)
+    out = data.drop_incomplete(data.read_rewrites(rewrites_csv))
+    assert len(out) == 10
+    assert "dropped 2 row(s)" in caplog.text and "rewrites.csv:5" in caplog.text
+
+
+@pytest.mark.parametrize("prompts,kept", [
+    (["Make it formal.", "make it formal", "Make  it formal!", "Make it casual."], 2),
+    (["A", "B", "C"], 3),
+])
+def test_dedup_keeps_one_row_per_prompt(prompts, kept):
+    df = pd.DataFrame({"original_text": "o", "rewritten_text": "r", "rewrite_prompt": prompts})
+    assert len(data.dedup_prompts(df)) == kept
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_split_never_shares_a_prompt(seed):
+    df = data.read_rewrites(GEMMA_CSV)
+    train, val = data.split_by_prompt(df, val_rows=100, seed=seed)
+    key = lambda d: set(d["rewrite_prompt"].map(data.normalize_prompt))  # noqa: E731
+    assert not key(train) & key(val)
+    assert len(val) >= 100 and len(train) + len(val) == len(df)
+
+
+def test_split_caps_rows_per_group():
+    df = data.read_rewrites(GEMMA_CSV)
+    train, val = data.split_by_prompt(df, val_rows=40, seed=0, max_per_group=2)
+    assert val["rewrite_prompt"].value_counts().max() <= 2
+    assert val["rewrite_prompt"].nunique() >= 20
+    assert not set(train["rewrite_prompt"]) & set(val["rewrite_prompt"])
+
+
+def test_split_needs_two_groups():
+    df = pd.DataFrame({"original_text": ["a", "b"], "rewritten_text": ["c", "d"], "rewrite_prompt": ["p", "p"]})
+    with pytest.raises(data.DataError, match="at least 2 prompt groups"):
+        data.split_by_prompt(df, val_rows=1)
+
+
+def test_length_filter_drops_and_logs(caplog):
+    df = pd.DataFrame({"x": range(5)})
+    out = data.filter_by_length(df, [10, 100, 120, 125, 200], max_length=128, margin=8)
+    assert list(out["x"]) == [0, 1, 2]
+    assert "dropped 2 of 5" in caplog.text

@@ -1,0 +1,71 @@
+"""Presets, base-path checks, 4-bit settings, device maps. Run: `pytest tests/test_models.py`."""
+from __future__ import annotations
+
+import pytest
+
+from kaggle_utils import models
+from kaggle_utils.config import ConfigError
+
+
+def test_the_five_presets():
+    assert set(models.PRESETS) == {"smollm2-135m", "mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"}
+    assert models.DEFAULT_PRESET == "smollm2-135m"
+    for p in models.PRESETS.values():
+        assert p.family in {"chatml", "mistral", "llama2", "gemma"}
+        assert p.lora_target_modules and p.make_target.startswith("train-")
+        assert p.default_path == "" or p.default_path.startswith("/kaggle/input/")
+
+
+@pytest.mark.parametrize("name,four_bit", [("mistral-7b", False), ("llama2-13b", True), ("mistral-22b", True),
+                                           ("mixtral-8x7b", True), ("smollm2-135m", False)])
+def test_4bit_defaults(name, four_bit):
+    assert models.get_preset(name).load_in_4bit is four_bit
+
+
+def test_mixtral_keeps_router_and_head_unquantized():
+    cfg = models.quantization_config(models.get_preset("mixtral-8x7b"))
+    assert cfg.load_in_4bit and cfg.bnb_4bit_quant_type == "nf4" and cfg.bnb_4bit_use_double_quant
+    assert set(cfg.llm_int8_skip_modules) == {"gate", "lm_head"}
+
+
+def test_unknown_preset_lists_known():
+    with pytest.raises(ConfigError, match="unknown preset 'gpt-5'.*mistral-7b"):
+        models.get_preset("gpt-5")
+
+
+def test_missing_base_path_names_preset_path_and_fix(tmp_path):
+    with pytest.raises(models.ModelPathError) as err:
+        models.check_base_path(models.get_preset("mistral-7b"), str(tmp_path / "absent"))
+    msg = str(err.value)
+    assert "mistral-7b" in msg and str(tmp_path / "absent") in msg and "BASE_MODEL=" in msg
+
+
+def test_default_kaggle_path_missing_here():
+    with pytest.raises(models.ModelPathError, match="/kaggle/input/mixtral"):
+        models.check_base_path(models.get_preset("mixtral-8x7b"), "")
+
+
+def test_folder_without_weights(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(models.ModelPathError, match="not a model folder with weights"):
+        models.check_base_path(models.get_preset("llama2-13b"), str(tmp_path))
+
+
+@pytest.mark.parametrize("n,expected", [(0, None), (1, {"": 0}), (2, "auto")])
+def test_device_map(n, expected):
+    assert models.device_map(n) == expected
+
+
+def test_cpu_dtype_is_fp32():
+    import torch
+
+    assert models.compute_dtype() == torch.float32
+
+
+def test_prepared_default_is_a_plain_model(smollm_dir):
+    import json
+
+    cfg = json.loads((smollm_dir / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
+    assert models.has_weights(smollm_dir)
+    assert models.prepare_default_model() == smollm_dir  # cached: second call does nothing

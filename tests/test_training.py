@@ -1,0 +1,143 @@
+"""LoRA training on tiny random models in the real architectures (Llama, Mistral, Mixtral), through the presets.
+
+Asserts real effects: adapter weights change, base weights do not, the loss mask is the answer, our own pad token,
+checkpoints with metrics, resume. Run: `pytest tests/test_training.py`.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kaggle_utils import config, training
+from conftest import GEMMA_CSV
+
+
+def tiny_cfg(tmp_path, base, preset="mistral-7b", **kw):
+    values = dict(run_name="tiny", runs_dir=str(tmp_path), preset=preset, base_model_path=str(base),
+                  train_files=[str(GEMMA_CSV)], validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=8,
+                  max_steps=2, batch_size=2, micro_batch_size=2, save_steps=1, max_seq_length=512,
+                  load_in_4bit=False, learning_rate=1e-2, warmup_steps=0)
+    values.update(kw)
+    return training.TrainConfig(**values)
+
+
+def _train(cfg):
+    training.prepare_run(cfg)
+    model, tok = training.load_model_and_tokenizer(cfg)
+    train_ds, eval_ds = training.build_datasets(cfg, tok)
+    trainer = training.build_trainer(cfg, model, tok, train_ds, eval_ds)
+    return model, tok, trainer
+
+
+@pytest.mark.parametrize("arch,preset", [("llama", "llama2-13b"), ("mistral", "mistral-7b"),
+                                         ("mixtral", "mixtral-8x7b")])
+def test_two_steps_change_adapter_not_base(tmp_path, tiny_model_dir, arch, preset):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir(arch), preset=preset)
+    model, tok, trainer = _train(cfg)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    assert lora and all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    training.train(cfg, trainer)
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora if "lora_B" in n), "LoRA B never moved"
+    assert all(torch.equal(base[n], after[n]) for n in base), "a base weight changed"
+    # rank 1 on the preset's modules
+    a = next(p for n, p in after.items() if "lora_A" in n)
+    assert a.shape[0] == 1
+    targets = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n in after if "lora_A" in n}
+    assert targets == set(__import__("kaggle_utils.models", fromlist=["x"]).get_preset(preset).lora_target_modules)
+
+
+def test_loss_mask_is_the_answer_and_pad_is_our_own(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"))
+    _, tok, trainer = _train(cfg)
+    assert tok.pad_token_id != tok.eos_token_id
+    assert trainer.data_collator.pad_token_id == tok.pad_token_id
+    prompts_seen = 0
+    for ex in trainer.train_dataset:
+        labelled = [t for t in ex["labels"] if t != -100]
+        assert labelled[-1] == tok.eos_token_id
+        text = tok.decode(labelled[:-1])
+        assert "Rewritten text" not in text and len(text) > 3
+        # everything before the first labelled token is the prompt, ending with the response marker
+        first = next(i for i, t in enumerate(ex["labels"]) if t != -100)
+        assert tok.decode(ex["input_ids"][:first]).endswith("<|im_start|>assistant\n")
+        assert all(t == -100 for t in ex["labels"][:first])
+        prompts_seen += 1
+    assert prompts_seen == 8
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    short = int(batch["attention_mask"].sum(1).argmin())
+    pads = batch["input_ids"][short][batch["attention_mask"][short] == 0]
+    assert len(pads) and bool((pads == tok.pad_token_id).all())  # right padding with the own pad token
+
+
+def test_run_folder_outputs_and_resume(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"))
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    run = cfg.run_dir
+    assert json.loads((run / "config.json").read_text())["preset"] == "mistral-7b"
+    ckpts = training.find_checkpoints(run)
+    assert [c.name for c in ckpts] == ["checkpoint-1", "checkpoint-2"]
+    for c in ckpts:
+        assert (c / "adapter_model.safetensors").exists() and (c / "adapter_config.json").exists()
+        assert not list(c.glob("model*.safetensors"))  # adapter only, never the base weights
+        meta = json.loads((c / "metrics.json").read_text())
+        assert meta["step"] == int(c.name.split("-")[1]) and meta["eval_loss"] > 0
+    steps = [s for s, _ in training.eval_losses(run)]
+    assert steps == [0, 1, 2]  # step 0 is the base model
+    assert training.plot_losses(run).stat().st_size > 1000
+    assert len(__import__("pandas").read_csv(run / "validation.csv")) >= 4
+    # "interrupted" after step 2: asking for 3 steps resumes from checkpoint-2 and only does one more
+    cfg3 = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=3)
+    _, _, trainer3 = _train(cfg3)
+    training.train(cfg3, trainer3)
+    assert trainer3.state.global_step == 3
+    assert [c.name for c in training.find_checkpoints(run)][-1] == "checkpoint-3"
+
+
+def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"))
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    other = tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_r=4)
+    with pytest.raises(ValueError, match="different run.*lora_r: 1 -> 4"):
+        training.prepare_run(other)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("max_steps", 0, "max_steps: must be >= 1"),
+    ("batch_size", 3, "batch_size: must be a multiple"),
+    ("preset", "gpt-5", "unknown preset"),
+    ("train_files", [], "train_files: give at least one CSV"),
+])
+def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
+    with pytest.raises(config.ConfigError, match=match):
+        tiny_cfg(tmp_path, tiny_model_dir("llama"), **{field: value})
+
+
+def test_missing_training_file_is_named(tmp_path, tiny_model_dir):
+    from kaggle_utils.data import DataError
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), train_files=[str(tmp_path / "missing.csv")])
+    training.prepare_run(cfg)
+    _, tok = training.load_model_and_tokenizer(cfg)
+    with pytest.raises(DataError, match="missing.csv: file does not exist"):
+        training.build_datasets(cfg, tok)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"])
+def test_every_recipe_loads(tiny_model_dir, name):
+    cfg = config.load_yaml(training.TrainConfig, f"configs/{name}.yaml", base_model_path=str(tiny_model_dir("llama")))
+    assert cfg.preset == name and cfg.max_steps >= 1
+    if name != "smollm2-135m":  # the original recipe
+        assert (cfg.max_steps, cfg.batch_size, cfg.lora_r, cfg.save_steps) == (500, 16, 1, 25)
+
+
+def test_recipe_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: smollm2-135m\nlearning_rat: 0.1\n")
+    with pytest.raises(config.ConfigError, match="unknown keys \\['learning_rat'\\]"):
+        config.load_yaml(training.TrainConfig, bad)
