@@ -1,0 +1,411 @@
+"""The four planned base models, proven on a GPU through the project's own presets and training code.
+
+Usage (on a GPU box with bitsandbytes, trl and datasets; writes results.json, results.md, cfg.json to --out):
+    python benchmarks/check_architectures.py --out runs/bench/architectures
+CPU smoke test (the same code on 2-layer, 64-wide stand-ins of each architecture; needs bitsandbytes for 4-bit):
+    python benchmarks/check_architectures.py --tiny --out runs/bench/architectures-tiny
+
+For each preset (Mistral-7B, Llama-2-13B, Mistral-22B, Mixtral-8x7B) the network is built from its published config
+with random weights, directly on the GPU and 4-bit where the preset says, with the very ``BitsAndBytesConfig`` that
+``models.quantization_config(preset)`` gives and transformers' own bitsandbytes quantizer (only the reading of a
+checkpoint is replaced: ``models.load_model`` is patched to build instead of load). Then, through the project's code:
+``training.load_model_and_tokenizer`` (pad token, k-bit preparation, LoRA on the preset's modules),
+``training.build_trainer`` (TRL's SFTTrainer, completion-only loss) and two optimizer steps (the second timed); the
+loss must be finite and the adapter must change. Last, one sampled generation through ``sampling.HFEngine``.
+
+A model whose memory under the project's path is larger than the card is built with fewer layers (the row says so
+and gives the per-layer arithmetic for the full depth).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _common as common  # noqa: E402
+
+# The merged 16-bit model's generation takes the fast path; its one-time compilation is not what this check measures.
+os.environ.setdefault("KAGGLE_UTILS_COMPILE_DECODE", "0")
+
+PRESETS = ["mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"]
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+@dataclass
+class Config:
+    """One architecture check."""
+
+    out: str = "runs/bench/architectures"  # results folder
+    work_dir: str = "/tmp/kaggle_utils_arch"  # run folders and the (weightless) model folders
+    presets: list = field(default_factory=lambda: list(PRESETS))  # which presets to check
+    tiny: bool = False  # 2-layer, 64-wide stand-ins (a CPU smoke test of this script)
+    prompt_tokens: int = 480  # tokens per training/generation prompt (about the real mean)
+    micro_batch_size: int = 2  # rows per step
+    steps: int = 2  # optimizer steps; the last one is timed
+    memory_fraction: float = 0.8  # build fewer layers when the estimate passes this share of the card
+    max_new_tokens: int = 16  # tokens of the sampled generation
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- building models with random weights
+
+
+def estimate_bytes(name: str, config, load_in_4bit: bool, skip: tuple) -> dict:
+    """GPU bytes of the weights under the project's path: 4-bit nn.Linear layers (0.5 byte a parameter plus
+    about 3% of statistics), every other parameter 16-bit, and after ``prepare_model_for_kbit_training`` (4-bit only)
+    every non-4-bit parameter in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    linear, other, per_layer_other = 0, 0, 0
+    for mod_name, module in model.named_modules():
+        for p_name, p in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}"
+            is_linear = type(module) is torch.nn.Linear and not any(full.split(".")[-2] == s or
+                                                                     mod_name.endswith(s) for s in skip)
+            if load_in_4bit and is_linear:
+                linear += p.numel()
+            else:
+                other += p.numel()
+                if ".layers.0." in f".{full}":
+                    per_layer_other += p.numel()
+    quant = linear * 0.5 * 1.03
+    loaded = quant + other * 2
+    trained = quant + other * (4 if load_in_4bit else 2)
+    return {"params": linear + other, "params_4bit": linear, "params_16bit": other, "loaded_bytes": loaded,
+            "after_kbit_prep_bytes": trained,
+            "per_layer_16bit_params": per_layer_other, "per_layer_after_prep_bytes":
+                per_layer_other * (4 if load_in_4bit else 2) + (linear / config.num_hidden_layers) * 0.5 * 1.03}
+
+
+def build_random(name: str, config, quantization_config=None, device: str = "cuda", dtype=None):
+    """``config``'s network with random weights on ``device``; 4-bit through transformers' bitsandbytes quantizer
+    (the same module replacement and ``Params4bit`` quantization ``from_pretrained`` does) when a config is given."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    torch.manual_seed(0)
+    if quantization_config is None:
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None,
+                               use_kernels=False)
+    std = getattr(config, "initializer_range", 0.02)
+    for mod_name, module in model.named_modules():
+        for p_name, p in list(module.named_parameters(recurse=False)):
+            if p.device.type != "meta":
+                continue
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            value = torch.empty(p.shape, device=device, dtype=dtype)
+            if "norm" in mod_name.rsplit(".", 1)[-1]:
+                value.fill_(1.0)
+            else:
+                value.normal_(0.0, std)
+            if quantizer.param_needs_quantization(model, full):
+                new = bnb.nn.Params4bit(value, requires_grad=False, **p.__dict__).to(device)
+            else:
+                new = torch.nn.Parameter(value, requires_grad=False)
+            module._parameters[p_name] = new
+            del value
+    # Non-persistent buffers (rotary frequencies) were created on meta: rebuild the rotary module on the device.
+    inner = model.model
+    if hasattr(inner, "rotary_emb"):
+        with torch.device(device):
+            inner.rotary_emb = type(inner.rotary_emb)(config=model.config)
+    for name_, buf in model.named_buffers():
+        if buf.device.type == "meta":
+            raise RuntimeError(f"buffer {name_} left on meta")
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- one preset
+
+
+def synthetic_rows(tokenizer, n: int, prompt_tokens: int, seed: int):
+    """Training rows as ``training.build_datasets`` makes them (input_ids + completion_mask), from word texts."""
+    import random
+
+    from kaggle_utils import prompts
+
+    rng = random.Random(seed)
+    words = lambda k: " ".join(f"w{rng.randrange(3, 32000)}" for _ in range(k))  # noqa: E731
+    overhead = len(prompts.generation_ids(tokenizer, "w3", "w3", 4096)[0]) - 2
+    body = max(prompt_tokens - overhead, 4)
+    rows, texts = [], []
+    for _ in range(n):
+        o, r = words(body * 6 // 10), words(body - body * 6 // 10)
+        rows.append(prompts.encode_training_example(tokenizer, o, r, words(rng.randrange(6, 16))))
+        texts.append((o, r))
+    return rows, texts
+
+
+def check_preset(cfg: Config, name: str, work: Path) -> dict:
+    import torch
+
+    from kaggle_utils import models, prompts, sampling, training
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    preset = models.get_preset(name)
+    overrides = dict(TINY) if cfg.tiny else {}
+    config = common.make_config(name, **overrides)
+    row: dict = {"preset": name, "title": preset.title, "load_in_4bit": preset.load_in_4bit,
+                 "lora_targets": list(preset.lora_target_modules), "layers_real": config.num_hidden_layers}
+    est = estimate_bytes(name, config, preset.load_in_4bit, preset.skip_quantization)
+    row["estimate_gib"] = {k: common.gib(v) for k, v in est.items() if k.endswith("bytes")}
+    row["params_b"] = round(est["params"] / 1e9, 2)
+    if cuda:
+        card = torch.cuda.get_device_properties(0).total_memory
+        limit = cfg.memory_fraction * card
+        if est["after_kbit_prep_bytes"] > limit:
+            fixed = est["after_kbit_prep_bytes"] - est["per_layer_after_prep_bytes"] * config.num_hidden_layers
+            layers = max(1, int((limit - fixed) // est["per_layer_after_prep_bytes"]))
+            layers = min(layers, config.num_hidden_layers)
+            row["layers_built"] = layers
+            row["why_fewer_layers"] = (
+                f"under the project's path this model needs {common.gib(est['after_kbit_prep_bytes'])} GiB "
+                f"({common.gib(est['per_layer_after_prep_bytes'])} GiB a layer), more than "
+                f"{cfg.memory_fraction:.0%} of the card's {common.gib(card)} GiB")
+            config = common.make_config(name, **overrides, num_hidden_layers=layers)
+    row.setdefault("layers_built", config.num_hidden_layers)
+
+    # A model folder the project's checks accept: config + tokenizer + a placeholder weights file. The weights are
+    # never read: models.load_model is patched below to build them on the GPU instead.
+    folder = work / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(folder)
+    common.word_tokenizer(config.vocab_size, preset.family, eos_inside=True).save_pretrained(folder)
+    (folder / "model.safetensors").touch()
+
+    qcfg_holder = {}
+    real_load_model = models.load_model
+
+    def load_random(preset_, path, load_in_4bit=False, dtype=None, num_gpus=None, max_memory_gib=None):
+        qcfg = models.quantization_config(preset_) if load_in_4bit else None
+        qcfg_holder["q"] = qcfg
+        return build_random(name, config, qcfg, device=device, dtype=None if load_in_4bit else dtype)
+
+    tcfg = training.TrainConfig(run_name=name, runs_dir=str(work / "runs"), preset=name, base_model_path=str(folder),
+                                train_files=["(synthetic rows)"], validation_file="(synthetic rows)", val_rows=2,
+                                max_steps=cfg.steps, batch_size=cfg.micro_batch_size,
+                                micro_batch_size=cfg.micro_batch_size, save_steps=5, warmup_steps=0,
+                                learning_rate=1e-3, max_seq_length=max(1024, cfg.prompt_tokens + 64))
+    training.prepare_run(tcfg)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    models.load_model = load_random
+    try:
+        model, tok = training.load_model_and_tokenizer(tcfg)
+    finally:
+        models.load_model = real_load_model
+    row["build_s"] = round(time.perf_counter() - t0, 1)
+    q = qcfg_holder.get("q")
+    row["quantization"] = (f"nf4={q.bnb_4bit_quant_type == 'nf4'}, double_quant={q.bnb_4bit_use_double_quant}, "
+                           f"compute={str(q.bnb_4bit_compute_dtype).replace('torch.', '')}, "
+                           f"skip={q.llm_int8_skip_modules}") if q else "none (16-bit)"
+    kinds: dict = {}
+    for p in model.parameters():
+        key = "4-bit" if type(p).__name__ == "Params4bit" else str(p.dtype).replace("torch.", "")
+        kinds[key] = kinds.get(key, 0) + p.numel() * (2 if key == "4-bit" else 1)
+    row["params_by_storage_b"] = {k: round(v / 1e9, 2) for k, v in kinds.items()}
+    if cuda:
+        row["weights_gib"] = common.gib(torch.cuda.memory_allocated())
+
+    # ---- two optimizer steps through the project's trainer
+    train_rows, texts = synthetic_rows(tok, cfg.micro_batch_size * cfg.steps + 2, cfg.prompt_tokens, cfg.seed)
+    lora_before = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    step_times, how = [], ""
+    try:  # the project's trainer needs trl + datasets; any import failure means the fallback loop below
+        from datasets import Dataset
+        from transformers import TrainerCallback
+
+        import trl  # noqa: F401
+        trl_error = ""
+    except Exception as e:
+        trl_error = f"{type(e).__name__}: {str(e)[:200]}"
+    if not trl_error:
+
+        class StepTimer(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                if cuda:
+                    torch.cuda.synchronize()
+                self.t = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kw):
+                if cuda:
+                    torch.cuda.synchronize()
+                step_times.append(time.perf_counter() - self.t)
+
+        try:
+            trainer = training.build_trainer(tcfg, model, tok, Dataset.from_list(train_rows[2:]),
+                                             Dataset.from_list(train_rows[:2]))
+            trainer.add_callback(StepTimer())
+            trainer.train()
+            losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+            how = "TRL SFTTrainer via training.build_trainer"
+        except Exception as e:  # a version mismatch on this machine must not hide the model's own check
+            if "out of memory" in str(e).lower():
+                raise
+            trl_error = f"trainer failed: {type(e).__name__}: {str(e)[:300]}"
+            step_times.clear()
+        trainer = None
+    if trl_error:  # no trl/datasets on this machine: the same loss, one plain optimizer loop
+        how = f"plain AdamW loop (trl/datasets unusable: {trl_error})"
+        losses = plain_steps(model, tok, train_rows[2:], cfg, step_times, cuda)
+    row["train"] = {"how": how, "losses": losses, "finite": bool(losses) and all(math.isfinite(x) for x in losses),
+                    "step_s": [round(t, 2) for t in step_times]}
+    after = {n: p.detach().float() for n, p in model.named_parameters() if "lora_" in n}
+    changed = [n for n in lora_before if not torch.equal(lora_before[n], after[n])]
+    row["train"]["adapter_tensors_changed"] = f"{len(changed)}/{len(lora_before)}"
+    row["train"]["adapter_changed"] = bool(changed)
+    if cuda:
+        row["train_peak_gib"] = common.gib(torch.cuda.max_memory_allocated())
+
+    # ---- one sampled generation through the project's engine (unmerged adapter: transformers generate)
+    model.eval()
+    engine = sampling.HFEngine(model, tok)
+    scfg = sampling.SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.max_new_tokens, batch_size=2)
+    t0 = time.perf_counter()
+    outs = engine.generate([t[0] for t in texts[:2]], [t[1] for t in texts[:2]], scfg, progress=False)
+    row["generate"] = {"s": round(time.perf_counter() - t0, 2), "rows": len(outs),
+                       "ok": all(len(o) == 1 and isinstance(o[0], str) and o[0].strip() for o in outs),
+                       "sample": outs[0][0][:80]}
+    if not preset.load_in_4bit and cuda:  # 16-bit: the merged model takes the fast decoding path too
+        from kaggle_utils import decoding
+
+        merged = model.merge_and_unload()
+        fast = sampling.HFEngine(merged, tok)
+        t0 = time.perf_counter()
+        outs = fast.generate([t[0] for t in texts[:2]], [t[1] for t in texts[:2]], scfg, progress=False)
+        row["generate_merged_fast"] = {"s": round(time.perf_counter() - t0, 2),
+                                       "fast_path": decoding.unsupported_reason(merged) or "applies",
+                                       "ok": all(o[0].strip() for o in outs)}
+        merged = fast = None
+    row["ok"] = row["train"]["finite"] and row["train"]["adapter_changed"] and row["generate"]["ok"]
+    if cuda:
+        row["peak_gib"] = common.gib(torch.cuda.max_memory_allocated())
+    model = engine = None
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    _ = prompts  # (imported for synthetic_rows' template; keeps the import list honest)
+    return row
+
+
+def plain_steps(model, tok, rows, cfg: Config, step_times: list, cuda: bool) -> list[float]:
+    """The fallback training loop: AdamW on the LoRA parameters, loss on the answer tokens only."""
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    device = next(model.parameters()).device
+    losses = []
+    model.train()
+    for step in range(cfg.steps):
+        batch = rows[step * cfg.micro_batch_size:(step + 1) * cfg.micro_batch_size]
+        width = max(len(r["input_ids"]) for r in batch)
+        ids = torch.full((len(batch), width), tok.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, r in enumerate(batch):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            mask[i, :n] = 1
+            labels[i, :n] = torch.where(torch.tensor(r["completion_mask"]) == 1, torch.tensor(r["input_ids"]), -100)
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if cuda:
+            torch.cuda.synchronize()
+        step_times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    return losses
+
+
+def render(rows: list[dict], device: str) -> str:
+    lines = [f"Card: {device}", "",
+             "| preset | 4-bit | layers built / real | params (B) | weights GiB | peak GiB (train step) | "
+             "build s | step s (last) | loss | adapter changed | sampled generation |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['preset']} | | | | | | | | error: {r['error'][:160]} | | |")
+            continue
+        t = r["train"]
+        loss = ", ".join(f"{x:.3f}" for x in t["losses"]) or "none logged"
+        lines.append(
+            f"| {r['preset']} | {'yes' if r['load_in_4bit'] else 'no'} | {r['layers_built']} / {r['layers_real']} | "
+            f"{r['params_b']} | {r.get('weights_gib', '-')} | {r.get('train_peak_gib', '-')} | {r['build_s']} | "
+            f"{t['step_s'][-1] if t['step_s'] else '-'} | {loss} | {t['adapter_tensors_changed']} | "
+            f"{'ok' if r['generate']['ok'] else 'FAILED'} ({r['generate']['s']} s) |")
+    notes = [f"- {r['preset']}: built {r['layers_built']} of {r['layers_real']} layers: {r['why_fewer_layers']}."
+             for r in rows if r.get("why_fewer_layers")]
+    return "\n".join(lines + [""] + notes) + "\n"
+
+
+def main(cfg: Config) -> list[dict]:
+    import torch
+
+    rec = common.Recorder(Path(cfg.out), cfg)
+    rec.put("environment", common.environment())
+    work = Path(cfg.work_dir)
+    rows = []
+    for name in cfg.presets:
+        t0 = time.perf_counter()
+        try:
+            row = check_preset(cfg, name, work)
+        except Exception as e:  # one broken preset must not hide the others
+            import traceback
+
+            row = {"preset": name, "error": f"{type(e).__name__}: {str(e)[:400]}",
+                   "traceback": traceback.format_exc()[-2000:]}
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        row["total_s"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        rec.put(name, row)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    md = render(rows, device)
+    (Path(cfg.out) / "results.md").write_text(md)
+    print(md)
+    return rows
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", default=default)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="*", default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -1,0 +1,366 @@
+"""Sampling speed of the project's engines on one GPU, against the card's own roofline, in one run.
+
+Usage (on a GPU box; writes results.json, results.md and cfg.json to --out):
+    python benchmarks/generation_speed.py --out runs/bench/generation_speed
+CPU smoke test of the whole script (tiny model, a few rows, no 4-bit):
+    python benchmarks/generation_speed.py --model tiny --rows 24 --out runs/bench/tiny
+
+Workload: the Mistral-7B shape with random bf16 weights, a rank-1 LoRA adapter on the preset's modules merged by the
+project's loader (``HFEngine.from_preset``), ``rows`` prompts whose token lengths are drawn from the real
+distribution (``benchmarks/prompt_lengths.json``), ``max_new_tokens`` sampled new tokens per row, EOS never emitted.
+
+Phases: the card's matrix rate and copy bandwidth; the roofline for the workload; then each way of sampling, timed
+end to end through ``HFEngine.generate_batches`` (tokenizing, batching, decoding the text included):
+one row at a time (a sample of rows, extrapolated), transformers ``generate`` in padded batches (the engine before
+the fast path), the engine with the fast path, ablations of the fast path, and the 4-bit path (a sample of rows).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _common as common  # noqa: E402  (benchmarks/ is not a package; _common puts the repo on sys.path)
+
+
+@dataclass
+class Config:
+    """One benchmark run."""
+
+    out: str = "runs/bench/generation_speed"  # results folder
+    work_dir: str = "/tmp/kaggle_utils_bench"  # where the random model and adapter folders are written
+    model: str = "mistral-7b"  # a name in benchmarks/_common.py REAL_CONFIGS ("tiny" for a CPU smoke test)
+    rows: int = 1300  # prompts, like the hidden test set
+    max_new_tokens: int = 32  # new tokens per row (all of them: EOS is never emitted)
+    temperature: float = 0.7  # sampled, as the submissions sample
+    top_p: float = 0.9  # nucleus mass
+    lengths_file: str = "benchmarks/prompt_lengths.json"  # real prompt-token lengths to draw from
+    seed: int = 0  # draws of lengths, words, samples
+    lora_r: int = 1  # rank of the merged adapter
+    one_row_sample: int = 8  # rows timed one at a time (spread over the lengths), extrapolated to all rows
+    baseline_batch_size: int = 128  # rows per transformers-generate batch (the engine's old path)
+    fast_batch_size: int = 325  # rows per engine batch on the fast path (1300 = 4 batches)
+    ablation_every: int = 4  # ablations run on every k-th row of the length-sorted workload
+    quant_every: int = 5  # the 4-bit path runs on every k-th row, extrapolated
+    skip: list = field(default_factory=list)  # phases to skip: one_row, baseline, fast, ablations, quant, tests
+
+
+def draw_lengths(cfg: Config) -> list[int]:
+    """``cfg.rows`` prompt lengths drawn (with replacement) from the measured distribution."""
+    data = json.loads((common.REPO / cfg.lengths_file).read_text())
+    rng = random.Random(cfg.seed)
+    return [rng.choice(data["prompt_tokens"]) for _ in range(cfg.rows)]
+
+
+def synthesize_rows(tokenizer, lengths: list[int], seed: int, vocab_size: int):
+    """(originals, rewrittens) whose prompts through the project's template are exactly ``lengths`` tokens."""
+    from kaggle_utils import prompts
+
+    overhead = len(prompts.generation_ids(tokenizer, "w3", "w3", 4096)[0]) - 2
+    rng = random.Random(seed)
+    originals, rewrittens = [], []
+    for n in lengths:
+        words = max(n - overhead, 2)
+        n_orig = max(1, round(words * 0.55))
+        pick = lambda k: " ".join(f"w{rng.randrange(3, vocab_size)}" for _ in range(k))  # noqa: E731
+        originals.append(pick(n_orig))
+        rewrittens.append(pick(words - n_orig))
+    return originals, rewrittens
+
+
+def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:
+    """Seconds, rows/s and peak GPU memory of one full ``generate_batches`` pass."""
+    import torch
+
+    from kaggle_utils import decoding
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = dict(decoding.counters)
+    t0 = time.perf_counter()
+    n_out = empty = 0
+    for rows, texts in engine.generate_batches(originals, rewrittens, scfg, progress=False):
+        n_out += sum(len(t) for t in texts)
+        empty += sum(1 for t in texts for x in t if not x.strip())
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    used = {k: round(v - before[k], 3) for k, v in decoding.counters.items() if v != before[k]}
+    return {"rows": len(originals), "completions": n_out, "empty_completions": empty, "seconds": round(seconds, 3),
+            "rows_per_s": len(originals) / seconds,
+            "peak_gib": common.gib(torch.cuda.max_memory_allocated()) if cuda else None, "decoding": used}
+
+
+def timed_fast(model, ids, cfg: Config, **options) -> dict:
+    """The fast path alone on pre-tokenized prompts (for the ablations)."""
+    import torch
+
+    from kaggle_utils import decoding
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    stats: dict = {}
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    out = decoding.generate_ids(model, ids, max_new_tokens=options.pop("max_new_tokens", cfg.max_new_tokens),
+                                eos_token_id=None, pad_token_id=0, do_sample=True, temperature=cfg.temperature,
+                                top_p=cfg.top_p, stats=stats, **options)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    return {"rows": len(ids), "seconds": round(seconds, 3), "rows_per_s": len(ids) / seconds,
+            "new_tokens": list(out.shape), "distinct_tokens": int(out.unique().numel()),
+            "peak_gib": common.gib(torch.cuda.max_memory_allocated()), **stats}
+
+
+def free() -> None:
+    """Return what the dropped objects held to the GPU (the caller drops its references first)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def main(cfg: Config) -> dict:
+    import torch
+
+    from kaggle_utils import decoding, models, sampling
+
+    rec = common.Recorder(Path(cfg.out), cfg)
+    cuda = torch.cuda.is_available()
+    rec.put("environment", common.environment())
+
+    # ---- phase 1: the card
+    card = common.measure_card() if cuda else {"device": "cpu", "matmul_flops": 1e12, "copy_bytes_per_s": 5e10}
+    rec.put("card", card)
+
+    if cuda and "tests" not in cfg.skip:  # the CUDA-only correctness tests (graphs, compiled ops), first
+        import subprocess
+        import sys
+
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
+                               "--tb=short", str(common.REPO / "tests" / "test_decoding.py")],
+                              capture_output=True, text=True)
+        rec.put("tests_on_gpu", {"rc": proc.returncode, "tail": proc.stdout[-3000:] + proc.stderr[-500:],
+                                 "seconds": round(time.perf_counter() - t0, 1)})
+
+    # ---- phase 2: the model folder (random weights + a rank-r adapter), the workload, the roofline
+    t0 = time.perf_counter()
+    work = Path(cfg.work_dir) / cfg.model
+    base_dir, adapter_dir = work / "base", work / "adapter"
+    model = common.build_random_model(cfg.model, device="cuda" if cuda else "cpu")
+    counts = common.parameter_counts(model)
+    vocab = model.config.vocab_size
+    tokenizer = common.word_tokenizer(vocab)
+    if not (base_dir / "config.json").exists():
+        common.save_model_folder(model, tokenizer, base_dir)
+    preset = models.get_preset("mistral-7b")
+    if not (adapter_dir / "adapter_config.json").exists():
+        from peft import LoraConfig, get_peft_model
+
+        lora = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=16, init_lora_weights=False,
+                                                target_modules=list(preset.lora_target_modules)))
+        lora.save_pretrained(str(adapter_dir))
+        model = lora.unload()
+    lora = None
+    config = model.config
+    model = lora = None
+    free()
+    rec.put("model", {"name": cfg.model, "params": counts, "build_and_save_s": round(time.perf_counter() - t0, 1),
+                      "folder": str(base_dir)})
+
+    lengths = draw_lengths(cfg)
+    originals, rewrittens = synthesize_rows(tokenizer, lengths, cfg.seed, vocab)
+    roof = common.roofline(counts, config, lengths, cfg.max_new_tokens, card["matmul_flops"], card["copy_bytes_per_s"])
+    if "matmul_sustained" in card:  # the same arithmetic at the rate the card holds for seconds
+        roof["sustained"] = common.roofline(counts, config, lengths, cfg.max_new_tokens, card["matmul_sustained"],
+                                            card["copy_bytes_per_s"])
+    rec.put("roofline", roof)
+
+    # ---- phase 3: the project's engine, LoRA merged (the user's path: from_preset with an adapter folder)
+    t0 = time.perf_counter()
+    engine = sampling.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir), adapter_path=str(adapter_dir),
+                                           merge=True)
+    ids, _ = engine.encode_rows(originals, rewrittens, sampling.SamplingConfig())
+    got = [len(i) for i in ids]
+    rec.put("engine_load", {"seconds": round(time.perf_counter() - t0, 1),
+                            "fast_path": decoding.unsupported_reason(engine.model) or "applies",
+                            "prompt_tokens_match": got == lengths, "mean_prompt_tokens": statistics.mean(got)})
+    lengths = got
+    scfg = lambda bs: sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,  # noqa: E731
+                                              max_new_tokens=cfg.max_new_tokens, batch_size=bs, seed=cfg.seed)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pick = lambda every: sorted(order[::every])  # noqa: E731  (every k-th row by length: the same length mix)
+    results: dict = {}
+
+    if cuda and "fast" not in cfg.skip:
+        try:
+            t0 = time.perf_counter()  # one-time: compiling the element-wise ops (excluded from rows/s, reported)
+            few = order[:4] + order[-4:]
+            timed_engine_run(engine, [originals[i] for i in few], [rewrittens[i] for i in few], scfg(8))
+            warm = round(time.perf_counter() - t0, 1)
+            for key in ("fast", "fast_repeat"):  # twice: the spread between equal runs is the noise
+                r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size))
+                r["how"] = f"engine + kaggle_utils.decoding, engine batches of {cfg.fast_batch_size}"
+                r["warmup_s"] = warm
+                results[key] = r
+                rec.put(key, r)
+        except Exception as e:
+            import traceback
+
+            rec.put("fast", {"error": f"{type(e).__name__}: {str(e)[:500]}",
+                             "traceback": traceback.format_exc()[-3000:]})
+
+    if "one_row" not in cfg.skip:
+        k = max(1, len(order) // cfg.one_row_sample)
+        sample = sorted(order[k // 2::k][:cfg.one_row_sample])
+        with decoding.disabled():
+            timed_engine_run(engine, [originals[i] for i in sample[:1]], [rewrittens[i] for i in sample[:1]],
+                             scfg(1))  # warm-up
+            r = timed_engine_run(engine, [originals[i] for i in sample], [rewrittens[i] for i in sample], scfg(1))
+        r["extrapolated_from_rows"] = len(sample)
+        r["sample_mean_prompt_tokens"] = statistics.mean(lengths[i] for i in sample)
+        results["one_row"] = r
+        rec.put("one_row", r)
+
+    if "baseline" not in cfg.skip:
+        with decoding.disabled():
+            r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.baseline_batch_size))
+        r["how"] = f"transformers generate, padded batches of {cfg.baseline_batch_size}"
+        results["hf_batches"] = r
+        rec.put("hf_batches", r)
+
+    if cuda and "ablations" not in cfg.skip:
+        sub = pick(cfg.ablation_every)
+        sub_ids = [ids[i] for i in sub]
+        abl = {}
+        variants = {
+            "full": {},
+            "full_again": {},
+            "no_cuda_graphs": {"cuda_graphs": False},
+            "no_compiled_ops": {"compile_ops": False},
+            "decode_batch_128": {"max_batch_rows": 128},
+            "prefill_only": {"max_new_tokens": 1},
+            "prefill_chunk_32k": {"prefill_tokens": 32768},
+        }
+        for name, options in variants.items():
+            try:
+                abl[name] = timed_fast(engine.model, sub_ids, cfg, **options)
+            except Exception as e:  # one failing variant must not cost the others
+                abl[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rec.put(f"ablation_{name}", abl[name])
+        results["ablations"] = abl
+
+    # ---- phase 4: the project's 4-bit path (QLoRA base, adapter unmerged: transformers generate)
+    if cuda and "quant" not in cfg.skip:
+        engine = None
+        free()
+        try:
+            t0 = time.perf_counter()
+            q_engine = sampling.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir),
+                                                     adapter_path=str(adapter_dir), load_in_4bit=True)
+            load_s = round(time.perf_counter() - t0, 1)
+            sub = pick(cfg.quant_every)
+            r = timed_engine_run(q_engine, [originals[i] for i in sub], [rewrittens[i] for i in sub],
+                                 scfg(cfg.baseline_batch_size))
+            r.update(load_s=load_s, extrapolated_from_rows=len(sub),
+                     fast_path=decoding.unsupported_reason(q_engine.model) or "applies")
+            results["quant4"] = r
+            rec.put("quant4", r)
+        except Exception as e:
+            rec.put("quant4", {"error": f"{type(e).__name__}: {str(e)[:500]}"})
+
+    summary = summarize(cfg, card, roof, results)
+    rec.put("summary", summary)
+    md = render_table(cfg, card, roof, summary)
+    (Path(cfg.out) / "results.md").write_text(md)
+    print(md)
+    return rec.data
+
+
+def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
+    """rows/s of each way, its ratio to one row at a time and its share of the roofline."""
+    base = results.get("one_row", {}).get("rows_per_s")
+    rows = {}
+    names = {"one_row": "one row at a time, transformers generate (LoRA merged)",
+             "hf_batches": f"transformers generate, padded batches of {cfg.baseline_batch_size} (LoRA merged)",
+             "fast": f"HF engine + decoding fast path, batches of {cfg.fast_batch_size} (LoRA merged)",
+             "fast_repeat": "the same, run again",
+             "quant4": f"4-bit nf4 base + unmerged LoRA, transformers generate, batches of {cfg.baseline_batch_size}"}
+    for key, label in names.items():
+        r = results.get(key)
+        if not r or "rows_per_s" not in r:
+            continue
+        rate = r["rows_per_s"]
+        rows[key] = {"how": label, "rows_per_s": rate, "x_one_row": rate / base if base else None,
+                     "share_of_roofline": rate / roof["rows_per_s"],
+                     "share_of_sustained_roofline": rate / roof["sustained"]["rows_per_s"] if "sustained" in roof
+                     else None, "seconds": r["seconds"], "rows": r["rows"], "peak_gib": r.get("peak_gib"),
+                     "decoding": r.get("decoding")}
+    abl = {}
+    for name, r in results.get("ablations", {}).items():
+        if "rows_per_s" in r:
+            abl[name] = {"rows_per_s": r["rows_per_s"], "seconds": r["seconds"], "rows": r["rows"],
+                         "sub_batches": r.get("sub_batches"), "graphs": r.get("graphs"),
+                         "compiled_ops": r.get("compiled_ops")}
+        else:
+            abl[name] = r
+    return {"card": card["device"], "roofline_rows_per_s": roof["rows_per_s"], "rows": rows, "ablations": abl}
+
+
+def render_table(cfg: Config, card: dict, roof: dict, summary: dict) -> str:
+    sus = roof.get("sustained")
+    lines = [f"Card: {card['device']}; measured bf16 matrix rate {card['matmul_flops'] / 1e12:.0f} TFLOP/s (best short "
+             f"burst; {card.get('matmul_sustained', 0) / 1e12:.0f} sustained for 2 s; one Mistral-7B layer's products "
+             f"at 32k tokens {card.get('layer_matmuls', 0) / 1e12:.0f}), copy bandwidth "
+             f"{card['copy_bytes_per_s'] / 1e12:.2f} TB/s.",
+             f"Workload: {cfg.model}, {roof['rows']} rows, mean prompt {roof['mean_prompt_tokens']:.0f} tokens, "
+             f"{cfg.max_new_tokens} new tokens; roofline {roof['seconds']:.1f} s (prefill {roof['t_prefill_s']:.1f} s "
+             f"+ decode {roof['t_decode_s']:.1f} s) = {roof['rows_per_s']:.1f} rows/s"
+             + (f"; at the sustained rate {sus['seconds']:.1f} s = {sus['rows_per_s']:.1f} rows/s."
+                if sus else "."), "",
+             "| how | rows/s | x one row at a time | share of roofline | (sustained-rate roofline) | s (rows timed) "
+             "| peak GiB |", "|---|---|---|---|---|---|---|"]
+    for r in summary["rows"].values():
+        x = f"{r['x_one_row']:.0f}x" if r["x_one_row"] else "-"
+        s2 = f"{100 * r['share_of_sustained_roofline']:.0f}%" if r.get("share_of_sustained_roofline") else "-"
+        lines.append(f"| {r['how']} | {common.fmt_rate(r['rows_per_s'])} | {x} | {100 * r['share_of_roofline']:.0f}% | "
+                     f"{s2} | {r['seconds']:.1f} ({r['rows']}) | {r['peak_gib']} |")
+    lines.append(f"| roofline | {roof['rows_per_s']:.1f} | | 100% | {sus['rows_per_s']:.1f} if sustained | "
+                 f"{roof['seconds']:.1f} | |" if sus else f"| roofline | {roof['rows_per_s']:.1f} | | 100% | | "
+                 f"{roof['seconds']:.1f} | |")
+    if summary["ablations"]:
+        lines += ["", "Fast-path ablations (decoding.generate_ids on pre-tokenized prompts, every "
+                      f"{cfg.ablation_every}th row by length):", "",
+                  "| variant | rows/s | s | sub-batches |", "|---|---|---|---|"]
+        for name, r in summary["ablations"].items():
+            if "rows_per_s" in r:
+                lines.append(f"| {name} | {common.fmt_rate(r['rows_per_s'])} | {r['seconds']:.2f} | "
+                             f"{r['sub_batches']} |")
+            else:
+                lines.append(f"| {name} | error: {r.get('error', '')[:120]} | | |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> Config:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="*", default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    return Config(**vars(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main(parse_args())
