@@ -1,0 +1,884 @@
+"""Kaggle delivery: the submission plan, rendered kernels, the three datasets, and thin kaggle CLI wrappers.
+
+The plan (``configs/submissions.yaml``) lists the planned submissions ("variants"). Each one becomes a Kaggle kernel:
+``notebooks/inference.ipynb`` prepared by papermill (parameters injected, nothing run) with an install cell put first
+and its ``kernel-metadata.json``, in ``build/kernels/<slug>/``. The authored notebook stays free of Kaggle-only
+logic; rendered kernels are build products (as in Kaggle/learntools).
+
+Kernels read only attached inputs, mounted read-only under ``/kaggle/input``:
+  - the competition data: ``/kaggle/input/llm-prompt-recovery/test.csv``;
+  - base models (Kaggle models ``owner/model/framework/variation/version``): ``/kaggle/input/model/framework/variation/version``;
+  - the library dataset (``kaggle_utils`` wheel + COMMIT stamp), the adapters dataset (one folder per adapter) and the
+    wheels dataset (vLLM and its dependencies), each at ``/kaggle/input/<dataset-slug>``;
+and write only under ``/kaggle/working``. A local dry run maps those paths to folders on this machine.
+
+Credentials are the kaggle CLI's own (``~/.kaggle/kaggle.json`` or ``KAGGLE_USERNAME``/``KAGGLE_KEY``): this module
+only checks that they exist and reads the user name; it never copies, prints or writes a key.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__, git_commit
+from .config import ConfigError, project_root, require, resolve_path
+from .models import PRESETS, get_preset
+
+logger = logging.getLogger("kaggle_utils")
+
+COMPETITION = "llm-prompt-recovery"
+KAGGLE_INPUT = "/kaggle/input"
+KAGGLE_WORKING = "/kaggle/working"
+TEST_FILE = f"{KAGGLE_INPUT}/{COMPETITION}/test.csv"
+SUBMISSION_FILE = f"{KAGGLE_WORKING}/submission.csv"
+MACHINE_SHAPE = "NvidiaTeslaT4"  # 2xT4, 15 GB each, fp16 only
+KAGGLE_HOURS = 9.0  # Kaggle stops a competition kernel after 9 hours
+PLACEHOLDER_USER = "KAGGLE_USERNAME"  # the owner written into ids when no Kaggle user is known (render only)
+USER_TOKEN = "{user}"  # in a plan's sources: the resolved Kaggle user
+PACKAGE = "kaggle-utils-prompt-recovery"  # the distribution name of kaggle_utils (pyproject.toml)
+CODE_FILE = "inference.ipynb"  # the notebook's name inside a kernel folder
+INSTALL_CELL_ID = "kaggle-install"
+
+DEFAULT_PLAN = "configs/submissions.yaml"
+DEFAULT_NOTEBOOK = "notebooks/inference.ipynb"
+DEFAULT_LOCAL_SETTINGS = "configs/local-inputs.yaml"
+KERNELS_DIR = "build/kernels"
+LOCAL_DIR = "build/local"
+DATASETS_DIR = "build/datasets"
+WHEELS_DIR = "build/wheels"
+GPU_REQUIREMENTS = "requirements-gpu.txt"
+
+_SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+_USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class CredentialsError(RuntimeError):
+    """No Kaggle credentials were found; the message says where they may come from."""
+
+
+class KaggleCommandError(RuntimeError):
+    """A kaggle CLI command failed; the message holds the command line and the CLI's own words."""
+
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class ModelEntry:
+    """One model of a planned submission: what it samples, from which Kaggle sources."""
+
+    name: str  # the model's name in the run folder and logs, e.g. "mistral_v3"
+    preset: str  # a kaggle_utils.models preset, e.g. "mistral-7b"
+    adapter: str = ""  # a folder of the plan's adapters dataset, or "owner/dataset/folder"; "" = the base model alone
+    base_model: str = ""  # Kaggle model owner/model/framework/variation/version ("{user}" allowed); "" = the preset's
+    n: int = 1  # predictions per row
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.95  # nucleus sampling mass
+    forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
+    use_merged: bool = False  # serve <adapter>/merged/ (weights with the adapter merged in: vLLM's way round T4 LoRA)
+
+    def __post_init__(self):
+        require(bool(_NAME.match(self.name)), "name", f"'{self.name}' must be letters, digits, '_', '-' or '.'")
+        require(self.preset in PRESETS, "preset", f"model '{self.name}': unknown preset '{self.preset}'; known: "
+                f"{', '.join(PRESETS)}")
+        require(self.n >= 1, "n", f"model '{self.name}': must be >= 1, got {self.n}")
+        require(self.temperature >= 0, "temperature", f"model '{self.name}': must be >= 0, got {self.temperature}")
+        require(not (self.temperature == 0 and self.n > 1), "n",
+                f"model '{self.name}': n={self.n} with temperature 0 repeats one greedy answer; set temperature > 0")
+        require(0 < self.top_p <= 1, "top_p", f"model '{self.name}': must be in (0, 1], got {self.top_p}")
+        preset = get_preset(self.preset)
+        source = self.base_model or preset.kaggle_model_source
+        # The embedded default needs no weights; every other preset reads an attached Kaggle model.
+        require(bool(source) or not preset.default_path, "base_model",
+                f"model '{self.name}': preset '{self.preset}' has no Kaggle model; set base_model to "
+                "owner/model/framework/variation/version")
+        if source:
+            parts = source.split("/")
+            require(len(parts) == 5 and all(parts) and parts[4].isdigit(), "base_model",
+                    f"model '{self.name}': '{source}' is not a Kaggle model handle "
+                    "owner/model/framework/variation/version (version a number)")
+        if self.adapter:
+            parts = self.adapter.split("/")
+            require(len(parts) == 1 or (len(parts) >= 3 and all(parts)), "adapter",
+                    f"model '{self.name}': '{self.adapter}' must be a folder of the adapters dataset or "
+                    "owner/dataset/folder")
+        require(not (self.use_merged and not self.adapter), "use_merged",
+                f"model '{self.name}': use_merged needs an adapter (its merged/ folder)")
+
+    def model_source(self) -> str:
+        """The Kaggle model handle this entry attaches ("" for the embedded default)."""
+        return self.base_model or get_preset(self.preset).kaggle_model_source
+
+
+@dataclass
+class Variant:
+    """One planned submission: one Kaggle kernel."""
+
+    slug: str  # the kernel's slug, lowercase-with-hyphens; `make submit VARIANT=<slug>`
+    title: str  # the kernel's title on Kaggle; must slugify to `slug` (else Kaggle warns and may rename)
+    models: list  # ModelEntry per model, in blend order
+    use_mean_prompt: bool  # append the mean prompt to every row's prediction
+    budget_hours: float  # the kernel's own deadline (deadline_hours); Kaggle stops the run at 9 h
+    mean_prompt: str = ""  # "" = the notebook's default mean prompt
+    engine: str = "auto"  # sampling engine: auto | vllm | hf
+    params: dict = field(default_factory=dict)  # any other inference-notebook parameters, e.g. {"batch_size": 32}
+
+    def __post_init__(self):
+        from slugify import slugify  # python-slugify: the kaggle CLI checks titles against ids with it
+
+        require(bool(_SLUG.match(self.slug)) and 5 <= len(self.slug) <= 50, "slug",
+                f"'{self.slug}' must be 5-50 characters of lowercase letters, digits and single hyphens")
+        require(5 <= len(self.title) <= 50, "title", f"variant '{self.slug}': '{self.title}' must be 5-50 characters")
+        require(slugify(self.title) == self.slug, "title",
+                f"variant '{self.slug}': title '{self.title}' becomes '{slugify(self.title)}' on Kaggle, not the slug")
+        self.models = [m if isinstance(m, ModelEntry) else _build(ModelEntry, m, f"variant '{self.slug}' model")
+                       for m in (self.models or [])]
+        require(len(self.models) >= 1, "models", f"variant '{self.slug}': needs at least one model")
+        names = [m.name for m in self.models]
+        require(len(set(names)) == len(names), "models", f"variant '{self.slug}': model names repeat: {names}")
+        require(0 < self.budget_hours < KAGGLE_HOURS, "budget_hours",
+                f"variant '{self.slug}': must be in (0, {KAGGLE_HOURS}) hours (Kaggle's limit), got {self.budget_hours}")
+        require(self.engine in ("auto", "vllm", "hf"), "engine",
+                f"variant '{self.slug}': must be auto, vllm or hf, got '{self.engine}'")
+        owned = {"models", "use_mean_prompt", "mean_prompt", "engine", "deadline_hours", *_PATH_PARAMETERS}
+        clash = sorted(set(self.params) & owned)
+        require(not clash, "params", f"variant '{self.slug}': {clash} are set by the plan's own fields")
+
+
+# The inference notebook's parameters that hold paths; the renderer points every one of them at /kaggle.
+_PATH_PARAMETERS = ("test_file", "submission_path", "run_dir", "scorer_path")
+
+
+@dataclass
+class Plan:
+    """The submission plan: the variants plus the Kaggle datasets every kernel attaches."""
+
+    variants: list  # Variant per planned submission
+    user: str = ""  # Kaggle user name; "" = KAGGLE_USERNAME or the CLI's kaggle.json
+    adapters_dataset: str = "prompt-recovery-adapters"  # your dataset of selected adapters (make push-adapters)
+    wheels_dataset: str = "prompt-recovery-wheels"  # your dataset of vLLM wheels for offline install (make wheels)
+    library_dataset: str = ""  # the kaggle_utils dataset slug; "" = the one in dataset-metadata.json
+    notebook: str = DEFAULT_NOTEBOOK  # the authored notebook every kernel is rendered from
+
+    def __post_init__(self):
+        self.variants = [v if isinstance(v, Variant) else _build(Variant, v, "variant") for v in (self.variants or [])]
+        require(len(self.variants) >= 1, "variants", "the plan has no variants")
+        slugs = [v.slug for v in self.variants]
+        require(len(set(slugs)) == len(slugs), "variants", f"slugs repeat: {slugs}")
+        require(not self.user or bool(_USER.match(self.user)), "user", f"'{self.user}' is not a Kaggle user name")
+        if not self.library_dataset:
+            self.library_dataset = library_metadata_template()["id"].split("/")[1]
+        for name in ("adapters_dataset", "wheels_dataset", "library_dataset"):
+            slug = getattr(self, name)
+            require(bool(_SLUG.match(slug)) and 6 <= len(slug) <= 50, name,
+                    f"'{slug}' must be a dataset slug of 6-50 lowercase letters, digits and hyphens")
+
+    def variant(self, slug: str) -> Variant:
+        """The variant called ``slug``; an unknown one is an error listing the planned slugs."""
+        for v in self.variants:
+            if v.slug == slug:
+                return v
+        raise ConfigError(f"variant: no variant '{slug}' in the plan; planned: {', '.join(v.slug for v in self.variants)}")
+
+    def select(self, slug: str = "") -> list:
+        """All variants, or the one called ``slug``."""
+        return [self.variant(slug)] if slug else list(self.variants)
+
+
+def _build(cls, values: Any, where: str):
+    """Build dataclass ``cls`` from a YAML mapping; unknown keys are an error naming ``where`` and the known keys."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {known}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing keys {missing}")
+    return cls(**values)
+
+
+def load_plan(path: str | os.PathLike = DEFAULT_PLAN) -> Plan:
+    """Read and validate a submission plan; errors name the file and the bad field."""
+    import yaml
+
+    file = resolve_path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"submission plan not found: {file}")
+    try:
+        return _build(Plan, yaml.safe_load(file.read_text()) or {}, "plan")
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+# ---------------------------------------------------------------- user and credentials
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """Where the kaggle CLI will find its credentials; holds the user name, never the key."""
+
+    username: str  # the Kaggle user name ("" when only an access token was found)
+    source: str  # where they come from, for messages: "environment" or a file path
+
+
+def _config_dirs() -> list[Path]:
+    """The folders the kaggle CLI reads kaggle.json from, in its order."""
+    if os.environ.get("KAGGLE_CONFIG_DIR"):
+        return [Path(os.environ["KAGGLE_CONFIG_DIR"]).expanduser()]
+    xdg = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "kaggle"
+    return [Path.home() / ".kaggle", xdg]
+
+
+def find_credentials() -> Credentials | None:
+    """The kaggle CLI's credentials if any exist: KAGGLE_USERNAME + KAGGLE_KEY, kaggle.json, or an access token."""
+    if os.environ.get("KAGGLE_USERNAME") and os.environ.get("KAGGLE_KEY"):
+        return Credentials(os.environ["KAGGLE_USERNAME"], "environment (KAGGLE_USERNAME, KAGGLE_KEY)")
+    for folder in _config_dirs():
+        file = folder / "kaggle.json"
+        if file.is_file():
+            try:
+                data = json.loads(file.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                continue
+            if data.get("username") and data.get("key"):
+                return Credentials(str(data["username"]), str(file))
+    # The CLI's newer access tokens carry no user name: KAGGLE_USERNAME or the plan's `user` must supply it.
+    if os.environ.get("KAGGLE_API_TOKEN"):
+        return Credentials(os.environ.get("KAGGLE_USERNAME", ""), "environment (KAGGLE_API_TOKEN)")
+    for folder in _config_dirs():
+        if (folder / "access_token").is_file():
+            return Credentials(os.environ.get("KAGGLE_USERNAME", ""), str(folder / "access_token"))
+    return None
+
+
+def require_credentials(action: str) -> Credentials:
+    """The credentials, or :class:`CredentialsError` saying how to provide them; call before writing anything."""
+    creds = find_credentials()
+    if creds is None:
+        raise CredentialsError(
+            f"{action} needs Kaggle credentials and found none, so nothing was written. Either put your API token "
+            f"file at ~/.kaggle/kaggle.json (chmod 600; Kaggle > Settings > API > Create New Token), or export "
+            f"KAGGLE_USERNAME and KAGGLE_KEY. They stay where you put them: this bundle never copies them.")
+    return creds
+
+
+def resolve_user(plan: Plan | None = None, required: bool = False) -> str:
+    """The Kaggle user for ids: the plan's ``user``, else the credentials' user, else the placeholder.
+
+    ``required`` (push, status, submit) refuses the placeholder.
+    """
+    if plan is not None and plan.user:
+        return plan.user
+    creds = find_credentials()
+    user = os.environ.get("KAGGLE_USERNAME") or (creds.username if creds else "")
+    if user:
+        require(bool(_USER.match(user)), "user", f"'{user}' is not a Kaggle user name")
+        return user
+    if required:
+        raise CredentialsError("no Kaggle user name: set `user:` in the plan or export KAGGLE_USERNAME")
+    return PLACEHOLDER_USER
+
+
+# ---------------------------------------------------------------- sources and kernel parameters
+
+
+def _with_user(source: str, user: str) -> str:
+    return source.replace(USER_TOKEN, user)
+
+
+def dataset_ref(slug_or_ref: str, user: str) -> str:
+    """``owner/slug`` for a dataset given as ``slug`` (yours) or ``owner/slug``."""
+    ref = _with_user(slug_or_ref, user)
+    return ref if "/" in ref else f"{user}/{ref}"
+
+
+def dataset_path(ref: str) -> str:
+    """Where Kaggle mounts dataset ``owner/slug[/sub/path]``: ``/kaggle/input/slug[/sub/path]``."""
+    return "/".join([KAGGLE_INPUT] + ref.split("/")[1:])
+
+
+def model_path(source: str) -> str:
+    """Where Kaggle mounts model ``owner/model/framework/variation/version``: ``/kaggle/input/model/.../version``."""
+    return "/".join([KAGGLE_INPUT] + source.split("/")[1:])
+
+
+def adapter_ref(plan: Plan, entry: ModelEntry, user: str) -> str:
+    """``owner/dataset/folder`` of a model's adapter ("" without one)."""
+    if not entry.adapter:
+        return ""
+    if "/" not in entry.adapter:
+        return f"{user}/{plan.adapters_dataset}/{entry.adapter}"
+    return _with_user(entry.adapter, user)
+
+
+def dataset_sources(plan: Plan, variant: Variant, user: str) -> list[str]:
+    """The datasets a variant's kernel attaches: the library, the wheels, then every adapters dataset it reads."""
+    sources = [dataset_ref(plan.library_dataset, user), dataset_ref(plan.wheels_dataset, user)]
+    for entry in variant.models:
+        ref = adapter_ref(plan, entry, user)
+        if ref:
+            sources.append("/".join(ref.split("/")[:2]))
+    return list(dict.fromkeys(sources))
+
+
+def model_sources(variant: Variant, user: str) -> list[str]:
+    """The Kaggle models (base weights) a variant's kernel attaches."""
+    return list(dict.fromkeys(_with_user(m.model_source(), user) for m in variant.models if m.model_source()))
+
+
+def kernel_params(plan: Plan, variant: Variant) -> dict[str, Any]:
+    """The inference notebook's parameters for ``variant`` on Kaggle: every path under /kaggle/input or working."""
+    models = []
+    for entry in variant.models:
+        # Mount paths never contain the owner, so they do not depend on who pushes the kernel.
+        adapter = adapter_ref(plan, entry, PLACEHOLDER_USER)
+        adapter_dir = dataset_path(adapter) if adapter else ""
+        source = entry.model_source()
+        models.append({
+            "name": entry.name,
+            "preset": entry.preset,
+            "base_model_path": model_path(source) if source else "",
+            "adapter_path": adapter_dir,
+            "merged_path": f"{adapter_dir}/merged" if entry.use_merged else "",
+            "n": entry.n,
+            "temperature": entry.temperature,
+            "top_p": entry.top_p,
+            "forced_start": entry.forced_start,
+        })
+    params: dict[str, Any] = {
+        "test_file": TEST_FILE,
+        "submission_path": SUBMISSION_FILE,
+        "run_dir": f"{KAGGLE_WORKING}/inference",
+        "scorer_path": "",  # the hidden test set has no answers to score
+        "models": models,
+        "use_mean_prompt": variant.use_mean_prompt,
+        "engine": variant.engine,
+        "deadline_hours": variant.budget_hours,
+    }
+    if variant.mean_prompt:
+        params["mean_prompt"] = variant.mean_prompt
+    params.update(variant.params)
+    return params
+
+
+def kernel_metadata(plan: Plan, variant: Variant, user: str) -> dict[str, Any]:
+    """``kernel-metadata.json`` for ``variant`` owned by ``user``."""
+    return {
+        "id": f"{user}/{variant.slug}",
+        "title": variant.title,
+        "code_file": CODE_FILE,
+        "language": "python",
+        "kernel_type": "notebook",
+        "is_private": True,
+        "enable_gpu": True,
+        # The competition forbids internet, and the CLI turns it on when the key is absent: always write it.
+        "enable_internet": False,
+        "machine_shape": MACHINE_SHAPE,
+        "competition_sources": [COMPETITION],
+        "dataset_sources": dataset_sources(plan, variant, user),
+        "kernel_sources": [],
+        "model_sources": model_sources(variant, user),
+    }
+
+
+def install_cell_source(plan: Plan) -> str:
+    """The first cell of every rendered kernel: offline install of kaggle_utils and the GPU wheels, then provenance."""
+    library = f"{KAGGLE_INPUT}/{plan.library_dataset}"
+    wheels = f"{KAGGLE_INPUT}/{plan.wheels_dataset}"
+    return f'''\
+# Added by `make render` (kaggle_utils.kernels), not part of notebooks/inference.ipynb: on Kaggle, install the bundle's
+# library and the GPU stack from the attached datasets, fully offline (this competition allows no internet).
+# Off Kaggle (`make render-local`) nothing is installed and the checkout's kaggle_utils is used.
+import os, subprocess, sys
+LIBRARY_DIR = "{library}"  # the kaggle_utils wheel + COMMIT (make push-lib)
+WHEELS_DIR = "{wheels}"  # vLLM and its dependencies for Kaggle's Python (make wheels)
+if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
+    pip = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check"]
+    requirements = os.path.join(WHEELS_DIR, "{GPU_REQUIREMENTS}")
+    if os.path.exists(requirements):
+        subprocess.run(pip + ["--find-links", WHEELS_DIR, "-r", requirements], check=True)
+    else:
+        print(f"no {{requirements}}: keeping Kaggle's own packages (the HF engine still works)")
+    subprocess.run(pip + ["--no-deps", "--force-reinstall", "--find-links", LIBRARY_DIR, "{PACKAGE}"], check=True)
+import kaggle_utils
+print(f"kaggle_utils {{kaggle_utils.__version__}}, commit {{kaggle_utils.git_commit()}}")'''
+
+
+# ---------------------------------------------------------------- notebooks
+
+
+def notebook_parameters(nb) -> dict[str, Any]:
+    """The values a notebook runs with: its ``parameters`` cell, overridden by papermill's injected cell.
+
+    Both cells are flat literal assignments (the bundle's contract), read with ``ast.literal_eval``.
+    """
+    values: dict[str, Any] = {}
+    for tag in ("parameters", "injected-parameters"):
+        for cell in nb.cells:
+            if cell.cell_type == "code" and tag in cell.metadata.get("tags", []):
+                for node in ast.parse(cell.source).body:
+                    if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                        values[node.targets[0].id] = ast.literal_eval(node.value)
+                break
+    return values
+
+
+def _strings(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+def mounted_roots(metadata: dict[str, Any]) -> list[str]:
+    """The folders a kernel with ``metadata`` may read: its attached sources' mounts, and the working folder."""
+    roots = [f"{KAGGLE_INPUT}/{c}" for c in metadata.get("competition_sources", [])]
+    roots += [dataset_path(d) for d in metadata.get("dataset_sources", [])]
+    roots += [model_path(m) for m in metadata.get("model_sources", [])]
+    return roots + [KAGGLE_WORKING]
+
+
+def foreign_paths(params: dict[str, Any], metadata: dict[str, Any]) -> list[str]:
+    """Path-like parameter values a kernel could not read on Kaggle (outside its attached inputs and working dir)."""
+    roots = mounted_roots(metadata)
+    bad = []
+    for s in _strings(params):
+        looks_like_path = "/" in s or s.endswith((".csv", ".json", ".safetensors"))
+        if looks_like_path and not any(s == r or s.startswith(r + "/") for r in roots):
+            bad.append(s)
+    return bad
+
+
+def _check_notebook(path: Path) -> list[str]:
+    """The notebook's parameter names; a missing notebook is an error that says who provides it."""
+    import papermill
+
+    if not path.exists():
+        raise FileNotFoundError(f"inference notebook not found: {path} (the plan's `notebook`; notebooks/ holds it)")
+    return list(papermill.inspect_notebook(str(path)))
+
+
+def render_variant(plan: Plan, variant: Variant, user: str, out_dir: str | os.PathLike = KERNELS_DIR) -> Path:
+    """Write ``out_dir/<slug>/`` for ``variant``: the prepared notebook (install cell first) and kernel-metadata.json.
+
+    The folder is rebuilt from scratch, so a stale file never rides along to Kaggle.
+    """
+    import nbformat
+    import papermill
+
+    source = resolve_path(plan.notebook)
+    known = _check_notebook(source)
+    params = kernel_params(plan, variant)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise ConfigError(f"variant '{variant.slug}': {unknown} are not parameters of {plan.notebook}; it has {known}")
+    metadata = kernel_metadata(plan, variant, user)
+
+    folder = resolve_path(out_dir) / variant.slug
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    notebook = tmp / CODE_FILE
+    papermill.execute_notebook(str(source), str(notebook), parameters=params, prepare_only=True,
+                               kernel_name="python3", progress_bar=False, log_output=False)
+    nb = nbformat.read(notebook, as_version=4)
+    # Every value the kernel runs with, the notebook's own defaults included, must point into what Kaggle mounts.
+    bad = foreign_paths(notebook_parameters(nb), metadata)
+    if bad:
+        shutil.rmtree(tmp)
+        raise ConfigError(f"variant '{variant.slug}': {bad} lie outside the kernel's attached inputs "
+                          f"({', '.join(mounted_roots(metadata))})")
+    # Papermill records absolute local paths; the kernel should carry only names that mean something on Kaggle.
+    if "papermill" in nb.metadata:
+        inside = source.is_relative_to(project_root())
+        nb.metadata.papermill["input_path"] = str(source.relative_to(project_root())) if inside else source.name
+        nb.metadata.papermill["output_path"] = CODE_FILE
+    for c in nb.cells:  # papermill gives its cell a random id; a fixed one keeps re-renders identical
+        if "injected-parameters" in c.metadata.get("tags", []):
+            c["id"] = "injected-parameters"
+    cell = nbformat.v4.new_code_cell(install_cell_source(plan))
+    cell["id"] = INSTALL_CELL_ID
+    cell.metadata["tags"] = ["kaggle-install"]
+    nb.cells.insert(0, cell)
+    nbformat.validate(nb)
+    nbformat.write(nb, notebook)
+    (tmp / "kernel-metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    # Beside the kernel, what it was built from: the variant as planned, the library version and commit.
+    (tmp / "variant.json").write_text(json.dumps({
+        "variant": dataclasses.asdict(variant), "parameters": params, "kaggle_utils": __version__,
+        "commit": git_commit()}, indent=2) + "\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def render(plan: Plan, user: str, out_dir: str | os.PathLike = KERNELS_DIR, slug: str = "") -> list[Path]:
+    """Render every variant (or the one called ``slug``) into ``out_dir``; returns the kernel folders."""
+    if user == PLACEHOLDER_USER:
+        logger.warning("no Kaggle user (KAGGLE_USERNAME, ~/.kaggle/kaggle.json or the plan's `user`): ids read "
+                       "'%s/...'; `make push` renders again with yours", PLACEHOLDER_USER)
+    folders = [render_variant(plan, v, user, out_dir) for v in plan.select(slug)]
+    for f in folders:
+        logger.info("rendered %s", f)
+    return folders
+
+
+# ---------------------------------------------------------------- the local dry run
+
+
+@dataclass
+class LocalSettings:
+    """How `make render-local` runs a rendered kernel on this machine (``configs/local-inputs.yaml``)."""
+
+    paths: dict  # /kaggle/... prefix -> local path (relative = from the checkout; "{slug}" = the variant's slug)
+    model: dict = field(default_factory=dict)  # replaces every planned model's fields (e.g. the demo's); {} = keep
+    max_n: int = 0  # cap on predictions per model and row (CPU time); 0 = as planned
+    params: dict = field(default_factory=dict)  # other notebook parameters for the dry run, e.g. {"batch_size": 8}
+
+    def __post_init__(self):
+        require(isinstance(self.paths, dict) and bool(self.paths), "paths", "map at least /kaggle/working")
+        for prefix in self.paths:
+            require(str(prefix).startswith("/kaggle/"), "paths", f"'{prefix}' is not a /kaggle/ path")
+        allowed = {"preset", "base_model_path", "adapter_path", "merged_path", "temperature", "top_p", "forced_start"}
+        extra = sorted(set(self.model) - allowed)
+        require(not extra, "model", f"{extra} cannot be replaced; allowed: {sorted(allowed)}")
+        require(self.max_n >= 0, "max_n", f"must be >= 0, got {self.max_n}")
+
+
+def load_local_settings(path: str | os.PathLike = DEFAULT_LOCAL_SETTINGS) -> LocalSettings:
+    """Read the dry-run settings file."""
+    import yaml
+
+    file = resolve_path(path)
+    if not file.exists():
+        raise FileNotFoundError(f"local settings not found: {file}")
+    try:
+        return _build(LocalSettings, yaml.safe_load(file.read_text()) or {}, "local settings")
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
+
+
+def _map_path(value: str, paths: dict[str, str], slug: str) -> str:
+    if not value.startswith("/kaggle/"):
+        return value
+    for prefix in sorted(paths, key=len, reverse=True):  # the most specific mapping wins
+        root = prefix.rstrip("/")
+        if value == root or value.startswith(root + "/"):
+            local = resolve_path(str(paths[prefix]).replace("{slug}", slug))
+            rest = value[len(root):].lstrip("/")
+            return str(local / rest) if rest else str(local)
+    raise ConfigError(f"paths: no local folder for '{value}'; add its prefix to the local settings file")
+
+
+def localize_params(params: dict[str, Any], settings: LocalSettings, slug: str) -> dict[str, Any]:
+    """A kernel's parameters for this machine: models replaced as the settings say, /kaggle paths mapped."""
+    local = json.loads(json.dumps(params))  # a deep copy of plain data
+    override = {k: str(resolve_path(v)) if k.endswith("_path") and v else v for k, v in settings.model.items()}
+    for m in local.get("models", []):
+        m.update(override)
+        if settings.max_n:
+            m["n"] = min(m["n"], settings.max_n)
+            if m.get("temperature", 0) == 0:
+                m["n"] = 1
+    local.update(settings.params)
+
+    def walk(value):
+        if isinstance(value, str):
+            return _map_path(value, settings.paths, slug)
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        return value
+
+    return walk(local)
+
+
+def check_submission(path: str | os.PathLike, test_file: str | os.PathLike, max_rows: int = 0):
+    """Read a submission and check it: columns id,rewrite_prompt, one row per test id, no blank prompt.
+
+    ``max_rows`` > 0: the run covered only the test file's first rows (the notebook's quick-check parameter).
+    """
+    import pandas as pd
+
+    sub = pd.read_csv(path, keep_default_na=False)
+    test = pd.read_csv(test_file)
+    if max_rows:
+        test = test.head(max_rows)
+    if list(sub.columns) != ["id", "rewrite_prompt"]:
+        raise ValueError(f"{path}: columns are {list(sub.columns)}, expected ['id', 'rewrite_prompt']")
+    if sorted(sub["id"].astype(str)) != sorted(test["id"].astype(str)):
+        raise ValueError(f"{path}: ids differ from {test_file}'s")
+    blank = sub["rewrite_prompt"].astype(str).str.strip() == ""
+    if blank.any():
+        raise ValueError(f"{path}: {int(blank.sum())} blank prompts (Kaggle rejects them)")
+    return sub
+
+
+def run_local(plan: Plan, slug: str, settings: LocalSettings, kernels_dir: str | os.PathLike = KERNELS_DIR,
+              out_dir: str | os.PathLike = LOCAL_DIR) -> Path:
+    """Render ``slug``'s kernel, then execute it headless here with /kaggle paths mapped; returns the submission.
+
+    The rendered kernel itself runs (its install cell only reports off Kaggle); papermill swaps its injected
+    parameters for the local ones. The executed notebook lands in ``out_dir/<slug>/``.
+    """
+    import nbformat
+    import papermill
+
+    variant = plan.variant(slug)
+    folder = render_variant(plan, variant, resolve_user(plan), kernels_dir)
+    params = localize_params(notebook_parameters(nbformat.read(folder / CODE_FILE, as_version=4)), settings, slug)
+    # Fail here, with the fix, rather than deep inside the executed notebook.
+    needed = [params["test_file"]] + [m[k] for m in params["models"] for k in ("base_model_path", "adapter_path",
+                                                                               "merged_path") if m[k]]
+    missing = [p for p in needed if not Path(p).exists()]
+    if missing:
+        raise FileNotFoundError(f"the dry run of '{slug}' needs {missing}: run `make demo` for the demo's "
+                                "validation.csv and selected adapter, or map other folders in the local settings")
+    run = resolve_path(out_dir) / slug
+    run.mkdir(parents=True, exist_ok=True)
+    Path(params["submission_path"]).parent.mkdir(parents=True, exist_ok=True)
+    (run / "parameters.json").write_text(json.dumps(params, indent=2) + "\n")
+    logger.info("dry run of %s: executing %s -> %s", slug, folder / CODE_FILE, run / CODE_FILE)
+    papermill.execute_notebook(str(folder / CODE_FILE), str(run / CODE_FILE), parameters=params,
+                               kernel_name="python3", cwd=str(project_root()), progress_bar=False, log_output=True)
+    sub = check_submission(params["submission_path"], params["test_file"], params.get("max_rows", 0))
+    logger.info("dry run of %s: %d rows in %s", slug, len(sub), params["submission_path"])
+    return Path(params["submission_path"])
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def library_metadata_template() -> dict[str, Any]:
+    """The top-level ``dataset-metadata.json``: the library dataset, its owner a placeholder until built."""
+    return json.loads((project_root() / "dataset-metadata.json").read_text())
+
+
+def dataset_metadata(ref: str, title: str) -> dict[str, Any]:
+    """A Kaggle dataset-metadata.json for ``owner/slug``."""
+    slug = ref.split("/")[1]
+    require(6 <= len(title) <= 50, "title", f"dataset title '{title}' must be 6-50 characters")
+    require(6 <= len(slug) <= 50, "id", f"dataset slug '{slug}' must be 6-50 characters")
+    return {"title": title, "id": ref, "licenses": [{"name": "CC0-1.0"}]}
+
+
+def commit_stamp() -> str:
+    """The checkout's commit, with "+dirty" when the library's files differ from it."""
+    commit = git_commit()
+    try:
+        out = subprocess.run(["git", "-C", str(project_root()), "status", "--porcelain", "--", "kaggle_utils",
+                              "pyproject.toml"], capture_output=True, text=True, timeout=10)
+        return commit + ("+dirty" if out.returncode == 0 and out.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return commit
+
+
+def _fresh(folder: Path) -> Path:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def build_library_dataset(user: str, out: str | os.PathLike = f"{DATASETS_DIR}/library") -> Path:
+    """``out/``: the kaggle_utils wheel (with a COMMIT stamp inside), COMMIT, and dataset-metadata.json for ``user``.
+
+    The wheel is built from a copy of the source, so the checkout never gets a COMMIT file that would go stale.
+    """
+    root = project_root()
+    folder = _fresh(resolve_path(out))
+    stamp = commit_stamp()
+    src = _fresh(folder.parent / (folder.name + ".src"))
+    shutil.copy2(root / "pyproject.toml", src / "pyproject.toml")
+    shutil.copytree(root / "kaggle_utils", src / "kaggle_utils",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "COMMIT"))
+    (src / "kaggle_utils" / "COMMIT").write_text(stamp + "\n")
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                    "--disable-pip-version-check", "-q", "-w", str(folder), str(src)], check=True)
+    shutil.rmtree(src)
+    (folder / "COMMIT").write_text(stamp + "\n")
+    template = library_metadata_template()
+    ref = f"{user}/{template['id'].split('/')[1]}"
+    (folder / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(ref, template["title"]), indent=2) + "\n")
+    logger.info("library dataset %s: %s", ref, ", ".join(sorted(p.name for p in folder.iterdir())))
+    return folder
+
+
+def own_adapters(plan: Plan) -> dict[str, bool]:
+    """The adapter folders the plan reads from its own adapters dataset -> whether any model serves merged/."""
+    wanted: dict[str, bool] = {}
+    for v in plan.variants:
+        for m in v.models:
+            if m.adapter and "/" not in m.adapter:
+                wanted[m.adapter] = wanted.get(m.adapter, False) or m.use_merged
+    return wanted
+
+
+def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = "runs",
+                           out: str | os.PathLike = f"{DATASETS_DIR}/adapters") -> Path:
+    """``out/<folder>/`` for every adapter the plan names, copied from ``runs_dir/<folder>/selected/``.
+
+    Every named adapter must exist locally: a new dataset version replaces the old one whole.
+    """
+    wanted = own_adapters(plan)
+    require(bool(wanted), "adapter", "the plan reads no adapter from its own adapters dataset")
+    runs = resolve_path(runs_dir)
+    missing = []
+    for name, merged in wanted.items():
+        sel = runs / name / "selected"
+        has_weights = (sel / "adapter_model.safetensors").exists() or (sel / "adapter_model.bin").exists()
+        if not ((sel / "adapter_config.json").exists() and has_weights):
+            missing.append(f"{sel} (select a checkpoint of run '{name}')")
+        elif merged and not (sel / "merged" / "config.json").exists():
+            missing.append(f"{sel / 'merged'} (a model uses_merged; export the merged weights)")
+    if missing:
+        raise FileNotFoundError("adapters the plan needs are missing:\n  " + "\n  ".join(missing))
+    folder = _fresh(resolve_path(out))
+    manifest = {}
+    for name, merged in wanted.items():
+        sel = runs / name / "selected"
+        shutil.copytree(sel, folder / name, ignore=None if merged else shutil.ignore_patterns("merged"))
+        selection = sel / "selection.json"
+        manifest[name] = json.loads(selection.read_text()) if selection.exists() else {}
+    (folder / "adapters.json").write_text(json.dumps({"commit": commit_stamp(), "adapters": manifest}, indent=2) + "\n")
+    ref = dataset_ref(plan.adapters_dataset, user)
+    (folder / "dataset-metadata.json").write_text(
+        json.dumps(dataset_metadata(ref, "Prompt recovery LoRA adapters"), indent=2) + "\n")
+    logger.info("adapters dataset %s: %s", ref, ", ".join(wanted))
+    return folder
+
+
+def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version: str = "3.11",
+                            requirements: str = GPU_REQUIREMENTS) -> list[str]:
+    """``pip download`` of the GPU requirements as wheels for Kaggle's Python on x86-64 Linux (glibc 2.35).
+
+    Binary wheels only: Kaggle cannot build anything offline. Several manylinux tags, since pip takes only the
+    platforms it is given.
+    """
+    cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-r", str(resolve_path(requirements)),
+           "-d", str(resolve_path(out)), "--only-binary=:all:", "--python-version", python_version,
+           "--implementation", "cp"]
+    for platform in ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
+        cmd += ["--platform", platform]
+    return cmd
+
+
+def write_wheels_metadata(plan: Plan, user: str, out: str | os.PathLike = WHEELS_DIR) -> Path:
+    """Put the requirements file and dataset-metadata.json beside the downloaded wheels."""
+    folder = resolve_path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(resolve_path(GPU_REQUIREMENTS), folder / GPU_REQUIREMENTS)
+    ref = dataset_ref(plan.wheels_dataset, user)
+    (folder / "dataset-metadata.json").write_text(
+        json.dumps(dataset_metadata(ref, "Prompt recovery GPU wheels"), indent=2) + "\n")
+    return folder
+
+
+def set_dataset_owner(folder: str | os.PathLike, user: str) -> str:
+    """Rewrite a built dataset's metadata id for ``user`` (a build without credentials wrote the placeholder)."""
+    file = Path(folder) / "dataset-metadata.json"
+    meta = json.loads(file.read_text())
+    meta["id"] = f"{user}/{meta['id'].split('/')[1]}"
+    file.write_text(json.dumps(meta, indent=2) + "\n")
+    return meta["id"]
+
+
+# ---------------------------------------------------------------- the kaggle CLI
+
+
+def kaggle_cli() -> list[str]:
+    """The kaggle CLI of this environment (next to its Python), else the one on PATH."""
+    beside = Path(sys.executable).with_name("kaggle")
+    if beside.exists():
+        return [str(beside)]
+    found = shutil.which("kaggle")
+    if found:
+        return [found]
+    return [sys.executable, "-m", "kaggle"]
+
+
+def run_kaggle(*args: str, timeout: float | None = None) -> str:
+    """Run ``kaggle <args>`` and return its output; a failure raises with the command and the CLI's words.
+
+    The CLI finds the credentials itself (kaggle.json or the environment); they never appear in the command line.
+    """
+    cmd = kaggle_cli() + list(args)
+    logger.info("$ kaggle %s", " ".join(args))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    out = (proc.stdout or "") + (proc.stderr or "")
+    if out.strip():
+        print(out.rstrip())
+    if proc.returncode != 0:
+        raise KaggleCommandError(f"`kaggle {' '.join(args)}` failed ({proc.returncode}): {out.strip()[-800:]}")
+    return out
+
+
+def push_kernel(folder: str | os.PathLike) -> int | None:
+    """``kaggle kernels push -p folder``; records and returns the new version number."""
+    out = run_kaggle("kernels", "push", "-p", str(folder), timeout=600)
+    # The CLI prints a server-side refusal but still exits 0.
+    if "Kernel push error" in out:
+        raise KaggleCommandError(f"`kaggle kernels push -p {folder}`: {out.strip()}")
+    match = re.search(r"Kernel version (\d+) successfully", out)
+    version = int(match.group(1)) if match else None
+    url = re.search(r"(https?://\S+)\s*$", out.strip())
+    (Path(folder) / "push.json").write_text(json.dumps({
+        "version": version, "url": url.group(1) if url else "", "commit": git_commit()}, indent=2) + "\n")
+    return version
+
+
+def push_dataset(folder: str | os.PathLike, message: str) -> str:
+    """A new version of the dataset in ``folder`` (``create`` the first time); sub-folders travel zipped."""
+    ref = json.loads((Path(folder) / "dataset-metadata.json").read_text())["id"]
+    try:
+        run_kaggle("datasets", "status", ref, timeout=120)
+        exists = True
+    except KaggleCommandError:
+        exists = False
+    if exists:
+        args = ["datasets", "version", "-p", str(folder), "-m", message, "-r", "zip"]
+    else:
+        logger.info("dataset %s not found: creating it (private)", ref)
+        args = ["datasets", "create", "-p", str(folder), "-r", "zip"]
+    out = run_kaggle(*args)
+    # As with kernels, the CLI prints a server-side refusal but exits 0.
+    if "creation error" in out:
+        raise KaggleCommandError(f"`kaggle {' '.join(args)}`: {out.strip()}")
+    return ref
+
+
+def kernel_status(ref: str) -> str:
+    """``kaggle kernels status owner/slug``."""
+    return run_kaggle("kernels", "status", ref, timeout=120)
+
+
+def submit_kernel(ref: str, version: int, message: str) -> str:
+    """Submit version ``version`` of kernel ``ref`` to the competition (a code submission)."""
+    return run_kaggle("competitions", "submit", COMPETITION, "-k", ref, "-v", str(version),
+                      "-f", Path(SUBMISSION_FILE).name, "-m", message, timeout=300)
+
+
+def pushed_version(slug: str, kernels_dir: str | os.PathLike = KERNELS_DIR) -> int | None:
+    """The version the last `make push` recorded for ``slug``, if any."""
+    record = resolve_path(kernels_dir) / slug / "push.json"
+    if not record.exists():
+        return None
+    return json.loads(record.read_text()).get("version")
