@@ -18,12 +18,13 @@ endef
 
 .PHONY: help setup test test-fast demo prepare train train-smollm train-mistral train-llama train-mistral22b \
         train-mixtral clean-notebooks
+.PHONY: render render-local push-lib push-adapters wheels push-wheels push status submit
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
 setup: $(STAMP) ## create .venv with the pinned CPU stack (idempotent)
-$(STAMP): requirements.txt pyproject.toml scripts/setup.sh
+$(STAMP): requirements.txt requirements-vllm-types.txt pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
 
 test: setup ## run every test (fast + slow); CI runs this
@@ -35,11 +36,30 @@ test-fast: setup ## run the fast tests only (no real model, no notebook runs)
 prepare: setup ## turn the embedded SmolLM2 GGUF into a cached HF folder (once)
 	$(PY) -c "from kaggle_utils import config, models; config.setup_logging(); print(models.prepare_default_model())"
 
-demo: prepare ## the whole job on CPU with the embedded defaults: train
+demo: prepare ## the whole job on CPU with the embedded defaults: train, select, infer, mean prompt; prints runs/demo/scores.csv
 	$(call notebook,train,runs/demo,-f configs/smollm2-135m.yaml -r run_name demo)
+	$(call notebook,select_checkpoint,runs/demo,-r run_name demo)
+	$(call notebook,inference,runs/demo,-r test_file runs/demo/validation.csv -r submission_path runs/demo/submission.csv \
+		-r run_dir runs/demo/inference -r scores_path runs/demo/scores.csv -p score_base_model True)
+	$(call notebook,mean_prompt,runs/demo,-r run_name demo)
+	@$(PY) -c "import pandas as pd; print(pd.read_csv('runs/demo/scores.csv').to_string(index=False))"
 
 train: setup ## train RUN with CONFIG (BASE_MODEL=/path overrides the preset's base model)
 	$(call notebook,train,runs/$(RUN),-f $(CONFIG) -r run_name $(RUN) $(if $(BASE_MODEL),-r base_model_path $(BASE_MODEL)))
+
+TEST ?= runs/demo/validation.csv
+SUBMISSION ?= runs/demo/submission.csv
+INFER_DIR ?= runs/demo/inference
+INFER_ARGS ?=
+
+.PHONY: infer
+infer: setup ## write SUBMISSION for TEST with the adapter `make demo` selected (INFER_ARGS: more papermill -p/-r/-f)
+	$(call notebook,inference,$(INFER_DIR),-r test_file $(TEST) -r submission_path $(SUBMISSION) -r run_dir $(INFER_DIR) \
+		$(INFER_ARGS))
+
+.PHONY: select
+select: setup ## score RUN's checkpoints (step 0 = base model) by the metric; export the best to runs/RUN/selected/
+	$(call notebook,select_checkpoint,runs/$(RUN),-r run_name $(RUN))
 
 train-smollm: RUN = smollm
 train-smollm: CONFIG = configs/smollm2-135m.yaml
@@ -61,5 +81,44 @@ train-mixtral: RUN = mixtral-8x7b
 train-mixtral: CONFIG = configs/mixtral-8x7b.yaml
 train-mixtral: train ## Mixtral-8x7B-Instruct-v0.1, QLoRA, router kept in 16 bit (BASE_MODEL=...)
 
+.PHONY: mean-prompt
+mean-prompt: setup ## search the mean prompt against the scorer and choose the blend on RUN's validation rows
+	$(call notebook,mean_prompt,runs/$(RUN),-r run_name $(RUN))
+
 clean-notebooks: setup ## strip outputs and execution counts from notebooks/ before committing
 	$(PY) scripts/nbtool.py clean notebooks/*.ipynb
+
+# ---- from plan to leaderboard: PLAN's variants -> build/kernels/<slug>/ -> Kaggle (scripts/kernels.py does the work)
+PLAN ?= configs/submissions.yaml
+LOCAL_INPUTS ?= configs/local-inputs.yaml
+VARIANT ?=
+VERSION ?=
+KAGGLE_PYTHON ?= 3.11
+KERNELS = $(PY) scripts/kernels.py --plan $(PLAN) $(if $(VARIANT),--variant $(VARIANT))
+
+render: setup ## render every variant of PLAN into build/kernels/<slug>/ (VARIANT=<slug> for one; no credentials)
+	$(KERNELS) render
+
+render-local: setup ## dry-run one rendered kernel here, /kaggle paths mapped by LOCAL_INPUTS: VARIANT=<slug>
+	$(KERNELS) render-local --settings $(LOCAL_INPUTS)
+
+push-lib: setup ## build kaggle_utils (wheel + COMMIT) into build/datasets/library/ and upload it as a Kaggle dataset
+	$(KERNELS) push-lib
+
+push-adapters: setup ## upload runs/<adapter>/selected/ of every adapter PLAN names as one Kaggle dataset
+	$(KERNELS) push-adapters
+
+wheels: setup ## download vLLM + deps as wheels for Kaggle's Python (KAGGLE_PYTHON) into build/wheels/ (GBs)
+	$(KERNELS) wheels --python $(KAGGLE_PYTHON)
+
+push-wheels: setup ## upload build/wheels/ as a Kaggle dataset (after make wheels)
+	$(KERNELS) push-wheels
+
+push: setup ## render with your Kaggle user and push every kernel (VARIANT=<slug> for one); needs credentials
+	$(KERNELS) push
+
+status: setup ## the Kaggle run status of every pushed kernel (VARIANT=<slug> for one)
+	$(KERNELS) status
+
+submit: setup ## submit a pushed kernel to the competition: VARIANT=<slug> [VERSION=n, default the last push]
+	$(KERNELS) submit $(if $(VERSION),--version $(VERSION))

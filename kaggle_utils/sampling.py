@@ -1,20 +1,37 @@
-"""Sampling engines: n predictions per row from (original_text, rewritten_text) pairs.
+"""Sampling engines: n predictions per row from (original_text, rewritten_text) pairs; post-processing; resume.
 
-``HFEngine`` is the embedded default and the CPU path: transformers ``generate`` over length-sorted, left-padded
-batches, with a LoRA adapter merged (default, faster) or unmerged. Engines yield raw completions batch by batch so a
-caller can persist them as it goes (resume) and watch the clock (budget).
+One interface, :class:`Engine`, and two engines:
+
+- ``HFEngine``: transformers ``generate`` over length-sorted, left-padded batches, with a LoRA adapter merged
+  (default, faster) or unmerged, 4-bit optional, layers over 1-2 GPUs. The embedded default and the CPU path.
+- ``VLLMEngine``: vLLM's ``LLM`` with ``SamplingParams(n=...)`` and a ``LoRARequest`` (or a merged folder), over
+  every visible GPU (``tensor_parallel_size``). The fast path on Kaggle's 2xT4.
+
+Engines yield raw completions batch by batch, so :func:`sample_rows` can persist them as it goes
+(:class:`PredictionStore`, resumable after a kill -9) and watch the clock (:mod:`kaggle_utils.budget`).
 """
 from __future__ import annotations
 
+import dataclasses
+import gc
+import hashlib
+import json
 import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from . import models, prompts
-from .config import require, resolve_path
+from . import decoding, models, prompts
+from .config import ConfigError, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
+
+ENGINES = ("auto", "vllm", "hf")
+# vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+SELECTION_FILE = "selection.json"
 
 
 @dataclass
@@ -25,7 +42,7 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass
     max_new_tokens: int = 32  # a recovered prompt is one sentence
-    seed: int = 0  # sampling seed; batch b uses seed + b, so a resumed run samples the same
+    seed: int = 0  # sampling seed; batch b uses seed + b (HF), row i uses seed + i (vLLM)
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
     batch_size: int = 16  # rows per generate call (x n sequences)
     max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts
@@ -40,19 +57,87 @@ class SamplingConfig:
                 f"n={self.n} with temperature 0 would repeat one greedy answer; set temperature > 0")
 
 
+# ---------------------------------------------------------------- adapters
+
+
 class AdapterError(ValueError):
     """An adapter folder is missing, incomplete, or was trained on another base model."""
 
 
-def check_adapter(adapter_path: str) -> Path:
-    """The adapter folder, checked for ``adapter_config.json`` and weights."""
+def check_adapter(adapter_path: str, preset: str = "") -> Path:
+    """The adapter folder, checked for ``adapter_config.json`` and weights.
+
+    When the folder holds a ``selection.json`` (written by checkpoint selection) and ``preset`` is given, the
+    preset it was trained on must be ``preset``: an adapter of another base model is refused before anything loads.
+    """
     path = resolve_path(adapter_path)
     if not path.is_dir():
-        raise AdapterError(f"adapter path '{path}' does not exist")
+        raise AdapterError(f"adapter path '{path}' does not exist (for the demo's adapter run `make demo` first)")
     if not (path / "adapter_config.json").exists() or not (
             (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists()):
         raise AdapterError(f"adapter path '{path}' has no adapter_config.json + adapter_model.safetensors")
+    selection = path / SELECTION_FILE
+    if preset and selection.exists():
+        trained_on = json.loads(selection.read_text()).get("preset")
+        if trained_on and trained_on != preset:
+            raise AdapterError(f"adapter '{path}' was trained on preset '{trained_on}' ({SELECTION_FILE}), "
+                               f"but the model entry uses preset '{preset}'")
     return path
+
+
+def selected_adapter(adapter_path: str, preset: str = "") -> str:
+    """The adapter folder to apply, checked (see :func:`check_adapter`); "" for none.
+
+    Checkpoint selection exports no adapter when the base model (step 0) scored best: its ``selection.json`` then
+    says ``"adapter": null``, and the base model runs as it is (logged), rather than failing the submission.
+    """
+    if not adapter_path:
+        return ""
+    path = resolve_path(adapter_path)
+    selection = path / SELECTION_FILE
+    if selection.exists() and not (path / "adapter_config.json").exists():
+        info = json.loads(selection.read_text())
+        if info.get("adapter") is None and info.get("base_model_won"):
+            if preset and info.get("preset") and info["preset"] != preset:
+                raise AdapterError(f"selection '{path}' was made on preset '{info['preset']}', but the model entry "
+                                   f"uses preset '{preset}'")
+            logger.warning("%s: the base model won checkpoint selection (no adapter exported); running it without "
+                           "an adapter", path)
+            return ""
+    return str(check_adapter(adapter_path, preset))
+
+
+def adapter_rank(adapter_path: str) -> int:
+    """The LoRA rank ``r`` in the adapter's ``adapter_config.json``."""
+    cfg = json.loads((check_adapter(adapter_path) / "adapter_config.json").read_text())
+    return int(cfg.get("r") or 1)
+
+
+def check_adapter_fits(adapter_path: str, base_path: str | os.PathLike) -> None:
+    """Compare the adapter's LoRA shapes with the base model's ``config.json`` without loading either model.
+
+    Every projection that reads the residual stream (q/k/v/gate/up) has ``lora_A`` of shape (r, hidden_size); a
+    mismatch means the adapter belongs to another base model, which is a clear error before minutes of loading.
+    """
+    path = check_adapter(adapter_path)
+    weights = path / "adapter_model.safetensors"
+    base_cfg = Path(base_path) / "config.json"
+    if not weights.exists() or not base_cfg.exists():
+        return  # a .bin adapter or a folder without config: attach_adapter still reports a mismatch
+    from safetensors import safe_open
+
+    hidden = json.loads(base_cfg.read_text()).get("hidden_size")
+    if not hidden:
+        return
+    with safe_open(str(weights), framework="np") as fh:
+        for key in fh.keys():
+            module = key.split(".lora_A")[0].rsplit(".", 1)[-1] if ".lora_A" in key else ""
+            if module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+                width = fh.get_slice(key).get_shape()[-1]
+                if width != hidden:
+                    raise AdapterError(
+                        f"adapter '{path}' does not fit base model '{base_path}': {key} reads {width} features, "
+                        f"the base model's hidden_size is {hidden} (adapter trained on another base model?)")
 
 
 def attach_adapter(model, adapter_path: str, merge: bool = True):
@@ -70,7 +155,46 @@ def attach_adapter(model, adapter_path: str, merge: bool = True):
     return model
 
 
-class HFEngine:
+# ---------------------------------------------------------------- the engine interface
+
+
+class Engine:
+    """n raw completions per row. Subclasses implement :meth:`generate_batches`; ``marker`` is the response marker
+    a completion may echo (used by :func:`postprocess`)."""
+
+    name = "engine"
+    marker = ""
+
+    def generate_batches(self, originals, rewrittens, cfg: SamplingConfig, skip=frozenset(),
+                         progress: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
+        """Yield ``(row_indices, completions)`` per batch; ``completions[k]`` has ``cfg.n`` strings that start with
+        the forced start. Rows in ``skip`` (done, e.g. on resume) are not generated."""
+        raise NotImplementedError
+
+    def generate(self, originals, rewrittens, cfg: SamplingConfig, progress: bool = True) -> list[list[str]]:
+        """n raw completions per row, in input order."""
+        out: list[list[str]] = [[] for _ in originals]
+        for rows, texts in self.generate_batches(originals, rewrittens, cfg, progress=progress):
+            for i, t in zip(rows, texts):
+                out[i] = t
+        return out
+
+    def close(self) -> None:
+        """Free the model (GPU memory) before the next model of the plan loads."""
+        for attr in ("model", "llm"):
+            if hasattr(self, attr):
+                setattr(self, attr, None)
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover - torch is always there in this bundle
+            pass
+
+
+class HFEngine(Engine):
     """transformers ``generate`` in length-sorted, left-padded batches; stops at EOS."""
 
     name = "hf"
@@ -90,7 +214,8 @@ class HFEngine:
         spec = models.get_preset(preset)
         base = models.resolve_base_path(spec, base_model_path)
         if adapter_path:
-            check_adapter(adapter_path)
+            check_adapter(adapter_path, preset)
+            check_adapter_fits(adapter_path, base)
         tokenizer = models.load_tokenizer(base)
         prompts.ensure_chat_template(tokenizer, spec.family)
         resized = prompts.ensure_pad_token(tokenizer)
@@ -107,16 +232,7 @@ class HFEngine:
 
     def encode_rows(self, originals, rewrittens, cfg: SamplingConfig) -> tuple[list[list[int]], list[int]]:
         """Prompt ids per row, and the indices of rows whose texts were truncated to fit ``max_prompt_tokens``."""
-        ids, truncated = [], []
-        for i, (o, r) in enumerate(zip(originals, rewrittens)):
-            row_ids, cut = prompts.generation_ids(self.tokenizer, o, r, cfg.max_prompt_tokens, cfg.forced_start)
-            ids.append(row_ids)
-            if cut:
-                truncated.append(i)
-        if truncated:
-            logger.warning("truncated %d row(s) to %d prompt tokens (rows %s%s)", len(truncated), cfg.max_prompt_tokens,
-                           truncated[:10], "..." if len(truncated) > 10 else "")
-        return ids, truncated
+        return encode_rows(self.tokenizer, originals, rewrittens, cfg)
 
     def generate_batches(self, originals, rewrittens, cfg: SamplingConfig, skip=frozenset(),
                          progress: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
@@ -127,34 +243,450 @@ class HFEngine:
         import torch
         from tqdm.auto import tqdm
 
-        ids, _ = self.encode_rows(originals, rewrittens, cfg)
-        todo = sorted((i for i in range(len(ids)) if i not in skip), key=lambda i: -len(ids[i]))
+        todo = [i for i in range(len(originals)) if i not in skip]
+        ids_todo, _ = encode_rows(self.tokenizer, [originals[i] for i in todo], [rewrittens[i] for i in todo], cfg,
+                                  labels=todo)
+        ids = dict(zip(todo, ids_todo))
+        todo.sort(key=lambda i: -len(ids[i]))  # similar lengths share a batch, so little padding is computed
         forced_len = len(prompts.encode(self.tokenizer, cfg.forced_start.strip())) if cfg.forced_start.strip() else 0
         device = next(self.model.parameters()).device
         batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
         bar = tqdm(total=len(todo), desc=f"{self.name} sampling n={cfg.n}", unit="row", disable=not progress)
         for b, rows in enumerate(batches):
-            enc = self.tokenizer.pad({"input_ids": [ids[i] for i in rows]}, padding=True, return_tensors="pt")
+            # decoding.left_pad = tokenizer.pad (left) without its per-element Python cost (seconds per large batch).
+            enc = decoding.left_pad([ids[i] for i in rows], self.tokenizer.pad_token_id)
             torch.manual_seed(cfg.seed + b)
-            with torch.inference_mode():
-                out = self.model.generate(
-                    input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device),
-                    max_new_tokens=cfg.max_new_tokens, do_sample=cfg.temperature > 0,
-                    temperature=cfg.temperature if cfg.temperature > 0 else None,
-                    top_p=cfg.top_p if cfg.temperature > 0 else None, top_k=None,
-                    num_return_sequences=cfg.n, eos_token_id=self.tokenizer.eos_token_id,
-                    pad_token_id=self.tokenizer.pad_token_id,
-                )
+            out = self._generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), cfg)
             start = enc["input_ids"].shape[1] - forced_len
             texts = self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
             yield rows, [texts[k * cfg.n:(k + 1) * cfg.n] for k in range(len(rows))]
             bar.update(len(rows))
         bar.close()
 
-    def generate(self, originals, rewrittens, cfg: SamplingConfig, progress: bool = True) -> list[list[str]]:
-        """n raw completions per row, in input order."""
-        out: list[list[str]] = [[] for _ in originals]
-        for rows, texts in self.generate_batches(originals, rewrittens, cfg, progress=progress):
-            for i, t in zip(rows, texts):
-                out[i] = t
-        return out
+    def _generate(self, input_ids, attention_mask, cfg: SamplingConfig):
+        """Token ids of prompt + completion, n rows per prompt (``generate``'s own layout).
+
+        On CUDA, plain Llama/Mistral models (LoRA merged) take the static-cache fast path; anything else falls back
+        to ``self.model.generate`` with the same arguments (kaggle_utils/decoding.py). Where that fallback runs with
+        n > 1 (the CPU), the prompt goes through the model once and its KV cache is copied n times, instead of
+        ``num_return_sequences`` running the same prompt n times: the prompt is most of the compute (hundreds of
+        tokens against 32 new ones), so n=4 costs a fraction of the plain way.
+        """
+        import torch
+
+        sample = cfg.temperature > 0
+        kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=cfg.max_new_tokens,
+                      do_sample=sample, temperature=cfg.temperature if sample else None,
+                      top_p=cfg.top_p if sample else None, top_k=None, num_return_sequences=cfg.n,
+                      eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+        with torch.inference_mode():
+            cache_kwarg = _shared_prefill_cache_kwarg(self.model) if cfg.n > 1 and input_ids.shape[1] > 1 else ""
+            if cache_kwarg and decoding.unsupported_reason(self.model, kwargs) is not None:
+                # Positions as generate derives them from a left-padded mask, so the cached prefix matches.
+                positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                out = self.model(input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1],
+                                 position_ids=positions[:, :-1], use_cache=True, logits_to_keep=1)
+                cache = out.get("cache") if "cache" in out else out.get("past_key_values")
+                if cache is not None and hasattr(cache, "batch_repeat_interleave"):
+                    cache.batch_repeat_interleave(cfg.n)
+                    kwargs.update(input_ids=input_ids.repeat_interleave(cfg.n, 0),
+                                  attention_mask=attention_mask.repeat_interleave(cfg.n, 0), num_return_sequences=1)
+                    return self.model.generate(**kwargs, **{cache_kwarg: cache})
+            return decoding.generate(self.model, **kwargs)
+
+
+def _shared_prefill_cache_kwarg(model) -> str:
+    """The name under which this model's ``forward`` takes a KV cache ("cache" in newer transformers,
+    "past_key_values" before); "" when it is wrapped (PEFT, unmerged) or takes none, so no shared prefill."""
+    import inspect
+
+    if type(model).__module__.startswith("peft"):
+        return ""
+    params = inspect.signature(model.forward).parameters
+    return next((k for k in ("cache", "past_key_values") if k in params), "")
+
+
+def encode_rows(tokenizer, originals, rewrittens, cfg: SamplingConfig, labels=None) -> tuple[list[list[int]], list[int]]:
+    """Prompt ids per row (chat template + forced start), and the indices of rows truncated to ``max_prompt_tokens``
+    (logged, by ``labels[i]`` when given: a text far over the context keeps the instruction and part of both texts)."""
+    ids, truncated = [], []
+    for i, (o, r) in enumerate(zip(originals, rewrittens)):
+        row_ids, cut = prompts.generation_ids(tokenizer, o, r, cfg.max_prompt_tokens, cfg.forced_start)
+        ids.append(row_ids)
+        if cut:
+            truncated.append(i)
+    if truncated:
+        shown = [labels[i] for i in truncated[:10]] if labels is not None else truncated[:10]
+        logger.warning("truncated %d row(s) to %d prompt tokens (rows %s%s)", len(truncated), cfg.max_prompt_tokens,
+                       shown, "..." if len(truncated) > 10 else "")
+    return ids, truncated
+
+
+# ---------------------------------------------------------------- vLLM
+
+
+def vllm_dtype(capability: tuple[int, int] | None) -> str:
+    """"half" below compute capability 8.0 (Kaggle's T4 has no bf16), "bfloat16" from Ampere on."""
+    return "half" if capability is None or capability[0] < 8 else "bfloat16"
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds ``rank`` (never below 8, for T4 kernels)."""
+    for allowed in VLLM_LORA_RANKS:
+        if allowed >= rank:
+            return allowed
+    raise AdapterError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
+
+
+def vllm_llm_kwargs(model_path: str | os.PathLike, *, num_gpus: int, capability: tuple[int, int] | None,
+                    lora_rank: int = 0, gpu_memory_utilization: float = 0.9, max_model_len: int = 2048,
+                    seed: int = 0) -> dict:
+    """Keyword arguments of ``vllm.LLM(...)`` for one model folder (the base with a LoRA, or a merged folder).
+
+    ``lora_rank`` 0 means no adapter (a merged folder): LoRA support stays off, which is also the maintainers'
+    workaround where the GPU has no LoRA kernels.
+    """
+    kwargs = dict(model=str(model_path), tokenizer=str(model_path), dtype=vllm_dtype(capability),
+                  tensor_parallel_size=max(1, num_gpus), gpu_memory_utilization=gpu_memory_utilization,
+                  max_model_len=max_model_len, seed=seed, trust_remote_code=False)
+    if lora_rank:
+        kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
+    return kwargs
+
+
+def vllm_sampling_kwargs(cfg: SamplingConfig, seed: int) -> dict:
+    """Keyword arguments of ``vllm.SamplingParams(...)`` for one row (``seed`` = the config's seed + row index)."""
+    return dict(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=seed)
+
+
+def vllm_lora_kwargs(adapter_path: str | os.PathLike) -> dict:
+    """Keyword arguments of ``vllm.lora.request.LoRARequest(...)`` for the plan's one adapter per model."""
+    return dict(lora_name=Path(adapter_path).name or "adapter", lora_int_id=1, lora_path=str(adapter_path))
+
+
+class VLLMEngine(Engine):
+    """vLLM ``LLM.generate`` over token-id prompts, ``SamplingParams(n=...)`` per row, the adapter as a
+    ``LoRARequest``.
+
+    vLLM schedules its own batches; rows go to it in chunks of ``rows_per_call`` so that resume and the budget see
+    progress between chunks.
+    """
+
+    name = "vllm"
+
+    def __init__(self, llm, tokenizer, adapter_path: str = "", rows_per_call: int = 128):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.adapter_path = adapter_path
+        self.rows_per_call = rows_per_call
+        self.marker = prompts.response_marker(tokenizer)
+
+    @classmethod
+    def from_preset(cls, preset: str, base_model_path: str = "", adapter_path: str = "",
+                    gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0) -> "VLLMEngine":
+        """Start vLLM on every visible GPU for a preset's base (+ adapter) or a merged folder as ``base_model_path``."""
+        import torch
+        from vllm import LLM
+
+        spec = models.get_preset(preset)
+        base = models.resolve_base_path(spec, base_model_path)
+        rank = 0
+        if adapter_path:
+            check_adapter(adapter_path, preset)
+            check_adapter_fits(adapter_path, base)
+            rank = adapter_rank(adapter_path)
+        if spec.load_in_4bit:
+            logger.warning("preset %s is 4-bit under HF; vLLM loads the weights as stored (16-bit unless the folder is "
+                           "pre-quantized, e.g. AWQ/GPTQ): use engine 'hf' if they do not fit", preset)
+        tokenizer = models.load_tokenizer(base)
+        prompts.ensure_chat_template(tokenizer, spec.family)
+        n_gpus = models.gpu_count()
+        capability = torch.cuda.get_device_capability(0) if n_gpus else None
+        kwargs = vllm_llm_kwargs(base, num_gpus=n_gpus, capability=capability, lora_rank=rank,
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+        logger.info("starting vLLM: %s", kwargs)
+        return cls(LLM(**kwargs), tokenizer, adapter_path=str(resolve_path(adapter_path)) if adapter_path else "")
+
+    def generate_batches(self, originals, rewrittens, cfg: SamplingConfig, skip=frozenset(),
+                         progress: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
+        """Yield ``(row_indices, completions)`` per chunk of ``rows_per_call`` rows, longest first."""
+        from tqdm.auto import tqdm
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.lora.request import LoRARequest
+
+        todo = [i for i in range(len(originals)) if i not in skip]
+        ids_todo, _ = encode_rows(self.tokenizer, [originals[i] for i in todo], [rewrittens[i] for i in todo], cfg,
+                                  labels=todo)
+        ids = dict(zip(todo, ids_todo))
+        todo.sort(key=lambda i: -len(ids[i]))
+        lora = LoRARequest(**vllm_lora_kwargs(self.adapter_path)) if self.adapter_path else None
+        forced = cfg.forced_start.strip()
+        bar = tqdm(total=len(todo), desc=f"{self.name} sampling n={cfg.n}", unit="row", disable=not progress)
+        for k in range(0, len(todo), self.rows_per_call):
+            rows = todo[k:k + self.rows_per_call]
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in rows],
+                                        [SamplingParams(**vllm_sampling_kwargs(cfg, cfg.seed + i)) for i in rows],
+                                        use_tqdm=False, lora_request=lora)
+            yield rows, completions_from_outputs(outputs, forced)
+            bar.update(len(rows))
+        bar.close()
+
+    def close(self) -> None:
+        """Shut vLLM's workers down, then free what is left, so the next model of the plan gets the GPUs."""
+        try:
+            from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+            destroy_model_parallel()
+            destroy_distributed_environment()
+        except Exception as e:  # best effort: a failed clean-up must not cost the submission
+            logger.warning("vLLM clean-up: %s", e)
+        super().close()
+
+
+def completions_from_outputs(outputs, forced_start: str = "") -> list[list[str]]:
+    """Texts of vLLM ``RequestOutput`` objects (one per row, ``.outputs`` holding n completions), each prefixed with
+    the forced start the prompt ended with, so both engines return completions that start with it."""
+    return [[forced_start + o.text for o in out.outputs] for out in outputs]
+
+
+# ---------------------------------------------------------------- choosing an engine
+
+
+def vllm_import_error() -> str:
+    """"" when ``vllm.LLM`` imports; otherwise why not (the first line of the error)."""
+    try:
+        from vllm import LLM  # noqa: F401
+    except Exception as e:  # ImportError, or a CUDA/torch mismatch raised while importing
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return ""
+
+
+def pick_engine(requested: str = "auto") -> str:
+    """"vllm" or "hf": ``auto`` takes vLLM when CUDA is present and vLLM imports, and says which ran and why."""
+    import torch
+
+    require(requested in ENGINES, "engine", f"must be one of {ENGINES}, got '{requested}'")
+    if requested == "hf":
+        logger.info("engine: hf (asked for)")
+        return "hf"
+    cuda = torch.cuda.is_available()
+    why_not = "no CUDA device" if not cuda else vllm_import_error()
+    if requested == "vllm":
+        if why_not:
+            raise ConfigError(f"engine: 'vllm' was asked for but cannot run here ({why_not}); use 'auto' or 'hf'")
+        logger.info("engine: vllm (asked for)")
+        return "vllm"
+    if why_not:
+        logger.info("engine: hf (auto; vLLM not used: %s)", why_not)
+        return "hf"
+    logger.info("engine: vllm (auto; CUDA and vLLM available)")
+    return "vllm"
+
+
+def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path: str = "", merged_path: str = "",
+                gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0) -> Engine:
+    """Load one model of the plan in engine ``kind`` ("hf" or "vllm"); a non-empty ``merged_path`` is served as is,
+    with no adapter."""
+    base = merged_path or base_model_path
+    adapter = "" if merged_path else selected_adapter(adapter_path, preset)
+    if kind == "vllm":
+        return VLLMEngine.from_preset(preset, base, adapter, gpu_memory_utilization=gpu_memory_utilization,
+                                      max_model_len=max_model_len, seed=seed)
+    spec = models.get_preset(preset)
+    # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
+    four_bit = spec.load_in_4bit and models.gpu_count() > 0
+    return HFEngine.from_preset(preset, base, adapter, merge=True, load_in_4bit=four_bit)
+
+
+# ---------------------------------------------------------------- post-processing
+
+
+def postprocess(completions: Sequence[str], marker: str = "", fallback: str = "") -> tuple[list[str], int]:
+    """The prompt sentence of each raw completion (:func:`prompts.extract_prompt`), with empties replaced by
+    ``fallback``; returns (predictions, number of empties replaced)."""
+    out, empty = [], 0
+    for text in completions:
+        p = prompts.extract_prompt(text, marker)
+        if not p:
+            empty += 1
+            p = fallback
+        out.append(p)
+    return out, empty
+
+
+def text_key(original_text: str, rewritten_text: str) -> str:
+    """A short hash of a row's texts: a resumed run reuses a prediction only for the same id *and* the same texts."""
+    return hashlib.sha1(f"{original_text}\x00{rewritten_text}".encode("utf-8", "replace")).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- resumable prediction files
+
+
+class PredictionStore:
+    """``<run_dir>/predictions/<model>.jsonl``: one JSON line per done row, appended batch by batch with flush +
+    fsync, so a kill -9 loses at most the batch being written.
+
+    Opening the store drops a torn last line (a kill mid-write) and reads the done rows. A ``<model>.meta.json``
+    beside it holds the model and sampling fingerprint: when it changed (another adapter, temperature, ...) the old
+    file is kept as ``*.stale.jsonl`` and sampling starts afresh, so stale predictions are never mixed in.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str, fingerprint: dict):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.path = self.folder / f"{name}.jsonl"
+        self.meta_path = self.folder / f"{name}.meta.json"
+        self.fingerprint = fingerprint
+        self._check_fingerprint()
+        self.done: dict[str, dict] = self._load()
+
+    def _check_fingerprint(self) -> None:
+        if self.meta_path.exists() and self.path.exists():
+            old = json.loads(self.meta_path.read_text())
+            if old != self.fingerprint:
+                changed = sorted(k for k in set(old) | set(self.fingerprint) if old.get(k) != self.fingerprint.get(k))
+                stale = self.path.with_name(f"{self.path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.stale.jsonl")
+                self.path.rename(stale)
+                logger.warning("%s: model or sampling changed (%s); old predictions moved to %s, sampling afresh",
+                               self.path.name, ", ".join(changed), stale.name)
+        self.meta_path.write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True) + "\n")
+
+    def _load(self) -> dict[str, dict]:
+        if not self.path.exists():
+            return {}
+        data = self.path.read_bytes()
+        cut = data.rfind(b"\n") + 1
+        if cut < len(data):  # a torn last line: the process died mid-write; its rows are redone
+            logger.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", self.path.name,
+                           len(data) - cut)
+            os.truncate(self.path, cut)
+            data = data[:cut]
+        done: dict[str, dict] = {}
+        bad = 0
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                done[str(rec["id"])] = rec  # a later line for the same id wins; the table never holds duplicates
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+        if bad:
+            logger.warning("%s: skipped %d unreadable line(s)", self.path.name, bad)
+        if done:
+            logger.info("%s: %d row(s) already done (resume)", self.path.name, len(done))
+        return done
+
+    def is_done(self, row_id: str, key: str) -> bool:
+        """True when ``row_id`` was predicted from the same texts (``key``)."""
+        rec = self.done.get(str(row_id))
+        return rec is not None and rec.get("key") == key
+
+    def append(self, records: list[dict]) -> None:
+        """Append records (each with ``id``, ``key``, ``predictions``) in one write, then flush and fsync."""
+        if not records:
+            return
+        blob = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for r in records:
+            self.done[str(r["id"])] = r
+
+    def predictions(self, ids: Sequence[str], keys: Sequence[str]) -> dict[str, list[str]]:
+        """Predictions of the given rows that are done (same id and texts)."""
+        return {i: self.done[i]["predictions"] for i, k in zip(ids, keys) if self.is_done(i, k)}
+
+
+def fingerprint_files(folder: str | os.PathLike) -> str:
+    """A cheap fingerprint of a model or adapter folder: the adapter weights' hash, or names and sizes of a merged
+    model's files (hashing gigabytes of weights would cost minutes)."""
+    folder = resolve_path(folder)
+    adapter = folder / "adapter_model.safetensors"
+    if adapter.exists():
+        return hashlib.sha256(adapter.read_bytes()).hexdigest()[:16]
+    if not folder.is_dir():
+        return ""
+    parts = sorted(f"{p.name}:{p.stat().st_size}" for p in folder.iterdir() if p.is_file())
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the sampling loop
+
+
+@dataclass
+class SamplingReport:
+    """What one model's sampling did, for the log and the notebook."""
+
+    model: str  # the plan's model name
+    engine: str  # hf | vllm
+    rows: int  # rows the model was asked to predict
+    resumed: int  # rows already in the prediction file
+    sampled: int  # rows sampled in this run
+    undone: int  # rows left without a prediction (deadline)
+    n_requested: int  # predictions per row asked for
+    n_used: int  # predictions per row in the last batch (the budget may lower n)
+    empty: int  # empty generations replaced by the fallback
+    seconds: float  # wall time of sampling
+    rows_per_s: float  # sampled rows per second
+
+
+def sample_rows(engine: Engine, ids: Sequence[str], originals: Sequence[str], rewrittens: Sequence[str],
+                cfg: SamplingConfig, store: PredictionStore, fallback: str, budget=None, model_name: str = "",
+                progress: bool = True) -> SamplingReport:
+    """Sample every row not yet in ``store``, appending each batch to it; returns what happened.
+
+    With a ``budget`` (:class:`kaggle_utils.budget.ModelBudget`) the loop measures throughput on the first batches,
+    lowers n when the requested n cannot finish in this model's share of the remaining time, and stops before a
+    batch that would cross it. Rows left undone get the fallback later, in blending: the submission stays complete.
+    """
+    keys = [text_key(o, r) for o, r in zip(originals, rewrittens)]
+    skip = {i for i, (rid, k) in enumerate(zip(ids, keys)) if store.is_done(rid, k)}
+    report = SamplingReport(model=model_name, engine=engine.name, rows=len(ids), resumed=len(skip), sampled=0,
+                            undone=0, n_requested=cfg.n, n_used=cfg.n, empty=0, seconds=0.0, rows_per_s=0.0)
+    start = time.time()
+    current = cfg
+    while len(skip) < len(ids):
+        batches = engine.generate_batches(originals, rewrittens, current, skip=frozenset(skip), progress=progress)
+        restart = None
+        t0 = time.time()
+        for rows, texts in batches:
+            seconds = time.time() - t0
+            records = []
+            for i, raw in zip(rows, texts):
+                preds, empty = postprocess(raw, engine.marker, fallback)
+                report.empty += empty
+                records.append({"id": str(ids[i]), "key": keys[i], "predictions": preds, "raw": list(raw)})
+            store.append(records)
+            skip.update(rows)
+            report.sampled += len(rows)
+            if budget is not None:
+                budget.record(seconds, len(rows), current.n)
+                rows_left = len(ids) - len(skip)
+                if rows_left and budget.should_stop(current.n):
+                    logger.warning("%s: stopping before the deadline with %d row(s) undone (they get the fallback)",
+                                   model_name, rows_left)
+                    batches.close()
+                    report.undone = rows_left
+                    break
+                n_fit = budget.fit_n(rows_left, cfg.n) if rows_left else current.n
+                if n_fit < current.n:
+                    logger.warning("%s: lowering n from %d to %d so the remaining %d row(s) fit the time budget",
+                                   model_name, current.n, n_fit, rows_left)
+                    restart = dataclasses.replace(current, n=n_fit)
+                    batches.close()
+                    break
+            t0 = time.time()
+        if report.undone:
+            break
+        if restart is None:
+            break
+        current = restart
+        report.n_used = current.n
+    report.seconds = round(time.time() - start, 2)
+    report.rows_per_s = round(report.sampled / report.seconds, 3) if report.seconds else 0.0
+    if report.empty:
+        logger.warning("%s: %d empty generation(s) replaced by the fallback prompt", model_name, report.empty)
+    return report

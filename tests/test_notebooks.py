@@ -14,11 +14,17 @@ import papermill
 import pytest
 
 from kaggle_utils import config, training
+from kaggle_utils import mean_prompt
+from kaggle_utils import checkpoints
 from conftest import GEMMA_CSV
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 STAGE_CONFIGS = {"train.ipynb": training.TrainConfig}
+STAGE_CONFIGS["mean_prompt.ipynb"] = mean_prompt.MeanPromptConfig
+from kaggle_utils import inference  # noqa: E402
+STAGE_CONFIGS["inference.ipynb"] = inference.InferenceConfig
+STAGE_CONFIGS["select_checkpoint.ipynb"] = checkpoints.SelectConfig
 
 
 def _stage_config(nb_path: Path):
@@ -79,6 +85,34 @@ def test_train_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+def test_select_checkpoint_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
+    from test_checkpoints import train_tiny_run  # two LoRA steps on a tiny Llama, a checkpoint after each
+
+    run = train_tiny_run(tmp_path / "runs", tiny_model_dir("llama"))
+    out = run / "select_checkpoint.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "select_checkpoint.ipynb"), str(out), kernel_name="python3",
+        cwd=str(ROOT / "notebooks"), progress_bar=False,
+        parameters=dict(run_name=run.name, runs_dir=str(run.parent), val_rows=4, max_new_tokens=6, batch_size=4,
+                        force_step=2, export_merged=True),
+    )
+    selected = run / "selected"
+    sel = json.loads((selected / "selection.json").read_text())
+    assert sel["step"] == 2 and sel["forced"] and sorted(sel["scores"]) == ["0", "1", "2"]
+    assert sel["scorer"] == "all-MiniLM-L6-v2 (stand-in)" and sel["rows_scored"] >= 4
+    assert (selected / "adapter_model.safetensors").read_bytes() == (run / "checkpoint-2" /
+                                                                    "adapter_model.safetensors").read_bytes()
+    assert (selected / "adapter_config.json").exists() and (selected / "merged" / "config.json").exists()
+    assert (selected / "loss.png").exists() and (selected / "scores.png").exists()
+    assert sorted(p.name for p in (run / "selection").glob("step-*.json")) == ["step-0.json", "step-1.json",
+                                                                               "step-2.json"]
+    executed = nbformat.read(out, as_version=4)
+    pngs = [o for c in executed.cells for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(pngs) == 2  # the loss curves and the metric per step
+    assert any("text/html" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))  # the table
+
+
+@pytest.mark.slow
 def test_make_train_mistral_without_weights_fails_fast():
     start = time.time()
     proc = subprocess.run(["make", "--no-print-directory", "train-mistral", "RUN=test-missing-weights"], cwd=ROOT,
@@ -89,3 +123,65 @@ def test_make_train_mistral_without_weights_fails_fast():
     assert "/kaggle/input/mistral/pytorch/7b-instruct-v0.2-hf/1" in output and "does not exist" in output
     assert "BASE_MODEL=" in output
     assert took < 30, f"took {took:.1f}s"
+
+
+@pytest.mark.slow
+def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
+    import pandas as pd
+
+    from kaggle_utils import data
+
+    run = tmp_path / "runs" / "mp"
+    (run / "predictions").mkdir(parents=True)
+    gemma = data.read_rewrites(GEMMA_CSV)
+    _, validation = data.split_by_prompt(gemma, 8, seed=0, max_per_group=2)
+    validation.drop(columns=["_file", "_row"]).to_csv(run / "validation.csv", index=False)
+    with open(run / "predictions" / "echo.jsonl", "w") as f:  # a "model" that half-recovers each prompt
+        for i, p in zip(validation["id"], validation["rewrite_prompt"]):
+            f.write(json.dumps({"id": i, "predictions": [" ".join(p.split()[:3]), p.split()[0]]}) + "\n")
+    out = run / "mean_prompt.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "mean_prompt.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+        parameters=dict(run_name="mp", runs_dir=str(tmp_path / "runs"), train_files=[str(GEMMA_CSV)],
+                        target_files=[], vocab_size=40, max_length=3, max_targets=200, n_choices=[0, 1, 2]),
+    )
+    searched = json.loads((run / mean_prompt.RESULT_FILE).read_text())
+    blend = json.loads((run / mean_prompt.BLEND_FILE).read_text())
+    assert searched["string"] and searched["history"] and searched["scorer"] == blend["scorer"]
+    table = pd.read_csv(run / mean_prompt.OPTIONS_FILE)
+    assert blend["scs"] >= table["scs"].max() - 1e-9 and len(table) == blend["chosen_from"]
+    assert (run / mean_prompt.OPTIONS_PLOT).exists()
+    scores = pd.read_csv(run / "scores.csv")
+    assert any(s.startswith("mean prompt alone (optimized)") for s in scores["system"])
+    executed = nbformat.read(out, as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_inference_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    from kaggle_utils import data
+
+    rows = data.read_rewrites(GEMMA_CSV).head(6)
+    test_csv = tmp_path / "validation.csv"
+    rows[["id", "original_text", "rewritten_text", "rewrite_prompt", "source"]].to_csv(test_csv, index=False)
+    model = {"name": "tiny", "preset": "mistral-7b", "base_model_path": str(tiny_model_dir("mistral")),
+             "adapter_path": "", "merged_path": "", "n": 2, "temperature": 0.8, "top_p": 0.95, "forced_start": ""}
+    out = tmp_path / "run" / "inference.ipynb"
+    out.parent.mkdir()
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "inference.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+        parameters=dict(test_file=str(test_csv), submission_path=str(tmp_path / "submission.csv"),
+                        run_dir=str(tmp_path / "run"), models=[model], engine="auto", max_new_tokens=6,
+                        batch_size=4, score_base_model=True),
+    )
+    sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
+    assert list(sub.columns) == ["id", "rewrite_prompt"] and sorted(sub["id"]) == sorted(rows["id"])
+    scores = pd.read_csv(tmp_path / "run" / "scores.csv")
+    assert list(scores.columns) == ["system", "scorer", "rows", "scs", "cos"] and len(scores) == 5
+    assert (tmp_path / "run" / "predictions" / "tiny.jsonl").exists()
+    executed = nbformat.read(out, as_version=4)
+    assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))

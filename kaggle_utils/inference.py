@@ -1,0 +1,421 @@
+"""The submission stage: read the test CSV, sample every model of the plan (resumable, within the deadline), blend,
+write and validate ``submission.csv``, and score the parts when the CSV has ``rewrite_prompt``.
+
+Usage (headless): ``make infer TEST=test.csv SUBMISSION=submission.csv``; on Kaggle, ``notebooks/inference.ipynb``
+rendered as a kernel. Each step is one call here, so the notebook stays a list of calls.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from . import blending, budget, data, models, sampling
+from .config import ConfigError, require, resolve_path, save_config
+
+logger = logging.getLogger("kaggle_utils")
+
+MODEL_KEYS = ("name", "preset", "base_model_path", "adapter_path", "merged_path", "n", "temperature", "top_p",
+              "forced_start")
+DEFAULT_MODELS = [{"name": "smollm", "preset": "smollm2-135m", "base_model_path": "", "adapter_path": "runs/demo/selected",
+                   "merged_path": "", "n": 4, "temperature": 0.7, "top_p": 0.95, "forced_start": ""}]
+SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
+PREDICTIONS_DIR = "predictions"
+BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
+SCORES_FILE = "scores.csv"
+SAMPLING_FILE = "sampling.csv"
+
+
+class SubmissionError(ValueError):
+    """A written submission is not valid: a missing or repeated id, a blank prompt, wrong columns."""
+
+
+@dataclass
+class ModelSpec:
+    """One model of the plan: which weights, and how to sample it."""
+
+    name: str  # short name: predictions/<name>.jsonl and the scores table
+    preset: str  # model preset (chat template, 4-bit choice)
+    base_model_path: str = ""  # base weights; "" = the preset's default
+    adapter_path: str = ""  # LoRA adapter folder (e.g. runs/<run>/selected); "" = none
+    merged_path: str = ""  # a merged fp16 folder; when set it is served as is, with no adapter
+    n: int = 1  # predictions per row
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus sampling mass
+    forced_start: str = ""  # every answer starts with this text (e.g. "Rewrite")
+
+    def __post_init__(self):
+        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.name))), "name",
+                f"must be a short file-name-safe word, got '{self.name}'")
+        preset = models.get_preset(self.preset)
+        sampling.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p)  # validates the numbers
+        self._preset = preset
+
+    def check_paths(self) -> None:
+        """Fail before any model loads on a missing folder or an adapter trained on another preset."""
+        if self.merged_path:
+            folder = resolve_path(self.merged_path)
+            if not (folder / "config.json").exists() or not models.has_weights(folder):
+                raise models.ModelPathError(f"merged_path '{folder}' is not a model folder with weights (needs "
+                                            "config.json and *.safetensors); export it with checkpoint selection")
+        else:
+            models.check_base_path(self._preset, self.base_model_path)
+            sampling.selected_adapter(self.adapter_path, self.preset)
+
+    @classmethod
+    def from_dict(cls, entry, index: int) -> "ModelSpec":
+        """Build from one ``models`` entry; a missing or unknown key, or a bad value, names the entry and the key."""
+        if not isinstance(entry, dict):
+            raise ConfigError(f"models[{index}]: must be a dict with keys {list(MODEL_KEYS)}, got {entry!r}")
+        missing = [k for k in MODEL_KEYS if k not in entry]
+        unknown = [k for k in entry if k not in MODEL_KEYS]
+        if missing or unknown:
+            raise ConfigError(f"models[{index}]: " + "; ".join(
+                ([f"missing key(s) {missing}"] if missing else []) + ([f"unknown key(s) {unknown}"] if unknown else []))
+                + f"; the keys are {list(MODEL_KEYS)}")
+        try:
+            return cls(**entry)
+        except ConfigError as e:
+            raise ConfigError(f"models[{index}] ({entry.get('name')}): {e}") from None
+
+    @property
+    def label(self) -> str:
+        """How the scores table names this model."""
+        return f"{self.name} {'fine-tuned' if self.adapter_path or self.merged_path else 'base'}"
+
+
+@dataclass
+class InferenceConfig:
+    """The submission notebook. Every field is a parameter of ``notebooks/inference.ipynb``."""
+
+    test_file: str = "runs/demo/validation.csv"  # competition CSV: id, original_text, rewritten_text (+ rewrite_prompt: scored)
+    submission_path: str = "runs/demo/submission.csv"  # where submission.csv (id, rewrite_prompt) is written
+    run_dir: str = "runs/demo/inference"  # predictions/<model>.jsonl (resume), scores.csv, plots, config.json
+    models: list = field(default_factory=lambda: [dict(m) for m in DEFAULT_MODELS])  # the plan, in order
+    use_mean_prompt: bool = True  # append the mean prompt after the predictions
+    mean_prompt: str = blending.DEFAULT_MEAN_PROMPT  # the string appended to every row
+    separator: str = " "  # between joined predictions and the mean prompt
+    engine: str = "auto"  # auto | vllm | hf
+    deadline_hours: float = budget.DEFAULT_DEADLINE_HOURS  # budget from the notebook's start (Kaggle stops at 9 h)
+    scorer_path: str = ""  # local sentence-t5-base folder; "" = the MiniLM stand-in
+    fallback_prompt: str = "Improve this text."  # for empty generations, failed rows and rows past the deadline
+    identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
+    max_new_tokens: int = 32  # a recovered prompt is one sentence
+    max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts
+    batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
+    gpu_memory_utilization: float = 0.9  # vLLM's share of each GPU
+    seed: int = 0  # sampling seed
+    max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
+    score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
+    scores_path: str = ""  # where the scores table goes; "" = <run_dir>/scores.csv (make demo: runs/demo/scores.csv)
+
+    def __post_init__(self):
+        require(isinstance(self.models, list) and len(self.models) > 0, "models", "give at least one model")
+        specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
+        names = [s.name for s in specs]
+        require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
+        require(self.engine in sampling.ENGINES, "engine", f"must be one of {sampling.ENGINES}, got '{self.engine}'")
+        require(self.deadline_hours > 0, "deadline_hours", f"must be > 0, got {self.deadline_hours}")
+        require(bool(self.fallback_prompt.strip()), "fallback_prompt", "must not be blank (it fills failed rows)")
+        require(bool(self.identical_fallback.strip()), "identical_fallback", "must not be blank")
+        require(not self.use_mean_prompt or bool(self.mean_prompt.strip()), "mean_prompt",
+                "is blank while use_mean_prompt is on")
+        require(self.max_rows >= 0, "max_rows", f"must be >= 0, got {self.max_rows}")
+        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
+                f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        require(bool(self.submission_path), "submission_path", "must not be empty")
+        self.sampling_config(specs[0])  # validates max_new_tokens, batch_size
+
+    def check_paths(self) -> None:
+        """Check every model's folders (base, adapter or merged) and the test file exist; errors name the model."""
+        for i, spec in enumerate(self.model_specs):
+            try:
+                spec.check_paths()
+            except (sampling.AdapterError, models.ModelPathError) as e:
+                raise type(e)(f"models[{i}] ({spec.name}): {e}") from None
+        if not resolve_path(self.test_file).exists():
+            raise data.DataError(f"test_file: {resolve_path(self.test_file)} does not exist")
+
+    @property
+    def model_specs(self) -> list[ModelSpec]:
+        """The validated plan, in order."""
+        return [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
+
+    def sampling_config(self, spec: ModelSpec, n: int | None = None) -> sampling.SamplingConfig:
+        """How to sample ``spec`` (``n`` overrides its n, e.g. 1 for a baseline)."""
+        return sampling.SamplingConfig(n=spec.n if n is None else n, temperature=spec.temperature, top_p=spec.top_p,
+                                       max_new_tokens=self.max_new_tokens, seed=self.seed,
+                                       forced_start=spec.forced_start, batch_size=self.batch_size,
+                                       max_prompt_tokens=self.max_prompt_tokens)
+
+
+# ---------------------------------------------------------------- phases
+
+
+def prepare_run(cfg: InferenceConfig) -> Path:
+    """Check the plan's folders, then create the run folder and write the resolved config there before any work."""
+    cfg.check_paths()
+    run_dir = resolve_path(cfg.run_dir)
+    save_config(cfg, run_dir)
+    return run_dir
+
+
+def read_test(cfg: InferenceConfig) -> pd.DataFrame:
+    """The test rows: ``id``, both texts (+ ``rewrite_prompt`` when present); other columns are ignored.
+
+    A missing column or a duplicated id is a clear error (:class:`kaggle_utils.data.DataError`); invalid UTF-8 is
+    replaced and logged. Adds ``_empty`` (a blank text: it gets the fallback, logged) and ``_identical`` (the texts
+    are the same: it gets ``identical_fallback``).
+    """
+    df = data.read_rewrites(cfg.test_file, require_prompt=False, require_id=True)
+    keep = ["id", *data.TEXT_COLUMNS] + ([data.PROMPT_COLUMN] if data.PROMPT_COLUMN in df.columns else [])
+    extra = [c for c in df.columns if c not in keep and not c.startswith("_")]
+    if extra:
+        logger.info("ignoring extra column(s) %s of %s", extra, Path(cfg.test_file).name)
+    df = df[keep + ["_row"]].copy()
+    if cfg.max_rows:
+        df = df.head(cfg.max_rows).copy()
+    for c in data.TEXT_COLUMNS:
+        df[c] = df[c].fillna("").astype(str)
+    df["_empty"] = df["original_text"].str.strip().eq("") | df["rewritten_text"].str.strip().eq("")
+    df["_identical"] = ~df["_empty"] & df["original_text"].str.strip().eq(df["rewritten_text"].str.strip())
+    if df["_empty"].any():
+        rows = df.loc[df["_empty"], "_row"].head(5).tolist()
+        logger.warning("%d row(s) with an empty text get the fallback prompt (CSV lines %s)", int(df["_empty"].sum()),
+                       rows)
+    if df["_identical"].any():
+        logger.info("%d row(s) with original == rewritten get '%s'", int(df["_identical"].sum()),
+                    cfg.identical_fallback)
+    logger.info("test: %d row(s) from %s%s", len(df), cfg.test_file,
+                ", scored against rewrite_prompt" if data.PROMPT_COLUMN in df.columns else "")
+    return df.reset_index(drop=True)
+
+
+def _to_sample(test: pd.DataFrame) -> pd.DataFrame:
+    return test.loc[~(test["_empty"] | test["_identical"])]
+
+
+def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
+           folder: str = PREDICTIONS_DIR) -> sampling.PredictionStore:
+    weights = spec.merged_path or spec.adapter_path
+    fingerprint = {**{k: getattr(spec, k) for k in ("preset", "base_model_path", "adapter_path", "merged_path",
+                                                     "temperature", "top_p", "forced_start")},
+                   "weights": sampling.fingerprint_files(weights) if weights else "",
+                   **{k: getattr(scfg, k) for k in ("n", "max_new_tokens", "max_prompt_tokens", "seed")}}
+    return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
+
+
+def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
+               store: sampling.PredictionStore, rows: pd.DataFrame, share) -> sampling.SamplingReport | None:
+    """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
+    engine = None
+    try:
+        engine = sampling.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
+                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                      max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens + 8, seed=cfg.seed)
+        return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
+                                    rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
+                                    model_name=name)
+    except (ConfigError, sampling.AdapterError, models.ModelPathError):
+        raise  # a wrong plan is the user's to fix, not to paper over
+    except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
+        logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())
+        return None
+    finally:
+        if engine is not None:
+            engine.close()
+
+
+def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Deadline
+                  ) -> tuple[dict[str, dict[str, list[str]]], pd.DataFrame]:
+    """Sample every model of the plan, in order, resuming from ``predictions/<model>.jsonl``.
+
+    Each model gets the share of the remaining time that its planned predictions are of the rest (see
+    :mod:`kaggle_utils.budget`); a model whose rows are all done is not loaded. Returns predictions per model
+    (``{name: {id: [prompt, ...]}}``, done rows only) and one report row per model.
+    """
+    kind = sampling.pick_engine(cfg.engine)
+    rows = _to_sample(test)
+    ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
+                                                                             rows["rewritten_text"])]
+    specs = cfg.model_specs
+    configs = [cfg.sampling_config(s) for s in specs]
+    stores = [_store(cfg, s, s.name, c) for s, c in zip(specs, configs)]
+    left = [sum(not st.is_done(i, k) for i, k in zip(ids, keys)) * c.n for st, c in zip(stores, configs)]
+    logger.info("plan: %s", ", ".join(f"{s.name} ({s.preset}, n={s.n}, {w // max(s.n, 1)} row(s) to sample)"
+                                      for s, w in zip(specs, left)))
+    reports = []
+    for m, (spec, scfg, store) in enumerate(zip(specs, configs, stores)):
+        if left[m] == 0:
+            logger.info("%s: every row already done", spec.name)
+        elif deadline.expired():
+            logger.warning("%s: skipped, the deadline has passed; its rows get the fallback", spec.name)
+        else:
+            share = deadline.for_model(left[m], sum(left[m + 1:]))
+            logger.info("%s: %.0f s of the remaining %.0f s", spec.name, share.remaining(), deadline.remaining())
+            report = _run_model(cfg, kind, spec, spec.name, scfg, store, rows, share)
+            if report is not None:
+                reports.append(dataclasses.asdict(report))
+    predictions = {s.name: st.predictions(ids, keys) for s, st in zip(specs, stores)}
+    table = pd.DataFrame(reports)
+    table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
+    return predictions, table
+
+
+def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Deadline
+                     ) -> dict[str, dict[str, list[str]]]:
+    """With ``score_base_model`` and a scored test CSV: each preset's base model zero-shot, 1 prediction per row,
+    for the scores table. Runs after the submission is written, so it never costs the submission; {} otherwise."""
+    if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns:
+        return {}
+    kind = sampling.pick_engine(cfg.engine)
+    rows = _to_sample(test)
+    ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
+                                                                             rows["rewritten_text"])]
+    out = {}
+    for spec in {s.preset: s for s in cfg.model_specs}.values():
+        base = dataclasses.replace(spec, name=f"{spec.preset}-base", adapter_path="", merged_path="")
+        scfg = cfg.sampling_config(spec, n=1)
+        store = _store(cfg, base, base.name, scfg, BASELINES_DIR)
+        if deadline.expired():
+            logger.warning("%s: skipped, the deadline has passed", base.name)
+            continue
+        if any(not store.is_done(i, k) for i, k in zip(ids, keys)):
+            _run_model(cfg, kind, base, base.name, scfg, store, rows, deadline.for_model(1, 0))
+        out[f"{spec.preset} base"] = store.predictions(ids, keys)
+    return out
+
+
+def fill_special_rows(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, plan: list | None = None) -> dict:
+    """Predictions with the fixed answers of special rows put in: ``identical_fallback`` where the texts are
+    identical, ``fallback_prompt`` where a text is empty. With a ``plan`` (model names in order) the answer goes to
+    the first model only and the others get nothing for those rows, so it appears once in the blend; without one,
+    every entry gets it (baselines, each scored on its own). Rows a model did not finish stay absent."""
+    special = {rid: cfg.identical_fallback for rid in test.loc[test["_identical"], "id"]}
+    special.update({rid: cfg.fallback_prompt for rid in test.loc[test["_empty"], "id"]})
+    filled = {}
+    for name, preds in predictions.items():
+        keep = {rid: p for rid, p in preds.items() if rid not in special}
+        if plan is None or name == plan[0]:
+            keep.update({rid: [p] for rid, p in special.items()})
+        filled[name] = keep
+    return filled
+
+
+def build_submission(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -> pd.DataFrame:
+    """``id, rewrite_prompt`` for every test row: the blend of the plan's predictions (+ the mean prompt); rows with
+    no prediction get the fallback prompt (counted in the log)."""
+    plan = [s.name for s in cfg.model_specs]
+    filled = fill_special_rows(cfg, test, predictions, plan)
+    ids = test["id"].tolist()
+    mean = cfg.mean_prompt if cfg.use_mean_prompt else ""
+    prompts_ = blending.blend(ids, filled, plan, mean, cfg.separator, cfg.fallback_prompt)
+    none = sum(not any(rid in filled.get(m, {}) for m in plan) for rid in ids)
+    if none:
+        logger.warning("%d of %d row(s) have no model prediction and use the fallback '%s'", none, len(ids),
+                       cfg.fallback_prompt)
+    return pd.DataFrame({"id": ids, "rewrite_prompt": prompts_})
+
+
+def write_submission(cfg: InferenceConfig, submission: pd.DataFrame) -> Path:
+    """Write ``submission_path`` atomically (a killed run never leaves half a file)."""
+    path = resolve_path(cfg.submission_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    submission[SUBMISSION_COLUMNS].to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    logger.info("wrote %s (%d rows)", path, len(submission))
+    return path
+
+
+def validate_submission(path: str | os.PathLike, test: pd.DataFrame) -> dict:
+    """Read the written file back and check it: columns ``id,rewrite_prompt``, every test id exactly once, no other
+    id, no blank prompt. Returns a small summary; raises :class:`SubmissionError` naming the problem."""
+    sub = pd.read_csv(path, dtype=str, keep_default_na=False)
+    if list(sub.columns) != SUBMISSION_COLUMNS:
+        raise SubmissionError(f"{path}: columns {list(sub.columns)}, expected {SUBMISSION_COLUMNS}")
+    dup = sub["id"][sub["id"].duplicated()]
+    if len(dup):
+        raise SubmissionError(f"{path}: id '{dup.iloc[0]}' appears more than once ({len(dup)} repeats)")
+    expected, got = set(test["id"]), set(sub["id"])
+    if expected - got:
+        raise SubmissionError(f"{path}: {len(expected - got)} test id(s) missing, e.g. '{sorted(expected - got)[0]}'")
+    if got - expected:
+        raise SubmissionError(f"{path}: {len(got - expected)} id(s) not in the test file, e.g. '{sorted(got - expected)[0]}'")
+    blank = sub["rewrite_prompt"].str.strip().eq("")
+    if blank.any():
+        raise SubmissionError(f"{path}: blank rewrite_prompt for id '{sub.loc[blank, 'id'].iloc[0]}' "
+                              f"({int(blank.sum())} row(s))")
+    lengths = sub["rewrite_prompt"].str.len()
+    summary = {"path": str(path), "rows": len(sub), "ids_once": True, "blank_prompts": 0,
+               "mean_chars": round(float(lengths.mean()), 1), "max_chars": int(lengths.max())}
+    logger.info("submission valid: %s", summary)
+    return summary
+
+
+def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines: dict | None = None
+          ) -> pd.DataFrame | None:
+    """When the test CSV has ``rewrite_prompt``: SCS of each part (single prediction, n predictions, + mean prompt,
+    baselines) with the chosen scorer, written to ``<run_dir>/scores.csv``; None otherwise."""
+    if data.PROMPT_COLUMN not in test.columns:
+        logger.info("no rewrite_prompt column: nothing to score")
+        return None
+    from . import metric
+
+    scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
+    if len(scored) < len(test):
+        logger.warning("scoring %d of %d row(s): the others have a blank rewrite_prompt", len(scored), len(test))
+    specs = cfg.model_specs
+    filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
+    filled_base = fill_special_rows(cfg, test, baselines or {})
+    systems = blending.component_systems(scored["id"].tolist(), filled, [(s.name, s.n) for s in specs],
+                                         cfg.mean_prompt if cfg.use_mean_prompt else "", cfg.separator,
+                                         cfg.fallback_prompt, baselines=filled_base,
+                                         labels={s.name: s.label for s in specs})
+    table = blending.score_systems(metric.Scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist())
+    path = resolve_path(cfg.scores_path) if cfg.scores_path else resolve_path(cfg.run_dir) / SCORES_FILE
+    write_scores(path, table)
+    logger.info("scores (%s) written to %s", table["scorer"].iloc[0] if len(table) else "?", path)
+    return table
+
+
+def write_scores(path: str | os.PathLike, table: pd.DataFrame) -> Path:
+    """Write ``table`` to a scores CSV shared with other stages: its systems replace same-named rows and come first;
+    rows other stages added (e.g. the optimized mean prompt's) stay after them."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        old = pd.read_csv(path)
+        if list(old.columns) == blending.SCORE_COLUMNS:
+            table = pd.concat([table, old.loc[~old["system"].isin(table["system"])]], ignore_index=True)
+    table.to_csv(path, index=False)
+    return path
+
+
+def plot_scores(cfg: InferenceConfig, scores: pd.DataFrame | None) -> Path | None:
+    """A horizontal bar chart of SCS per system, ``<run_dir>/scores.png``; None when nothing was scored."""
+    if scores is None or scores.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(scores) + 1.2))
+    ax.barh(scores["system"][::-1], scores["scs"][::-1], color="tab:blue")
+    for y, v in enumerate(scores["scs"][::-1]):
+        ax.text(v, y, f" {v:.3f}", va="center")
+    ax.set_xlabel(f"mean SCS ({scores['scorer'].iloc[0]})")
+    ax.set_title(f"what each part adds ({int(scores['rows'].iloc[0])} rows)")
+    ax.set_xlim(0, max(0.05, float(scores["scs"].max()) * 1.25))
+    fig.tight_layout()
+    out = resolve_path(cfg.run_dir) / "scores.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,76 @@
+"""Blending: the final string's order (models in plan order, each model's predictions in order, then the mean
+prompt), the separator, the fallback, and the component systems the scores table compares.
+Run: `pytest tests/test_blending.py`.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from kaggle_utils import blending
+
+MEAN = "Please improve this text."
+
+
+@pytest.mark.parametrize("preds,mean,sep,fallback,expected", [
+    ([["A1", "A2"], ["B1"]], MEAN, " ", "F", f"A1 A2 B1 {MEAN}"),
+    ([["A1", "A2"], ["B1"]], "", " ", "F", "A1 A2 B1"),
+    ([["A1"], ["B1"]], MEAN, " | ", "F", f"A1 | B1 | {MEAN}"),
+    ([[], []], MEAN, " ", "Improve this text.", f"Improve this text. {MEAN}"),  # no model finished the row
+    ([["  ", ""], ["B1 "]], MEAN, " ", "F", f"B1 {MEAN}"),  # blanks never make it in
+    ([], "", " ", "F", "F"),
+])
+def test_blend_row(preds, mean, sep, fallback, expected):
+    assert blending.blend_row(preds, mean, sep, fallback) == expected
+
+
+def test_blend_keeps_plan_order_not_dict_order():
+    predictions = {"second": {"x": ["S1", "S2"]}, "first": {"x": ["F1", "F2"], "y": ["F3"]}}
+    out = blending.blend(["x", "y"], predictions, ["first", "second"], MEAN, " ", "fallback")
+    assert out == [f"F1 F2 S1 S2 {MEAN}", f"F3 {MEAN}"]
+    assert blending.blend(["x"], predictions, ["second", "first"], per_model=1) == ["S1 F1"]
+
+
+def test_default_mean_prompt_is_the_public_one():
+    assert blending.DEFAULT_MEAN_PROMPT == ("Please improve this text using the writing style with maintaining the "
+                                            "original meaning but altering the tone.")
+
+
+def test_component_systems_build_up_in_order():
+    ids = ["a", "b"]
+    predictions = {"m": {"a": ["p1", "p2", "p3"], "b": ["q1", "q2", "q3"]}}
+    base = {"smol base": {"a": ["z"], "b": ["y"]}}
+    systems = blending.component_systems(ids, predictions, [("m", 3)], MEAN, " ", "F", baselines=base,
+                                         labels={"m": "m fine-tuned"})
+    assert list(systems) == ["smol base, zero-shot, 1 prediction", "m fine-tuned, 1 prediction",
+                             "m fine-tuned, 3 predictions", "m fine-tuned, 3 predictions + mean prompt",
+                             "mean prompt alone"]
+    assert systems["m fine-tuned, 1 prediction"] == ["p1", "q1"]
+    assert systems["m fine-tuned, 3 predictions"] == ["p1 p2 p3", "q1 q2 q3"]
+    assert systems["m fine-tuned, 3 predictions + mean prompt"] == [f"p1 p2 p3 {MEAN}", f"q1 q2 q3 {MEAN}"]
+    assert systems["smol base, zero-shot, 1 prediction"] == ["z", "y"]
+
+
+def test_component_systems_of_several_models():
+    predictions = {"a": {"x": ["a1", "a2"]}, "b": {"x": ["b1"]}}
+    systems = blending.component_systems(["x"], predictions, [("a", 2), ("b", 1)], MEAN)
+    assert systems["all 2 models, 3 predictions"] == ["a1 a2 b1"]
+    assert systems["all 2 models, 3 predictions + mean prompt"] == [f"a1 a2 b1 {MEAN}"]
+    assert "b, 1 prediction" in systems and "b, 1 predictions" not in systems
+    no_mean = blending.component_systems(["x"], predictions, [("a", 2), ("b", 1)], "")
+    assert not any("mean prompt" in s for s in no_mean)
+
+
+class FakeScorer:
+    name = "fake scorer"
+
+    def report(self, system, predictions, truths):
+        hits = sum(t in p for p, t in zip(predictions, truths))
+        return {"system": system, "scorer": self.name, "rows": len(truths), "scs": hits / len(truths), "cos": 0.0}
+
+
+def test_score_systems_table_columns():
+    table = blending.score_systems(FakeScorer(), {"one": ["a b", "c"], "two": ["x", "y"]}, ["a", "c"])
+    assert list(table.columns) == ["system", "scorer", "rows", "scs", "cos"]
+    assert table.set_index("system")["scs"].to_dict() == {"one": 1.0, "two": 0.0}
+    assert isinstance(table, pd.DataFrame)

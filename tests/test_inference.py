@@ -1,0 +1,345 @@
+"""The submission stage: the plan's validation, bad test CSVs, a complete and valid submission in every case (rows
+past the deadline, failed models, empty or identical texts), scoring of the parts, and resume after a real SIGKILL
+of `make infer`. Run: `pytest tests/test_inference.py` (fast part: `-m "not slow"`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kaggle_utils import budget, data, inference, models, sampling
+from kaggle_utils.config import ConfigError
+from conftest import GEMMA_CSV
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def model_entry(**kw):
+    entry = {"name": "tiny", "preset": "mistral-7b", "base_model_path": "", "adapter_path": "", "merged_path": "",
+             "n": 2, "temperature": 0.8, "top_p": 0.95, "forced_start": ""}
+    entry.update(kw)
+    return entry
+
+
+def write_test_csv(path, rows, with_prompt=False, extra=False):
+    df = pd.DataFrame(rows, columns=["id", "original_text", "rewritten_text", "rewrite_prompt"][:3 + with_prompt])
+    if extra:
+        df["source"] = "x"
+    df.to_csv(path, index=False)
+    return path
+
+
+def small_test(tmp_path, n=6, with_prompt=False):
+    gemma = data.read_rewrites(GEMMA_CSV).head(n)
+    cols = ["id", "original_text", "rewritten_text"] + (["rewrite_prompt"] if with_prompt else [])
+    return write_test_csv(tmp_path / "test.csv", gemma[cols].values.tolist(), with_prompt)
+
+
+def make_cfg(tmp_path, test_file, models_=None, **kw):
+    values = dict(test_file=str(test_file), submission_path=str(tmp_path / "submission.csv"),
+                  run_dir=str(tmp_path / "run"), models=models_ or [model_entry()], engine="hf")
+    values.update(kw)
+    return inference.InferenceConfig(**values)
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def test_defaults_are_the_demo_plan():
+    cfg = inference.InferenceConfig()
+    assert cfg.models == inference.DEFAULT_MODELS and cfg.deadline_hours == 8.75
+    assert cfg.model_specs[0].label == "smollm fine-tuned"
+    assert cfg.mean_prompt.startswith("Please improve this text")
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({k: v for k, v in model_entry().items() if k != "n"}, r"models\[0\]: missing key\(s\) \['n'\]"),
+    ({**model_entry(), "lora": "x"}, r"models\[0\]: unknown key\(s\) \['lora'\]"),
+    (model_entry(preset="gpt-9"), r"models\[0\] \(tiny\): preset: unknown preset 'gpt-9'"),
+    (model_entry(n=3, temperature=0), r"models\[0\] \(tiny\): n: n=3 with temperature 0"),
+    (model_entry(name="a b/c"), r"models\[0\] \(a b/c\): name"),
+    ("smollm", r"models\[0\]: must be a dict"),
+])
+def test_bad_model_entries_name_the_entry_and_key(tmp_path, entry, message):
+    with pytest.raises(ConfigError, match=message):
+        inference.InferenceConfig(models=[entry])
+
+
+def test_second_entry_is_named_and_names_are_unique():
+    with pytest.raises(ConfigError, match=r"models\[1\]: missing key"):
+        inference.InferenceConfig(models=[model_entry(), {"name": "x"}])
+    with pytest.raises(ConfigError, match="unique"):
+        inference.InferenceConfig(models=[model_entry(), model_entry()])
+
+
+@pytest.mark.parametrize("kw,field", [(dict(engine="fast"), "engine"), (dict(deadline_hours=0), "deadline_hours"),
+                                      (dict(fallback_prompt=" "), "fallback_prompt"), (dict(models=[]), "models"),
+                                      (dict(mean_prompt=""), "mean_prompt"), (dict(batch_size=0), "batch_size")])
+def test_bad_settings(kw, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        inference.InferenceConfig(**kw)
+
+
+def test_missing_paths_fail_before_any_model_loads(tmp_path, tiny_model_dir):
+    test = small_test(tmp_path)
+    cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tiny_model_dir("mistral")),
+                                                adapter_path=str(tmp_path / "no-adapter"))])
+    with pytest.raises(sampling.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
+        inference.prepare_run(cfg)
+    cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tmp_path / "no-base"))])
+    with pytest.raises(models.ModelPathError, match=r"models\[0\] \(tiny\): preset 'mistral-7b'"):
+        inference.prepare_run(cfg)
+    cfg = make_cfg(tmp_path, test, [model_entry(merged_path=str(tmp_path / "no-merged"))])
+    with pytest.raises(models.ModelPathError, match="merged_path"):
+        inference.prepare_run(cfg)
+    cfg = make_cfg(tmp_path, tmp_path / "nope.csv", [model_entry(base_model_path=str(tiny_model_dir("mistral")))])
+    with pytest.raises(data.DataError, match="test_file"):
+        inference.prepare_run(cfg)
+
+
+# ---------------------------------------------------------------- the test CSV
+
+
+def test_missing_column_and_duplicated_id_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"id": ["a"], "original_text": ["x"]}).to_csv(bad, index=False)
+    with pytest.raises(data.DataError, match=r"missing column\(s\) \['rewritten_text'\]"):
+        inference.read_test(make_cfg(tmp_path, bad))
+    write_test_csv(bad, [["a", "x", "y"], ["b", "x", "z"], ["a", "u", "v"]])
+    with pytest.raises(data.DataError, match="row 4, column 'id': duplicated id 'a'"):
+        inference.read_test(make_cfg(tmp_path, bad))
+
+
+def test_read_test_flags_empty_identical_and_ignores_extra_columns(tmp_path, caplog):
+    path = write_test_csv(tmp_path / "t.csv", [["a", "Some text.", "Other text."], ["b", "", "Only rewritten."],
+                                               ["c", "Same text.", " Same text. "], ["d", "x", None]], extra=True)
+    test = inference.read_test(make_cfg(tmp_path, path))
+    assert list(test["id"]) == ["a", "b", "c", "d"] and "source" not in test.columns
+    assert test["_empty"].tolist() == [False, True, False, True]
+    assert test["_identical"].tolist() == [False, False, True, False]
+    assert "ignoring extra column(s) ['source']" in caplog.text
+    assert "2 row(s) with an empty text get the fallback" in caplog.text
+
+
+def test_invalid_utf8_is_replaced_and_logged(tmp_path, caplog):
+    path = tmp_path / "bytes.csv"
+    path.write_bytes(b"id,original_text,rewritten_text\na,caf\xe9 au lait,coffee with milk\n")
+    test = inference.read_test(make_cfg(tmp_path, path))
+    assert "\ufffd" in test["original_text"].iloc[0]
+    assert "invalid UTF-8" in caplog.text
+
+
+# ---------------------------------------------------------------- the submission
+
+
+def _table(tmp_path):
+    path = write_test_csv(tmp_path / "t.csv", [["a", "one", "uno"], ["b", "two", "dos"], ["c", "same", "same"],
+                                               ["d", "", "vacío"], ["e", "five", "cinco"]])
+    cfg = make_cfg(tmp_path, path, [model_entry(), model_entry(name="second", n=1)])
+    return cfg, inference.read_test(cfg)
+
+
+def test_submission_blends_in_plan_order_and_is_always_complete(tmp_path):
+    cfg, test = _table(tmp_path)
+    predictions = {"second": {"a": ["S a"]}, "tiny": {"a": ["T a1", "T a2"], "b": ["T b1", "T b2"]}}
+    sub = inference.build_submission(cfg, test, predictions)
+    got = dict(zip(sub["id"], sub["rewrite_prompt"]))
+    mean = cfg.mean_prompt
+    assert got["a"] == f"T a1 T a2 S a {mean}"
+    assert got["b"] == f"T b1 T b2 {mean}"
+    assert got["c"] == f"{cfg.identical_fallback} {mean}"  # texts identical: once, not once per model
+    assert got["d"] == f"{cfg.fallback_prompt} {mean}"  # empty text
+    assert got["e"] == f"{cfg.fallback_prompt} {mean}"  # undone (deadline): the fallback once
+    path = inference.write_submission(cfg, sub)
+    summary = inference.validate_submission(path, test)
+    assert summary["rows"] == 5 and summary["ids_once"]
+    assert list(pd.read_csv(path).columns) == ["id", "rewrite_prompt"]
+
+
+def test_submission_without_mean_prompt(tmp_path):
+    cfg, test = _table(tmp_path)
+    cfg.use_mean_prompt = False
+    sub = inference.build_submission(cfg, test, {"tiny": {"a": ["T a1", "T a2"]}, "second": {}})
+    assert sub.set_index("id").loc["a", "rewrite_prompt"] == "T a1 T a2"
+    assert sub.set_index("id").loc["e", "rewrite_prompt"] == cfg.fallback_prompt
+
+
+@pytest.mark.parametrize("rows,message", [
+    ([["a", "p"], ["a", "p"], ["b", "p"], ["c", "p"], ["d", "p"], ["e", "p"]], "id 'a' appears more than once"),
+    ([["a", "p"], ["b", "p"], ["c", "p"], ["d", "p"]], "1 test id.* missing, e.g. 'e'"),
+    ([["a", "p"], ["b", "p"], ["c", "p"], ["d", "p"], ["e", "p"], ["z", "p"]], "not in the test file, e.g. 'z'"),
+    ([["a", "p"], ["b", " "], ["c", "p"], ["d", "p"], ["e", "p"]], "blank rewrite_prompt for id 'b'"),
+])
+def test_validate_submission_catches_bad_files(tmp_path, rows, message):
+    _, test = _table(tmp_path)
+    path = tmp_path / "bad.csv"
+    pd.DataFrame(rows, columns=["id", "rewrite_prompt"]).to_csv(path, index=False)
+    with pytest.raises(inference.SubmissionError, match=message):
+        inference.validate_submission(path, test)
+
+
+# ---------------------------------------------------------------- sampling the plan (fake and tiny engines)
+
+
+class SlowEngine(sampling.Engine):
+    """Takes ``seconds`` of real time per batch."""
+
+    name = "slow"
+
+    def __init__(self, seconds):
+        self.seconds = seconds
+
+    def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
+        todo = [i for i in range(len(originals)) if i not in skip]
+        for k in range(0, len(todo), cfg.batch_size):
+            time.sleep(self.seconds)
+            rows = todo[k:k + cfg.batch_size]
+            yield rows, [[f"Rewrite row {i}."] * cfg.n for i in rows]
+
+
+def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, monkeypatch, tiny_model_dir):
+    test_csv = small_test(tmp_path, n=12)
+    base = str(tiny_model_dir("mistral"))
+    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base), model_entry(name="two", base_model_path=base)],
+                   batch_size=2)
+    monkeypatch.setattr(sampling, "load_engine", lambda *a, **k: SlowEngine(0.3))
+    inference.prepare_run(cfg)
+    test = inference.read_test(cfg)
+    # 1.2 s in all: the first model's share (half) covers a few 0.3 s batches of its 6; the second gets the rest.
+    deadline = budget.Deadline(start=time.time(), hours=1.2 / 3600, reserve_s=0)
+    predictions, report = inference.sample_models(cfg, test, deadline)
+    assert report["undone"].sum() > 0 and report["sampled"].sum() > 0
+    sub = inference.build_submission(cfg, test, predictions)
+    inference.validate_submission(inference.write_submission(cfg, sub), test)
+    assert sub["rewrite_prompt"].str.startswith(cfg.fallback_prompt).any()
+    # the deadline already passed: no model is even loaded, and every row gets the fallback
+    monkeypatch.setattr(sampling, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
+    cfg2 = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base)], run_dir=str(tmp_path / "run2"))
+    late = budget.Deadline(start=time.time() - 10, hours=1 / 3600, reserve_s=0)
+    predictions, _ = inference.sample_models(cfg2, test, late)
+    sub = inference.build_submission(cfg2, test, predictions)
+    inference.validate_submission(inference.write_submission(cfg2, sub), test)
+    assert (sub["rewrite_prompt"] == f"{cfg2.fallback_prompt} {cfg2.mean_prompt}").all()
+
+
+def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tiny_model_dir, caplog):
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))])
+
+    def out_of_memory(*a, **k):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(sampling, "load_engine", out_of_memory)
+    test = inference.read_test(cfg)
+    predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
+    assert "tiny failed" in caplog.text and predictions == {"tiny": {}}
+    sub = inference.build_submission(cfg, test, predictions)
+    inference.validate_submission(inference.write_submission(cfg, sub), test)
+
+
+def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_model_dir, caplog):
+    """The real HF engine on a tiny Mistral + adapter (with selection.json): sample, resume, blend, score."""
+    from test_sampling import _save_adapter
+
+    base = tiny_model_dir("mistral")
+    adapter = _save_adapter(base, tmp_path / "selected")
+    (adapter / "selection.json").write_text(json.dumps({"run": "t", "preset": "mistral-7b", "step": 2}))
+    test_csv = small_test(tmp_path, n=5, with_prompt=True)
+    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=str(base), adapter_path=str(adapter),
+                                                    forced_start="Rewrite")],
+                   max_new_tokens=6, batch_size=2, score_base_model=True)
+    inference.prepare_run(cfg)
+    assert (tmp_path / "run" / "config.json").exists()
+    test = inference.read_test(cfg)
+    deadline = budget.Deadline.from_notebook_start(1.0)
+    predictions, report = inference.sample_models(cfg, test, deadline)
+    assert report["sampled"].tolist() == [5] and len(predictions["tiny"]) == 5
+    assert all(len(p) == 2 for p in predictions["tiny"].values())
+    lines = (tmp_path / "run" / "predictions" / "tiny.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["id"] for x in lines) == sorted(test["id"])
+    again, report2 = inference.sample_models(cfg, test, deadline)  # everything done: nothing loads
+    assert again == predictions and report2.empty and "every row already done" in caplog.text
+    sub = inference.build_submission(cfg, test, predictions)
+    inference.validate_submission(inference.write_submission(cfg, sub), test)
+    baselines = inference.sample_baselines(cfg, test, deadline)
+    assert list(baselines) == ["mistral-7b base"] and len(baselines["mistral-7b base"]) == 5
+    assert (tmp_path / "run" / "baselines" / "mistral-7b-base.jsonl").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "predictions").glob("*.jsonl")) == ["tiny.jsonl"]
+    scores = inference.score(cfg, test, predictions, baselines)
+    assert list(scores.columns) == ["system", "scorer", "rows", "scs", "cos"]
+    assert scores["system"].tolist() == ["mistral-7b base, zero-shot, 1 prediction", "tiny fine-tuned, 1 prediction",
+                                         "tiny fine-tuned, 2 predictions", "tiny fine-tuned, 2 predictions + mean prompt",
+                                         "mean prompt alone"]
+    assert scores["scorer"].iloc[0] == "all-MiniLM-L6-v2 (stand-in)" and (scores["rows"] == 5).all()
+    assert pd.read_csv(tmp_path / "run" / "scores.csv").equals(scores)
+    assert inference.plot_scores(cfg, scores).exists()
+
+
+def test_scores_file_shared_with_later_stages(tmp_path):
+    path = tmp_path / "scores.csv"
+    cols = ["system", "scorer", "rows", "scs", "cos"]
+    pd.DataFrame([["mean prompt alone (optimized)", "s", 4, 0.3, 0.6], ["m, 1 prediction", "s", 4, 0.0, 0.0]],
+                 columns=cols).to_csv(path, index=False)
+    mine = pd.DataFrame([["m, 1 prediction", "s", 4, 0.1, 0.4], ["mean prompt alone", "s", 4, 0.2, 0.5]], columns=cols)
+    inference.write_scores(path, mine)
+    got = pd.read_csv(path)
+    assert got["system"].tolist() == ["m, 1 prediction", "mean prompt alone", "mean prompt alone (optimized)"]
+    assert got.loc[0, "scs"] == 0.1
+
+
+def test_no_rewrite_prompt_means_no_scores(tmp_path, tiny_model_dir):
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))],
+                   score_base_model=True)
+    test = inference.read_test(cfg)
+    assert inference.score(cfg, test, {"tiny": {}}) is None
+    assert inference.sample_baselines(cfg, test, budget.Deadline(start=time.time(), hours=1)) == {}
+
+
+# ---------------------------------------------------------------- resume after SIGKILL, through make infer
+
+
+def _lines(path):
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.mark.slow
+def test_make_infer_killed_mid_run_then_rerun_has_every_id_once(tmp_path, tiny_model_dir):
+    """kill -9 the whole `make infer` process group while it samples; the same command again finishes the job."""
+    gemma = data.read_rewrites(GEMMA_CSV).head(80)
+    test_csv = tmp_path / "test.csv"  # only the three columns a Kaggle test CSV has
+    gemma[["id", "original_text", "rewritten_text"]].to_csv(test_csv, index=False)
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps({"engine": "hf", "batch_size": 1, "max_new_tokens": 16, "models": [
+        model_entry(base_model_path=str(tiny_model_dir("mistral")))]}))
+    run_dir, submission = tmp_path / "run", tmp_path / "out.csv"
+    command = ["make", "--no-print-directory", "infer", f"TEST={test_csv}", f"SUBMISSION={submission}",
+               f"INFER_DIR={run_dir}", f"INFER_ARGS=-f {params}"]
+    jsonl = run_dir / "predictions" / "tiny.jsonl"
+    log1 = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 300
+    while len(_lines(jsonl)) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # make, papermill and the kernel at once, as an OOM kill or a preemption does
+    proc.wait()
+    log1.close()
+    done_at_kill = len(_lines(jsonl))
+    print(f"killed with {done_at_kill} of 80 rows in the prediction file")
+    assert 3 <= done_at_kill < 80, f"not killed mid-run ({done_at_kill} rows done); log: {(tmp_path / 'first.log').read_text()[-2000:]}"
+    assert not submission.exists()
+
+    second = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "already done (resume)" in second.stdout + second.stderr
+    ids = [json.loads(x)["id"] for x in _lines(jsonl)]
+    assert len(ids) == len(set(ids)) == 80  # no row lost, none duplicated
+    sub = pd.read_csv(submission, dtype=str, keep_default_na=False)
+    assert sorted(sub["id"]) == sorted(gemma["id"]) and sub["id"].is_unique
+    assert sub["rewrite_prompt"].str.strip().ne("").all()
+    assert (run_dir / "inference.ipynb").exists()

@@ -1,0 +1,427 @@
+"""Sampling: both engines' configuration, vLLM's contract against the real vLLM types (where vllm imports; `make setup`
+installs its pure-Python part), engine choice, adapter checks, post-processing, resumable prediction files, and the
+HF engine generating for real on tiny random models (and on SmolLM2, marked slow).
+Run: `pytest tests/test_sampling.py` (fast part: `pytest tests/test_sampling.py -m "not slow"`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from kaggle_utils import prompts, sampling
+from kaggle_utils.config import ConfigError
+
+ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
+        ("Short.", "A much longer rewritten text, full of flourish and ornament, about something short."),
+        ("Meeting at noon tomorrow.", "Hear ye! The assembly convenes when the sun stands highest on the morrow.")]
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_size=0), "batch_size"), (dict(n=4, temperature=0), "n"),
+])
+def test_sampling_config_refuses_bad_values(kwargs, field):
+    with pytest.raises(ConfigError, match=f"^{field}:"):
+        sampling.SamplingConfig(**kwargs)
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("Rewrite this as a poem.", "Rewrite this as a poem."),
+    ('Prompt: "Make it formal."', "Make it formal."),
+    ("<|im_start|>assistant\nConvert to a haiku.<|im_end|>", "Convert to a haiku."),
+    ("\n\n  Summarize for a child.\nMore text", "Summarize for a child."),
+    ("", ""), ("   \n ", ""), ('""', ""),
+])
+def test_postprocess_extracts_the_prompt(raw, expected):
+    preds, empty = sampling.postprocess([raw], "<|im_start|>assistant\n", fallback="FALLBACK")
+    assert preds == [expected or "FALLBACK"]
+    assert empty == (0 if expected else 1)
+
+
+def test_postprocess_counts_every_empty():
+    preds, empty = sampling.postprocess(["ok then.", "", "  ", "Fine."], fallback="Improve this text.")
+    assert preds == ["ok then.", "Improve this text.", "Improve this text.", "Fine."] and empty == 2
+
+
+@pytest.mark.parametrize("capability,dtype", [(None, "half"), ((7, 5), "half"), ((8, 0), "bfloat16"),
+                                              ((9, 0), "bfloat16")])
+def test_vllm_dtype_half_on_t4(capability, dtype):
+    assert sampling.vllm_dtype(capability) == dtype
+
+
+@pytest.mark.parametrize("rank,expected", [(1, 8), (4, 8), (8, 8), (9, 16), (64, 64), (300, 320)])
+def test_vllm_max_lora_rank_at_least_8(rank, expected):
+    assert sampling.vllm_max_lora_rank(rank) == expected
+
+
+def test_vllm_max_lora_rank_too_big():
+    with pytest.raises(sampling.AdapterError, match="above"):
+        sampling.vllm_max_lora_rank(1024)
+
+
+def test_vllm_llm_kwargs_with_adapter_on_two_t4():
+    kw = sampling.vllm_llm_kwargs("/m/mistral", num_gpus=2, capability=(7, 5), lora_rank=1,
+                                  gpu_memory_utilization=0.85, max_model_len=1064, seed=3)
+    assert kw == dict(model="/m/mistral", tokenizer="/m/mistral", dtype="half", tensor_parallel_size=2,
+                      gpu_memory_utilization=0.85, max_model_len=1064, seed=3, trust_remote_code=False,
+                      enable_lora=True, max_lora_rank=8, max_loras=1)
+
+
+def test_vllm_llm_kwargs_merged_folder_has_no_lora():
+    kw = sampling.vllm_llm_kwargs("/m/merged", num_gpus=1, capability=(9, 0))
+    assert "enable_lora" not in kw and kw["dtype"] == "bfloat16" and kw["tensor_parallel_size"] == 1
+
+
+def test_vllm_sampling_and_lora_kwargs():
+    cfg = sampling.SamplingConfig(n=4, temperature=0.7, top_p=0.95, max_new_tokens=32, seed=5)
+    assert sampling.vllm_sampling_kwargs(cfg, seed=12) == dict(n=4, temperature=0.7, top_p=0.95, max_tokens=32,
+                                                               seed=12)
+    assert sampling.vllm_lora_kwargs("/a/runs/x/selected") == dict(lora_name="selected", lora_int_id=1,
+                                                                   lora_path="/a/runs/x/selected")
+
+
+# ---------------------------------------------------------------- vLLM's own types (skipped where vllm is absent)
+
+
+@pytest.fixture(scope="module")
+def vllm():
+    return pytest.importorskip("vllm", reason="vllm's pure-Python types are not installed (make setup installs them)")
+
+
+def test_vllm_contract_sampling_params_and_lora_request(vllm):
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    cfg = sampling.SamplingConfig(n=4, temperature=0.7, top_p=0.95, max_new_tokens=32)
+    sp = SamplingParams(**sampling.vllm_sampling_kwargs(cfg, seed=7))
+    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.seed) == (4, 0.7, 0.95, 32, 7)
+    lora = LoRARequest(**sampling.vllm_lora_kwargs("/x/selected"))
+    assert (lora.lora_name, lora.lora_int_id, lora.lora_path) == ("selected", 1, "/x/selected")
+
+
+@pytest.mark.parametrize("lora_rank,capability,gpus", [(1, (7, 5), 2), (16, (9, 0), 1), (0, (7, 5), 2)])
+def test_vllm_contract_llm_kwargs_are_engine_args(vllm, tiny_model_dir, lora_rank, capability, gpus):
+    """``LLM(**kwargs)`` hands every keyword to ``EngineArgs``; build that (it validates without a GPU, given a real
+    model folder) and the LoRAConfig it would make. Building the engine itself needs CUDA: not tested here."""
+    import dataclasses as dc
+    import typing
+
+    from vllm.config.lora import LoRAConfig, MaxLoRARanks
+    from vllm.engine.arg_utils import EngineArgs
+
+    kw = sampling.vllm_llm_kwargs(tiny_model_dir("mistral"), num_gpus=gpus, capability=capability, lora_rank=lora_rank,
+                                  max_model_len=1064)
+    fields = {f.name for f in dc.fields(EngineArgs)}
+    assert set(kw) <= fields, set(kw) - fields
+    args = EngineArgs(**kw)
+    assert args.dtype == kw["dtype"] and args.tensor_parallel_size == gpus
+    if lora_rank:
+        assert args.enable_lora and args.max_lora_rank in typing.get_args(MaxLoRARanks)
+        LoRAConfig(max_lora_rank=kw["max_lora_rank"], max_loras=kw["max_loras"])  # pydantic-validated
+
+
+def test_vllm_contract_generate_batches_with_real_request_types(vllm, tokenizer, tmp_path):
+    """VLLMEngine against a stand-in ``LLM`` that checks the real input types and answers with real outputs."""
+    from vllm import SamplingParams
+    from vllm.lora.request import LoRARequest
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    calls = []
+
+    class StandInLLM:
+        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
+            assert isinstance(lora_request, LoRARequest) and len(prompts_) == len(params)
+            calls.append([len(p["prompt_token_ids"]) for p in prompts_])
+            outs = []
+            for i, (p, sp) in enumerate(zip(prompts_, params)):
+                assert isinstance(sp, SamplingParams) and sp.n == 2 and sp.max_tokens == 16
+                completions = [CompletionOutput(index=k, text=f" this text as style {k}.", token_ids=[1],
+                                                cumulative_logprob=None, logprobs=None) for k in range(sp.n)]
+                outs.append(RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=p["prompt_token_ids"],
+                                          prompt_logprobs=None, outputs=completions, finished=True))
+            return outs
+
+    engine = sampling.VLLMEngine(StandInLLM(), tokenizer, adapter_path=str(tmp_path), rows_per_call=2)
+    cfg = sampling.SamplingConfig(n=2, temperature=0.7, max_new_tokens=16, forced_start="Rewrite")
+    got = engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg)
+    assert got[0] == ["Rewrite this text as style 0.", "Rewrite this text as style 1."]
+    assert len(calls) == 2 and sorted(calls[0] + calls[1], reverse=True) == calls[0] + calls[1]  # longest first
+    preds, empty = sampling.postprocess(got[1], engine.marker)
+    assert preds[0] == "Rewrite this text as style 0." and empty == 0
+
+
+def test_vllm_engine_from_preset_builds_llm_from_the_folders(vllm, monkeypatch, tmp_path, tiny_model_dir):
+    """from_preset / load_engine with a stand-in ``vllm.LLM`` (the real one needs CUDA): the adapter's rank, the base
+    folder, LoRA off for a merged folder, and a LoRARequest on every generate call."""
+    from vllm.lora.request import LoRARequest
+
+    built = []
+
+    class StandInLLM:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
+            built.append({"lora_request": lora_request})
+            return [type("Out", (), {"outputs": [type("C", (), {"text": " it."})()] * sp.n})() for sp in params]
+
+    monkeypatch.setitem(vllm.__dict__, "LLM", StandInLLM)  # setattr would first import the real (CUDA) LLM
+    base = tiny_model_dir("mistral")
+    adapter = _save_adapter(base, tmp_path / "selected")
+    engine = sampling.load_engine("vllm", "mistral-7b", str(base), str(adapter), max_model_len=1064, seed=2)
+    assert isinstance(engine, sampling.VLLMEngine)
+    assert built[0]["model"] == str(base) and built[0]["enable_lora"] and built[0]["max_lora_rank"] == 8
+    assert built[0]["tensor_parallel_size"] == 1 and built[0]["max_model_len"] == 1064
+    out = engine.generate([ROWS[0][0]], [ROWS[0][1]], sampling.SamplingConfig(n=2, temperature=0.5))
+    assert out == [[" it.", " it."]] and isinstance(built[1]["lora_request"], LoRARequest)
+    assert built[1]["lora_request"].lora_path == str(adapter)
+    sampling.load_engine("vllm", "mistral-7b", "", str(adapter), merged_path=str(base))
+    assert "enable_lora" not in built[-1] and built[-1]["model"] == str(base)
+
+
+# ---------------------------------------------------------------- choosing the engine
+
+
+def test_pick_engine_on_cpu(caplog):
+    assert sampling.pick_engine("hf") == "hf"
+    assert sampling.pick_engine("auto") == "hf"
+    assert "engine: hf (auto; vLLM not used: no CUDA device)" in caplog.text
+    with pytest.raises(ConfigError, match="engine: 'vllm' was asked for"):
+        sampling.pick_engine("vllm")
+    with pytest.raises(ConfigError, match="engine"):
+        sampling.pick_engine("fastest")
+
+
+def test_pick_engine_auto_takes_vllm_when_cuda_and_vllm(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "")
+    assert sampling.pick_engine("auto") == "vllm"
+    assert "engine: vllm (auto" in caplog.text
+    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    assert sampling.pick_engine("auto") == "hf"
+    assert "No module named 'vllm'" in caplog.text
+
+
+# ---------------------------------------------------------------- adapters
+
+
+def _save_adapter(base_dir, out_dir, hidden=None):
+    """A rank-1 LoRA saved from the tiny model in ``base_dir`` (or from a fresh one of another ``hidden`` size)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if hidden:
+        cfg = AutoConfig.from_pretrained(base_dir)
+        cfg.hidden_size, cfg.intermediate_size = hidden, hidden * 2
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_missing_adapter_is_a_clear_error(tmp_path):
+    with pytest.raises(sampling.AdapterError, match="does not exist"):
+        sampling.check_adapter(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(sampling.AdapterError, match="adapter_config.json"):
+        sampling.check_adapter(str(tmp_path / "empty"))
+
+
+def test_adapter_of_another_preset_is_refused(tmp_path, tiny_model_dir):
+    adapter = _save_adapter(tiny_model_dir("llama"), tmp_path / "sel")
+    (adapter / "selection.json").write_text(json.dumps({"run": "x", "preset": "llama2-13b", "step": 2}))
+    assert sampling.check_adapter(str(adapter), "llama2-13b") == adapter
+    with pytest.raises(sampling.AdapterError, match="trained on preset 'llama2-13b'.*uses preset 'mistral-7b'"):
+        sampling.check_adapter(str(adapter), "mistral-7b")
+
+
+def test_adapter_of_another_shape_is_refused_before_loading(tmp_path, tiny_model_dir):
+    adapter = _save_adapter(tiny_model_dir("mistral"), tmp_path / "other", hidden=32)
+    with pytest.raises(sampling.AdapterError, match="hidden_size is 64"):
+        sampling.check_adapter_fits(str(adapter), tiny_model_dir("mistral"))
+    with pytest.raises(sampling.AdapterError, match="does not fit"):
+        sampling.HFEngine.from_preset("mistral-7b", str(tiny_model_dir("mistral")), str(adapter))
+
+
+def test_attach_adapter_shape_mismatch_is_an_adapter_error(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    adapter = _save_adapter(tiny_model_dir("llama"), tmp_path / "other", hidden=32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
+    with pytest.raises(sampling.AdapterError, match="does not fit base model"):
+        sampling.attach_adapter(model, str(adapter))
+
+
+# ---------------------------------------------------------------- resumable prediction files
+
+
+def _rec(i, key="k", n=2):
+    return {"id": f"r{i}", "key": key, "predictions": [f"p{i}.{j}" for j in range(n)], "raw": []}
+
+
+def test_store_round_trip_and_text_keys(tmp_path):
+    store = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    store.append([_rec(0), _rec(1)])
+    store.append([_rec(2)])
+    again = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    assert set(again.done) == {"r0", "r1", "r2"}
+    assert again.is_done("r1", "k") and not again.is_done("r1", "other texts")  # same id, other texts: redo
+    assert again.predictions(["r0", "r9"], ["k", "k"]) == {"r0": ["p0.0", "p0.1"]}
+
+
+def test_store_drops_a_torn_last_line(tmp_path, caplog):
+    store = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    store.append([_rec(0), _rec(1)])
+    with open(store.path, "a") as fh:  # what a kill -9 in the middle of a write leaves
+        fh.write('{"id": "r2", "key": "k", "predic')
+    again = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    assert set(again.done) == {"r0", "r1"}
+    assert "torn last line" in caplog.text
+    again.append([_rec(2)])
+    lines = again.path.read_text().splitlines()
+    assert [json.loads(x)["id"] for x in lines] == ["r0", "r1", "r2"]
+
+
+def test_store_never_returns_duplicates(tmp_path):
+    store = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    store.append([_rec(0, n=1)])
+    store.append([_rec(0, n=3)])  # e.g. a row redone after its texts changed back
+    again = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    assert len(again.done) == 1 and len(again.done["r0"]["predictions"]) == 3
+
+
+def test_store_starts_afresh_when_the_model_changed(tmp_path, caplog):
+    sampling.PredictionStore(tmp_path, "m", {"adapter": "aaa", "n": 4}).append([_rec(0)])
+    changed = sampling.PredictionStore(tmp_path, "m", {"adapter": "bbb", "n": 4})
+    assert changed.done == {}
+    assert list(tmp_path.glob("m.*.stale.jsonl")) and "adapter" in caplog.text
+
+
+class ListEngine(sampling.Engine):
+    """Answers each row with its index; records which rows it was asked for."""
+
+    name = "list"
+
+    def __init__(self):
+        self.asked = []
+
+    def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
+        todo = [i for i in range(len(originals)) if i not in skip]
+        self.asked.append(todo)
+        for k in range(0, len(todo), cfg.batch_size):
+            rows = todo[k:k + cfg.batch_size]
+            yield rows, [[f"Prompt: Do row {i}." if j else "" for j in range(cfg.n)] for i in rows]
+
+
+def test_sample_rows_skips_done_rows_and_logs_empties(tmp_path, caplog):
+    ids = [f"r{i}" for i in range(5)]
+    orig = [f"o{i}" for i in range(5)]
+    rewr = [f"w{i}" for i in range(5)]
+    cfg = sampling.SamplingConfig(n=2, temperature=0.5, batch_size=2)
+    store = sampling.PredictionStore(tmp_path, "m", {})
+    store.append([{"id": "r1", "key": sampling.text_key("o1", "w1"), "predictions": ["kept"]}])
+    engine = ListEngine()
+    report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", progress=False,
+                                  model_name="m")
+    assert engine.asked == [[0, 2, 3, 4]]
+    assert report.resumed == 1 and report.sampled == 4 and report.empty == 4
+    assert store.done["r1"]["predictions"] == ["kept"]
+    assert store.done["r3"]["predictions"] == ["Improve this text.", "Do row 3."]
+    assert "4 empty generation(s) replaced" in caplog.text
+
+
+# ---------------------------------------------------------------- the HF engine, for real
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_model_dir):
+    """An fp32 tiny Llama with SmolLM2's tokenizer (fp32: the prefill comparison must not hinge on bf16 ties)."""
+    from transformers import AutoModelForCausalLM
+
+    from kaggle_utils import models
+
+    folder = tiny_model_dir("llama")
+    tok = models.load_tokenizer(folder)
+    prompts.ensure_pad_token(tok)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return sampling.HFEngine(model, tok)
+
+
+def test_hf_engine_generates_n_per_row_with_forced_start(tiny_engine):
+    cfg = sampling.SamplingConfig(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, batch_size=2,
+                                  forced_start="Rewrite")
+    batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False))
+    assert [len(rows) for rows, _ in batches] == [2, 1]
+    lengths = [len(prompts.generation_ids(tiny_engine.tokenizer, o, r, 1024)[0]) for o, r in ROWS]
+    first = batches[0][0]
+    assert min(lengths[i] for i in first) >= max(lengths[i] for i in batches[1][0])  # longest rows first
+    out = tiny_engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False)
+    assert all(len(c) == 3 and all(t.startswith("Rewrite") for t in c) for c in out)
+
+
+def test_hf_engine_skips_done_rows(tiny_engine):
+    cfg = sampling.SamplingConfig(n=1, max_new_tokens=3, batch_size=4)
+    batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, skip={0, 2},
+                                                progress=False))
+    assert [rows for rows, _ in batches] == [[1]]
+
+
+def test_shared_prefill_gives_what_plain_generate_gives(tiny_engine, monkeypatch):
+    """n samples from one prefill (KV cache copied n times) equal greedy decoding row by row: top_p this small keeps
+    only the most likely token, so every sample must be the greedy answer."""
+    origs, rewrs = [o for o, _ in ROWS], [r for _, r in ROWS]
+    greedy = tiny_engine.generate(origs, rewrs, sampling.SamplingConfig(n=1, max_new_tokens=8, batch_size=3),
+                                  progress=False)
+    seen = []
+    real_generate = tiny_engine.model.generate
+
+    def spy(**kwargs):
+        seen.append(sorted(k for k in kwargs if k in ("cache", "past_key_values")))
+        return real_generate(**kwargs)
+
+    monkeypatch.setattr(tiny_engine.model, "generate", spy)
+    cfg = sampling.SamplingConfig(n=3, temperature=1.0, top_p=1e-9, max_new_tokens=8, batch_size=3)
+    shared = tiny_engine.generate(origs, rewrs, cfg, progress=False)
+    assert seen and seen[0], "the shared-prefill path was not taken"
+    assert shared == [[g[0]] * 3 for g in greedy]
+
+
+@pytest.mark.slow
+def test_smollm_engine_with_adapter_recovers_prompt_sentences(tmp_path, smollm_dir):
+    """The real embedded model with a fresh adapter of its own shape: parsed, non-empty prompts, EOS respected."""
+    adapter = _save_adapter(smollm_dir, tmp_path / "adapter")
+    engine = sampling.HFEngine.from_preset("smollm2-135m", adapter_path=str(adapter))
+    cfg = sampling.SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_new_tokens=24, batch_size=2)
+    raw = engine.generate([o for o, _ in ROWS[:2]], [r for _, r in ROWS[:2]], cfg, progress=False)
+    parsed = [sampling.postprocess(r, engine.marker, "FALLBACK")[0] for r in raw]
+    assert all(len(p) == 2 for p in parsed)
+    assert sum(p != "FALLBACK" for row in parsed for p in row) >= 3
+    assert dataclasses.asdict(cfg)["n"] == 2
+
+
+def test_selection_won_by_the_base_model_runs_without_adapter(tmp_path, caplog):
+    (tmp_path / "selection.json").write_text(json.dumps({"preset": "smollm2-135m", "step": 0, "adapter": None,
+                                                         "base_model_won": True}))
+    assert sampling.selected_adapter(str(tmp_path), "smollm2-135m") == ""
+    assert "base model won" in caplog.text
+    with pytest.raises(sampling.AdapterError, match="preset 'smollm2-135m'"):
+        sampling.selected_adapter(str(tmp_path), "mistral-7b")
+    assert sampling.selected_adapter("", "mistral-7b") == ""
+    with pytest.raises(sampling.AdapterError, match="does not exist"):
+        sampling.selected_adapter(str(tmp_path / "missing"))
+
+
+def test_text_far_over_the_context_is_truncated_and_logged(tiny_engine, caplog):
+    long_text = "word " * 5000
+    cfg = sampling.SamplingConfig(n=1, max_new_tokens=2, max_prompt_tokens=256)
+    out = tiny_engine.generate([ROWS[0][0], long_text], [ROWS[0][1], long_text], cfg, progress=False)
+    assert len(out) == 2 and all(len(c) == 1 for c in out)
+    assert "truncated 1 row(s) to 256 prompt tokens (rows [1])" in caplog.text
