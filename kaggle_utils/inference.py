@@ -114,8 +114,11 @@ class InferenceConfig:
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
     scores_path: str = ""  # where the scores table goes; "" = <run_dir>/scores.csv (make demo: runs/demo/scores.csv)
+    blend_file: str = ""  # blend.json chosen on validation by make mean-prompt; "" = the plan as given
 
     def __post_init__(self):
+        if self.blend_file:
+            self._apply_blend()
         require(isinstance(self.models, list) and len(self.models) > 0, "models", "give at least one model")
         specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
         names = [s.name for s in specs]
@@ -131,6 +134,21 @@ class InferenceConfig:
                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
         self.sampling_config(specs[0])  # validates max_new_tokens, batch_size
+
+    def _apply_blend(self) -> None:
+        """Take models (order, n), mean prompt and separator from the blend chosen on validation (issue 6)."""
+        from . import mean_prompt
+
+        choice = mean_prompt.load_blend(self.blend_file)
+        plan = mean_prompt.plan_from_blend(self.models, choice)
+        require(len(plan["models"]) > 0, "blend_file",
+                f"{self.blend_file} chose the mean prompt alone; that needs no model: submit the mean prompt, or "
+                "choose the blend among options with models")
+        self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
+        if plan["mean_prompt"].strip():
+            self.mean_prompt = plan["mean_prompt"]
+        logger.info("blend from %s: %s (SCS %s, %s)", self.blend_file, choice.get("label", "?"), choice.get("scs", "?"),
+                    choice.get("scorer", "?"))
 
     def check_paths(self) -> None:
         """Check every model's folders (base, adapter or merged) and the test file exist; errors name the model."""

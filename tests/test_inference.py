@@ -343,3 +343,25 @@ def test_make_infer_killed_mid_run_then_rerun_has_every_id_once(tmp_path, tiny_m
     assert sorted(sub["id"]) == sorted(gemma["id"]) and sub["id"].is_unique
     assert sub["rewrite_prompt"].str.strip().ne("").all()
     assert (run_dir / "inference.ipynb").exists()
+
+
+def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
+    import json
+
+    from kaggle_utils import config as kconfig
+    from kaggle_utils import inference as inf
+    from kaggle_utils.mean_prompt import MeanPromptError
+
+    two = [dict(inf.DEFAULT_MODELS[0], name="a", n=4), dict(inf.DEFAULT_MODELS[0], name="b", n=4)]
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"models": [{"model": "b", "n": 2}, {"model": "a", "n": 1}],
+                                 "mean_prompt": "optimized words", "separator": " | ", "label": "b x2, a x1"}))
+    cfg = inf.InferenceConfig(models=two, blend_file=str(blend))
+    assert [(m["name"], m["n"]) for m in cfg.models] == [("b", 2), ("a", 1)]
+    assert cfg.use_mean_prompt and cfg.mean_prompt == "optimized words" and cfg.separator == " | "
+    blend.write_text(json.dumps({"models": [{"model": "zzz", "n": 2}], "mean_prompt": "", "separator": " "}))
+    with pytest.raises(MeanPromptError, match="zzz"):
+        inf.InferenceConfig(models=two, blend_file=str(blend))
+    blend.write_text(json.dumps({"models": [], "mean_prompt": "only this", "separator": " "}))
+    with pytest.raises(kconfig.ConfigError, match="blend_file.*mean prompt alone"):
+        inf.InferenceConfig(models=two, blend_file=str(blend))
