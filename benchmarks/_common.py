@@ -11,6 +11,7 @@ No weights and no tokenizer of the real models exist on the GPU machine, so:
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -266,3 +267,17 @@ def fmt_rate(x: float) -> str:
 
 def gib(n_bytes: float) -> float:
     return round(n_bytes / 2**30, 2)
+
+
+def parse_config(cls, description: str, argv=None):
+    """A benchmark's ``@dataclass Config`` from the command line: one ``--field`` per field, its default as default."""
+    parser = argparse.ArgumentParser(description=description)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, bool):
+            parser.add_argument(f"--{f.name}", action="store_true", default=default)
+        elif isinstance(default, list):
+            parser.add_argument(f"--{f.name}", nargs="*", default=default)
+        else:
+            parser.add_argument(f"--{f.name}", type=type(default), default=default)
+    return cls(**vars(parser.parse_args(argv)))

@@ -18,8 +18,6 @@ and gives the per-layer arithmetic for the full depth).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gc
 import math
 import os
@@ -395,16 +393,7 @@ def main(cfg: Config) -> list[dict]:
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, bool):
-            parser.add_argument(f"--{f.name}", action="store_true", default=default)
-        elif isinstance(default, list):
-            parser.add_argument(f"--{f.name}", nargs="*", default=default)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default)
-    return Config(**vars(parser.parse_args(argv)))
+    return common.parse_config(Config, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ the fast path), the engine with the fast path, ablations of the fast path, and t
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import gc
 import json
 import random
@@ -352,14 +350,7 @@ def render_table(cfg: Config, card: dict, roof: dict, summary: dict) -> str:
 
 
 def parse_args(argv=None) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for f in dataclasses.fields(Config):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        if isinstance(default, list):
-            parser.add_argument(f"--{f.name}", nargs="*", default=default)
-        else:
-            parser.add_argument(f"--{f.name}", type=type(default), default=default)
-    return Config(**vars(parser.parse_args(argv)))
+    return common.parse_config(Config, __doc__.split("\n")[0], argv)
 
 
 if __name__ == "__main__":
