@@ -211,17 +211,22 @@ def _build(cls, values: Any, where: str):
     return cls(**values)
 
 
-def load_plan(path: str | os.PathLike = DEFAULT_PLAN) -> Plan:
-    """Read and validate a submission plan; errors name the file and the bad field."""
+def _read_yaml(cls, path: str | os.PathLike, what: str):
+    """Build ``cls`` from a YAML file; a missing file or a bad field is an error naming the file."""
     import yaml
 
     file = resolve_path(path)
     if not file.exists():
-        raise FileNotFoundError(f"submission plan not found: {file}")
+        raise FileNotFoundError(f"{what} not found: {file}")
     try:
-        return _build(Plan, yaml.safe_load(file.read_text()) or {}, "plan")
+        return _build(cls, yaml.safe_load(file.read_text()) or {}, what)
     except ConfigError as e:
         raise ConfigError(f"{file}: {e}") from None
+
+
+def load_plan(path: str | os.PathLike = DEFAULT_PLAN) -> Plan:
+    """Read and validate a submission plan; errors name the file and the bad field."""
+    return _read_yaml(Plan, path, "submission plan")
 
 
 # ---------------------------------------------------------------- user and credentials
@@ -565,15 +570,7 @@ class LocalSettings:
 
 def load_local_settings(path: str | os.PathLike = DEFAULT_LOCAL_SETTINGS) -> LocalSettings:
     """Read the dry-run settings file."""
-    import yaml
-
-    file = resolve_path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"local settings not found: {file}")
-    try:
-        return _build(LocalSettings, yaml.safe_load(file.read_text()) or {}, "local settings")
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
+    return _read_yaml(LocalSettings, path, "local settings")
 
 
 def _map_path(value: str, paths: dict[str, str], slug: str) -> str:

@@ -91,3 +91,19 @@ def _library_logs_reach_caplog(caplog):
     logger = logging.getLogger("kaggle_utils")
     logger.propagate = True
     caplog.set_level(logging.INFO, logger="kaggle_utils")
+
+
+def save_adapter(base_dir, out_dir, hidden=None):
+    """A rank-1 LoRA saved from the tiny model in ``base_dir`` (or from a fresh one of another ``hidden`` size)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if hidden:
+        cfg = AutoConfig.from_pretrained(base_dir)
+        cfg.hidden_size, cfg.intermediate_size = hidden, hidden * 2
+        model = AutoModelForCausalLM.from_config(cfg)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    peft.save_pretrained(out_dir)
+    return out_dir

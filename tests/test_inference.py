@@ -245,10 +245,10 @@ def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tin
 
 def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_model_dir, caplog):
     """The real HF engine on a tiny Mistral + adapter (with selection.json): sample, resume, blend, score."""
-    from test_sampling import _save_adapter
+    from conftest import save_adapter
 
     base = tiny_model_dir("mistral")
-    adapter = _save_adapter(base, tmp_path / "selected")
+    adapter = save_adapter(base, tmp_path / "selected")
     (adapter / "selection.json").write_text(json.dumps({"run": "t", "preset": "mistral-7b", "step": 2}))
     test_csv = small_test(tmp_path, n=5, with_prompt=True)
     cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=str(base), adapter_path=str(adapter),

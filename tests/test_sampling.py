@@ -11,6 +11,7 @@ import json
 import pytest
 import torch
 
+from conftest import save_adapter
 from kaggle_utils import prompts, sampling
 from kaggle_utils.config import ConfigError
 
@@ -173,7 +174,7 @@ def test_vllm_engine_from_preset_builds_llm_from_the_folders(vllm, monkeypatch, 
 
     monkeypatch.setitem(vllm.__dict__, "LLM", StandInLLM)  # setattr would first import the real (CUDA) LLM
     base = tiny_model_dir("mistral")
-    adapter = _save_adapter(base, tmp_path / "selected")
+    adapter = save_adapter(base, tmp_path / "selected")
     engine = sampling.load_engine("vllm", "mistral-7b", str(base), str(adapter), max_model_len=1064, seed=2)
     assert isinstance(engine, sampling.VLLMEngine)
     assert built[0]["model"] == str(base) and built[0]["enable_lora"] and built[0]["max_lora_rank"] == 8
@@ -211,22 +212,6 @@ def test_pick_engine_auto_takes_vllm_when_cuda_and_vllm(monkeypatch, caplog):
 # ---------------------------------------------------------------- adapters
 
 
-def _save_adapter(base_dir, out_dir, hidden=None):
-    """A rank-1 LoRA saved from the tiny model in ``base_dir`` (or from a fresh one of another ``hidden`` size)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    if hidden:
-        cfg = AutoConfig.from_pretrained(base_dir)
-        cfg.hidden_size, cfg.intermediate_size = hidden, hidden * 2
-        model = AutoModelForCausalLM.from_config(cfg)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft = get_peft_model(model, LoraConfig(r=1, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
-    peft.save_pretrained(out_dir)
-    return out_dir
-
-
 def test_missing_adapter_is_a_clear_error(tmp_path):
     with pytest.raises(sampling.AdapterError, match="does not exist"):
         sampling.check_adapter(str(tmp_path / "nowhere"))
@@ -236,7 +221,7 @@ def test_missing_adapter_is_a_clear_error(tmp_path):
 
 
 def test_adapter_of_another_preset_is_refused(tmp_path, tiny_model_dir):
-    adapter = _save_adapter(tiny_model_dir("llama"), tmp_path / "sel")
+    adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "sel")
     (adapter / "selection.json").write_text(json.dumps({"run": "x", "preset": "llama2-13b", "step": 2}))
     assert sampling.check_adapter(str(adapter), "llama2-13b") == adapter
     with pytest.raises(sampling.AdapterError, match="trained on preset 'llama2-13b'.*uses preset 'mistral-7b'"):
@@ -244,7 +229,7 @@ def test_adapter_of_another_preset_is_refused(tmp_path, tiny_model_dir):
 
 
 def test_adapter_of_another_shape_is_refused_before_loading(tmp_path, tiny_model_dir):
-    adapter = _save_adapter(tiny_model_dir("mistral"), tmp_path / "other", hidden=32)
+    adapter = save_adapter(tiny_model_dir("mistral"), tmp_path / "other", hidden=32)
     with pytest.raises(sampling.AdapterError, match="hidden_size is 64"):
         sampling.check_adapter_fits(str(adapter), tiny_model_dir("mistral"))
     with pytest.raises(sampling.AdapterError, match="does not fit"):
@@ -254,7 +239,7 @@ def test_adapter_of_another_shape_is_refused_before_loading(tmp_path, tiny_model
 def test_attach_adapter_shape_mismatch_is_an_adapter_error(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    adapter = _save_adapter(tiny_model_dir("llama"), tmp_path / "other", hidden=32)
+    adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "other", hidden=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
     with pytest.raises(sampling.AdapterError, match="does not fit base model"):
         sampling.attach_adapter(model, str(adapter))
@@ -397,7 +382,7 @@ def test_shared_prefill_gives_what_plain_generate_gives(tiny_engine, monkeypatch
 @pytest.mark.slow
 def test_smollm_engine_with_adapter_recovers_prompt_sentences(tmp_path, smollm_dir):
     """The real embedded model with a fresh adapter of its own shape: parsed, non-empty prompts, EOS respected."""
-    adapter = _save_adapter(smollm_dir, tmp_path / "adapter")
+    adapter = save_adapter(smollm_dir, tmp_path / "adapter")
     engine = sampling.HFEngine.from_preset("smollm2-135m", adapter_path=str(adapter))
     cfg = sampling.SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_new_tokens=24, batch_size=2)
     raw = engine.generate([o for o, _ in ROWS[:2]], [r for _, r in ROWS[:2]], cfg, progress=False)
