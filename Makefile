@@ -51,12 +51,13 @@ TEST ?= runs/demo/validation.csv
 SUBMISSION ?= runs/demo/submission.csv
 INFER_DIR ?= runs/demo/inference
 INFER_ARGS ?=
-BLEND ?= runs/demo/blend.json
+# The demo's blend applies to the demo's own plan only: with INFER_ARGS (another plan) pass BLEND=... explicitly.
+BLEND ?= $(if $(INFER_ARGS),,$(wildcard runs/demo/blend.json))
 
 .PHONY: infer
 infer: setup ## write SUBMISSION for TEST with the adapter and blend `make demo` chose (INFER_ARGS: more papermill -p/-r/-f)
 	$(call notebook,inference,$(INFER_DIR),-r test_file $(TEST) -r submission_path $(SUBMISSION) -r run_dir $(INFER_DIR) \
-		$(if $(wildcard $(BLEND)),-r blend_file $(BLEND)) $(INFER_ARGS))
+		$(if $(BLEND),-r blend_file $(BLEND)) $(INFER_ARGS))
 
 .PHONY: select
 select: setup ## score RUN's checkpoints (step 0 = base model) by the metric; export the best to runs/RUN/selected/
