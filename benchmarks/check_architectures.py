@@ -48,14 +48,15 @@ class Config:
     memory_fraction: float = 0.8  # build fewer layers when the estimate passes this share of the card
     max_new_tokens: int = 16  # tokens of the sampled generation
     seed: int = 0
+    checkpoint_layers: int = 2  # fused-expert presets: also load a real checkpoint of this many layers (0 = skip)
 
 
 # ---------------------------------------------------------------- building models with random weights
 
 
 def estimate_bytes(name: str, config, load_in_4bit: bool, skip: tuple) -> dict:
-    """GPU bytes of the weights under the project's path: 4-bit nn.Linear layers (0.5 byte a parameter plus
-    about 3% of statistics), every other parameter 16-bit, and after ``prepare_model_for_kbit_training`` (4-bit only)
+    """GPU bytes of the weights under the project's path: 4-bit nn.Linear layers and fused MoE experts (0.5 byte a
+    parameter plus about 3% of statistics), every other parameter 16-bit, and after ``prepare_model_for_kbit_training`` (4-bit only)
     every non-4-bit parameter in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -68,7 +69,9 @@ def estimate_bytes(name: str, config, load_in_4bit: bool, skip: tuple) -> dict:
             full = f"{mod_name}.{p_name}"
             is_linear = type(module) is torch.nn.Linear and not any(full.split(".")[-2] == s or
                                                                      mod_name.endswith(s) for s in skip)
-            if load_in_4bit and is_linear:
+            # fused MoE experts: 4-bit through kaggle_utils.experts
+            is_experts = type(module).__name__.endswith("Experts") and p.dim() == 3
+            if load_in_4bit and (is_linear or is_experts):
                 linear += p.numel()
             else:
                 other += p.numel()
@@ -97,8 +100,11 @@ def build_random(name: str, config, quantization_config=None, device: str = "cud
     import bitsandbytes as bnb
     from transformers.quantizers import AutoHfQuantizer
 
+    from kaggle_utils import experts
+
     quantizer = AutoHfQuantizer.from_config(quantization_config, pre_quantized=False)
-    with torch.device("meta"):
+    # Fused MoE experts (Mixtral) become kaggle_utils.experts.Experts4bit, as models.load_model builds them.
+    with torch.device("meta"), experts.fused_experts_4bit(config.model_type, quantization_config):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     quantizer.preprocess_model(model=model, dtype=dtype, device_map={"": device}, checkpoint_files=None,
                                use_kernels=False)
@@ -114,11 +120,13 @@ def build_random(name: str, config, quantization_config=None, device: str = "cud
             else:
                 value.normal_(0.0, std)
             if quantizer.param_needs_quantization(model, full):
-                new = bnb.nn.Params4bit(value, requires_grad=False, **p.__dict__).to(device)
-            else:
+                module._parameters[p_name] = bnb.nn.Params4bit(value, requires_grad=False, **p.__dict__).to(device)
+            else:  # flagged and set as transformers' loader does: Experts4bit quantizes its fused weights here
                 new = torch.nn.Parameter(value, requires_grad=False)
-            module._parameters[p_name] = new
+                new._is_hf_initialized = True
+                setattr(module, p_name, new)
             del value
+    experts.finish_experts(model)
     # Non-persistent buffers (rotary frequencies) were created on meta: rebuild the rotary module on the device.
     inner = model.model
     if hasattr(inner, "rotary_emb"):
@@ -130,6 +138,89 @@ def build_random(name: str, config, quantization_config=None, device: str = "cud
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
     return model.eval()
+
+
+def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -> dict:
+    """Write a real checkpoint (per-expert ``w1/w2/w3`` tensors, random bf16) of ``layers`` layers and load it with
+    ``models.load_model`` itself (nothing patched): the experts must arrive 4-bit and the loading peak must stay near
+    the 4-bit size (one layer's 16-bit experts at a time), not near the 16-bit model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from kaggle_utils import experts, training
+
+    cfg_n = common.make_config(name, **{**overrides, "num_hidden_layers": layers})
+    folder = work / "models" / f"{name}-{layers}-layer-checkpoint"
+    t0 = time.perf_counter()
+    if not (folder / "config.json").exists():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg_n, dtype=torch.bfloat16)
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0.0, 0.02)
+        common.save_model_folder(model, common.word_tokenizer(cfg_n.vocab_size, "mistral", eos_inside=True), folder)
+        del model
+        gc.collect()
+    out: dict = {"layers": layers, "write_s": round(time.perf_counter() - t0, 1),
+                 "checkpoint_gib": common.gib(sum(f.stat().st_size for f in folder.glob("*.safetensors")))}
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.empty_cache()
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.reset_peak_memory_stats(i)
+    import shutil
+
+    tcfg = training.TrainConfig(run_name=f"{name}-checkpoint", runs_dir=str(work / "runs"), preset=name,
+                                base_model_path=str(folder), train_files=["(synthetic rows)"],
+                                validation_file="(synthetic rows)", val_rows=2, max_steps=2, batch_size=2,
+                                micro_batch_size=2, save_steps=5, warmup_steps=0, learning_rate=1e-3,
+                                max_seq_length=1024)
+    shutil.rmtree(tcfg.run_dir, ignore_errors=True)
+    training.prepare_run(tcfg)
+    t0 = time.perf_counter()
+    model, tok = training.load_model_and_tokenizer(tcfg)  # models.load_model, k-bit preparation, LoRA: unpatched
+    out["load_s"] = round(time.perf_counter() - t0, 1)
+    moe = [m for m in model.modules() if isinstance(m, experts.Experts4bit)]
+    float_3d = [n for n, p in model.named_parameters() if p.dim() == 3]
+    per_layer_16bit = cfg_n.num_local_experts * 3 * cfg_n.intermediate_size * cfg_n.hidden_size * 2
+    out["gpus"] = torch.cuda.device_count() if cuda else 0
+    out["devices"] = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()})
+    out.update({"experts_modules": len(moe), "float_3d_params": len(float_3d),
+                "one_layer_16bit_experts_gib": common.gib(per_layer_16bit)})
+    if cuda:
+        gpus = range(torch.cuda.device_count())
+        out["weights_gib"] = common.gib(sum(torch.cuda.memory_allocated(i) for i in gpus))
+        out["load_peak_gib"] = common.gib(max(torch.cuda.max_memory_allocated(i) for i in gpus))
+        out["weights_gib_per_gpu"] = [common.gib(torch.cuda.memory_allocated(i)) for i in gpus]
+    ids = torch.randint(3, cfg_n.vocab_size, (1, 32), device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits
+    out["forward_finite"] = bool(torch.isfinite(logits).all())
+    # two optimizer steps through the project's trainer, on however many GPUs load_model spread the layers over
+    # (after one step only LoRA's B matrices have moved: B starts at zero, so A's first gradient is zero)
+    from datasets import Dataset
+
+    rows, _ = synthetic_rows(tok, 6, 480, 0)
+    lora_before = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    trainer = training.build_trainer(tcfg, model, tok, Dataset.from_list(rows[2:]), Dataset.from_list(rows[:2]))
+    t0 = time.perf_counter()
+    trainer.train()
+    out["train_s"] = round(time.perf_counter() - t0, 1)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    changed = sum(not torch.equal(v, dict(model.named_parameters())[n].detach().float()) for n, v in lora_before.items())
+    out["train"] = {"losses": losses, "adapter_tensors_changed": f"{changed}/{len(lora_before)}"}
+    if cuda:
+        out["train_peak_gib_per_gpu"] = [common.gib(torch.cuda.max_memory_allocated(i))
+                                         for i in range(torch.cuda.device_count())]
+    out["ok"] = (bool(moe) and not float_3d and out["forward_finite"] and bool(losses)
+                 and all(math.isfinite(x) for x in losses) and changed == len(lora_before) > 0)
+    del model, logits, trainer
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
 
 
 # ---------------------------------------------------------------- one preset
@@ -303,6 +394,17 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
+    from kaggle_utils import experts
+
+    if cfg.checkpoint_layers and preset.load_in_4bit and experts.has_fused_experts(config.model_type):
+        try:
+            row["checkpoint_load"] = load_checkpoint_check(name, overrides, cfg.checkpoint_layers, work)
+        except Exception as e:  # keep the rest of the row
+            import traceback
+
+            row["checkpoint_load"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}",
+                                      "traceback": traceback.format_exc()[-2000:]}
+        row["ok"] = row["ok"] and row["checkpoint_load"]["ok"]
     _ = prompts  # (imported for synthetic_rows' template; keeps the import list honest)
     return row
 
@@ -360,6 +462,21 @@ def render(rows: list[dict], device: str) -> str:
             f"{'ok' if r['generate']['ok'] else 'FAILED'} ({r['generate']['s']} s) |")
     notes = [f"- {r['preset']}: built {r['layers_built']} of {r['layers_real']} layers: {r['why_fewer_layers']}."
              for r in rows if r.get("why_fewer_layers")]
+    for r in rows:
+        c = r.get("checkpoint_load")
+        if c and c.get("error"):
+            notes.append(f"- {r['preset']}: the real-checkpoint check FAILED: {c['error']}")
+        elif c:
+            notes.append(
+                f"- {r['preset']}: a real {c['layers']}-layer checkpoint ({c['checkpoint_gib']} GiB of bf16 "
+                f"safetensors, per-expert tensors) through `models.load_model`: {c['experts_modules']} experts modules "
+                f"4-bit, {c['float_3d_params']} fused 16-bit tensors left, on {c.get('gpus', 0)} GPU(s) "
+                f"{c.get('devices')}, weights {c.get('weights_gib', '-')} GiB {c.get('weights_gib_per_gpu', '')}, "
+                f"largest per-GPU peak while loading and preparing for k-bit training {c.get('load_peak_gib', '-')} GiB (one layer's experts in 16 bits: "
+                f"{c['one_layer_16bit_experts_gib']} GiB), load {c['load_s']} s, forward "
+                f"{'finite' if c['forward_finite'] else 'NOT finite'}; two training steps through "
+                f"`training.build_trainer`: loss {c['train']['losses']}, LoRA tensors changed "
+                f"{c['train']['adapter_tensors_changed']}, peak GiB per GPU {c.get('train_peak_gib_per_gpu', '-')}.")
     return "\n".join(lines + [""] + notes) + "\n"
 
 

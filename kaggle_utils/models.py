@@ -235,6 +235,26 @@ def device_map(num_gpus: int | None = None, max_memory_gib: float | None = None)
     return "auto"
 
 
+# Architectures whose modules are model.embed_tokens / model.layers.N / model.norm / model.rotary_emb / lm_head.
+LAYERED_TYPES = ("llama", "mistral", "mixtral")
+
+
+def layer_device_map(config, num_gpus: int) -> dict[str, int]:
+    """The decoder layers split evenly over ``num_gpus``; embeddings, final norm and LM head on GPU 0.
+
+    Used instead of accelerate's ``"auto"`` for the presets' architectures on 2+ GPUs, for two measured reasons
+    (2 GPUs, BENCHMARKS.md): TRL's SFTTrainer divides the loss (computed where the LM head is) by a token count it
+    keeps on GPU 0, so an LM head on the last GPU fails with "Expected all tensors to be on the same device"; and
+    for Mixtral's 4-bit experts (kaggle_utils.experts) accelerate would count their 16-bit placeholders and offload
+    half the model to the CPU.
+    """
+    layers = config.num_hidden_layers
+    dm: dict[str, int] = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0}
+    for i in range(layers):
+        dm[f"model.layers.{i}"] = min(num_gpus - 1, i * num_gpus // layers)
+    return dm
+
+
 def max_memory(num_gpus: int, gib: float) -> dict[int, str]:
     """The ``max_memory`` dict accelerate wants for an even split over ``num_gpus``."""
     return {i: f"{gib}GiB" for i in range(num_gpus)}
@@ -265,16 +285,27 @@ def load_tokenizer(path: Path):
 
 def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtype=None, num_gpus: int | None = None,
                max_memory_gib: float | None = None):
-    """Load a causal LM from a local folder per the preset (4-bit if asked), never from a hub."""
+    """Load a causal LM from a local folder per the preset (4-bit if asked), never from a hub.
+
+    On 2+ GPUs, Llama/Mistral/Mixtral get :func:`layer_device_map` (``max_memory_gib`` unused); other architectures
+    accelerate's ``"auto"`` split capped at ``max_memory_gib`` per GPU.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from . import experts  # imports torch: kept out of module import time
+
     n = gpu_count() if num_gpus is None else num_gpus
     kwargs: dict = {"dtype": dtype or compute_dtype(), "local_files_only": True}
+    model_type = _model_type(path)
     dm = device_map(n)
+    if n > 1 and model_type in LAYERED_TYPES:
+        from transformers import AutoConfig
+
+        dm = layer_device_map(AutoConfig.from_pretrained(str(path)), n)
     if dm is not None:
         kwargs["device_map"] = dm
-        if max_memory_gib and n > 1:
+        if max_memory_gib and dm == "auto":
             kwargs["max_memory"] = max_memory(n, max_memory_gib)
     if load_in_4bit:
         kwargs["quantization_config"] = quantization_config(preset)
@@ -282,4 +313,35 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
             kwargs["dtype"] = torch.float16
     logger.info("loading %s from %s (%s%s, %s)", preset.name, path, kwargs["dtype"], ", 4-bit nf4" if load_in_4bit else "",
                 f"{n} GPU(s)" if n else "CPU")
-    return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not (load_in_4bit and experts.has_fused_experts(model_type)):
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    else:  # fused MoE experts (Mixtral): bitsandbytes alone would leave 45 B parameters in 16 bits
+        with experts.fused_experts_4bit(model_type, kwargs["quantization_config"]):
+            model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+            count = experts.finish_experts(model)
+        logger.info("%s: experts of %d layers quantized to 4-bit nf4 (kaggle_utils.experts)", preset.name, count)
+    if load_in_4bit and n == 0:
+        _keep_4bit_trainable_on_cpu(model)
+    return model
+
+
+def _keep_4bit_trainable_on_cpu(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16, the first no-grad forward pass (the step-0 evaluation) repacks every ``Linear4bit`` for a
+    kernel that has no backward; later training steps then pass no gradient through the frozen 4-bit layers (torch
+    warns "gemv_4bit: an autograd kernel was not registered"). The GPU path never repacks.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _model_type(path: Path) -> str:
+    """``model_type`` from a model folder's config.json ("" when unreadable: transformers will say why)."""
+    import json
+
+    try:
+        return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", ""))
+    except (OSError, ValueError):
+        return ""

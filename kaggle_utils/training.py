@@ -56,7 +56,7 @@ class TrainConfig:
     save_steps: int = 8  # checkpoint + eval loss every this many steps
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
-    max_gpu_memory_gib: float = 0  # per-GPU cap when splitting over 2+ GPUs (0 = let accelerate decide)
+    max_gpu_memory_gib: float = 0  # per-GPU cap for accelerate's split (not used for the presets' layer split)
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
@@ -228,7 +228,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
 
     _compact_lm_head_everywhere()
 
-    # One process: on 2 GPUs the layers are split (device_map="auto"), so rows per step do not multiply;
+    # One process: on 2 GPUs the layers are split (models.layer_device_map), so rows per step do not multiply;
     # under torchrun/accelerate each process adds its micro batch.
     per_step = cfg.micro_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = max(1, cfg.batch_size // per_step)
@@ -258,6 +258,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         packing=False,
         # TRL turns activation checkpointing on by default; it costs a third more compute, so only when asked.
         activation_checkpointing=cfg.gradient_checkpointing,
+        # MoE (Mixtral): no load-balancing loss. The router and the experts are frozen (LoRA is on attention), and
+        # with the layers split over 2 GPUs TRL adds that loss on another card than the LM loss (a device error).
+        router_aux_loss_coef=0.0,
         report_to="none",
         disable_tqdm=False,
         dataloader_num_workers=0,

@@ -69,3 +69,13 @@ def test_prepared_default_is_a_plain_model(smollm_dir):
     assert "quantization_config" not in cfg and cfg["model_type"] == "llama"
     assert models.has_weights(smollm_dir)
     assert models.prepare_default_model() == smollm_dir  # cached: second call does nothing
+
+
+def test_layer_device_map_splits_layers_evenly_with_the_lm_head_on_gpu0():
+    from transformers import MixtralConfig
+
+    dm = models.layer_device_map(MixtralConfig(num_hidden_layers=32), 2)
+    assert [dm[f"model.layers.{i}"] for i in range(32)] == [0] * 16 + [1] * 16
+    # TRL divides the loss (on the LM head's card) by a token count it keeps on GPU 0
+    assert dm["lm_head"] == dm["model.norm"] == dm["model.embed_tokens"] == 0
+    assert set(models.layer_device_map(MixtralConfig(num_hidden_layers=40), 4).values()) == {0, 1, 2, 3}
