@@ -15,6 +15,14 @@ loss must be finite and the adapter must change. Last, one sampled generation th
 
 A model whose memory under the project's path is larger than the card is built with fewer layers (the row says so
 and gives the per-layer arithmetic for the full depth).
+
+For presets with fused MoE experts (Mixtral) it also writes a real ``--checkpoint_layers``-layer checkpoint (random
+bf16, the checkpoint's per-expert layout) and loads and trains it through the project's unpatched path
+(``training.load_model_and_tokenizer`` -> ``models.load_model``) over every visible GPU.
+
+On a machine with several GPUs the full-depth build sits on GPU 0 alone, and transformers' Trainer would wrap it in
+``nn.DataParallel``, which TRL refuses: that step then runs in this script's plain AdamW loop (the row says so). For
+the TRL path at full depth, make one GPU visible (``CUDA_VISIBLE_DEVICES=0``).
 """
 from __future__ import annotations
 
