@@ -64,6 +64,8 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     labels = dict(labels or {})
     names = [m for m, _ in plan]
     systems: dict[str, list[str]] = {}
+    if not plan:  # no model: the mean prompt alone is the whole submission
+        return {"mean prompt alone": [mean_prompt.strip()] * len(ids)} if mean_prompt.strip() else {}
     for name, preds in (baselines or {}).items():
         systems[f"{name}, zero-shot, 1 prediction"] = blend(ids, {name: preds}, [name], fallback=fallback,
                                                            per_model=1)

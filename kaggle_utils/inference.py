@@ -119,7 +119,9 @@ class InferenceConfig:
     def __post_init__(self):
         if self.blend_file:
             self._apply_blend()
-        require(isinstance(self.models, list) and len(self.models) > 0, "models", "give at least one model")
+        require(isinstance(self.models, list), "models", f"must be a list of model entries, got {type(self.models).__name__}")
+        require(len(self.models) > 0 or (self.use_mean_prompt and bool(self.mean_prompt.strip())), "models",
+                "give at least one model, or none with use_mean_prompt on (every row is then the mean prompt)")
         specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
         names = [s.name for s in specs]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
@@ -133,7 +135,7 @@ class InferenceConfig:
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
-        self.sampling_config(specs[0])  # validates max_new_tokens, batch_size
+        self.sampling_config(specs[0] if specs else ModelSpec.from_dict(DEFAULT_MODELS[0], 0))  # validates the rest
 
     def _apply_blend(self) -> None:
         """Take models (order, n), mean prompt and separator from the blend chosen on validation (issue 6)."""
@@ -141,9 +143,9 @@ class InferenceConfig:
 
         choice = mean_prompt.load_blend(self.blend_file)
         plan = mean_prompt.plan_from_blend(self.models, choice)
-        require(len(plan["models"]) > 0, "blend_file",
-                f"{self.blend_file} chose the mean prompt alone; that needs no model: submit the mean prompt, or "
-                "choose the blend among options with models")
+        if not plan["models"]:
+            logger.warning("%s chose the mean prompt alone: no model runs, every row gets the mean prompt",
+                           self.blend_file)
         self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
         if plan["mean_prompt"].strip():
             self.mean_prompt = plan["mean_prompt"]
@@ -258,11 +260,16 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
     :mod:`kaggle_utils.budget`); a model whose rows are all done is not loaded. Returns predictions per model
     (``{name: {id: [prompt, ...]}}``, done rows only) and one report row per model.
     """
+    specs = cfg.model_specs
+    if not specs:
+        logger.info("plan: no model (the mean prompt alone)")
+        table = pd.DataFrame()
+        table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
+        return {}, table
     kind = sampling.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
-    specs = cfg.model_specs
     configs = [cfg.sampling_config(s) for s in specs]
     stores = [_store(cfg, s, s.name, c) for s, c in zip(specs, configs)]
     left = [sum(not st.is_done(i, k) for i, k in zip(ids, keys)) * c.n for st, c in zip(stores, configs)]
@@ -290,7 +297,7 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
                      ) -> dict[str, dict[str, list[str]]]:
     """With ``score_base_model`` and a scored test CSV: each preset's base model zero-shot, 1 prediction per row,
     for the scores table. Runs after the submission is written, so it never costs the submission; {} otherwise."""
-    if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns:
+    if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not cfg.models:
         return {}
     kind = sampling.pick_engine(cfg.engine)
     rows = _to_sample(test)
@@ -333,6 +340,9 @@ def build_submission(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict
     filled = fill_special_rows(cfg, test, predictions, plan)
     ids = test["id"].tolist()
     mean = cfg.mean_prompt if cfg.use_mean_prompt else ""
+    if not plan:  # the mean prompt alone (config checks it is set)
+        logger.info("no model in the plan: every row gets the mean prompt")
+        return pd.DataFrame({"id": ids, "rewrite_prompt": blending.blend(ids, {}, [], mean)})
     prompts_ = blending.blend(ids, filled, plan, mean, cfg.separator, cfg.fallback_prompt)
     none = sum(not any(rid in filled.get(m, {}) for m in plan) for rid in ids)
     if none:

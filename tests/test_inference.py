@@ -80,7 +80,8 @@ def test_second_entry_is_named_and_names_are_unique():
 
 
 @pytest.mark.parametrize("kw,field", [(dict(engine="fast"), "engine"), (dict(deadline_hours=0), "deadline_hours"),
-                                      (dict(fallback_prompt=" "), "fallback_prompt"), (dict(models=[]), "models"),
+                                      (dict(fallback_prompt=" "), "fallback_prompt"),
+                                      (dict(models=[], use_mean_prompt=False), "models"),
                                       (dict(mean_prompt=""), "mean_prompt"), (dict(batch_size=0), "batch_size")])
 def test_bad_settings(kw, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -363,5 +364,32 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     with pytest.raises(MeanPromptError, match="zzz"):
         inf.InferenceConfig(models=two, blend_file=str(blend))
     blend.write_text(json.dumps({"models": [], "mean_prompt": "only this", "separator": " "}))
-    with pytest.raises(kconfig.ConfigError, match="blend_file.*mean prompt alone"):
+    cfg = inf.InferenceConfig(models=two, blend_file=str(blend))  # the mean prompt alone won: no model runs
+    assert cfg.models == [] and cfg.use_mean_prompt and cfg.mean_prompt == "only this"
+    blend.write_text(json.dumps({"models": [], "mean_prompt": "", "separator": " "}))
+    with pytest.raises(kconfig.ConfigError, match="^models:"):
         inf.InferenceConfig(models=two, blend_file=str(blend))
+
+
+def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(tmp_path, monkeypatch):
+    from kaggle_utils import budget, sampling
+
+    def no_engine(*a, **k):
+        raise AssertionError("no model may load for a mean-prompt-only plan")
+
+    monkeypatch.setattr(sampling, "load_engine", no_engine)
+    path = write_test_csv(tmp_path / "t.csv", [["a", "one", "uno", "Translate into Spanish."],
+                                               ["b", "same", "same", "Fix the grammar."],
+                                               ["c", "", "vacío", "Make it shorter."]], with_prompt=True)
+    # models=[]: what a blend that chose the mean prompt alone leaves
+    cfg = make_cfg(tmp_path, path, models=[], mean_prompt="Rewrite this text in a new style.")
+    inference.prepare_run(cfg)
+    test = inference.read_test(cfg)
+    predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
+    assert predictions == {} and report.empty
+    sub = inference.build_submission(cfg, test, predictions)
+    assert sub["rewrite_prompt"].tolist() == ["Rewrite this text in a new style."] * 3
+    inference.validate_submission(inference.write_submission(cfg, sub), test)
+    scores = inference.score(cfg, test, predictions, inference.sample_baselines(cfg, test, budget.Deadline(start=time.time(), hours=1)))
+    assert scores["system"].tolist() == ["mean prompt alone"] and scores["rows"].iloc[0] == 3
+    assert 0 < scores["scs"].iloc[0] < 1
