@@ -44,7 +44,7 @@ SELECTION_FILE = "selection.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What an empty extraction is scored as: the competition rejects blank prompts, and a generic instruction is what a
 # submission would fall back to, so the score stays honest about what would be submitted.
-FALLBACK_PROMPT = "Rewrite this text."
+FALLBACK_PROMPT = prompts.FALLBACK_PROMPT  # the submission's default fallback too
 # Mean scores closer than this count as a tie (then the earlier step wins): differences below it are float noise
 # from batching, not a better checkpoint.
 TIE_TOLERANCE = 1e-6

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import blending, budget, data, models, sampling
+from . import blending, budget, data, models, prompts, sampling
 from .config import ConfigError, require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -104,7 +104,7 @@ class InferenceConfig:
     engine: str = "auto"  # auto | vllm | hf
     deadline_hours: float = budget.DEFAULT_DEADLINE_HOURS  # budget from the notebook's start (Kaggle stops at 9 h)
     scorer_path: str = ""  # local sentence-t5-base folder; "" = the MiniLM stand-in
-    fallback_prompt: str = "Improve this text."  # for empty generations, failed rows and rows past the deadline
+    fallback_prompt: str = prompts.FALLBACK_PROMPT  # for empty generations, failed rows, rows past the deadline
     identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
     max_new_tokens: int = 32  # a recovered prompt is one sentence
     max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts

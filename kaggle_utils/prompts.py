@@ -12,6 +12,10 @@ import re
 
 logger = logging.getLogger("kaggle_utils")
 
+# What an empty generation is replaced by, in checkpoint selection and in the submission alike, so a step's
+# selection score counts it the way the submission will.
+FALLBACK_PROMPT = "Improve this text."
+
 USER_TEMPLATE = (
     "An LLM was given the original text below and an instruction, and it wrote the rewritten text.\n\n"
     "Original text:\n{original_text}\n\n"

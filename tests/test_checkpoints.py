@@ -223,7 +223,7 @@ def test_score_steps_caches_and_resumes(tmp_path, rewrites_csv, fake_model, capl
     assert list(scores["fallbacks"]) == [1, 1, 1, 1]
     cached = json.loads((run / "selection" / "step-8.json").read_text())
     assert cached["predictions"][-1] == checkpoints.FALLBACK_PROMPT and cached["fallbacks"] == 1
-    assert "scored as 'Rewrite this text.'" in caplog.text
+    assert "scored as 'Improve this text.'" in caplog.text
     assert np.allclose(scores["scs"], [0.1, 0.19, 0.28, 0.37])
     assert checkpoints.choose_step(scores) == 24
 
