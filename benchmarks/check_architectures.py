@@ -29,7 +29,9 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,10 +66,12 @@ class Config:
 
 def estimate_bytes(name: str, config, load_in_4bit: bool, skip: tuple) -> dict:
     """GPU bytes of the weights under the project's path: 4-bit nn.Linear layers and fused MoE experts (0.5 byte a
-    parameter plus about 3% of statistics), every other parameter 16-bit, and after ``prepare_model_for_kbit_training`` (4-bit only)
-    every non-4-bit parameter in fp32."""
+    parameter plus about 3% of statistics), every other parameter 16-bit, and after
+    ``prepare_model_for_kbit_training`` (4-bit only) every non-4-bit parameter in fp32."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from kaggle_utils import experts
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -78,7 +82,7 @@ def estimate_bytes(name: str, config, load_in_4bit: bool, skip: tuple) -> dict:
             is_linear = type(module) is torch.nn.Linear and not any(full.split(".")[-2] == s or
                                                                      mod_name.endswith(s) for s in skip)
             # fused MoE experts: 4-bit through kaggle_utils.experts
-            is_experts = type(module).__name__.endswith("Experts") and p.dim() == 3
+            is_experts = experts.has_fused_experts(config.model_type) and p_name in experts.FUSED_NAMES
             if load_in_4bit and (is_linear or is_experts):
                 linear += p.numel()
             else:
@@ -178,8 +182,6 @@ def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -
         torch.cuda.empty_cache()
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-    import shutil
-
     tcfg = training.TrainConfig(run_name=f"{name}-checkpoint", runs_dir=str(work / "runs"), preset=name,
                                 base_model_path=str(folder), train_files=["(synthetic rows)"],
                                 validation_file="(synthetic rows)", val_rows=2, max_steps=2, batch_size=2,
@@ -217,7 +219,8 @@ def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -
     trainer.train()
     out["train_s"] = round(time.perf_counter() - t0, 1)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    changed = sum(not torch.equal(v, dict(model.named_parameters())[n].detach().float()) for n, v in lora_before.items())
+    now = dict(model.named_parameters())
+    changed = sum(not torch.equal(v, now[n].detach().float()) for n, v in lora_before.items())
     out["train"] = {"losses": losses, "adapter_tensors_changed": f"{changed}/{len(lora_before)}"}
     if cuda:
         out["train_peak_gib_per_gpu"] = [common.gib(torch.cuda.max_memory_allocated(i))
@@ -255,7 +258,7 @@ def synthetic_rows(tokenizer, n: int, prompt_tokens: int, seed: int):
 def check_preset(cfg: Config, name: str, work: Path) -> dict:
     import torch
 
-    from kaggle_utils import models, prompts, sampling, training
+    from kaggle_utils import experts, models, prompts, sampling, training
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -293,7 +296,8 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
     qcfg_holder = {}
     real_load_model = models.load_model
 
-    def load_random(preset_, path, load_in_4bit=False, dtype=None, num_gpus=None, max_memory_gib=None):
+    def load_random(preset_, path, load_in_4bit=False, dtype=None, num_gpus=None, max_memory_gib=None,
+                    for_training=False):
         qcfg = models.quantization_config(preset_) if load_in_4bit else None
         qcfg_holder["q"] = qcfg
         return build_random(name, config, qcfg, device=device, dtype=None if load_in_4bit else dtype)
@@ -402,14 +406,10 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
     gc.collect()
     if cuda:
         torch.cuda.empty_cache()
-    from kaggle_utils import experts
-
     if cfg.checkpoint_layers and preset.load_in_4bit and experts.has_fused_experts(config.model_type):
         try:
             row["checkpoint_load"] = load_checkpoint_check(name, overrides, cfg.checkpoint_layers, work)
         except Exception as e:  # keep the rest of the row
-            import traceback
-
             row["checkpoint_load"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:400]}",
                                       "traceback": traceback.format_exc()[-2000:]}
         row["ok"] = row["ok"] and row["checkpoint_load"]["ok"]
@@ -480,7 +480,8 @@ def render(rows: list[dict], device: str) -> str:
                 f"safetensors, per-expert tensors) through `models.load_model`: {c['experts_modules']} experts modules "
                 f"4-bit, {c['float_3d_params']} fused 16-bit tensors left, on {c.get('gpus', 0)} GPU(s) "
                 f"{c.get('devices')}, weights {c.get('weights_gib', '-')} GiB {c.get('weights_gib_per_gpu', '')}, "
-                f"largest per-GPU peak while loading and preparing for k-bit training {c.get('load_peak_gib', '-')} GiB (one layer's experts in 16 bits: "
+                f"largest per-GPU peak while loading and preparing for k-bit training "
+                f"{c.get('load_peak_gib', '-')} GiB (one layer's experts in 16 bits: "
                 f"{c['one_layer_16bit_experts_gib']} GiB), load {c['load_s']} s, forward "
                 f"{'finite' if c['forward_finite'] else 'NOT finite'}; two training steps through "
                 f"`training.build_trainer`: loss {c['train']['losses']}, LoRA tensors changed "
@@ -500,8 +501,6 @@ def main(cfg: Config) -> list[dict]:
         try:
             row = check_preset(cfg, name, work)
         except Exception as e:  # one broken preset must not hide the others
-            import traceback
-
             row = {"preset": name, "error": f"{type(e).__name__}: {str(e)[:400]}",
                    "traceback": traceback.format_exc()[-2000:]}
             gc.collect()

@@ -288,7 +288,8 @@ def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ck
     return {"rows": rows, "n_rows": len(validation), "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": prompt_token_limit(cfg, run_cfg), "preset": run_cfg.get("preset"),
             "base_model_path": _base_model_path(cfg, run_cfg),
-            "adapter": _file_digest(ckpt / ADAPTER_FILES[1]) if ckpt is not None else None}
+            "adapter": _file_digest(ckpt / ADAPTER_FILES[1]) if ckpt is not None else None,
+            "fallback": FALLBACK_PROMPT}
 
 
 def _jsonable(value):
@@ -319,8 +320,7 @@ class _StepSampler:
         # Same loading path as inference: bf16 on CPU, the card's dtype on GPU, 4-bit when the run trained 4-bit.
         self.engine = sampling.HFEngine.from_preset(
             run_cfg.get("preset", models.DEFAULT_PRESET), _base_model_path(cfg, run_cfg),
-            load_in_4bit=bool(run_cfg.get("load_in_4bit", False)),
-            max_gpu_memory_gib=run_cfg.get("max_gpu_memory_gib") or None)
+            load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
         self.peft = None
         self.scfg = sampling.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
                                             batch_size=cfg.batch_size,

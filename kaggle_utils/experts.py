@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 
 import torch
 from torch import nn
-
-logger = logging.getLogger("kaggle_utils")
 
 FUSED_NAMES = ("gate_up_proj", "down_proj")
 
@@ -41,13 +38,13 @@ class Experts4bit(nn.Module):
     ``compute_dtype``. :func:`fused_experts_4bit` binds it while a model is built.
     """
 
-    quant: dict = {}
+    quant: dict | None = None  # set on the subclass fused_experts_4bit makes
 
     def __init__(self, config, quant: dict | None = None):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        q = dict(quant if quant is not None else self.quant)
+        q = dict(quant if quant is not None else (self.quant or {}))
         self._quant = q
         self.num_experts = config.num_local_experts
         self.hidden_dim = config.hidden_size
@@ -119,10 +116,13 @@ class Experts4bit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
-            # [experts, top_k, tokens]: which token sends which of its k slots to which expert
-            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts).permute(2, 1, 0)
+            # [experts + 1, top_k, tokens]: which token sends which of its k slots to which expert; index
+            # num_experts is the slot no local expert takes (as in transformers' loop), skipped below
+            mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             hit = torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
         for e in hit:
+            if e == self.num_experts:
+                continue
             slot, token = torch.where(mask[e])
             expert = self.experts[e]
             gate, up = expert["gate_up"](hidden_states[token]).chunk(2, dim=-1)

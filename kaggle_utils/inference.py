@@ -119,9 +119,12 @@ class InferenceConfig:
     def __post_init__(self):
         if self.blend_file:
             self._apply_blend()
-        require(isinstance(self.models, list), "models", f"must be a list of model entries, got {type(self.models).__name__}")
+        require(isinstance(self.models, list), "models",
+                f"must be a list of model entries, got {type(self.models).__name__}")
         require(len(self.models) > 0 or (self.use_mean_prompt and bool(self.mean_prompt.strip())), "models",
                 "give at least one model, or none with use_mean_prompt on (every row is then the mean prompt)")
+        if not self.models:
+            logger.warning("models is empty: no model runs, every row gets the mean prompt")
         specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
         names = [s.name for s in specs]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
@@ -217,6 +220,9 @@ def read_test(cfg: InferenceConfig) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+REPORT_COLUMNS = [f.name for f in dataclasses.fields(sampling.SamplingReport)]  # sampling.csv's header
+
+
 def _to_sample(test: pd.DataFrame) -> pd.DataFrame:
     return test.loc[~(test["_empty"] | test["_identical"])]
 
@@ -263,7 +269,7 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
     specs = cfg.model_specs
     if not specs:
         logger.info("plan: no model (the mean prompt alone)")
-        table = pd.DataFrame()
+        table = pd.DataFrame(columns=REPORT_COLUMNS)
         table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
         return {}, table
     kind = sampling.pick_engine(cfg.engine)
@@ -288,7 +294,7 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
             if report is not None:
                 reports.append(dataclasses.asdict(report))
     predictions = {s.name: st.predictions(ids, keys) for s, st in zip(specs, stores)}
-    table = pd.DataFrame(reports)
+    table = pd.DataFrame(reports, columns=REPORT_COLUMNS)  # with its header even when no model reported
     table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
     return predictions, table
 

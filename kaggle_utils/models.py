@@ -239,19 +239,18 @@ def device_map(num_gpus: int | None = None, max_memory_gib: float | None = None)
 LAYERED_TYPES = ("llama", "mistral", "mixtral")
 
 
-def layer_device_map(config, num_gpus: int) -> dict[str, int]:
+def layer_device_map(num_layers: int, num_gpus: int) -> dict[str, int]:
     """The decoder layers split evenly over ``num_gpus``; embeddings, final norm and LM head on GPU 0.
 
-    Used instead of accelerate's ``"auto"`` for the presets' architectures on 2+ GPUs, for two measured reasons
-    (2 GPUs, BENCHMARKS.md): TRL's SFTTrainer divides the loss (computed where the LM head is) by a token count it
-    keeps on GPU 0, so an LM head on the last GPU fails with "Expected all tensors to be on the same device"; and
-    for Mixtral's 4-bit experts (kaggle_utils.experts) accelerate would count their 16-bit placeholders and offload
-    half the model to the CPU.
+    Used instead of accelerate's ``"auto"`` on 2+ GPUs for training and for Mixtral's 4-bit experts, for two measured
+    reasons (2 GPUs, BENCHMARKS.md): TRL's SFTTrainer divides the loss (computed where the LM head is) by a token count
+    it keeps on GPU 0, so an LM head on the last GPU fails with "Expected all tensors to be on the same device"; and
+    accelerate would count the experts' 16-bit placeholders (kaggle_utils.experts) and offload half the model to the
+    CPU. There is no per-GPU cap and no CPU spill: the model must fit the cards.
     """
-    layers = config.num_hidden_layers
     dm: dict[str, int] = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.norm": 0, "lm_head": 0}
-    for i in range(layers):
-        dm[f"model.layers.{i}"] = min(num_gpus - 1, i * num_gpus // layers)
+    for i in range(num_layers):
+        dm[f"model.layers.{i}"] = min(num_gpus - 1, i * num_gpus // num_layers)
     return dm
 
 
@@ -284,11 +283,12 @@ def load_tokenizer(path: Path):
 
 
 def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtype=None, num_gpus: int | None = None,
-               max_memory_gib: float | None = None):
+               max_memory_gib: float | None = None, for_training: bool = False):
     """Load a causal LM from a local folder per the preset (4-bit if asked), never from a hub.
 
-    On 2+ GPUs, Llama/Mistral/Mixtral get :func:`layer_device_map` (``max_memory_gib`` unused); other architectures
-    accelerate's ``"auto"`` split capped at ``max_memory_gib`` per GPU.
+    On 2+ GPUs, training (``for_training``) and 4-bit Mixtral use :func:`layer_device_map` (``max_memory_gib`` does
+    not apply there: a warning says so); everything else uses accelerate's ``"auto"`` split, capped at
+    ``max_memory_gib`` per GPU, which may spill to the CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -297,12 +297,15 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
 
     n = gpu_count() if num_gpus is None else num_gpus
     kwargs: dict = {"dtype": dtype or compute_dtype(), "local_files_only": True}
-    model_type = _model_type(path)
+    config = _config_json(path)
+    model_type = str(config.get("model_type", ""))
+    fused_4bit = load_in_4bit and experts.has_fused_experts(model_type)
     dm = device_map(n)
-    if n > 1 and model_type in LAYERED_TYPES:
-        from transformers import AutoConfig
-
-        dm = layer_device_map(AutoConfig.from_pretrained(str(path)), n)
+    if n > 1 and model_type in LAYERED_TYPES and (for_training or fused_4bit):
+        dm = layer_device_map(int(config["num_hidden_layers"]), n)
+        if max_memory_gib:
+            logger.warning("max_memory_gib=%s is not used: %s's layers are split evenly over %d GPUs with the LM head "
+                           "on GPU 0 (models.layer_device_map)", max_memory_gib, preset.name, n)
     if dm is not None:
         kwargs["device_map"] = dm
         if max_memory_gib and dm == "auto":
@@ -313,7 +316,7 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
             kwargs["dtype"] = torch.float16
     logger.info("loading %s from %s (%s%s, %s)", preset.name, path, kwargs["dtype"], ", 4-bit nf4" if load_in_4bit else "",
                 f"{n} GPU(s)" if n else "CPU")
-    if not (load_in_4bit and experts.has_fused_experts(model_type)):
+    if not fused_4bit:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     else:  # fused MoE experts (Mixtral): bitsandbytes alone would leave 45 B parameters in 16 bits
         with experts.fused_experts_4bit(model_type, kwargs["quantization_config"]):
@@ -337,11 +340,12 @@ def _keep_4bit_trainable_on_cpu(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _model_type(path: Path) -> str:
-    """``model_type`` from a model folder's config.json ("" when unreadable: transformers will say why)."""
+def _config_json(path: Path) -> dict:
+    """A model folder's config.json as a dict ({} when unreadable: transformers will say why)."""
     import json
 
     try:
-        return str(json.loads((Path(path) / "config.json").read_text()).get("model_type", ""))
+        value = json.loads((Path(path) / "config.json").read_text())
     except (OSError, ValueError):
-        return ""
+        return {}
+    return value if isinstance(value, dict) else {}

@@ -56,7 +56,6 @@ class TrainConfig:
     save_steps: int = 8  # checkpoint + eval loss every this many steps
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
-    max_gpu_memory_gib: float = 0  # per-GPU cap for accelerate's split (not used for the presets' layer split)
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
@@ -119,7 +118,7 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     if dtype != torch.float32 and not torch.cuda.is_available():
         dtype = torch.float32
     model = models.load_model(preset, path, load_in_4bit=bool(cfg.load_in_4bit), dtype=dtype,
-                              max_memory_gib=cfg.max_gpu_memory_gib or None)
+                              for_training=True)
     if resized:
         logger.warning("added a <pad> token; resizing embeddings to %d", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))

@@ -21,10 +21,6 @@ def _dequantized(layer) -> torch.Tensor:
     return bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
 
 
-def config_experts(model) -> int:
-    return model.config.num_local_experts
-
-
 def _reference_experts(config):
     """transformers' own fused experts of a tiny Mixtral, random fp32 weights."""
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -110,7 +106,7 @@ def test_load_model_quantizes_the_experts_from_a_real_checkpoint(tiny_model_dir)
     # bitsandbytes repacks the bytes for its own kernel at the first inference call)
     for i, layer_moe in enumerate(moe):
         fused = ref.model.layers[i].mlp.experts
-        for e in range(config_experts(ref)):
+        for e in range(ref.config.num_local_experts):
             for key, full in (("gate_up", fused.gate_up_proj[e]), ("down", fused.down_proj[e])):
                 got = _dequantized(layer_moe.experts[e][key])
                 assert not torch.equal(got, full) and torch.allclose(got, full, atol=0.02), (i, e, key)
@@ -140,18 +136,30 @@ def test_missing_expert_weights_name_the_layer(tiny_model_dir, tmp_path):
     with pytest.raises(experts.ExpertsLoadError, match=r"model\.layers\.1\.mlp\.experts\.(gate_up|down)_proj"):
         models.load_model(models.get_preset("mixtral-8x7b"), target, load_in_4bit=True, dtype=torch.float32,
                           num_gpus=0)
+    from transformers.models.mixtral import modeling_mixtral
+
+    assert not issubclass(modeling_mixtral.MixtralExperts, experts.Experts4bit), "restored after the error"
 
 
-def test_other_architectures_are_not_touched():
+def test_the_class_swap_is_scoped_and_only_for_fused_experts():
     from transformers import BitsAndBytesConfig
+    from transformers.models.mixtral import modeling_mixtral
 
+    original = modeling_mixtral.MixtralExperts
+    qcfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")
     assert not experts.has_fused_experts("mistral") and experts.has_fused_experts("mixtral")
-    with experts.fused_experts_4bit("llama", BitsAndBytesConfig(load_in_4bit=True)):
-        from transformers.models.mixtral import modeling_mixtral
+    with experts.fused_experts_4bit("llama", qcfg):
+        assert modeling_mixtral.MixtralExperts is original
+    with pytest.raises(RuntimeError, match="boom"):
+        with experts.fused_experts_4bit("mixtral", qcfg):
+            swapped = modeling_mixtral.MixtralExperts
+            assert issubclass(swapped, experts.Experts4bit) and swapped.quant["quant_type"] == "nf4"
+            raise RuntimeError("boom")
+    assert modeling_mixtral.MixtralExperts is original
 
-        assert not issubclass(modeling_mixtral.MixtralExperts, experts.Experts4bit)
 
-
+# bitsandbytes' CPU inference repack has no backward; torch says so with this warning (models.load_model prevents it)
+@pytest.mark.filterwarnings("error:.*autograd kernel was not registered")
 def test_qlora_training_step_through_4bit_experts(tiny_model_dir, tmp_path, tokenizer):
     """The project's trainer on a tiny Mixtral in 4-bit: finite loss, the attention LoRA changes, experts frozen."""
     from datasets import Dataset

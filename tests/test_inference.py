@@ -239,6 +239,7 @@ def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tin
     monkeypatch.setattr(sampling, "load_engine", out_of_memory)
     test = inference.read_test(cfg)
     predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
+    assert list(pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE).columns)[:2] == ["model", "engine"]
     assert "tiny failed" in caplog.text and predictions == {"tiny": {}}
     sub = inference.build_submission(cfg, test, predictions)
     inference.validate_submission(inference.write_submission(cfg, sub), test)
@@ -386,10 +387,12 @@ def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(t
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
+    assert list(pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE).columns)[:2] == ["model", "engine"]
     assert predictions == {} and report.empty
     sub = inference.build_submission(cfg, test, predictions)
     assert sub["rewrite_prompt"].tolist() == ["Rewrite this text in a new style."] * 3
     inference.validate_submission(inference.write_submission(cfg, sub), test)
-    scores = inference.score(cfg, test, predictions, inference.sample_baselines(cfg, test, budget.Deadline(start=time.time(), hours=1)))
+    deadline = budget.Deadline(start=time.time(), hours=1)
+    scores = inference.score(cfg, test, predictions, inference.sample_baselines(cfg, test, deadline))
     assert scores["system"].tolist() == ["mean prompt alone"] and scores["rows"].iloc[0] == 3
     assert 0 < scores["scs"].iloc[0] < 1

@@ -72,10 +72,25 @@ def test_prepared_default_is_a_plain_model(smollm_dir):
 
 
 def test_layer_device_map_splits_layers_evenly_with_the_lm_head_on_gpu0():
-    from transformers import MixtralConfig
-
-    dm = models.layer_device_map(MixtralConfig(num_hidden_layers=32), 2)
+    dm = models.layer_device_map(32, 2)
     assert [dm[f"model.layers.{i}"] for i in range(32)] == [0] * 16 + [1] * 16
     # TRL divides the loss (on the LM head's card) by a token count it keeps on GPU 0
     assert dm["lm_head"] == dm["model.norm"] == dm["model.embed_tokens"] == 0
-    assert set(models.layer_device_map(MixtralConfig(num_hidden_layers=40), 4).values()) == {0, 1, 2, 3}
+    assert set(models.layer_device_map(40, 4).values()) == {0, 1, 2, 3}
+
+
+@pytest.mark.parametrize("for_training,expected", [(True, "layers"), (False, "auto")])
+def test_load_model_on_two_gpus_splits_layers_for_training(tiny_model_dir, monkeypatch, caplog, for_training, expected):
+    from transformers import AutoModelForCausalLM
+
+    seen = {}
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda path, **kw: seen.update(kw) or "model")
+    folder = tiny_model_dir("mistral")
+    got = models.load_model(models.get_preset("mistral-7b"), folder, num_gpus=2, max_memory_gib=12,
+                            for_training=for_training)
+    assert got == "model" and seen["local_files_only"] is True
+    if expected == "layers":
+        assert seen["device_map"] == models.layer_device_map(2, 2) and "max_memory" not in seen
+        assert "max_memory_gib=12 is not used" in caplog.text
+    else:  # inference and merged export keep accelerate's split with its cap (and CPU spill)
+        assert seen["device_map"] == "auto" and seen["max_memory"] == {0: "12GiB", 1: "12GiB"}

@@ -1,0 +1,41 @@
+"""The GPU benchmark scripts' CPU smoke modes, so a change to the library they drive cannot break them unseen.
+
+Run: `pytest tests/test_benchmarks.py`. The GPU numbers themselves are in BENCHMARKS.md.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], out: Path) -> dict:
+    proc = subprocess.run([sys.executable, *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_check_architectures_tiny_mixtral_trains_and_loads_a_real_checkpoint(tmp_path):
+    results = _run(["benchmarks/check_architectures.py", "--tiny", "--presets", "mixtral-8x7b",
+                    "--work_dir", str(tmp_path / "work")], tmp_path / "out")
+    row = results["steps"]["mixtral-8x7b"]
+    assert "error" not in row, row.get("traceback")
+    assert row["ok"] and row["train"]["finite"] and row["train"]["adapter_changed"]
+    assert row["train"]["how"].startswith("TRL SFTTrainer")
+    ckpt = row["checkpoint_load"]
+    assert ckpt["ok"] and ckpt["experts_modules"] == 2 and ckpt["float_3d_params"] == 0
+    assert ckpt["train"]["adapter_tensors_changed"] == "16/16"
+    assert "real 2-layer checkpoint" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_generation_speed_tiny_times_every_cpu_method(tmp_path):
+    results = _run(["benchmarks/generation_speed.py", "--model", "tiny", "--rows", "24"], tmp_path / "out")
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "one row at a time" in text and "roofline" in text
+    rows = results["steps"]["summary"]["rows"]
+    assert {"one_row", "hf_batches"} <= set(rows)
+    assert all(r["rows_per_s"] > 0 and r["rows"] > 0 for r in rows.values())
