@@ -123,7 +123,7 @@ class InferenceConfig:
                 f"must be a list of model entries, got {type(self.models).__name__}")
         require(len(self.models) > 0 or (self.use_mean_prompt and bool(self.mean_prompt.strip())), "models",
                 "give at least one model, or none with use_mean_prompt on (every row is then the mean prompt)")
-        if not self.models:
+        if not self.models and not self.blend_file:  # (a blend that chose this has said so already)
             logger.warning("models is empty: no model runs, every row gets the mean prompt")
         specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
         names = [s.name for s in specs]
