@@ -152,6 +152,31 @@ def build_random(name: str, config, quantization_config=None, device: str = "cud
     return model.eval()
 
 
+def synthetic_train_config(name: str, work: Path, run_name: str, folder: Path, steps: int, micro_batch: int,
+                           max_seq_length: int):
+    """The project's TrainConfig for a check on synthetic rows (the rows are built here, not read from files)."""
+    from kaggle_utils import training
+
+    return training.TrainConfig(run_name=run_name, runs_dir=str(work / "runs"), preset=name,
+                                base_model_path=str(folder), train_files=["(synthetic rows)"],
+                                validation_file="(synthetic rows)", val_rows=2, max_steps=steps,
+                                batch_size=micro_batch, micro_batch_size=micro_batch, save_steps=5, warmup_steps=0,
+                                learning_rate=1e-3, max_seq_length=max_seq_length)
+
+
+def lora_snapshot(model) -> dict:
+    """A copy of every LoRA tensor, to tell afterwards which ones training moved."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def lora_changed(model, before: dict) -> int:
+    """How many of the ``before`` LoRA tensors differ now."""
+    import torch
+
+    now = dict(model.named_parameters())
+    return sum(not torch.equal(v, now[n].detach().float()) for n, v in before.items())
+
+
 def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -> dict:
     """Write a real checkpoint (per-expert ``w1/w2/w3`` tensors, random bf16) of ``layers`` layers and load it with
     ``models.load_model`` itself (nothing patched): the experts must arrive 4-bit and the loading peak must stay near
@@ -182,11 +207,8 @@ def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -
         torch.cuda.empty_cache()
         for i in range(torch.cuda.device_count()):
             torch.cuda.reset_peak_memory_stats(i)
-    tcfg = training.TrainConfig(run_name=f"{name}-checkpoint", runs_dir=str(work / "runs"), preset=name,
-                                base_model_path=str(folder), train_files=["(synthetic rows)"],
-                                validation_file="(synthetic rows)", val_rows=2, max_steps=2, batch_size=2,
-                                micro_batch_size=2, save_steps=5, warmup_steps=0, learning_rate=1e-3,
-                                max_seq_length=1024)
+    tcfg = synthetic_train_config(name, work, f"{name}-checkpoint", folder, steps=2, micro_batch=2,
+                                  max_seq_length=1024)
     shutil.rmtree(tcfg.run_dir, ignore_errors=True)
     training.prepare_run(tcfg)
     t0 = time.perf_counter()
@@ -213,14 +235,13 @@ def load_checkpoint_check(name: str, overrides: dict, layers: int, work: Path) -
     from datasets import Dataset
 
     rows, _ = synthetic_rows(tok, 6, 480, 0)
-    lora_before = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    lora_before = lora_snapshot(model)
     trainer = training.build_trainer(tcfg, model, tok, Dataset.from_list(rows[2:]), Dataset.from_list(rows[:2]))
     t0 = time.perf_counter()
     trainer.train()
     out["train_s"] = round(time.perf_counter() - t0, 1)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    now = dict(model.named_parameters())
-    changed = sum(not torch.equal(v, now[n].detach().float()) for n, v in lora_before.items())
+    changed = lora_changed(model, lora_before)
     out["train"] = {"losses": losses, "adapter_tensors_changed": f"{changed}/{len(lora_before)}"}
     if cuda:
         out["train_peak_gib_per_gpu"] = [common.gib(torch.cuda.max_memory_allocated(i))
@@ -302,11 +323,8 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
         qcfg_holder["q"] = qcfg
         return build_random(name, config, qcfg, device=device, dtype=None if load_in_4bit else dtype)
 
-    tcfg = training.TrainConfig(run_name=name, runs_dir=str(work / "runs"), preset=name, base_model_path=str(folder),
-                                train_files=["(synthetic rows)"], validation_file="(synthetic rows)", val_rows=2,
-                                max_steps=cfg.steps, batch_size=cfg.micro_batch_size,
-                                micro_batch_size=cfg.micro_batch_size, save_steps=5, warmup_steps=0,
-                                learning_rate=1e-3, max_seq_length=max(1024, cfg.prompt_tokens + 64))
+    tcfg = synthetic_train_config(name, work, name, folder, steps=cfg.steps, micro_batch=cfg.micro_batch_size,
+                                  max_seq_length=max(1024, cfg.prompt_tokens + 64))
     training.prepare_run(tcfg)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -331,7 +349,7 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
 
     # ---- two optimizer steps through the project's trainer
     train_rows, texts = synthetic_rows(tok, cfg.micro_batch_size * cfg.steps + 2, cfg.prompt_tokens, cfg.seed)
-    lora_before = {n: p.detach().float().clone() for n, p in model.named_parameters() if "lora_" in n}
+    lora_before = lora_snapshot(model)
     step_times, how = [], ""
     try:  # the project's trainer needs trl + datasets; any import failure means the fallback loop below
         from datasets import Dataset
@@ -372,10 +390,9 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
         losses = plain_steps(model, tok, train_rows[2:], cfg, step_times, cuda)
     row["train"] = {"how": how, "losses": losses, "finite": bool(losses) and all(math.isfinite(x) for x in losses),
                     "step_s": [round(t, 2) for t in step_times]}
-    after = {n: p.detach().float() for n, p in model.named_parameters() if "lora_" in n}
-    changed = [n for n in lora_before if not torch.equal(lora_before[n], after[n])]
-    row["train"]["adapter_tensors_changed"] = f"{len(changed)}/{len(lora_before)}"
-    row["train"]["adapter_changed"] = bool(changed)
+    changed = lora_changed(model, lora_before)
+    row["train"]["adapter_tensors_changed"] = f"{changed}/{len(lora_before)}"
+    row["train"]["adapter_changed"] = changed > 0
     if cuda:
         row["train_peak_gib"] = common.gib(torch.cuda.max_memory_allocated())
 

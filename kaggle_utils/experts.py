@@ -44,8 +44,9 @@ class Experts4bit(nn.Module):
         super().__init__()
         from transformers.activations import ACT2FN
 
-        q = dict(quant if quant is not None else (self.quant or {}))
-        self._quant = q
+        # bitsandbytes' own defaults, then the model's settings
+        self._quant = {"quant_type": "nf4", "compress_statistics": True, "quant_storage": torch.uint8,
+                       "compute_dtype": None, **(quant if quant is not None else (self.quant or {}))}
         self.num_experts = config.num_local_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.intermediate_size
@@ -80,9 +81,7 @@ class Experts4bit(nn.Module):
         key = "gate_up" if name == "gate_up_proj" else "down"
         q = self._quant
         if "experts" not in self._modules:
-            kw = dict(bias=False, compute_dtype=q.get("compute_dtype"), quant_type=q.get("quant_type", "nf4"),
-                      compress_statistics=q.get("compress_statistics", True),
-                      quant_storage=q.get("quant_storage", torch.uint8))
+            kw = dict(bias=False, **q)
             with torch.device("meta"):  # shells only: the weights are set below
                 self.experts = nn.ModuleList(
                     nn.ModuleDict({"gate_up": bnb.nn.Linear4bit(self.hidden_dim, 2 * self.intermediate_dim, **kw),
@@ -92,9 +91,8 @@ class Experts4bit(nn.Module):
         for e in range(self.num_experts):
             layer = self.experts[e][key]
             layer.weight = bnb.nn.Params4bit(
-                fused[e].contiguous(), requires_grad=False, quant_type=q.get("quant_type", "nf4"),
-                compress_statistics=q.get("compress_statistics", True),
-                quant_storage=q.get("quant_storage", torch.uint8), module=layer,
+                fused[e].contiguous(), requires_grad=False, quant_type=q["quant_type"],
+                compress_statistics=q["compress_statistics"], quant_storage=q["quant_storage"], module=layer,
             ).to(fused.device)  # Params4bit quantizes on its first move to a device
             layer.weight._is_hf_initialized = True  # transformers' weight init must not touch the packed bytes
         self._parameters.pop(name, None)
