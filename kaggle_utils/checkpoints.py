@@ -62,12 +62,13 @@ class SelectConfig:
     runs_dir: str = "runs"  # parent of all run folders (gitignored)
     base_model_path: str = ""  # base weights; "" = the path the run was trained with (its config.json)
     validation_file: str = ""  # CSV to score on; "" = the run's own validation.csv (prompt groups never trained on)
-    val_rows: int = 24  # rows scored per candidate step, drawn as whole prompt groups (0 = all rows)
+    val_rows: int = 0  # rows scored per candidate step, drawn as whole prompt groups (0 = all the choice rows)
     every_k: int = 1  # score every k-th checkpoint counted back from the last (1 = all); the last always counts
     force_step: int = 0  # choose this checkpoint step whatever the scores (0 or -1 = no override)
     scorer_path: str = ""  # local sentence-transformers folder (sentence-t5-base = the real metric); "" = MiniLM
     max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
-    max_prompt_tokens: int = 0  # longer validation prompts are truncated; 0 = the run's training max_seq_length
+    max_prompt_tokens: int = 0  # longer validation prompts are cut; 0 = as in training (its max_prompt_tokens, else
+    # its max_seq_length)
     batch_size: int = 24  # rows per generate call
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
     seed: int = 0  # seed of the validation subset draw
@@ -195,12 +196,13 @@ def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
 
 
 def prompt_token_limit(cfg: SelectConfig, run_cfg: dict) -> int:
-    """Prompt tokens kept per validation row: ``max_prompt_tokens``, or by default the run's ``max_seq_length``.
+    """Prompt tokens kept per validation row: ``max_prompt_tokens``, or by default the run's training cut
+    (``max_prompt_tokens``) or else its ``max_seq_length``.
 
     The model never trained on longer rows (training drops them), and prefill of long prompts is what a CPU
     selection spends its time on (SmolLM2's validation rows average about 580 tokens, its training limit is 384).
     """
-    return cfg.max_prompt_tokens or int(run_cfg.get("max_seq_length") or 1024)
+    return cfg.max_prompt_tokens or int(run_cfg.get("max_prompt_tokens") or run_cfg.get("max_seq_length") or 1024)
 
 
 def plot_losses(cfg: SelectConfig) -> Path:
@@ -477,7 +479,12 @@ def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0)
 
 
 def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = None) -> Path:
-    """Mean SCS against step (step 0 = base model), as ``selected/scores.png``; the chosen step is marked."""
+    """Mean SCS against step (step 0 = base model) with the eval loss on a second axis, as ``selected/scores.png``.
+
+    The chosen step is starred. The best-scoring step is where training stopped helping on these rows: the steps
+    after it are shaded, so a curve that is still rising at the last step (train longer) reads differently from one
+    that peaked early (over-fitting, or a learning rate too high).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -485,20 +492,34 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
 
     scores = scores.sort_values("step")
     chosen = choose_step(scores, cfg.force_step) if chosen is None else chosen
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(scores["step"], scores["scs"], "o-", label="mean SCS")
+    best = choose_step(scores)
+    last = int(scores["step"].max())
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    ax.plot(scores["step"], scores["scs"], "o-", label="mean SCS (left axis)")
     base = scores.loc[scores["step"] == 0, "scs"]
     if len(base):
         ax.axhline(float(base.iloc[0]), color="grey", ls="--", lw=1, label="step 0 (base model)")
+    if best < last:
+        ax.axvspan(best, last, color="tab:orange", alpha=0.12,
+                   label=f"after step {best}: no better score (training stopped helping)")
+    else:
+        ax.annotate("still rising at the last step:\ntraining longer may help", (best, float(scores["scs"].max())),
+                    textcoords="offset points", xytext=(-150, -40), fontsize=8,
+                    arrowprops=dict(arrowstyle="->", color="grey"))
     pick = scores.loc[scores["step"] == chosen]
     ax.plot(pick["step"], pick["scs"], "*", ms=16, color="tab:red",
             label=f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
+    losses = checkpoint_metrics(cfg.run_dir).dropna(subset=["eval_loss"])
+    if len(losses):
+        twin = ax.twinx()
+        twin.plot(losses["step"], losses["eval_loss"], "s:", color="tab:green", alpha=0.7, ms=4)
+        twin.set_ylabel("eval loss (dotted, right axis)", color="tab:green")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean sharpened cosine (cos³)")
-    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} validation rows\nscorer: "
+    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} choice rows\nscorer: "
                  f"{scores['scorer'].iloc[0]}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8, loc="lower right")
     out = cfg.run_dir / SELECTED_DIR
     out.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

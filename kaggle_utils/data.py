@@ -146,8 +146,9 @@ def filter_by_length(df: pd.DataFrame, lengths, max_length: int, margin: int = 8
     return df.loc[keep].reset_index(drop=True)
 
 
-def load_training_rows(files, dedup: bool = True) -> pd.DataFrame:
-    """Read, validate and concatenate training CSVs; drop incomplete rows; optionally dedup prompts."""
+def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1) -> pd.DataFrame:
+    """Read, validate and concatenate training CSVs; drop incomplete rows; optionally keep at most
+    ``max_per_prompt`` rows per distinct prompt."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
@@ -155,5 +156,5 @@ def load_training_rows(files, dedup: bool = True) -> pd.DataFrame:
     frames = [drop_incomplete(read_rewrites(f, require_prompt=True)) for f in files]
     df = pd.concat(frames, ignore_index=True)
     if dedup:
-        df = dedup_prompts(df)
+        df = dedup_prompts(df, max_per_prompt)
     return df

@@ -7,6 +7,7 @@ rendered as a kernel. Each step is one call here, so the notebook stays a list o
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -22,13 +23,16 @@ from .config import ConfigError, require, resolve_path, save_config
 logger = logging.getLogger("kaggle_utils")
 
 MODEL_KEYS = ("name", "preset", "base_model_path", "adapter_path", "merged_path", "n", "temperature", "top_p",
-              "forced_start")
+              "forced_start", "greedy_first")
+REQUIRED_MODEL_KEYS = ("name", "preset")  # the others default to ModelSpec's values
 DEFAULT_MODELS = [{"name": "smollm", "preset": "smollm2-135m", "base_model_path": "", "adapter_path": "runs/demo/selected",
-                   "merged_path": "", "n": 4, "temperature": 0.7, "top_p": 0.95, "forced_start": ""}]
+                   "merged_path": "", "n": 4, "temperature": 0.7, "top_p": 0.95, "forced_start": "",
+                   "greedy_first": True}]
 SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
 SCORES_FILE = "scores.csv"
+DEFAULT_PROMPT_TOKENS = 1024  # prompt tokens kept when neither the config nor the adapter's selection says
 SAMPLING_FILE = "sampling.csv"
 
 
@@ -49,12 +53,14 @@ class ModelSpec:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # nucleus sampling mass
     forced_start: str = ""  # every answer starts with this text (e.g. "Rewrite")
+    greedy_first: bool = False  # the first prediction is greedy, the other n - 1 sampled at temperature
 
     def __post_init__(self):
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.name))), "name",
                 f"must be a short file-name-safe word, got '{self.name}'")
         preset = models.get_preset(self.preset)
-        sampling.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p)  # validates the numbers
+        sampling.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                                greedy_first=self.greedy_first)  # validates the numbers
         self._preset = preset
 
     def check_paths(self) -> None:
@@ -70,10 +76,11 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, entry, index: int) -> "ModelSpec":
-        """Build from one ``models`` entry; a missing or unknown key, or a bad value, names the entry and the key."""
+        """Build from one ``models`` entry; a missing required key (name, preset), an unknown key or a bad value
+        names the entry and the key. Left-out optional keys take :class:`ModelSpec`'s defaults."""
         if not isinstance(entry, dict):
             raise ConfigError(f"models[{index}]: must be a dict with keys {list(MODEL_KEYS)}, got {entry!r}")
-        missing = [k for k in MODEL_KEYS if k not in entry]
+        missing = [k for k in REQUIRED_MODEL_KEYS if k not in entry]
         unknown = [k for k in entry if k not in MODEL_KEYS]
         if missing or unknown:
             raise ConfigError(f"models[{index}]: " + "; ".join(
@@ -83,6 +90,21 @@ class ModelSpec:
             return cls(**entry)
         except ConfigError as e:
             raise ConfigError(f"models[{index}] ({entry.get('name')}): {e}") from None
+
+    def trained_prompt_tokens(self) -> int:
+        """The prompt length this model's adapter was selected at (``selection.json``'s ``max_prompt_tokens``, which
+        follows the training cut), so it is shown prompts cut as in training; :data:`DEFAULT_PROMPT_TOKENS` when
+        there is no such file (a base model, an adapter from elsewhere)."""
+        for folder in ([self.adapter_path] if self.adapter_path else []) + (
+                [str(Path(self.merged_path).parent)] if self.merged_path else []):
+            path = resolve_path(folder) / sampling.SELECTION_FILE
+            try:
+                value = int(json.loads(path.read_text()).get("max_prompt_tokens") or 0)
+            except (OSError, ValueError, AttributeError):
+                continue
+            if value:
+                return value
+        return DEFAULT_PROMPT_TOKENS
 
     @property
     def label(self) -> str:
@@ -102,18 +124,21 @@ class InferenceConfig:
     mean_prompt: str = blending.DEFAULT_MEAN_PROMPT  # the string appended to every row
     separator: str = " "  # between joined predictions and the mean prompt
     engine: str = "auto"  # auto | vllm | hf
+    dtype: str = "auto"  # auto (fp16 on T4, bf16 on newer GPUs) | float16 (run as a T4 would) | bfloat16
     deadline_hours: float = budget.DEFAULT_DEADLINE_HOURS  # budget from the notebook's start (Kaggle stops at 9 h)
     scorer_path: str = ""  # local sentence-t5-base folder; "" = the MiniLM stand-in
     fallback_prompt: str = prompts.FALLBACK_PROMPT  # for empty generations, failed rows, rows past the deadline
     identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
     max_new_tokens: int = 32  # a recovered prompt is one sentence
-    max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts
+    max_prompt_tokens: int = 0  # longer prompts are cut (instruction kept, both texts trimmed); 0 = per model, the
+    # length its adapter was selected at (selection.json), else DEFAULT_PROMPT_TOKENS
     batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
     gpu_memory_utilization: float = 0.9  # vLLM's share of each GPU
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
     scores_path: str = ""  # where the scores table goes; "" = <run_dir>/scores.csv (make demo: runs/demo/scores.csv)
+    score_split: str = "test"  # the scored rows' label in the table: report (chose nothing) | choice | test
     blend_file: str = ""  # blend.json chosen on validation by make mean-prompt; "" = the plan as given
 
     def __post_init__(self):
@@ -129,12 +154,15 @@ class InferenceConfig:
         names = [s.name for s in specs]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
         require(self.engine in sampling.ENGINES, "engine", f"must be one of {sampling.ENGINES}, got '{self.engine}'")
+        require(self.dtype in sampling.DTYPES, "dtype", f"must be one of {sampling.DTYPES}, got '{self.dtype}'")
         require(self.deadline_hours > 0, "deadline_hours", f"must be > 0, got {self.deadline_hours}")
         require(bool(self.fallback_prompt.strip()), "fallback_prompt", "must not be blank (it fills failed rows)")
         require(bool(self.identical_fallback.strip()), "identical_fallback", "must not be blank")
         require(not self.use_mean_prompt or bool(self.mean_prompt.strip()), "mean_prompt",
                 "is blank while use_mean_prompt is on")
         require(self.max_rows >= 0, "max_rows", f"must be >= 0, got {self.max_rows}")
+        require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
+                f"must be 0 (each model's training length) or >= 64, got {self.max_prompt_tokens}")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
@@ -149,6 +177,8 @@ class InferenceConfig:
         if not plan["models"]:
             logger.warning("%s chose the mean prompt alone: no model runs, every row gets the mean prompt",
                            self.blend_file)
+        kept = {m["name"] for m in plan["models"]}
+        self._left_out = [dict(m) for m in self.models if isinstance(m, dict) and m.get("name") not in kept]
         self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
         if plan["mean_prompt"].strip():
             self.mean_prompt = plan["mean_prompt"]
@@ -170,12 +200,19 @@ class InferenceConfig:
         """The validated plan, in order."""
         return [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
 
+    @property
+    def left_out_specs(self) -> list[ModelSpec]:
+        """The plan's models that the blend (``blend_file``) left out: not sampled for the submission, only scored
+        as references when ``score_base_model`` is on."""
+        return [ModelSpec.from_dict(m, i) for i, m in enumerate(getattr(self, "_left_out", []))]
+
     def sampling_config(self, spec: ModelSpec, n: int | None = None) -> sampling.SamplingConfig:
         """How to sample ``spec`` (``n`` overrides its n, e.g. 1 for a baseline)."""
         return sampling.SamplingConfig(n=spec.n if n is None else n, temperature=spec.temperature, top_p=spec.top_p,
                                        max_new_tokens=self.max_new_tokens, seed=self.seed,
                                        forced_start=spec.forced_start, batch_size=self.batch_size,
-                                       max_prompt_tokens=self.max_prompt_tokens)
+                                       greedy_first=spec.greedy_first,
+                                       max_prompt_tokens=self.max_prompt_tokens or spec.trained_prompt_tokens())
 
 
 # ---------------------------------------------------------------- phases
@@ -231,10 +268,36 @@ def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.Samp
            folder: str = PREDICTIONS_DIR) -> sampling.PredictionStore:
     weights = spec.merged_path or spec.adapter_path
     fingerprint = {**{k: getattr(spec, k) for k in ("preset", "base_model_path", "adapter_path", "merged_path",
-                                                     "temperature", "top_p", "forced_start")},
+                                                     "temperature", "top_p", "forced_start", "greedy_first")},
                    "weights": sampling.fingerprint_files(weights) if weights else "",
                    **{k: getattr(scfg, k) for k in ("n", "max_new_tokens", "max_prompt_tokens", "seed")}}
     return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
+
+
+_PLAN_ERRORS = (ConfigError, sampling.AdapterError, models.ModelPathError)  # the user's to fix: never papered over
+
+
+def _start_engine(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig
+                  ) -> sampling.Engine:
+    """Load one model in engine ``kind``; when vLLM fails to start (a driver too old for its CUDA, out of memory,
+    a missing kernel) the error is logged and the same model loads in the HF engine instead."""
+    def load(engine_kind: str) -> sampling.Engine:
+        return sampling.load_engine(engine_kind, spec.preset, spec.base_model_path, spec.adapter_path,
+                                    spec.merged_path, gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                    max_model_len=scfg.max_prompt_tokens + scfg.max_new_tokens + 8, seed=cfg.seed,
+                                    dtype=cfg.dtype)
+
+    if kind != "vllm":
+        return load(kind)
+    try:
+        return load("vllm")
+    except _PLAN_ERRORS:
+        raise
+    except Exception as e:
+        logger.error("%s: vLLM failed to start (%s: %s); falling back to the HF engine for this model\n%s", name,
+                     type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", traceback.format_exc())
+        sampling.free_gpu_memory()
+        return load("hf")
 
 
 def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
@@ -242,13 +305,11 @@ def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg
     """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
     engine = None
     try:
-        engine = sampling.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
-                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                      max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens + 8, seed=cfg.seed)
+        engine = _start_engine(cfg, kind, spec, name, scfg)
         return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
                                     rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                     model_name=name)
-    except (ConfigError, sampling.AdapterError, models.ModelPathError):
+    except _PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
         logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())
@@ -301,25 +362,32 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
 
 def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Deadline
                      ) -> dict[str, dict[str, list[str]]]:
-    """With ``score_base_model`` and a scored test CSV: each preset's base model zero-shot, 1 prediction per row,
-    for the scores table. Runs after the submission is written, so it never costs the submission; {} otherwise."""
-    if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not cfg.models:
+    """With ``score_base_model`` and a scored test CSV, the reference systems of the scores table, 1 prediction per
+    row each: every preset's base model zero-shot, and every plan model the blend left out (so its own score on these
+    rows is still known). Keys are the table's system names. Runs after the submission is written, so it never costs
+    the submission; {} otherwise."""
+    left_out = cfg.left_out_specs
+    if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not (cfg.models or left_out):
         return {}
     kind = sampling.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
+    runs = [(f"{s.preset} base, zero-shot, 1 prediction", s,
+             dataclasses.replace(s, name=f"{s.preset}-base", adapter_path="", merged_path=""))
+            for s in {s.preset: s for s in cfg.model_specs + left_out}.values()]
+    runs += [(f"{s.label} (left out by the blend), 1 prediction", s, dataclasses.replace(s, name=f"{s.name}-left-out"))
+             for s in left_out]
     out = {}
-    for spec in {s.preset: s for s in cfg.model_specs}.values():
-        base = dataclasses.replace(spec, name=f"{spec.preset}-base", adapter_path="", merged_path="")
+    for system, spec, model in runs:
         scfg = cfg.sampling_config(spec, n=1)
-        store = _store(cfg, base, base.name, scfg, BASELINES_DIR)
+        store = _store(cfg, model, model.name, scfg, BASELINES_DIR)
         if deadline.expired():
-            logger.warning("%s: skipped, the deadline has passed", base.name)
+            logger.warning("%s: skipped, the deadline has passed", model.name)
             continue
         if any(not store.is_done(i, k) for i, k in zip(ids, keys)):
-            _run_model(cfg, kind, base, base.name, scfg, store, rows, deadline.for_model(1, 0))
-        out[f"{spec.preset} base"] = store.predictions(ids, keys)
+            _run_model(cfg, kind, model, model.name, scfg, store, rows, deadline.for_model(1, 0))
+        out[system] = store.predictions(ids, keys)
     return out
 
 
@@ -412,24 +480,13 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
                                          cfg.mean_prompt if cfg.use_mean_prompt else "", cfg.separator,
                                          cfg.fallback_prompt, baselines=filled_base,
                                          labels={s.name: s.label for s in specs})
-    table = blending.score_systems(metric.Scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist())
+    table = blending.score_systems(metric.Scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist(),
+                                   split=cfg.score_split)
     path = resolve_path(cfg.scores_path) if cfg.scores_path else resolve_path(cfg.run_dir) / SCORES_FILE
-    write_scores(path, table)
-    logger.info("scores (%s) written to %s", table["scorer"].iloc[0] if len(table) else "?", path)
+    blending.write_scores(path, table)
+    logger.info("scores (%s, %s rows) written to %s", table["scorer"].iloc[0] if len(table) else "?",
+                cfg.score_split, path)
     return table
-
-
-def write_scores(path: str | os.PathLike, table: pd.DataFrame) -> Path:
-    """Write ``table`` to a scores CSV shared with other stages: its systems replace same-named rows and come first;
-    rows other stages added (e.g. the optimized mean prompt's) stay after them."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        old = pd.read_csv(path)
-        if list(old.columns) == blending.SCORE_COLUMNS:
-            table = pd.concat([table, old.loc[~old["system"].isin(table["system"])]], ignore_index=True)
-    table.to_csv(path, index=False)
-    return path
 
 
 def plot_scores(cfg: InferenceConfig, scores: pd.DataFrame | None) -> Path | None:

@@ -57,6 +57,7 @@ LOCAL_DIR = "build/local"
 DATASETS_DIR = "build/datasets"
 WHEELS_DIR = "build/wheels"
 GPU_REQUIREMENTS = "requirements-gpu.txt"
+GPU_WHEELS_TARGET = "/tmp/gpu-wheels"  # where a kernel installs the GPU wheels (kaggle_utils.wheels)
 
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -86,6 +87,7 @@ class ModelEntry:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 0.95  # nucleus sampling mass
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
+    greedy_first: bool = False  # the first prediction is greedy, the other n - 1 sampled at temperature
     use_merged: bool = False  # serve <adapter>/merged/ (weights with the adapter merged in: vLLM's way round T4 LoRA)
 
     def __post_init__(self):
@@ -363,6 +365,7 @@ def kernel_params(plan: Plan, variant: Variant) -> dict[str, Any]:
             "temperature": entry.temperature,
             "top_p": entry.top_p,
             "forced_start": entry.forced_start,
+            "greedy_first": entry.greedy_first,
         })
     params: dict[str, Any] = {
         "test_file": TEST_FILE,
@@ -401,26 +404,28 @@ def kernel_metadata(plan: Plan, variant: Variant, user: str) -> dict[str, Any]:
 
 
 def install_cell_source(plan: Plan) -> str:
-    """The first cell of every rendered kernel: offline install of kaggle_utils and the GPU wheels, then provenance."""
+    """The first cell of every rendered kernel: offline install of kaggle_utils, then of the GPU wheels (checked,
+    with the HF engine on Kaggle's own torch as the fallback: :mod:`kaggle_utils.wheels`), then provenance."""
     library = f"{KAGGLE_INPUT}/{plan.library_dataset}"
     wheels = f"{KAGGLE_INPUT}/{plan.wheels_dataset}"
     return f'''\
 # Added by `make render` (kaggle_utils.kernels), not part of notebooks/inference.ipynb: on Kaggle, install the bundle's
-# library and the GPU stack from the attached datasets, fully offline (this competition allows no internet).
+# library, then the GPU wheels, fully offline (this competition allows no internet). The GPU wheels go to a folder of
+# their own and are used only if vLLM imports and sees the GPUs there; otherwise the log says why and the HF engine
+# runs on Kaggle's own torch, so the install can never cost the submission.
 # Off Kaggle (`make render-local`) nothing is installed and the checkout's kaggle_utils is used.
 import os, subprocess, sys
 LIBRARY_DIR = "{library}"  # the kaggle_utils wheel + COMMIT (make push-lib)
 WHEELS_DIR = "{wheels}"  # vLLM and its dependencies for Kaggle's Python (make wheels)
 if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check"]
-    requirements = os.path.join(WHEELS_DIR, "{GPU_REQUIREMENTS}")
-    if os.path.exists(requirements):
-        subprocess.run(pip + ["--find-links", WHEELS_DIR, "-r", requirements], check=True)
-    else:
-        print(f"no {{requirements}}: keeping Kaggle's own packages (the HF engine still works)")
     subprocess.run(pip + ["--no-deps", "--force-reinstall", "--find-links", LIBRARY_DIR, "{PACKAGE}"], check=True)
 import kaggle_utils
-print(f"kaggle_utils {{kaggle_utils.__version__}}, commit {{kaggle_utils.git_commit()}}")'''
+from kaggle_utils import config, wheels
+config.setup_logging()
+print(f"kaggle_utils {{kaggle_utils.__version__}}, commit {{kaggle_utils.git_commit()}}")
+if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
+    print(wheels.summary(wheels.setup_gpu_stack(WHEELS_DIR, "{GPU_WHEELS_TARGET}")))'''
 
 
 # ---------------------------------------------------------------- notebooks
@@ -562,7 +567,8 @@ class LocalSettings:
         require(isinstance(self.paths, dict) and bool(self.paths), "paths", "map at least /kaggle/working")
         for prefix in self.paths:
             require(str(prefix).startswith("/kaggle/"), "paths", f"'{prefix}' is not a /kaggle/ path")
-        allowed = {"preset", "base_model_path", "adapter_path", "merged_path", "temperature", "top_p", "forced_start"}
+        allowed = {"preset", "base_model_path", "adapter_path", "merged_path", "temperature", "top_p", "forced_start",
+                   "greedy_first"}
         extra = sorted(set(self.model) - allowed)
         require(not extra, "model", f"{extra} cannot be replaced; allowed: {sorted(allowed)}")
         require(self.max_n >= 0, "max_n", f"must be >= 0, got {self.max_n}")
@@ -767,13 +773,15 @@ def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version:
                             requirements: str = GPU_REQUIREMENTS) -> list[str]:
     """``pip download`` of the GPU requirements as wheels for Kaggle's Python on x86-64 Linux (glibc 2.35).
 
-    Binary wheels only: Kaggle cannot build anything offline. Several manylinux tags, since pip takes only the
-    platforms it is given.
+    Binary wheels only: Kaggle cannot build anything offline. Every manylinux tag up to glibc 2.35, since pip takes
+    only the platforms it is given.
     """
     cmd = [sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "-r", str(resolve_path(requirements)),
            "-d", str(resolve_path(out)), "--only-binary=:all:", "--python-version", python_version,
            "--implementation", "cp"]
-    for platform in ("manylinux_2_35_x86_64", "manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"):
+    # pip matches platform tags exactly, and the wheels use many (torch's CUDA libraries: manylinux_2_27; others
+    # 2_17, 2_28, 2_34...): every glibc from 2.17 up to Kaggle's 2.35, newest first.
+    for platform in [f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)] + ["manylinux2014_x86_64", "linux_x86_64"]:
         cmd += ["--platform", platform]
     return cmd
 

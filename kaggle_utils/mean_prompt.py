@@ -55,6 +55,7 @@ OPTIONS_FILE = "blend_options.csv"
 OPTIONS_PLOT = "blend_options.png"
 SCORES_FILE = "scores.csv"
 MEAN_PROMPT_KINDS = ("none", "public", "optimized")
+SPLIT = "choice"  # this stage's scores are on the rows it chose the blend on
 _PUNCTUATION = set(".,;:!?")
 
 
@@ -172,6 +173,15 @@ def _unique_prompts(prompts: Sequence[str], exclude: Sequence[str] = ()) -> list
         if key and key not in banned and key not in out:
             out[key] = p.strip()
     return list(out.values())
+
+
+def report_prompts(cfg: MeanPromptConfig) -> list[str]:
+    """The prompts of the run's report rows (``report.csv``, written by the train stage), which nothing here may see:
+    they are removed from the targets and the vocabulary like the validation prompts; [] when the run has none."""
+    from .training import REPORT_FILE
+
+    path = cfg.run_dir / REPORT_FILE
+    return read_prompt_set(path) if path.exists() else []
 
 
 def run_train_files(cfg: MeanPromptConfig) -> list[str]:
@@ -660,7 +670,9 @@ def prepare(cfg: MeanPromptConfig, scorer) -> Inputs:
     save_config(cfg, cfg.run_dir, name="mean_prompt_config.json")
     validation_file = cfg.validation_file or cfg.run_dir / "validation.csv"
     validation = read_validation(validation_file)
-    val_prompts = validation[data.PROMPT_COLUMN].tolist()
+    # Never seen by the search or the vocabulary: the validation rows (the blend is chosen on them) and the run's
+    # report rows (they score the result).
+    val_prompts = validation[data.PROMPT_COLUMN].tolist() + report_prompts(cfg)
     files = find_prediction_files(cfg)
     predictions: dict[str, list[list[str]]] = {}
     if files:
@@ -813,30 +825,16 @@ def score_rows(scorer, inputs: Inputs, searched: dict, choice: dict) -> list[dic
     n = len(truths)
     mean_prompts = {"public": PUBLIC_MEAN_PROMPT, "optimized": searched["string"]}
     tag = ", searched on part of these rows" if searched.get("objective") == "blend" else ""
-    rows = [scorer.report("mean prompt alone (public 0.63)", [PUBLIC_MEAN_PROMPT] * n, truths),
-            scorer.report(f"mean prompt alone (optimized{tag})", [searched["string"]] * n, truths)]
+    rows = [scorer.report("mean prompt alone (public 0.63)", [PUBLIC_MEAN_PROMPT] * n, truths, split=SPLIT),
+            scorer.report(f"mean prompt alone (optimized{tag})", [searched["string"]] * n, truths, split=SPLIT)]
     blends = [(f"predictions + optimized mean prompt{tag}", choice.get("best_with_optimized_mean_prompt")),
               ("blend chosen on validation", choice)]
     for system, picked in blends:
         if picked:
             option = BlendOption(tuple((m["model"], m["n"]) for m in picked["models"]), picked["mean_prompt_kind"])
             rows.append(scorer.report(system, blend_strings(option, inputs.predictions, range(n), mean_prompts,
-                                                            choice["separator"]), truths))
+                                                            choice["separator"]), truths, split=SPLIT))
     return rows
-
-
-def update_scores(path: str | os.PathLike, rows: Sequence[dict]) -> pd.DataFrame:
-    """Add ``rows`` to a scores table (columns system, scorer, rows, scs, cos); a row with the same system and scorer
-    is replaced, every other row is kept, so re-running the stage does not duplicate lines."""
-    file = Path(path)
-    columns = ["system", "scorer", "rows", "scs", "cos"]
-    old = pd.read_csv(file) if file.exists() else pd.DataFrame(columns=columns)
-    new = pd.DataFrame(list(rows))[columns]
-    keys = set(zip(new["system"], new["scorer"]))
-    keep = old[[(s, c) not in keys for s, c in zip(old["system"], old["scorer"])]] if len(old) else old
-    table = pd.concat([keep, new], ignore_index=True) if len(keep) else new
-    table.to_csv(file, index=False)
-    return table
 
 
 def load_blend(path: str | os.PathLike) -> dict:

@@ -20,6 +20,12 @@ from .config import resolve_path
 logger = logging.getLogger("kaggle_utils")
 
 STAND_IN_NAME = "all-MiniLM-L6-v2 (stand-in)"
+# The columns of every scores table the stages write (scores.csv): ``split`` says which rows were scored ("report":
+# rows that chose nothing; "choice": rows that chose the step, the blend or the mean prompt), and
+# ``scs_lo``/``scs_hi`` are a bootstrap interval of the mean SCS (INTERVAL_LEVEL) over prompt groups.
+SCORE_COLUMNS = ["system", "scorer", "split", "rows", "scs", "scs_lo", "scs_hi", "cos"]
+INTERVAL_LEVEL = 0.9
+BOOTSTRAP_DRAWS = 2000
 # What makes a folder a sentence-transformers model: its module list (pooling, normalization) lives in these files.
 _ST_MARKERS = ("modules.json", "config_sentence_transformers.json")
 
@@ -42,6 +48,30 @@ def sharpened_cosine(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray
     cos = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
     cos = np.clip(cos, -1.0, 1.0)  # rounding can push |cos| a hair above 1
     return np.sign(cos) * np.abs(cos) ** power
+
+
+def bootstrap_interval(values, groups=None, level: float = INTERVAL_LEVEL, draws: int = BOOTSTRAP_DRAWS,
+                       seed: int = 0) -> tuple[float, float]:
+    """A percentile bootstrap interval of the mean of ``values``, resampling whole ``groups`` when given.
+
+    Rows of one prompt group score alike (the same truth, often the same mistake), so resampling rows would make the
+    interval too narrow; with ``groups`` (one label per value) each draw takes groups with replacement and averages
+    all their rows. (nan, nan) for no values; a single group gives a zero-width interval (nothing to resample).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return float("nan"), float("nan")
+    labels = np.arange(values.size) if groups is None else np.unique(np.asarray(groups, dtype=str),
+                                                                     return_inverse=True)[1]
+    n_groups = int(labels.max()) + 1
+    sums = np.bincount(labels, weights=values, minlength=n_groups)
+    counts = np.bincount(labels, minlength=n_groups).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, n_groups, size=(draws, n_groups))
+    means = sums[picks].sum(axis=1) / counts[picks].sum(axis=1)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
 
 
 def check_scorer_path(scorer_path: str) -> Path:
@@ -176,9 +206,17 @@ class Scorer:
         """Per-row plain cosine (power 1), reported beside SCS."""
         return self._pairs(predictions, truths)
 
-    def report(self, system: str, predictions, truths) -> dict:
-        """One row of a scores table: system, scorer, rows, mean SCS, mean cosine."""
-        cos = self._pairs(list(predictions), list(truths))
-        return {"system": system, "scorer": self.name, "rows": len(cos),
-                "scs": round(float((np.sign(cos) * np.abs(cos) ** 3).mean()), 4) if len(cos) else float("nan"),
-                "cos": round(float(cos.mean()), 4) if len(cos) else float("nan")}
+    def report(self, system: str, predictions, truths, split: str = "") -> dict:
+        """One row of a scores table (:data:`SCORE_COLUMNS`): system, scorer, split, rows, mean SCS with its
+        bootstrap interval over prompt groups (rows with the same normalized truth are one group), mean cosine."""
+        from .data import normalize_prompt
+
+        truths = list(truths)
+        cos = self._pairs(list(predictions), truths)
+        scs = np.sign(cos) * np.abs(cos) ** 3
+        lo, hi = bootstrap_interval(scs, [normalize_prompt(str(t)) for t in truths])
+        nan = float("nan")
+        return {"system": system, "scorer": self.name, "split": split, "rows": len(cos),
+                "scs": round(float(scs.mean()), 4) if len(cos) else nan,
+                "scs_lo": round(lo, 4) if len(cos) else nan, "scs_hi": round(hi, 4) if len(cos) else nan,
+                "cos": round(float(cos.mean()), 4) if len(cos) else nan}

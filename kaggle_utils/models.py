@@ -286,9 +286,10 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
                max_memory_gib: float | None = None, for_training: bool = False):
     """Load a causal LM from a local folder per the preset (4-bit if asked), never from a hub.
 
-    On 2+ GPUs, training (``for_training``) and 4-bit Mixtral use :func:`layer_device_map` (``max_memory_gib`` does
-    not apply there: a warning says so); everything else uses accelerate's ``"auto"`` split, capped at
-    ``max_memory_gib`` per GPU, which may spill to the CPU.
+    Data-parallel training (``for_training`` under a launch with ``WORLD_SIZE`` > 1) puts the whole model on the
+    process's own GPU (``LOCAL_RANK``). Otherwise, on 2+ GPUs, training and 4-bit Mixtral use
+    :func:`layer_device_map` (``max_memory_gib`` does not apply there: a warning says so); everything else uses
+    accelerate's ``"auto"`` split, capped at ``max_memory_gib`` per GPU, which may spill to the CPU.
     """
     import torch
     from transformers import AutoModelForCausalLM
@@ -301,7 +302,10 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
     model_type = str(config.get("model_type", ""))
     fused_4bit = load_in_4bit and experts.has_fused_experts(model_type)
     dm = device_map(n)
-    if n > 1 and model_type in LAYERED_TYPES and (for_training or fused_4bit):
+    data_parallel = for_training and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if data_parallel and n:  # one whole model per process, on the process's own GPU
+        dm = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    elif n > 1 and model_type in LAYERED_TYPES and (for_training or fused_4bit):
         dm = layer_device_map(int(config["num_hidden_layers"]), n)
         if max_memory_gib:
             logger.warning("max_memory_gib=%s is not used: %s's layers are split evenly over %d GPUs with the LM head "

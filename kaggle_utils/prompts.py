@@ -110,15 +110,22 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_training_example(tokenizer, original_text: str, rewritten_text: str, rewrite_prompt: str) -> dict:
+def encode_training_example(tokenizer, original_text: str, rewritten_text: str, rewrite_prompt: str,
+                            max_prompt_tokens: int = 0) -> dict:
     """``input_ids`` of prompt + answer + EOS and a ``completion_mask`` that is 1 exactly on answer + EOS.
 
     TRL's SFTTrainer turns the mask into labels (-100 elsewhere) when ``completion_only_loss`` is on, so the loss
-    falls on the recovered prompt alone.
+    falls on the recovered prompt alone. ``max_prompt_tokens`` > 0 cuts a longer prompt exactly as generation does
+    (:func:`generation_ids`), so the model trains on what it will be shown.
     """
-    prompt_ids = encode(tokenizer, render_prompt(tokenizer, original_text, rewritten_text))
+    cut = False
+    if max_prompt_tokens:
+        prompt_ids, cut = generation_ids(tokenizer, original_text, rewritten_text, max_prompt_tokens)
+    else:
+        prompt_ids = encode(tokenizer, render_prompt(tokenizer, original_text, rewritten_text))
     answer_ids = encode(tokenizer, rewrite_prompt.strip()) + [tokenizer.eos_token_id]
-    return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids)}
+    return {"input_ids": prompt_ids + answer_ids, "completion_mask": [0] * len(prompt_ids) + [1] * len(answer_ids),
+            "truncated": cut}
 
 
 def _truncate(tokenizer, text: str, max_tokens: int) -> str:
@@ -159,11 +166,26 @@ _PREFIX = re.compile(
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
+def drop_repetition(text: str, span: int = 3) -> str:
+    """``text`` cut before the first repeat of any ``span``-word run: a small model's greedy output can loop
+    ("Rewrite it as a line from a line from a line from ...") until it runs out of tokens, and the loop only drags
+    the embedding away from the instruction it began with."""
+    words = text.split()
+    seen: set[tuple[str, ...]] = set()
+    for i in range(len(words) - span + 1):
+        run = tuple(w.lower().strip(".,;:!?") for w in words[i:i + span])
+        if run in seen:
+            return " ".join(words[:i]).rstrip(" ,;:")
+        seen.add(run)
+    return text
+
+
 def extract_prompt(generation: str, marker: str = "") -> str:
     """The recovered prompt sentence from a raw generation; "" when nothing usable is left.
 
     Strips an echoed response marker (and anything before it), chat special tokens, "Prompt:"-style prefixes and
-    surrounding quotes, and keeps the first non-empty line.
+    surrounding quotes, keeps the first non-empty line, and cuts it before a repeated run of words
+    (:func:`drop_repetition`).
     """
     text = generation or ""
     for m in {marker.strip(), *(m.strip() for m in FAMILY_MARKERS.values())} - {""}:
@@ -174,7 +196,7 @@ def extract_prompt(generation: str, marker: str = "") -> str:
     for line in lines:
         line = _PREFIX.sub("", line).strip()
         line = line.strip(_QUOTES + " ").strip()
-        line = re.sub(r"\s+", " ", line)
+        line = drop_repetition(re.sub(r"\s+", " ", line))
         if line and re.search(r"\w", line):
             return line
     return ""

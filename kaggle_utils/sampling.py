@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import decoding, models, prompts
-from .config import ConfigError, require, resolve_path
+from .config import require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
 
 ENGINES = ("auto", "vllm", "hf")
+DTYPES = ("auto", "float16", "bfloat16")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
 # vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 SELECTION_FILE = "selection.json"
@@ -46,6 +47,7 @@ class SamplingConfig:
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
     batch_size: int = 16  # rows per generate call (x n sequences)
     max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts
+    greedy_first: bool = False  # the first of the n predictions is greedy, the others sampled at ``temperature``
 
     def __post_init__(self):
         require(self.n >= 1, "n", f"must be >= 1, got {self.n}")
@@ -55,6 +57,15 @@ class SamplingConfig:
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         require(not (self.temperature == 0 and self.n > 1), "n",
                 f"n={self.n} with temperature 0 would repeat one greedy answer; set temperature > 0")
+
+    def passes(self) -> list["SamplingConfig"]:
+        """How the n predictions are drawn: one pass, or with ``greedy_first`` a greedy pass of 1 and a sampled
+        pass of n - 1 (none when n is 1). Each row's predictions are the passes' outputs in this order."""
+        if not self.greedy_first:
+            return [self]
+        greedy = dataclasses.replace(self, n=1, temperature=0.0, greedy_first=False)
+        rest = [dataclasses.replace(self, n=self.n - 1, greedy_first=False)] if self.n > 1 else []
+        return [greedy, *rest]
 
 
 # ---------------------------------------------------------------- adapters
@@ -184,14 +195,19 @@ class Engine:
         for attr in ("model", "llm"):
             if hasattr(self, attr):
                 setattr(self, attr, None)
-        gc.collect()
-        try:
-            import torch
+        free_gpu_memory()
 
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - torch is always there in this bundle
-            pass
+
+def free_gpu_memory() -> None:
+    """Collect garbage and return cached CUDA memory, so the next model (or engine) gets the cards."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is always there in this bundle
+        pass
 
 
 class HFEngine(Engine):
@@ -207,8 +223,9 @@ class HFEngine(Engine):
 
     @classmethod
     def from_preset(cls, preset: str, base_model_path: str = "", adapter_path: str = "", merge: bool = True,
-                    load_in_4bit: bool = False, max_gpu_memory_gib: float | None = None) -> "HFEngine":
-        """Load base model (+ adapter) for a preset from local folders."""
+                    load_in_4bit: bool = False, max_gpu_memory_gib: float | None = None,
+                    dtype: str = "auto") -> "HFEngine":
+        """Load base model (+ adapter) for a preset from local folders (``dtype`` as in :data:`DTYPES`)."""
         import torch
 
         spec = models.get_preset(preset)
@@ -220,8 +237,11 @@ class HFEngine(Engine):
         prompts.ensure_chat_template(tokenizer, spec.family)
         resized = prompts.ensure_pad_token(tokenizer)
         # bf16 generation is about 6x faster than fp32 on these CPUs (AMX); GPUs use their own best dtype.
-        dtype = models.compute_dtype() if torch.cuda.is_available() else torch.bfloat16
-        model = models.load_model(spec, base, load_in_4bit=load_in_4bit, dtype=dtype, max_memory_gib=max_gpu_memory_gib)
+        torch_dtype = models.compute_dtype() if torch.cuda.is_available() else torch.bfloat16
+        if dtype != "auto":
+            torch_dtype = getattr(torch, dtype)
+        model = models.load_model(spec, base, load_in_4bit=load_in_4bit, dtype=torch_dtype,
+                                  max_memory_gib=max_gpu_memory_gib)
         if resized:
             model.resize_token_embeddings(len(tokenizer))
         if adapter_path:
@@ -255,11 +275,15 @@ class HFEngine(Engine):
         for b, rows in enumerate(batches):
             # decoding.left_pad = tokenizer.pad (left) without its per-element Python cost (seconds per large batch).
             enc = decoding.left_pad([ids[i] for i in rows], self.tokenizer.pad_token_id)
-            torch.manual_seed(cfg.seed + b)
-            out = self._generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), cfg)
             start = enc["input_ids"].shape[1] - forced_len
-            texts = self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
-            yield rows, [texts[k * cfg.n:(k + 1) * cfg.n] for k in range(len(rows))]
+            completions: list[list[str]] = [[] for _ in rows]
+            for part in cfg.passes():
+                torch.manual_seed(cfg.seed + b)
+                out = self._generate(enc["input_ids"].to(device), enc["attention_mask"].to(device), part)
+                texts = self.tokenizer.batch_decode(out[:, start:], skip_special_tokens=True)
+                for k in range(len(rows)):
+                    completions[k] += texts[k * part.n:(k + 1) * part.n]
+            yield rows, completions
             bar.update(len(rows))
         bar.close()
 
@@ -338,16 +362,32 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise AdapterError(f"LoRA rank {rank} is above vLLM's largest max_lora_rank {VLLM_LORA_RANKS[-1]}")
 
 
+def vllm_tensor_parallel_size(num_gpus: int, num_heads: int = 0, num_kv_heads: int = 0) -> int:
+    """The most GPUs, up to ``num_gpus``, that split the attention heads evenly (vLLM refuses any other split):
+    2 for Mistral-7B (32 heads, 8 KV heads) on Kaggle's 2xT4, but 1 for SmolLM2-135M, whose 9 heads do not halve."""
+    for tp in range(max(1, num_gpus), 0, -1):
+        if (not num_heads or num_heads % tp == 0) and (not num_kv_heads or num_kv_heads % tp == 0):
+            return tp
+    return 1
+
+
 def vllm_llm_kwargs(model_path: str | os.PathLike, *, num_gpus: int, capability: tuple[int, int] | None,
                     lora_rank: int = 0, gpu_memory_utilization: float = 0.9, max_model_len: int = 2048,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, dtype: str = "auto") -> dict:
     """Keyword arguments of ``vllm.LLM(...)`` for one model folder (the base with a LoRA, or a merged folder).
 
     ``lora_rank`` 0 means no adapter (a merged folder): LoRA support stays off, which is also the maintainers'
-    workaround where the GPU has no LoRA kernels.
+    workaround where the GPU has no LoRA kernels. ``dtype`` (:data:`DTYPES`) overrides the card's choice.
     """
-    kwargs = dict(model=str(model_path), tokenizer=str(model_path), dtype=vllm_dtype(capability),
-                  tensor_parallel_size=max(1, num_gpus), gpu_memory_utilization=gpu_memory_utilization,
+    config = models._config_json(Path(model_path))
+    tp = vllm_tensor_parallel_size(num_gpus, int(config.get("num_attention_heads") or 0),
+                                   int(config.get("num_key_value_heads") or 0))
+    if tp < num_gpus:
+        logger.warning("vLLM on %d of %d GPUs: %s's %s attention heads do not split over %d", tp, num_gpus,
+                       Path(model_path).name, config.get("num_attention_heads"), num_gpus)
+    chosen = vllm_dtype(capability) if dtype == "auto" else "half" if dtype == "float16" else dtype
+    kwargs = dict(model=str(model_path), tokenizer=str(model_path), dtype=chosen,
+                  tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
                   max_model_len=max_model_len, seed=seed, trust_remote_code=False)
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
@@ -383,7 +423,8 @@ class VLLMEngine(Engine):
 
     @classmethod
     def from_preset(cls, preset: str, base_model_path: str = "", adapter_path: str = "",
-                    gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0) -> "VLLMEngine":
+                    gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0,
+                    dtype: str = "auto") -> "VLLMEngine":
         """Start vLLM on every visible GPU for a preset's base (+ adapter) or a merged folder as ``base_model_path``."""
         import torch
         from vllm import LLM
@@ -403,7 +444,8 @@ class VLLMEngine(Engine):
         n_gpus = models.gpu_count()
         capability = torch.cuda.get_device_capability(0) if n_gpus else None
         kwargs = vllm_llm_kwargs(base, num_gpus=n_gpus, capability=capability, lora_rank=rank,
-                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed)
+                                 gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, seed=seed,
+                                 dtype=dtype)
         logger.info("starting vLLM: %s", kwargs)
         return cls(LLM(**kwargs), tokenizer, adapter_path=str(resolve_path(adapter_path)) if adapter_path else "")
 
@@ -423,12 +465,18 @@ class VLLMEngine(Engine):
         lora = LoRARequest(**vllm_lora_kwargs(self.adapter_path)) if self.adapter_path else None
         forced = cfg.forced_start.strip()
         bar = tqdm(total=len(todo), desc=f"{self.name} sampling n={cfg.n}", unit="row", disable=not progress)
+        passes = cfg.passes()
         for k in range(0, len(todo), self.rows_per_call):
             rows = todo[k:k + self.rows_per_call]
-            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i in rows],
-                                        [SamplingParams(**vllm_sampling_kwargs(cfg, cfg.seed + i)) for i in rows],
+            # One request per row and pass (greedy_first: a greedy one and a sampled one, whose prompt vLLM's prefix
+            # cache shares), all in one generate call so vLLM schedules them together.
+            requests = [(i, part) for i in rows for part in passes]
+            outputs = self.llm.generate([TokensPrompt(prompt_token_ids=ids[i]) for i, _ in requests],
+                                        [SamplingParams(**vllm_sampling_kwargs(part, cfg.seed + i))
+                                         for i, part in requests],
                                         use_tqdm=False, lora_request=lora)
-            yield rows, completions_from_outputs(outputs, forced)
+            texts = completions_from_outputs(outputs, forced)
+            yield rows, [sum(texts[r * len(passes):(r + 1) * len(passes)], []) for r in range(len(rows))]
             bar.update(len(rows))
         bar.close()
 
@@ -463,18 +511,27 @@ def vllm_import_error() -> str:
 
 
 def pick_engine(requested: str = "auto") -> str:
-    """"vllm" or "hf": ``auto`` takes vLLM when CUDA is present and vLLM imports, and says which ran and why."""
+    """"vllm" or "hf", and the log says which and why.
+
+    ``auto`` takes vLLM when CUDA is present, ``vllm.LLM`` imports and no earlier check ruled it out (the Kaggle
+    install check sets ``KAGGLE_UTILS_NO_VLLM``, :mod:`kaggle_utils.wheels`). ``vllm`` asked for where it cannot run
+    is logged as an error and runs the HF engine: a submission must never be lost to the engine choice.
+    """
     import torch
+
+    from .wheels import NO_VLLM_ENV
 
     require(requested in ENGINES, "engine", f"must be one of {ENGINES}, got '{requested}'")
     if requested == "hf":
         logger.info("engine: hf (asked for)")
         return "hf"
-    cuda = torch.cuda.is_available()
-    why_not = "no CUDA device" if not cuda else vllm_import_error()
+    why_not = os.environ.get(NO_VLLM_ENV, "")
+    if not why_not:
+        why_not = "no CUDA device" if not torch.cuda.is_available() else vllm_import_error()
     if requested == "vllm":
         if why_not:
-            raise ConfigError(f"engine: 'vllm' was asked for but cannot run here ({why_not}); use 'auto' or 'hf'")
+            logger.error("engine: 'vllm' was asked for but cannot run here (%s); using the HF engine instead", why_not)
+            return "hf"
         logger.info("engine: vllm (asked for)")
         return "vllm"
     if why_not:
@@ -485,18 +542,19 @@ def pick_engine(requested: str = "auto") -> str:
 
 
 def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path: str = "", merged_path: str = "",
-                gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0) -> Engine:
+                gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0,
+                dtype: str = "auto") -> Engine:
     """Load one model of the plan in engine ``kind`` ("hf" or "vllm"); a non-empty ``merged_path`` is served as is,
-    with no adapter."""
+    with no adapter. ``dtype`` "float16" on a newer GPU runs as a T4 would."""
     base = merged_path or base_model_path
     adapter = "" if merged_path else selected_adapter(adapter_path, preset)
     if kind == "vllm":
         return VLLMEngine.from_preset(preset, base, adapter, gpu_memory_utilization=gpu_memory_utilization,
-                                      max_model_len=max_model_len, seed=seed)
+                                      max_model_len=max_model_len, seed=seed, dtype=dtype)
     spec = models.get_preset(preset)
     # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
     four_bit = spec.load_in_4bit and models.gpu_count() > 0
-    return HFEngine.from_preset(preset, base, adapter, merge=True, load_in_4bit=four_bit)
+    return HFEngine.from_preset(preset, base, adapter, merge=True, load_in_4bit=four_bit, dtype=dtype)
 
 
 # ---------------------------------------------------------------- post-processing
@@ -629,8 +687,35 @@ class SamplingReport:
     n_requested: int  # predictions per row asked for
     n_used: int  # predictions per row in the last batch (the budget may lower n)
     empty: int  # empty generations replaced by the fallback
+    retried: int  # rows whose n generations were all empty, asked again greedily on a shorter prompt
     seconds: float  # wall time of sampling
     rows_per_s: float  # sampled rows per second
+
+
+def _retry_empty_rows(engine: Engine, records: list[dict], rows, texts, originals, rewrittens,
+                      cfg: SamplingConfig) -> int:
+    """Ask again, greedily and on a prompt cut to half the length, for rows whose n generations were all empty.
+
+    A row far over the context (a 40,000-word text cut to the prompt limit) can leave a model answering nothing at
+    all, and the generic fallback prompt scores poorly; a shorter view of the same row usually gets a real answer.
+    Its answer fills every one of the row's n slots; a retry that is empty too keeps the fallback. Returns how many
+    rows were asked again.
+    """
+    empty = [k for k, raw in enumerate(texts) if not any(prompts.extract_prompt(t, engine.marker) for t in raw)]
+    if not empty:
+        return 0
+    retry = dataclasses.replace(cfg, n=1, temperature=0.0, greedy_first=False,
+                                max_prompt_tokens=max(64, cfg.max_prompt_tokens // 2))
+    again = engine.generate([originals[rows[k]] for k in empty], [rewrittens[rows[k]] for k in empty], retry,
+                            progress=False)
+    for k, raw in zip(empty, again):
+        answer = prompts.extract_prompt(raw[0] if raw else "", engine.marker)
+        records[k]["raw"] = records[k]["raw"] + list(raw)
+        if answer:
+            records[k]["predictions"] = [answer] * cfg.n
+        logger.warning("row %s: all %d generation(s) were empty; a greedy retry on a prompt cut to %d tokens gave %r",
+                       records[k]["id"], cfg.n, retry.max_prompt_tokens, answer or "nothing (fallback kept)")
+    return len(empty)
 
 
 def sample_rows(engine: Engine, ids: Sequence[str], originals: Sequence[str], rewrittens: Sequence[str],
@@ -645,7 +730,8 @@ def sample_rows(engine: Engine, ids: Sequence[str], originals: Sequence[str], re
     keys = [text_key(o, r) for o, r in zip(originals, rewrittens)]
     skip = {i for i, (rid, k) in enumerate(zip(ids, keys)) if store.is_done(rid, k)}
     report = SamplingReport(model=model_name, engine=engine.name, rows=len(ids), resumed=len(skip), sampled=0,
-                            undone=0, n_requested=cfg.n, n_used=cfg.n, empty=0, seconds=0.0, rows_per_s=0.0)
+                            undone=0, n_requested=cfg.n, n_used=cfg.n, empty=0, retried=0, seconds=0.0,
+                            rows_per_s=0.0)
     start = time.time()
     current = cfg
     while len(skip) < len(ids):
@@ -659,6 +745,7 @@ def sample_rows(engine: Engine, ids: Sequence[str], originals: Sequence[str], re
                 preds, empty = postprocess(raw, engine.marker, fallback)
                 report.empty += empty
                 records.append({"id": str(ids[i]), "key": keys[i], "predictions": preds, "raw": list(raw)})
+            report.retried += _retry_empty_rows(engine, records, rows, texts, originals, rewrittens, current)
             store.append(records)
             skip.update(rows)
             report.sampled += len(rows)

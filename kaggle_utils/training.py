@@ -23,9 +23,12 @@ logger = logging.getLogger("kaggle_utils")
 DEFAULT_TRAIN_FILES = ["../shared/data/extra_rewrites.csv", "../shared/data/gemma_rewrites.csv"]
 DEFAULT_VALIDATION_FILE = "../shared/data/gemma_rewrites.csv"
 METRICS_FILE = "metrics.jsonl"
-VALIDATION_FILE = "validation.csv"
+VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
+REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
+LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 # Fields that must match for a run folder's checkpoints to be resumed (the rest, e.g. max_steps, may change).
-_RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "max_seq_length", "load_in_4bit")
+_RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "lora_target_modules", "max_seq_length",
+                "load_in_4bit")
 
 
 @dataclass
@@ -38,35 +41,50 @@ class TrainConfig:
     base_model_path: str = ""  # local folder with the base weights; "" = the preset's default (Kaggle input path)
     train_files: list = field(default_factory=lambda: list(DEFAULT_TRAIN_FILES))  # competition-format CSVs to train on
     validation_file: str = DEFAULT_VALIDATION_FILE  # CSV whose held-out prompt groups give eval loss (and later selection)
-    val_rows: int = 48  # rows of validation_file held out, drawn as whole prompt groups
-    val_rows_per_prompt: int = 2  # at most this many validation rows per prompt group (0 = all), for more distinct prompts
+    val_rows: int = 48  # choice rows of validation_file held out (whole prompt groups): eval loss, step, blend
+    report_rows: int = 0  # report rows of validation_file held out (other groups): scored only, never chosen on
+    val_rows_per_prompt: int = 2  # at most this many held-out rows per prompt group (0 = all), for more prompts
     split_seed: int = 0  # seed of the prompt-group split (the later stages reuse the written validation.csv)
-    dedup_prompts: bool = True  # keep one training row per distinct prompt
+    dedup_prompts: bool = True  # cap the training rows per distinct prompt at rows_per_prompt
+    rows_per_prompt: int = 1  # with dedup_prompts: training rows kept per distinct prompt
     max_train_rows: int = 0  # cap on training rows after filtering (0 = all); small for quick CPU runs
     max_seq_length: int = 0  # longer samples are dropped; 0 = the preset's value
+    max_prompt_tokens: int = 0  # > 0: longer prompts are cut to this (both texts trimmed) instead of dropped
     load_in_4bit: bool | None = None  # QLoRA; None = the preset's choice
     lora_r: int = 1  # LoRA rank (the original recipe used 1)
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
+    lora_target_modules: str = ""  # "" = the preset's; "attention" | "all" | comma-separated module names
     max_steps: int = 24  # optimizer steps
     batch_size: int = 8  # effective batch (micro_batch_size x gradient accumulation x GPUs)
     micro_batch_size: int = 4  # rows per forward pass
-    learning_rate: float = 2e-3  # peak learning rate (linear decay)
+    learning_rate: float = 2e-3  # peak learning rate
+    lr_scheduler: str = "linear"  # decay after warmup: linear | cosine | constant_with_warmup
     warmup_steps: int = 4  # linear warmup steps
     save_steps: int = 8  # checkpoint + eval loss every this many steps
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
+    num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process, as before
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.save_steps >= 1, "save_steps", f"must be >= 1, got {self.save_steps}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
-        require(self.batch_size >= self.micro_batch_size and self.batch_size % self.micro_batch_size == 0,
-                "batch_size", f"must be a multiple of micro_batch_size={self.micro_batch_size}, got {self.batch_size}")
+        require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
+        per_step = self.micro_batch_size * self.num_processes
+        require(self.batch_size >= per_step and self.batch_size % per_step == 0, "batch_size",
+                f"must be a multiple of micro_batch_size x num_processes = {self.micro_batch_size} x "
+                f"{self.num_processes} = {per_step} (the effective batch stays the recipe's), got {self.batch_size}")
         require(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
         require(self.val_rows >= 1, "val_rows", f"must be >= 1, got {self.val_rows}")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler",
+                f"must be one of {LR_SCHEDULERS}, got '{self.lr_scheduler}'")
+        require(self.report_rows >= 0, "report_rows", f"must be >= 0 (0 = none), got {self.report_rows}")
+        require(self.rows_per_prompt >= 1, "rows_per_prompt", f"must be >= 1, got {self.rows_per_prompt}")
+        require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
+                f"must be 0 (drop long rows) or >= 64, got {self.max_prompt_tokens}")
         require(bool(self.run_name) and "/" not in self.run_name, "run_name", f"must be a folder name, got '{self.run_name}'")
         if isinstance(self.train_files, str):
             self.train_files = [f.strip() for f in self.train_files.split(",") if f.strip()]
@@ -75,12 +93,29 @@ class TrainConfig:
             self.max_seq_length = preset.max_seq_length
         if self.load_in_4bit is None:
             self.load_in_4bit = preset.load_in_4bit
+        self.target_modules  # validates the LoRA targets
         # Fail at once (before any heavy import) when the base model is missing.
         models.check_base_path(preset, self.base_model_path)
 
     @property
     def run_dir(self) -> Path:
         return resolve_path(self.runs_dir) / self.run_name
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The linear layers that get LoRA: the preset's, or ``lora_target_modules`` (a group name or a list)."""
+        value = self.lora_target_modules.strip() if isinstance(self.lora_target_modules, str) else \
+            ",".join(self.lora_target_modules)
+        if not value:
+            return list(models.get_preset(self.preset).lora_target_modules)
+        groups = {"attention": models.ATTENTION_PROJECTIONS, "all": models.ALL_PROJECTIONS}
+        if value in groups:
+            return list(groups[value])
+        names = [v.strip() for v in value.split(",") if v.strip()]
+        unknown = [n for n in names if n not in models.ALL_PROJECTIONS]
+        require(not unknown, "lora_target_modules", f"unknown module(s) {unknown}; use 'attention', 'all' or names "
+                f"from {list(models.ALL_PROJECTIONS)}")
+        return names
 
 
 # ---------------------------------------------------------------- phases
@@ -126,39 +161,62 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(preset.lora_target_modules), task_type="CAUSAL_LM", bias="none")
+                      target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", cfg.lora_r, ",".join(preset.lora_target_modules),
+    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", cfg.lora_r, ",".join(cfg.target_modules),
                 trainable, total)
     return model, tokenizer
 
 
-def _tokenize(df: pd.DataFrame, tokenizer) -> list[dict]:
-    return [prompts.encode_training_example(tokenizer, r.original_text, r.rewritten_text, r.rewrite_prompt)
+def _tokenize(df: pd.DataFrame, tokenizer, max_prompt_tokens: int = 0) -> list[dict]:
+    return [prompts.encode_training_example(tokenizer, r.original_text, r.rewritten_text, r.rewrite_prompt,
+                                            max_prompt_tokens)
             for r in df.itertuples()]
 
 
-def build_datasets(cfg: TrainConfig, tokenizer):
-    """Read, validate, split by prompt group, tokenize and length-filter; write ``validation.csv`` to the run.
+def held_out_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The (choice, report) rows of ``validation_file``: disjoint sets of whole prompt groups, seeded.
 
+    Choice rows (``validation.csv``) give the eval loss and, in later stages, choose the checkpoint step, the blend and
+    the mean prompt. Report rows (``report.csv``) are only ever scored, so their numbers are free of every choice.
+    The choice draw is the same with or without report rows, so adding them does not move an existing split.
+    """
+    source = data.drop_incomplete(data.read_rewrites(cfg.validation_file))
+    rest, choice = data.split_by_prompt(source, cfg.val_rows, seed=cfg.split_seed,
+                                        max_per_group=cfg.val_rows_per_prompt)
+    report = source.iloc[0:0]
+    if cfg.report_rows:
+        _, report = data.split_by_prompt(rest, cfg.report_rows, seed=cfg.split_seed + 1,
+                                         max_per_group=cfg.val_rows_per_prompt)
+    return choice, report
+
+
+def build_datasets(cfg: TrainConfig, tokenizer):
+    """Read, validate, split by prompt group, tokenize and length-filter; write ``validation.csv`` (choice rows) and,
+    with ``report_rows``, ``report.csv`` to the run.
+
+    With ``max_prompt_tokens`` a long row is cut the way generation cuts it (``prompts.generation_ids``: the
+    instruction kept, both texts trimmed), so it still trains; otherwise rows over ``max_seq_length`` are dropped.
     Returns (train, eval) ``datasets.Dataset`` objects of ``input_ids`` + ``completion_mask``.
     """
     from datasets import Dataset
 
-    val_source = data.drop_incomplete(data.read_rewrites(cfg.validation_file))
-    _, validation = data.split_by_prompt(val_source, cfg.val_rows, seed=cfg.split_seed,
-                                         max_per_group=cfg.val_rows_per_prompt)
-    train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts)
-    held_out = set(validation["rewrite_prompt"].map(data.normalize_prompt))
+    validation, report = held_out_rows(cfg)
+    train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts, max_per_prompt=cfg.rows_per_prompt)
+    held_out = set(pd.concat([validation, report])["rewrite_prompt"].map(data.normalize_prompt))
     leak = train["rewrite_prompt"].map(data.normalize_prompt).isin(held_out)
     if leak.any():
-        logger.info("removed %d training row(s) whose prompt is in the validation groups", int(leak.sum()))
+        logger.info("removed %d training row(s) whose prompt is in the held-out groups", int(leak.sum()))
     train = train.loc[~leak.to_numpy()].reset_index(drop=True)
     # Shuffle before capping so a small cap still mixes every source.
     train = train.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
 
-    train_rows, val_rows = _tokenize(train, tokenizer), _tokenize(validation, tokenizer)
+    clip = cfg.max_prompt_tokens
+    train_rows, val_rows = _tokenize(train, tokenizer, clip), _tokenize(validation, tokenizer, clip)
+    if clip:
+        logger.info("max_prompt_tokens=%d: %d of %d training prompt(s) were cut to fit", clip,
+                    sum(r["truncated"] for r in train_rows), len(train_rows))
     train = data.filter_by_length(train.assign(_enc=train_rows), [len(r["input_ids"]) for r in train_rows],
                                   cfg.max_seq_length)
     evalset = data.filter_by_length(validation.assign(_enc=val_rows), [len(r["input_ids"]) for r in val_rows],
@@ -168,10 +226,17 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     if len(train) == 0 or len(evalset) == 0:
         raise data.DataError(f"nothing left to train on ({len(train)} train rows, {len(evalset)} eval rows) after "
                              f"the length filter (max_seq_length={cfg.max_seq_length})")
-    validation.drop(columns=["_file", "_row"]).to_csv(cfg.run_dir / VALIDATION_FILE, index=False)
-    logger.info("training on %d rows, eval loss on %d rows (%d prompt groups held out -> %s)", len(train),
-                len(evalset), len(held_out), cfg.run_dir / VALIDATION_FILE)
-    to_ds = lambda df: Dataset.from_list([r for r in df["_enc"]])  # noqa: E731
+    if is_main_process():  # every process builds the same split; one writes it
+        validation.drop(columns=["_file", "_row"]).to_csv(cfg.run_dir / VALIDATION_FILE, index=False)
+        if len(report):
+            report.drop(columns=["_file", "_row"]).to_csv(cfg.run_dir / REPORT_FILE, index=False)
+    logger.info("training on %d rows, eval loss on %d choice rows (%d prompt groups -> %s)%s", len(train),
+                len(evalset), validation["rewrite_prompt"].map(data.normalize_prompt).nunique(),
+                cfg.run_dir / VALIDATION_FILE,
+                f"; {len(report)} report rows ({report['rewrite_prompt'].map(data.normalize_prompt).nunique()} "
+                f"other groups -> {cfg.run_dir / REPORT_FILE})" if len(report) else "")
+    to_ds = lambda df: Dataset.from_list([{k: r[k] for k in ("input_ids", "completion_mask")}  # noqa: E731
+                                          for r in df["_enc"]])
     return to_ds(train), to_ds(evalset)
 
 
@@ -182,12 +247,14 @@ def _metrics_callback(run_dir: Path):
         """Append every log line to metrics.jsonl and write {step, metrics} into each checkpoint folder."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
+            if logs and state.is_world_process_zero:  # data-parallel: the main process writes, once
                 row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
                 with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
 
         def on_save(self, args, state, control, **kwargs):
+            if not state.is_world_process_zero:
+                return
             ckpt = run_dir / f"checkpoint-{state.global_step}"
             losses = [h["loss"] for h in state.log_history if "loss" in h]
             evals = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
@@ -228,9 +295,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
     _compact_lm_head_everywhere()
 
     # One process: on 2 GPUs the layers are split (models.layer_device_map), so rows per step do not multiply;
-    # under torchrun/accelerate each process adds its micro batch.
-    per_step = cfg.micro_batch_size * int(os.environ.get("WORLD_SIZE", "1"))
-    accumulation = max(1, cfg.batch_size // per_step)
+    # data-parallel (launch with num_processes > 1) each process adds its micro batch, and accumulation shrinks so
+    # the effective batch stays the recipe's.
+    per_step, accumulation = batch_split(cfg, world_size())
     dtype = models.compute_dtype()
     args = SFTConfig(
         output_dir=str(cfg.run_dir),
@@ -240,7 +307,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type="linear",
+        lr_scheduler_type=cfg.lr_scheduler,
+        # Micro batches of similar lengths: far less padding computed (texts range from 50 to 1000+ tokens).
+        train_sampling_strategy="group_by_length",
         logging_steps=max(1, cfg.save_steps // 5),
         eval_strategy="steps",
         eval_steps=cfg.save_steps,
@@ -264,6 +333,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         disable_tqdm=False,
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,  # LoRA: every trainable weight gets a gradient every step
     )
     logger.info("effective batch %d = %d rows x %d accumulation", per_step * accumulation, per_step, accumulation)
     return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
@@ -293,6 +363,66 @@ def train(cfg: TrainConfig, trainer) -> dict:
     if not (cfg.run_dir / f"checkpoint-{trainer.state.global_step}").exists():
         trainer.save_model(str(cfg.run_dir / f"checkpoint-{trainer.state.global_step}"))
     return result.metrics
+
+
+# ---------------------------------------------------------------- one process or several
+
+
+def batch_split(cfg: TrainConfig, processes: int) -> tuple[int, int]:
+    """(rows per optimizer micro step over all processes, gradient accumulation steps) that keep the effective batch
+    at ``batch_size``: 16 = 2 rows x 2 processes x 4 accumulation on two GPUs, 2 x 1 x 8 on one."""
+    per_step = cfg.micro_batch_size * max(1, processes)
+    return per_step, max(1, cfg.batch_size // per_step)
+
+
+def world_size() -> int:
+    """Processes training together (``WORLD_SIZE``, set by accelerate's launcher); 1 outside a launch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """True in the process that writes the run's files (rank 0, or the only process)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def run(cfg: TrainConfig) -> dict:
+    """The whole training of one process: model + LoRA, datasets, trainer, train (resuming). What every data-parallel
+    process runs, and what one process runs alone."""
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer)
+    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
+    return train(cfg, trainer)
+
+
+def _run_rank(cfg: TrainConfig) -> None:
+    from .config import setup_logging
+
+    setup_logging()
+    run(cfg)
+
+
+def launch(cfg: TrainConfig) -> dict:
+    """Train ``cfg`` in this process (``num_processes`` 1), or data-parallel in ``num_processes`` processes, one per
+    GPU (gloo on CPUs), through accelerate's ``notebook_launcher``.
+
+    The launcher forks the processes from this one, so the notebook stays the entry point (Kaggle's 2xT4 included)
+    and each process's log lands in the executed notebook. Nothing here may touch CUDA before the fork (the config,
+    the run folder and this call do not). Each process loads the whole model on its own GPU, draws its share of every
+    batch, and only the main process writes checkpoints, ``metrics.jsonl`` and the split files. Returns the final
+    metrics, read back from the run folder.
+    """
+    if cfg.num_processes <= 1:
+        return run(cfg)
+    from accelerate import notebook_launcher
+
+    logger.info("data-parallel: %d processes x micro batch %d x %d accumulation = effective batch %d",
+                cfg.num_processes, cfg.micro_batch_size, cfg.batch_size // (cfg.micro_batch_size * cfg.num_processes),
+                cfg.batch_size)
+    notebook_launcher(_run_rank, args=(cfg,), num_processes=cfg.num_processes)
+    last = find_last_checkpoint(cfg.run_dir)
+    state = json.loads((last / "trainer_state.json").read_text()) if last else {}
+    return {"global_step": state.get("global_step"), "num_processes": cfg.num_processes,
+            "checkpoint": str(last) if last else None}
 
 
 # ---------------------------------------------------------------- metrics and plots

@@ -39,15 +39,15 @@ def test_default_mean_prompt_is_the_public_one():
 def test_component_systems_build_up_in_order():
     ids = ["a", "b"]
     predictions = {"m": {"a": ["p1", "p2", "p3"], "b": ["q1", "q2", "q3"]}}
-    base = {"smol base": {"a": ["z"], "b": ["y"]}}
+    base = {"smol base, zero-shot, 1 prediction": {"a": ["z"], "b": ["y"]}}
     systems = blending.component_systems(ids, predictions, [("m", 3)], MEAN, " ", "F", baselines=base,
                                          labels={"m": "m fine-tuned"})
     assert list(systems) == ["smol base, zero-shot, 1 prediction", "m fine-tuned, 1 prediction",
-                             "m fine-tuned, 3 predictions", "m fine-tuned, 3 predictions + mean prompt",
-                             "mean prompt alone"]
+                             "m fine-tuned, 3 predictions", "m fine-tuned, 3 predictions + mean prompt (submission)",
+                             "mean prompt alone", "public mean prompt alone (0.63 on the leaderboard)"]
     assert systems["m fine-tuned, 1 prediction"] == ["p1", "q1"]
     assert systems["m fine-tuned, 3 predictions"] == ["p1 p2 p3", "q1 q2 q3"]
-    assert systems["m fine-tuned, 3 predictions + mean prompt"] == [f"p1 p2 p3 {MEAN}", f"q1 q2 q3 {MEAN}"]
+    assert systems["m fine-tuned, 3 predictions + mean prompt (submission)"] == [f"p1 p2 p3 {MEAN}", f"q1 q2 q3 {MEAN}"]
     assert systems["smol base, zero-shot, 1 prediction"] == ["z", "y"]
 
 
@@ -55,22 +55,48 @@ def test_component_systems_of_several_models():
     predictions = {"a": {"x": ["a1", "a2"]}, "b": {"x": ["b1"]}}
     systems = blending.component_systems(["x"], predictions, [("a", 2), ("b", 1)], MEAN)
     assert systems["all 2 models, 3 predictions"] == ["a1 a2 b1"]
-    assert systems["all 2 models, 3 predictions + mean prompt"] == [f"a1 a2 b1 {MEAN}"]
+    assert systems["all 2 models, 3 predictions + mean prompt (submission)"] == [f"a1 a2 b1 {MEAN}"]
     assert "b, 1 prediction" in systems and "b, 1 predictions" not in systems
     no_mean = blending.component_systems(["x"], predictions, [("a", 2), ("b", 1)], "")
-    assert not any("mean prompt" in s for s in no_mean)
+    assert [s for s in no_mean if "mean prompt" in s] == ["public mean prompt alone (0.63 on the leaderboard)"]
+    assert "all 2 models, 3 predictions (submission)" in no_mean
+
+
+def test_another_mean_prompt_is_compared_with_the_public_one():
+    systems = blending.component_systems(["x"], {"a": {"x": ["a1"]}}, [("a", 1)], "Rewrite it.")
+    assert systems["mean prompt alone"] == ["Rewrite it."]
+    assert systems["public mean prompt alone (0.63 on the leaderboard)"] == [blending.DEFAULT_MEAN_PROMPT]
+    alone = blending.component_systems(["x"], {}, [], "Rewrite it.")
+    assert list(alone) == ["mean prompt alone (submission)", "public mean prompt alone (0.63 on the leaderboard)"]
+
+
+def test_write_scores_replaces_by_system_scorer_and_split_report_first(tmp_path):
+    path = tmp_path / "scores.csv"
+    row = dict(scorer="s", rows=4, scs_lo=0.0, scs_hi=0.5, cos=0.5)
+    blending.write_scores(path, [{**row, "system": "blend", "split": "choice", "scs": 0.2},
+                                 {**row, "system": "other", "split": "choice", "scs": 0.1}])
+    table = blending.write_scores(path, [{**row, "system": "blend", "split": "report", "scs": 0.3},
+                                         {**row, "system": "blend", "split": "choice", "scs": 0.25}])
+    assert list(zip(table["system"], table["split"], table["scs"])) == [
+        ("blend", "report", 0.3), ("other", "choice", 0.1), ("blend", "choice", 0.25)]
+    assert pd.read_csv(path)["system"].tolist() == ["blend", "other", "blend"]
+    pd.DataFrame([{"system": "old", "scorer": "s", "rows": 1, "scs": 0.1, "cos": 0.1}]).to_csv(path, index=False)
+    table = blending.write_scores(path, [{**row, "system": "new", "split": "report", "scs": 0.3}])
+    assert table["system"].tolist() == ["new"]  # an older layout is replaced, not mixed
 
 
 class FakeScorer:
     name = "fake scorer"
 
-    def report(self, system, predictions, truths):
+    def report(self, system, predictions, truths, split=""):
         hits = sum(t in p for p, t in zip(predictions, truths))
-        return {"system": system, "scorer": self.name, "rows": len(truths), "scs": hits / len(truths), "cos": 0.0}
+        return {"system": system, "scorer": self.name, "split": split, "rows": len(truths),
+                "scs": hits / len(truths), "scs_lo": 0.0, "scs_hi": 1.0, "cos": 0.0}
 
 
 def test_score_systems_table_columns():
-    table = blending.score_systems(FakeScorer(), {"one": ["a b", "c"], "two": ["x", "y"]}, ["a", "c"])
-    assert list(table.columns) == ["system", "scorer", "rows", "scs", "cos"]
+    table = blending.score_systems(FakeScorer(), {"one": ["a b", "c"], "two": ["x", "y"]}, ["a", "c"], split="report")
+    assert list(table.columns) == ["system", "scorer", "split", "rows", "scs", "scs_lo", "scs_hi", "cos"]
+    assert (table["split"] == "report").all()
     assert table.set_index("system")["scs"].to_dict() == {"one": 1.0, "two": 0.0}
     assert isinstance(table, pd.DataFrame)

@@ -60,7 +60,7 @@ def test_defaults_are_the_demo_plan():
 
 
 @pytest.mark.parametrize("entry,message", [
-    ({k: v for k, v in model_entry().items() if k != "n"}, r"models\[0\]: missing key\(s\) \['n'\]"),
+    ({k: v for k, v in model_entry().items() if k != "preset"}, r"models\[0\]: missing key\(s\) \['preset'\]"),
     ({**model_entry(), "lora": "x"}, r"models\[0\]: unknown key\(s\) \['lora'\]"),
     (model_entry(preset="gpt-9"), r"models\[0\] \(tiny\): preset: unknown preset 'gpt-9'"),
     (model_entry(n=3, temperature=0), r"models\[0\] \(tiny\): n: n=3 with temperature 0"),
@@ -75,6 +75,36 @@ def test_bad_model_entries_name_the_entry_and_key(tmp_path, entry, message):
 def test_second_entry_is_named_and_names_are_unique():
     with pytest.raises(ConfigError, match=r"models\[1\]: missing key"):
         inference.InferenceConfig(models=[model_entry(), {"name": "x"}])
+
+
+def test_dtype_is_one_of_the_engines_dtypes():
+    assert inference.InferenceConfig(dtype="float16").dtype == "float16"
+    with pytest.raises(ConfigError, match=r"dtype: must be one of \('auto', 'float16', 'bfloat16'\), got 'fp8'"):
+        inference.InferenceConfig(dtype="fp8")
+
+
+def test_optional_model_keys_take_defaults(tmp_path):
+    """A hand-written entry needs only name and preset; an unknown key is still an error."""
+    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "top_p": 0.9}])
+    spec = cfg.model_specs[0]
+    assert (spec.n, spec.temperature, spec.top_p, spec.forced_start, spec.greedy_first) == (1, 0.0, 0.9, "", False)
+    assert cfg.sampling_config(spec).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS  # no adapter to read
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['top-p'\]"):
+        inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "top-p": 0.9}])
+
+
+def test_prompt_length_follows_the_adapters_training(tmp_path):
+    """max_prompt_tokens 0: each model is shown prompts cut as in its training (selection.json), or 1024."""
+    adapter = tmp_path / "selected"
+    adapter.mkdir()
+    (adapter / "selection.json").write_text(json.dumps({"max_prompt_tokens": 192}))
+    entry = {"name": "m", "preset": "smollm2-135m", "adapter_path": str(adapter)}
+    cfg = inference.InferenceConfig(models=[entry])
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == 192
+    cfg = inference.InferenceConfig(models=[entry], max_prompt_tokens=300)
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == 300
+    with pytest.raises(ConfigError, match="max_prompt_tokens"):
+        inference.InferenceConfig(models=[entry], max_prompt_tokens=10)
     with pytest.raises(ConfigError, match="unique"):
         inference.InferenceConfig(models=[model_entry(), model_entry()])
 
@@ -270,29 +300,21 @@ def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_mod
     sub = inference.build_submission(cfg, test, predictions)
     inference.validate_submission(inference.write_submission(cfg, sub), test)
     baselines = inference.sample_baselines(cfg, test, deadline)
-    assert list(baselines) == ["mistral-7b base"] and len(baselines["mistral-7b base"]) == 5
+    assert list(baselines) == ["mistral-7b base, zero-shot, 1 prediction"]
+    assert len(baselines["mistral-7b base, zero-shot, 1 prediction"]) == 5
     assert (tmp_path / "run" / "baselines" / "mistral-7b-base.jsonl").exists()
     assert sorted(p.name for p in (tmp_path / "run" / "predictions").glob("*.jsonl")) == ["tiny.jsonl"]
     scores = inference.score(cfg, test, predictions, baselines)
-    assert list(scores.columns) == ["system", "scorer", "rows", "scs", "cos"]
+    assert list(scores.columns) == ["system", "scorer", "split", "rows", "scs", "scs_lo", "scs_hi", "cos"]
     assert scores["system"].tolist() == ["mistral-7b base, zero-shot, 1 prediction", "tiny fine-tuned, 1 prediction",
-                                         "tiny fine-tuned, 2 predictions", "tiny fine-tuned, 2 predictions + mean prompt",
+                                         "tiny fine-tuned, 2 predictions",
+                                         "tiny fine-tuned, 2 predictions + mean prompt (submission)",
                                          "mean prompt alone"]
     assert scores["scorer"].iloc[0] == "all-MiniLM-L6-v2 (stand-in)" and (scores["rows"] == 5).all()
-    assert pd.read_csv(tmp_path / "run" / "scores.csv").equals(scores)
+    assert (scores["split"] == "test").all()
+    assert ((scores["scs_lo"] <= scores["scs"]) & (scores["scs"] <= scores["scs_hi"])).all()
+    assert pd.read_csv(tmp_path / "run" / "scores.csv", keep_default_na=False).equals(scores)
     assert inference.plot_scores(cfg, scores).exists()
-
-
-def test_scores_file_shared_with_later_stages(tmp_path):
-    path = tmp_path / "scores.csv"
-    cols = ["system", "scorer", "rows", "scs", "cos"]
-    pd.DataFrame([["mean prompt alone (optimized)", "s", 4, 0.3, 0.6], ["m, 1 prediction", "s", 4, 0.0, 0.0]],
-                 columns=cols).to_csv(path, index=False)
-    mine = pd.DataFrame([["m, 1 prediction", "s", 4, 0.1, 0.4], ["mean prompt alone", "s", 4, 0.2, 0.5]], columns=cols)
-    inference.write_scores(path, mine)
-    got = pd.read_csv(path)
-    assert got["system"].tolist() == ["m, 1 prediction", "mean prompt alone", "mean prompt alone (optimized)"]
-    assert got.loc[0, "scs"] == 0.1
 
 
 def test_no_rewrite_prompt_means_no_scores(tmp_path, tiny_model_dir):
@@ -394,5 +416,32 @@ def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(t
     inference.validate_submission(inference.write_submission(cfg, sub), test)
     deadline = budget.Deadline(start=time.time(), hours=1)
     scores = inference.score(cfg, test, predictions, inference.sample_baselines(cfg, test, deadline))
-    assert scores["system"].tolist() == ["mean prompt alone"] and scores["rows"].iloc[0] == 3
-    assert 0 < scores["scs"].iloc[0] < 1
+    assert scores["system"].tolist() == ["mean prompt alone (submission)",
+                                         "public mean prompt alone (0.63 on the leaderboard)"]
+    assert scores["rows"].iloc[0] == 3 and 0 < scores["scs"].iloc[0] < 1
+
+
+def test_a_model_the_blend_left_out_is_still_scored_as_a_reference(tmp_path, tiny_model_dir):
+    """The report rows must show the fine-tuned model even when the blend chose the mean prompt alone."""
+    from kaggle_utils import budget
+
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps({"models": [], "mean_prompt": "Rewrite this text.", "separator": " "}))
+    cfg = make_cfg(tmp_path, small_test(tmp_path, n=4, with_prompt=True),
+                   [model_entry(base_model_path=str(tiny_model_dir("mistral")))], blend_file=str(blend),
+                   score_base_model=True, max_new_tokens=4, score_split="report")
+    assert cfg.models == [] and [s.name for s in cfg.left_out_specs] == ["tiny"]
+    inference.prepare_run(cfg)
+    test = inference.read_test(cfg)
+    deadline = budget.Deadline(start=time.time(), hours=1)
+    predictions, _ = inference.sample_models(cfg, test, deadline)
+    assert predictions == {}  # the submission needs no model
+    baselines = inference.sample_baselines(cfg, test, deadline)
+    assert list(baselines) == ["mistral-7b base, zero-shot, 1 prediction",
+                               "tiny base (left out by the blend), 1 prediction"]
+    assert all(len(p) == 4 for p in baselines.values())
+    scores = inference.score(cfg, test, predictions, baselines)
+    assert scores["system"].tolist()[:3] == ["mistral-7b base, zero-shot, 1 prediction",
+                                             "tiny base (left out by the blend), 1 prediction",
+                                             "mean prompt alone (submission)"]
+    assert (scores["split"] == "report").all()

@@ -355,6 +355,9 @@ def test_wheels_command_asks_for_binary_wheels_of_kaggles_python(tmp_path):
     cmd = kernels.wheels_download_command(tmp_path / "w", "3.11")
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     assert cmd[cmd.index("--python-version") + 1] == "3.11" and "manylinux2014_x86_64" in cmd
+    platforms = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"}
+    assert {"manylinux_2_27_x86_64", "manylinux_2_35_x86_64", "manylinux_2_17_x86_64"} <= platforms
+    assert "manylinux_2_36_x86_64" not in platforms  # nothing newer than Kaggle's glibc
     assert cmd[cmd.index("-r") + 1].endswith("requirements-gpu.txt")
     folder = kernels.write_wheels_metadata(plan, kernels.PLACEHOLDER_USER, tmp_path / "w")
     assert kernels.set_dataset_owner(folder, USER) == f"{USER}/prompt-recovery-wheels"

@@ -45,9 +45,9 @@ class ToyScorer:
     def cosine(self, predictions, truths):
         return metric.sharpened_cosine(self.embed(list(predictions)), self.embed(list(truths)), power=1)
 
-    def report(self, system, predictions, truths):
-        return {"system": system, "scorer": self.name, "rows": len(list(truths)),
-                "scs": float(self.scs(predictions, truths).mean()),
+    def report(self, system, predictions, truths, split=""):
+        return {"system": system, "scorer": self.name, "split": split, "rows": len(list(truths)),
+                "scs": float(self.scs(predictions, truths).mean()), "scs_lo": 0.0, "scs_hi": 1.0,
                 "cos": float(self.cosine(predictions, truths).mean())}
 
 
@@ -344,17 +344,6 @@ def test_plan_from_blend_reorders_sets_n_and_drops_unused_models():
         mp.plan_from_blend(plan, {"models": [{"model": "z", "n": 1}], "mean_prompt": "", "separator": " "})
 
 
-def test_update_scores_replaces_same_system_and_keeps_others(tmp_path):
-    path = tmp_path / "scores.csv"
-    row = {"system": "mean prompt alone (optimized)", "scorer": "s", "rows": 3, "cos": 0.5}
-    pd.DataFrame([{"system": "model greedy", "scorer": "s", "rows": 3, "scs": 0.1, "cos": 0.4}]).to_csv(path,
-                                                                                              index=False)
-    mp.update_scores(path, [{**row, "scs": 0.2}])
-    table = mp.update_scores(path, [{**row, "scs": 0.3}])
-    assert list(table["system"]) == ["model greedy", "mean prompt alone (optimized)"]
-    assert table["scs"].tolist() == [0.1, 0.3]
-
-
 def test_predictions_are_aligned_to_validation_ids(tmp_path):
     folder = tmp_path / "predictions"
     folder.mkdir()
@@ -428,3 +417,20 @@ def test_real_search_beats_the_public_mean_prompt_on_held_out_prompts(minilm):
     optimized = minilm.scs([result.string] * len(held_out), held_out).mean()
     public = minilm.scs([mp.PUBLIC_MEAN_PROMPT] * len(held_out), held_out).mean()
     assert optimized > public, (result.string, optimized, public)
+
+
+def test_report_prompts_are_never_targets_or_words(tmp_path):
+    """The run's report rows score the result, so their prompts stay out of the search like validation prompts."""
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    rows = lambda prompts_: pd.DataFrame({"id": [f"i{k}" for k in range(len(prompts_))],  # noqa: E731
+                                          "original_text": "x", "rewritten_text": "y", "rewrite_prompt": prompts_})
+    rows(["Rewrite as a poem."]).to_csv(run / "validation.csv", index=False)
+    rows(["Turn it into a zebra limerick."]).to_csv(run / "report.csv", index=False)
+    train = tmp_path / "train.csv"
+    rows(["Turn it into a zebra limerick.", "Make it formal.", "Rewrite as a poem."]).to_csv(train, index=False)
+    cfg = mp.MeanPromptConfig(run_name="r", runs_dir=str(tmp_path / "runs"), train_files=[str(train)],
+                              target_files=[str(train)])
+    inputs = mp.prepare(cfg, ToyScorer(WORDS))
+    assert inputs.targets == ["Make it formal."] and inputs.train_prompts == ["Make it formal."]
+    assert "zebra" not in inputs.vocabulary and "limerick" not in inputs.vocabulary

@@ -133,3 +133,23 @@ def test_bf16_scores_agree_with_fp32(scorer):
               "Convert this into a social media post."]
     assert fast.precision == "bfloat16" and exact.precision == "float32"
     np.testing.assert_allclose(fast.scs(preds, truths), exact.scs(preds, truths), atol=0.01)
+
+
+def test_bootstrap_interval_resamples_prompt_groups():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(30), 4)  # 30 prompt groups of 4 rows; rows of a group score alike
+    values = np.repeat(rng.uniform(0, 0.6, 30), 4) + rng.normal(0, 0.01, 120)
+    lo, hi = metric.bootstrap_interval(values, groups)
+    row_lo, row_hi = metric.bootstrap_interval(values)
+    assert lo < values.mean() < hi
+    assert hi - lo > 1.5 * (row_hi - row_lo)  # treating alike rows as independent would overstate the precision
+    assert metric.bootstrap_interval(values, groups) == (lo, hi)  # seeded
+    assert metric.bootstrap_interval([0.2, 0.4], ["g", "g"]) == pytest.approx((0.3, 0.3))
+    assert all(np.isnan(metric.bootstrap_interval([])))
+
+
+def test_report_row_has_split_and_interval(scorer):
+    truths = ["Rewrite as a poem.", "rewrite as a poem", "Make it formal.", "Summarize it."]
+    row = scorer.report("sys", ["A poem.", "A poem please.", "Formal.", "A summary."], truths, split="report")
+    assert list(row) == metric.SCORE_COLUMNS and row["split"] == "report" and row["rows"] == 4
+    assert row["scs_lo"] <= row["scs"] <= row["scs_hi"] and row["scs_lo"] < row["scs_hi"]

@@ -181,7 +181,8 @@ def test_inference_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
     sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
     assert list(sub.columns) == ["id", "rewrite_prompt"] and sorted(sub["id"]) == sorted(rows["id"])
     scores = pd.read_csv(tmp_path / "run" / "scores.csv")
-    assert list(scores.columns) == ["system", "scorer", "rows", "scs", "cos"] and len(scores) == 5
+    assert list(scores.columns) == ["system", "scorer", "split", "rows", "scs", "scs_lo", "scs_hi", "cos"]
+    assert len(scores) == 5
     assert (tmp_path / "run" / "predictions" / "tiny.jsonl").exists()
     executed = nbformat.read(out, as_version=4)
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))

@@ -90,3 +90,24 @@ def test_generation_ids_untouched_when_short(tokenizer):
 ])
 def test_extract_prompt(raw, expected):
     assert prompts.extract_prompt(raw, marker="[/INST]") == expected
+
+
+@pytest.mark.parametrize("raw,expected", [
+    ("Rewrite it as a line from a line from a line from a line", "Rewrite it as a line from"),
+    ("Make it formal. Make it formal. Make it formal.", "Make it formal."),
+    ("Rewrite the text as a poem about the sea.", "Rewrite the text as a poem about the sea."),
+])
+def test_a_looping_generation_is_cut_at_the_first_repeat(raw, expected):
+    assert prompts.extract_prompt(raw) == expected
+
+
+def test_training_example_is_cut_like_generation(tokenizer):
+    long_original = "word " * 2000
+    full = prompts.encode_training_example(tokenizer, long_original, "Short.", "Make it short.")
+    cut = prompts.encode_training_example(tokenizer, long_original, "Short.", "Make it short.", max_prompt_tokens=200)
+    gen, truncated = prompts.generation_ids(tokenizer, long_original, "Short.", 200)
+    assert truncated and cut["truncated"] and not full["truncated"]
+    answer = sum(cut["completion_mask"])
+    assert cut["input_ids"][:-answer] == gen  # the model trains on exactly what generation will show it
+    assert cut["input_ids"][-answer:] == full["input_ids"][-answer:]  # the answer is never cut
+    assert len(full["input_ids"]) > 2000 > len(cut["input_ids"])

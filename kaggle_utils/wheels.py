@@ -1,0 +1,147 @@
+"""The GPU stack inside a Kaggle kernel: the offline install of vLLM's wheels, a check that they run, the fallback.
+
+A competition kernel has no internet, so vLLM and the torch it pins arrive as an attached dataset of wheels
+(``make wheels``, ``make push-wheels``). That install must never cost the submission, so:
+
+- the wheels go into a folder of their own (``pip install --target``), never over Kaggle's packages: a failed or
+  half-finished install leaves Kaggle's torch and transformers exactly as they were;
+- a child process checks them (``import vllm``, ``from vllm import LLM``, CUDA visible to the wheels' torch): a
+  torch built for a newer CUDA than Kaggle's driver fails there, not in the kernel;
+- only a stack that passed goes first on ``sys.path`` (and ``PYTHONPATH``, for vLLM's worker processes). Otherwise
+  the reason is logged and put in ``KAGGLE_UTILS_NO_VLLM``, which :func:`kaggle_utils.sampling.pick_engine` reads:
+  the HF engine then runs on Kaggle's own torch.
+
+Nothing here imports torch in the kernel's own process, and no failure here raises.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("kaggle_utils")
+
+NO_VLLM_ENV = "KAGGLE_UTILS_NO_VLLM"  # set to the reason when the wheels' vLLM must not be used
+DEFAULT_TARGET = "/tmp/gpu-wheels"  # scratch space, not part of the kernel's output
+REQUIREMENTS = "requirements-gpu.txt"  # beside the wheels (kernels.write_wheels_metadata puts it there)
+
+# Run by the checking child process, with the wheels' folder first on its path. The driver version comes from
+# nvidia-smi when there is one, so a log shows it beside the CUDA version torch was built for.
+_PROBE = r"""
+import json, shutil, subprocess, sys
+info = {}
+try:
+    import vllm
+    from vllm import LLM  # noqa: F401  (the part that needs the compiled kernels and the right torch)
+    import torch
+    info.update(vllm=vllm.__version__, torch=torch.__version__, torch_cuda=torch.version.cuda)
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        info["driver"] = out.stdout.strip().splitlines()[0] if out.stdout.strip() else ""
+    if not torch.cuda.is_available():
+        raise RuntimeError("the wheels' torch sees no CUDA device (a driver older than torch's CUDA "
+                           f"{torch.version.cuda}?)")
+    info["gpus"] = torch.cuda.device_count()
+except BaseException as e:
+    info["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+print("PROBE " + json.dumps(info))
+"""
+
+
+@dataclass
+class StackReport:
+    """What became of the GPU wheels in this kernel."""
+
+    wheels_dir: str  # the attached dataset of wheels
+    target: str  # where they were installed
+    installed: bool = False  # pip finished without error
+    usable: bool = False  # the check passed and the folder is first on sys.path
+    why: str = ""  # why not usable ("" when usable)
+    seconds: float = 0.0  # install + check
+    versions: dict = field(default_factory=dict)  # vllm, torch, torch_cuda, driver, gpus (what the check saw)
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
+    return " | ".join(kept[-lines:])
+
+
+def install(wheels_dir: str | os.PathLike, target: str | os.PathLike, requirements: str = REQUIREMENTS,
+            timeout: float = 1800) -> tuple[bool, str]:
+    """``pip install --no-index --target`` of the requirements file beside the wheels; (ok, why not)."""
+    req = Path(wheels_dir) / requirements
+    if not req.exists():
+        return False, f"no {req}: the wheels dataset is not attached or was built without it"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check", "--no-warn-conflicts",
+           "--find-links", str(wheels_dir), "--target", str(target), "--upgrade", "-r", str(req)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False, f"pip install did not finish in {timeout:.0f} s"
+    except OSError as e:
+        return False, f"pip could not run: {e}"
+    if out.returncode != 0:
+        return False, f"pip install failed (exit {out.returncode}): {_tail(out.stderr or out.stdout)}"
+    return True, ""
+
+
+def probe(target: str | os.PathLike, timeout: float = 600) -> tuple[bool, str, dict]:
+    """Import vLLM from ``target`` in a child process and check CUDA there; (ok, why not, versions seen)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH", "")) if p))
+    try:
+        out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return False, f"the check did not finish in {timeout:.0f} s", {}
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), "")
+    if not line:
+        return False, f"the check crashed (exit {out.returncode}): {_tail(out.stderr)}", {}
+    info = json.loads(line[len("PROBE "):])
+    error = info.pop("error", "")
+    return not error, error, info
+
+
+def activate(target: str | os.PathLike) -> None:
+    """Put ``target`` first on this process's path and on ``PYTHONPATH`` (vLLM's workers are new processes)."""
+    target = str(target)
+    if target not in sys.path:
+        sys.path.insert(0, target)
+    old = os.environ.get("PYTHONPATH", "")
+    if target not in old.split(os.pathsep):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (target, old) if p)
+    os.environ.pop(NO_VLLM_ENV, None)
+
+
+def setup_gpu_stack(wheels_dir: str | os.PathLike, target: str | os.PathLike = DEFAULT_TARGET,
+                    requirements: str = REQUIREMENTS, install_timeout: float = 1800,
+                    probe_timeout: float = 600) -> StackReport:
+    """Install, check and (if it passed) activate the GPU wheels; never raises. The report says what happened; on
+    any failure ``KAGGLE_UTILS_NO_VLLM`` holds the reason and the HF engine runs on Kaggle's own packages."""
+    start = time.time()
+    report = StackReport(wheels_dir=str(wheels_dir), target=str(target))
+    try:
+        report.installed, report.why = install(wheels_dir, target, requirements, install_timeout)
+        if report.installed:
+            report.usable, report.why, report.versions = probe(target, probe_timeout)
+        if report.usable:
+            activate(target)
+    except Exception as e:  # anything unforeseen: still never the submission's end
+        report.usable, report.why = False, f"{type(e).__name__}: {e}"
+    report.seconds = round(time.time() - start, 1)
+    if report.usable:
+        logger.info("GPU wheels ready from %s (%s, %.0f s): vLLM can run", target, report.versions, report.seconds)
+    else:
+        os.environ[NO_VLLM_ENV] = report.why
+        logger.warning("GPU wheels not used (%s); the HF engine runs on this image's own torch", report.why)
+    return report
+
+
+def summary(report: StackReport) -> str:
+    """One line for the kernel's output."""
+    return json.dumps(dataclasses.asdict(report))

@@ -1,0 +1,124 @@
+"""Data-parallel training through accelerate (issue 13), what can be checked without GPUs: the batch arithmetic, the
+launcher's process count, that only the main process writes, and a real 2-process gloo DDP run of the tiny model.
+
+Run: `pytest tests/test_distributed.py` (the DDP run is marked slow: two processes each load a model).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kaggle_utils import config, training
+from conftest import GEMMA_CSV
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cfg_of(tmp_path, base, **kw):
+    values = dict(run_name="ddp", runs_dir=str(tmp_path), preset="mistral-7b", base_model_path=str(base),
+                  train_files=[str(GEMMA_CSV)], validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=16,
+                  max_steps=2, batch_size=4, micro_batch_size=2, save_steps=1, max_seq_length=512,
+                  load_in_4bit=False, learning_rate=1e-2, warmup_steps=0)
+    values.update(kw)
+    return training.TrainConfig(**values)
+
+
+@pytest.mark.parametrize("batch,micro,processes,expected", [(16, 2, 1, (2, 8)), (16, 2, 2, (4, 4)), (16, 2, 4, (8, 2)),
+                                                            (8, 4, 2, (8, 1))])
+def test_the_effective_batch_stays_the_recipes(tmp_path, tiny_model_dir, batch, micro, processes, expected):
+    cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), batch_size=batch, micro_batch_size=micro,
+                 num_processes=processes)
+    per_step, accumulation = training.batch_split(cfg, processes)
+    assert (per_step, accumulation) == expected and per_step * accumulation == batch
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(config.ConfigError, match=r"batch_size: must be a multiple of micro_batch_size x num_processes "
+                                                 r"= 2 x 3 = 6"):
+        cfg_of(tmp_path, tiny_model_dir("mistral"), batch_size=16, micro_batch_size=2, num_processes=3)
+
+
+def test_launch_runs_here_for_one_process_and_forks_n_otherwise(tmp_path, tiny_model_dir, monkeypatch):
+    import accelerate
+
+    calls = []
+    monkeypatch.setattr(training, "run", lambda cfg: calls.append(("here", cfg.num_processes)) or {"ok": 1})
+    monkeypatch.setattr(accelerate, "notebook_launcher",
+                        lambda fn, args, num_processes: calls.append(("launcher", num_processes, fn, args[0])))
+    assert training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"))) == {"ok": 1}
+    cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2)
+    result = training.launch(cfg)
+    assert calls[0] == ("here", 1)
+    assert calls[1][:2] == ("launcher", 2) and calls[1][2] is training._run_rank and calls[1][3] is cfg
+    assert result == {"global_step": None, "num_processes": 2, "checkpoint": None}
+
+
+def test_make_passes_gpus_to_the_notebook():
+    out = subprocess.run(["make", "-n", "train-mistral", "GPUS=2"], cwd=REPO, capture_output=True, text=True)
+    assert "-p num_processes 2" in out.stdout
+    out = subprocess.run(["make", "-n", "train-mistral"], cwd=REPO, capture_output=True, text=True)
+    assert "num_processes" not in out.stdout  # no GPUS: exactly as before
+
+
+def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
+    from transformers import TrainerState
+
+    cfg = cfg_of(tmp_path, tiny_model_dir("mistral"))
+    training.prepare_run(cfg)
+    model, tok = training.load_model_and_tokenizer(cfg)
+    monkeypatch.setenv("RANK", "1")
+    training.build_datasets(cfg, tok)
+    assert not (cfg.run_dir / training.VALIDATION_FILE).exists()
+    writer = training._metrics_callback(cfg.run_dir)
+    (cfg.run_dir / "checkpoint-1").mkdir()
+    other = TrainerState(global_step=1, is_world_process_zero=False)
+    writer.on_log(None, other, None, logs={"loss": 1.0})
+    writer.on_save(None, other, None)
+    assert not (cfg.run_dir / training.METRICS_FILE).exists()
+    assert not (cfg.run_dir / "checkpoint-1" / "metrics.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    training.build_datasets(cfg, tok)
+    main = TrainerState(global_step=1, is_world_process_zero=True)
+    writer.on_log(None, main, None, logs={"loss": 1.0})
+    writer.on_save(None, main, None)
+    assert (cfg.run_dir / training.VALIDATION_FILE).exists() and (cfg.run_dir / training.METRICS_FILE).exists()
+    assert json.loads((cfg.run_dir / "checkpoint-1" / "metrics.json").read_text())["step"] == 1
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny_model_dir):
+    """A real launch: 2 processes, gloo, the tiny Mistral; each step logged once, checkpoints written once, LoRA moved."""
+    base = tiny_model_dir("mistral")
+    script = f"""
+import json, sys
+from kaggle_utils import config, training
+config.setup_logging()
+cfg = training.TrainConfig(run_name="ddp", runs_dir={str(tmp_path)!r}, preset="mistral-7b", base_model_path={str(base)!r},
+    train_files=[{str(GEMMA_CSV)!r}], validation_file={str(GEMMA_CSV)!r}, val_rows=4, max_train_rows=16, max_steps=2,
+    batch_size=4, micro_batch_size=1, save_steps=1, max_seq_length=512, load_in_4bit=False, learning_rate=1e-2,
+    warmup_steps=0, num_processes=2)
+training.prepare_run(cfg)
+print("RESULT " + json.dumps(training.launch(cfg)))
+"""
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout + out.stderr
+    assert "Launching training on 2 " in text  # accelerate's launcher (it names the device type CUDA even on CPUs)
+    # each of the two processes built its trainer: 1 row x 2 processes x 2 accumulation = the recipe's 4
+    assert text.count("effective batch 4 = 2 rows x 2 accumulation") == 2
+    result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
+    assert result["global_step"] == 2 and result["num_processes"] == 2
+    run = tmp_path / "ddp"
+    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
+    steps = [json.loads(ln)["step"] for ln in (run / training.METRICS_FILE).read_text().splitlines()
+             if "eval_loss" in ln]
+    assert steps == [0, 1, 2]  # one process logged, once per evaluation
+    from safetensors.torch import load_file
+
+    lora_b = [t for n, t in load_file(run / "checkpoint-2" / "adapter_model.safetensors").items() if "lora_B" in n]
+    assert lora_b and any(float(t.abs().sum()) > 0 for t in lora_b)  # B starts at zero: it moved

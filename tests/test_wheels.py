@@ -1,0 +1,151 @@
+"""The Kaggle install of the GPU wheels can never cost the submission: a broken wheel, a vLLM that fails to import and
+a vLLM that fails to start all end in the HF engine, logged, with the submission written.
+
+Run: `pytest tests/test_wheels.py` (the rendered-kernel test builds a fresh venv, a few seconds).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from kaggle_utils import inference, kernels, sampling, wheels
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_wheel(folder: Path, init: str, name: str = "vllm", version: str = "0.33.0") -> Path:
+    """A real, installable pure-Python wheel whose ``__init__`` is ``init``."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    files = {f"{name}/__init__.py": init,
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    files[f"{info}/RECORD"] = "".join(f"{k},,\n" for k in files) + f"{info}/RECORD,,\n"
+    with zipfile.ZipFile(path, "w") as zf:
+        for k, v in files.items():
+            zf.writestr(k, v)
+    return path
+
+
+def wheels_dir(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / f"wheels-{kind}"
+    folder.mkdir()
+    (folder / wheels.REQUIREMENTS).write_text("vllm==0.33.0\n")
+    if kind == "broken":
+        (folder / "vllm-0.33.0-py3-none-any.whl").write_bytes(b"not a zip archive")
+    elif kind == "no-import":
+        fake_wheel(folder, "raise ImportError('libcudart.so.13: cannot open shared object file')\n")
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv(wheels.NO_VLLM_ENV, raising=False)
+
+
+def test_a_broken_wheel_is_logged_and_vllm_ruled_out(tmp_path, caplog):
+    report = wheels.setup_gpu_stack(wheels_dir(tmp_path, "broken"), tmp_path / "site")
+    assert not report.installed and not report.usable
+    assert "pip install failed" in report.why
+    assert os.environ[wheels.NO_VLLM_ENV] == report.why
+    assert "GPU wheels not used" in caplog.text
+    assert str(tmp_path / "site") not in sys.path
+
+
+def test_a_vllm_that_does_not_import_is_caught_in_a_child_process(tmp_path):
+    report = wheels.setup_gpu_stack(wheels_dir(tmp_path, "no-import"), tmp_path / "site")
+    assert report.installed and not report.usable
+    assert report.why == "ImportError: libcudart.so.13: cannot open shared object file"
+    assert (tmp_path / "site" / "vllm" / "__init__.py").exists()  # installed, but kept off this process's path
+    loaded = sys.modules.get("vllm")  # other tests may import vLLM's real types; never the fake one
+    assert str(tmp_path / "site") not in sys.path and str(tmp_path) not in str(getattr(loaded, "__file__", ""))
+
+
+def test_no_wheels_dataset_is_a_reason_too(tmp_path):
+    report = wheels.setup_gpu_stack(tmp_path / "not-attached", tmp_path / "site")
+    assert not report.usable and "not attached" in report.why
+
+
+def test_activate_puts_the_folder_first_for_this_process_and_its_children(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.setenv("PYTHONPATH", "/elsewhere")
+    monkeypatch.setenv(wheels.NO_VLLM_ENV, "earlier")
+    wheels.activate(tmp_path)
+    assert sys.path[0] == str(tmp_path)
+    assert os.environ["PYTHONPATH"].split(os.pathsep) == [str(tmp_path), "/elsewhere"]
+    assert wheels.NO_VLLM_ENV not in os.environ
+
+
+def test_the_engine_choice_honours_the_install_check(monkeypatch, caplog):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "")
+    assert sampling.pick_engine("auto") == "vllm"
+    monkeypatch.setenv(wheels.NO_VLLM_ENV, "pip install failed (exit 1): bad wheel")
+    assert sampling.pick_engine("auto") == "hf"
+    assert sampling.pick_engine("vllm") == "hf"  # asked for, but a submission is never lost to the engine choice
+    assert "cannot run here (pip install failed" in caplog.text
+
+
+def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tmp_path, monkeypatch, caplog,
+                                                                               tiny_model_dir):
+    rows = pd.DataFrame({"id": [f"t{i}" for i in range(4)], "original_text": ["The cat sat on the mat."] * 4,
+                         "rewritten_text": [f"A feline rested, version {i}." for i in range(4)]})
+    test_file = tmp_path / "test.csv"
+    rows.to_csv(test_file, index=False)
+    cfg = inference.InferenceConfig(
+        test_file=str(test_file), submission_path=str(tmp_path / "submission.csv"), run_dir=str(tmp_path / "run"),
+        models=[{"name": "tiny", "preset": "mistral-7b", "base_model_path": str(tiny_model_dir("mistral")), "n": 2,
+                 "temperature": 0.8, "top_p": 0.95}], engine="vllm", max_new_tokens=4)
+
+    def no_start(*args, **kwargs):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    monkeypatch.setattr(sampling, "pick_engine", lambda requested: "vllm")  # as on a GPU box where vLLM imports
+    monkeypatch.setattr(sampling.VLLMEngine, "from_preset", classmethod(no_start))
+    from kaggle_utils import budget
+
+    inference.prepare_run(cfg)
+    test = inference.read_test(cfg)
+    predictions, report = inference.sample_models(cfg, test, budget.Deadline.from_notebook_start(1))
+    assert "vLLM failed to start (RuntimeError: CUDA driver version is insufficient" in caplog.text
+    assert report["engine"].tolist() == ["hf"] and report["sampled"].tolist() == [4]
+    path = inference.write_submission(cfg, inference.build_submission(cfg, test, predictions))
+    assert inference.validate_submission(path, test)["rows"] == 4
+    assert all(len(p) == 2 for p in predictions["tiny"].values())
+
+
+def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_path):
+    """The rendered install cell itself, run as on Kaggle (KAGGLE_KERNEL_RUN_TYPE set) in a fresh Python: the
+    library installs from its dataset, the broken GPU wheel is reported and vLLM is ruled out, the cell ends well."""
+    plan = kernels.load_plan()
+    folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
+    nb = json.loads((folder / "inference.ipynb").read_text())
+    source = "".join(nb["cells"][0]["source"])
+    library = kernels.build_library_dataset("fakeuser", tmp_path / "library")
+    broken = wheels_dir(tmp_path, "broken")
+    source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
+              .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(broken))
+              .replace(kernels.GPU_WHEELS_TARGET, str(tmp_path / "gpu-site")))
+    source += f"\nprint('NO_VLLM=' + os.environ.get('{wheels.NO_VLLM_ENV}', ''))\n"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["KAGGLE_KERNEL_RUN_TYPE"] = "Batch"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", source], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kaggle_utils 0.1.0, commit" in out.stdout
+    summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))
+    assert summary["installed"] is False and summary["usable"] is False and "pip install failed" in summary["why"]
+    assert "NO_VLLM=pip install failed" in out.stdout
+    assert "GPU wheels not used" in out.stdout  # the reason reaches the kernel's log
+    installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import kaggle_utils, sys; print(kaggle_utils.__file__)"],
+                               capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert str(venv) in installed.stdout  # the library came from its dataset's wheel, not from the checkout
