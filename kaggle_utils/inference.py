@@ -294,8 +294,11 @@ def _start_engine(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, s
     except _PLAN_ERRORS:
         raise
     except Exception as e:
+        # The reason can sit below the first line (pydantic: "1 validation error for VllmConfig" / "Total number of
+        # attention heads (9) must be divisible by tensor parallel size (2)", seen on the H200), so keep three.
+        why = " | ".join(ln.strip() for ln in str(e).strip().splitlines()[:3] if ln.strip())[:400]
         logger.error("%s: vLLM failed to start (%s: %s); falling back to the HF engine for this model\n%s", name,
-                     type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "", traceback.format_exc())
+                     type(e).__name__, why, traceback.format_exc())
         sampling.free_gpu_memory()
         return load("hf")
 

@@ -599,15 +599,28 @@ def score_blends(scorer, options: Sequence[BlendOption], predictions: dict[str, 
                         "predictions": sum(n for _, n in o.plan), "mean_prompt": o.mean_prompt_kind,
                         "scorer": scorer.name, "rows": len(chosen_on),
                         "scs": round(float(scs[chosen_on].mean()), 4), "cos": round(float(cos[chosen_on].mean()), 4),
-                        "scs_all_rows": round(float(scs.mean()), 4), "_option": o})
+                        "scs_all_rows": round(float(scs.mean()), 4), "_option": o, "_rows_scs": scs[chosen_on]})
     table = pd.DataFrame(records).sort_values(["scs", "predictions"], ascending=[False, True], kind="stable")
     return table.reset_index(drop=True)
 
 
+def _within_one_se(best: np.ndarray, other: np.ndarray) -> bool:
+    """Whether ``other`` scores within one standard error of ``best`` on the same rows (paired differences)."""
+    diff = np.asarray(best, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
+    return float(diff.mean()) <= se
+
+
 def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_predictions: bool = False
                  ) -> BlendOption | None:
-    """The option with the best mean SCS (a tie goes to fewer predictions, cheaper at inference); optionally only
-    among options with that mean-prompt kind and at least one prediction (None when there is no such option)."""
+    """The option with the best mean SCS, with fewer predictions where they do not measurably help; optionally only
+    among options with that mean-prompt kind and at least one prediction (None when there is no such option).
+
+    The best option by mean can win by noise on a few dozen rows (seen on the demo's 65 choice rows: x2 beat x1 by
+    0.005 and lost by 0.03 on the report rows). So among the options that differ from it only in how many predictions
+    each model gives (same models, order and mean prompt), the one with the fewest predictions is taken when it
+    scores within one standard error of the best (paired over the rows): the one-standard-error rule.
+    """
     if table.empty:
         raise MeanPromptError("no blend option was scored")
     pick = table
@@ -617,7 +630,15 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
         pick = pick[pick["predictions"] > 0]
     if pick.empty:
         return None
-    return pick.sort_values(["scs", "predictions"], ascending=[False, True], kind="stable").iloc[0]["_option"]
+    ranked = pick.sort_values(["scs", "predictions"], ascending=[False, True], kind="stable")
+    best = ranked.iloc[0]
+    option = best["_option"]
+    if "_rows_scs" not in ranked:
+        return option
+    shape = lambda o: (tuple(m for m, _ in o.plan), o.mean_prompt_kind)  # noqa: E731
+    same = ranked[[shape(o) == shape(option) and _within_one_se(best["_rows_scs"], r)
+                   for o, r in zip(ranked["_option"], ranked["_rows_scs"])]]
+    return same.sort_values(["predictions", "scs"], ascending=[True, False], kind="stable").iloc[0]["_option"]
 
 
 def plot_blend_table(table: pd.DataFrame, path: str | os.PathLike, scorer_name: str, top: int = 25) -> Path:
@@ -793,7 +814,7 @@ def run_blend_choice(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: di
                          choice_rows=choice_rows, progress=progress)
     best = choose_blend(table)
     with_optimized = choose_blend(table, "optimized", with_predictions=True)
-    shown = table.drop(columns="_option")
+    shown = table.drop(columns=["_option", "_rows_scs"])
     shown.to_csv(cfg.run_dir / OPTIONS_FILE, index=False)
     plot_blend_table(shown, cfg.run_dir / OPTIONS_PLOT, scorer.name)
 
@@ -805,6 +826,9 @@ def run_blend_choice(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: di
 
     choice = {**describe(best), "separator": cfg.separator, "scorer": scorer.name, "rows": int(table["rows"].iloc[0]),
               "rows_total": len(inputs.truths), "chosen_from": len(table), "table": OPTIONS_FILE,
+              "best_by_mean": table.iloc[0]["option"],
+              "rule": "the best mean SCS; fewer predictions when within one standard error of it (same models, order "
+                      "and mean prompt)",
               "mean_prompt_objective": searched.get("objective", ""),
               "best_with_optimized_mean_prompt": describe(with_optimized) if with_optimized else None,
               "seconds": round(time.perf_counter() - began, 2)}
