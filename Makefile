@@ -77,12 +77,13 @@ train: setup ## train RUN with CONFIG (BASE_MODEL=/path: base weights; GPUS=N: d
 		$(if $(GPUS),-p num_processes $(GPUS)) $(TRAIN_ARGS))
 
 TEST ?= runs/demo/report.csv
-SUBMISSION ?= runs/demo/submission.csv
 INFER_DIR ?= runs/demo/infer
+SUBMISSION ?= $(INFER_DIR)/submission.csv
 INFER_ARGS ?=
-# The blend `make demo` chose (runs/demo/blend.json) applies unless INFER_ARGS brings another plan (-f, -y or a
-# models parameter) or BLEND is given: BLEND=path/to/blend.json for another, BLEND= for none.
-BLEND ?= $(if $(or $(findstring -f ,$(INFER_ARGS)),$(findstring -y ,$(INFER_ARGS)),$(findstring models,$(INFER_ARGS))),,$(wildcard runs/demo/blend.json))
+# The blend `make demo` chose (runs/demo/blend.json) applies unless INFER_ARGS brings another plan (-f file, -y yaml,
+# or -p/-r models) or BLEND is given: BLEND=path/to/blend.json for another, BLEND= for none.
+OWN_PLAN = $(strip $(findstring -f ,$(INFER_ARGS))$(findstring -y ,$(INFER_ARGS))$(findstring -p models ,$(INFER_ARGS))$(findstring -r models ,$(INFER_ARGS)))
+BLEND ?= $(if $(OWN_PLAN),,$(wildcard runs/demo/blend.json))
 
 .PHONY: infer
 infer: setup ## write SUBMISSION for TEST with the adapter and blend `make demo` chose (INFER_ARGS: more papermill -p/-r/-f)

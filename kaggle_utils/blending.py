@@ -21,6 +21,7 @@ logger = logging.getLogger("kaggle_utils")
 DEFAULT_MEAN_PROMPT = ("Please improve this text using the writing style with maintaining the original meaning but "
                        "altering the tone.")
 SPLIT_ORDER = ("report", "choice")  # how a scores table is ordered: rows that chose nothing first
+PUBLIC_MEAN_PROMPT_SYSTEM = "public mean prompt alone (0.63 on the leaderboard)"  # its name in every scores table
 
 
 def blend_row(predictions_by_model: Sequence[Sequence[str]], mean_prompt: str = "", separator: str = " ",
@@ -91,7 +92,7 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     if mean:
         systems["mean prompt alone"] = [mean] * len(ids)
     if mean != DEFAULT_MEAN_PROMPT:  # the reference every Kaggler knows, also when the blend uses no mean prompt
-        systems["public mean prompt alone (0.63 on the leaderboard)"] = [DEFAULT_MEAN_PROMPT] * len(ids)
+        systems[PUBLIC_MEAN_PROMPT_SYSTEM] = [DEFAULT_MEAN_PROMPT] * len(ids)
     if submission in systems:
         systems = {(f"{k} (submission)" if k == submission else k): v for k, v in systems.items()}
     return systems
@@ -108,9 +109,11 @@ def score_systems(scorer, systems: Mapping[str, Sequence[str]], truths: Sequence
 def write_scores(path: str | os.PathLike, rows) -> pd.DataFrame:
     """Add ``rows`` (dicts or a table) to the scores CSV that several stages share, and return the whole table.
 
-    A row with the same system, scorer and split is replaced, every other row is kept, so re-running a stage does
-    not duplicate lines. The table is ordered by split (report rows first, then choice rows, then the rest) and keeps
-    each stage's own order within a split. A file in an older layout (other columns) is replaced.
+    The new rows replace every old row of the same scorer and split: a stage writes its split whole (the inference
+    stage the report rows, the mean-prompt stage the choice rows), so a rerun whose system names changed (which
+    system is the submission, say) leaves no stale row behind; other splits and scorers are kept. The table is
+    ordered by split (report rows first, then choice rows, then the rest) and keeps each stage's own order within a
+    split. A file in an older layout (other columns) is replaced.
     """
     file = Path(path)
     new = pd.DataFrame(rows if isinstance(rows, pd.DataFrame) else list(rows)).reindex(columns=SCORE_COLUMNS)
@@ -120,8 +123,8 @@ def write_scores(path: str | os.PathLike, rows) -> pd.DataFrame:
         old = None
     if old is not None and len(old):
         old["split"] = old["split"].fillna("")
-        keys = set(zip(new["system"], new["scorer"], new["split"].fillna("")))
-        old = old[[k not in keys for k in zip(old["system"], old["scorer"], old["split"])]]
+        keys = set(zip(new["scorer"], new["split"].fillna("")))
+        old = old[[k not in keys for k in zip(old["scorer"], old["split"])]]
         table = pd.concat([old, new], ignore_index=True) if len(old) else new
     else:
         table = new

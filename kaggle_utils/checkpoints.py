@@ -82,7 +82,7 @@ class SelectConfig:
                 f"{self.force_step}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
-                f"must be 0 (the run's max_seq_length) or >= 64, got {self.max_prompt_tokens}")
+                f"must be 0 (as in training) or >= 64, got {self.max_prompt_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         if self.scorer_path:  # fail before minutes of generation, not after
             metric.check_scorer_path(self.scorer_path)
@@ -202,7 +202,8 @@ def prompt_token_limit(cfg: SelectConfig, run_cfg: dict) -> int:
     The model never trained on longer rows (training drops them), and prefill of long prompts is what a CPU
     selection spends its time on (SmolLM2's validation rows average about 580 tokens, its training limit is 384).
     """
-    return cfg.max_prompt_tokens or int(run_cfg.get("max_prompt_tokens") or run_cfg.get("max_seq_length") or 1024)
+    return cfg.max_prompt_tokens or int(run_cfg.get("max_prompt_tokens") or run_cfg.get("max_seq_length")
+                                        or prompts.DEFAULT_PROMPT_TOKENS)
 
 
 def plot_losses(cfg: SelectConfig) -> Path:

@@ -93,6 +93,14 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
     return logger
 
 
+def error_summary(error, lines: int = 3, limit: int = 400) -> str:
+    """One log-line of an exception or an error text: its first non-empty lines joined. The reason can sit below the
+    first line (pydantic: "1 validation error for VllmConfig" / "Total number of attention heads (9) must be
+    divisible by tensor parallel size (2)", seen on the H200), so one line is not enough."""
+    kept = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()][:lines]
+    return " | ".join(kept)[:limit]
+
+
 def require(condition: bool, field: str, message: str) -> None:
     """Raise :class:`ConfigError` naming ``field`` unless ``condition`` holds."""
     if not condition:

@@ -32,7 +32,7 @@ SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
 SCORES_FILE = "scores.csv"
-DEFAULT_PROMPT_TOKENS = 1024  # prompt tokens kept when neither the config nor the adapter's selection says
+DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the adapter's selection says
 SAMPLING_FILE = "sampling.csv"
 
 
@@ -98,9 +98,13 @@ class ModelSpec:
         for folder in ([self.adapter_path] if self.adapter_path else []) + (
                 [str(Path(self.merged_path).parent)] if self.merged_path else []):
             path = resolve_path(folder) / sampling.SELECTION_FILE
+            if not path.exists():
+                continue
             try:
                 value = int(json.loads(path.read_text()).get("max_prompt_tokens") or 0)
-            except (OSError, ValueError, AttributeError):
+            except (OSError, ValueError, AttributeError) as e:
+                logger.warning("%s: unreadable (%s); %s sees prompts cut to %d tokens, maybe not as in training",
+                               path, e, self.name, DEFAULT_PROMPT_TOKENS)
                 continue
             if value:
                 return value
@@ -277,38 +281,16 @@ def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.Samp
 _PLAN_ERRORS = (ConfigError, sampling.AdapterError, models.ModelPathError)  # the user's to fix: never papered over
 
 
-def _start_engine(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig
-                  ) -> sampling.Engine:
-    """Load one model in engine ``kind``; when vLLM fails to start (a driver too old for its CUDA, out of memory,
-    a missing kernel) the error is logged and the same model loads in the HF engine instead."""
-    def load(engine_kind: str) -> sampling.Engine:
-        return sampling.load_engine(engine_kind, spec.preset, spec.base_model_path, spec.adapter_path,
-                                    spec.merged_path, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                    max_model_len=scfg.max_prompt_tokens + scfg.max_new_tokens + 8, seed=cfg.seed,
-                                    dtype=cfg.dtype)
-
-    if kind != "vllm":
-        return load(kind)
-    try:
-        return load("vllm")
-    except _PLAN_ERRORS:
-        raise
-    except Exception as e:
-        # The reason can sit below the first line (pydantic: "1 validation error for VllmConfig" / "Total number of
-        # attention heads (9) must be divisible by tensor parallel size (2)", seen on the H200), so keep three.
-        why = " | ".join(ln.strip() for ln in str(e).strip().splitlines()[:3] if ln.strip())[:400]
-        logger.error("%s: vLLM failed to start (%s: %s); falling back to the HF engine for this model\n%s", name,
-                     type(e).__name__, why, traceback.format_exc())
-        sampling.free_gpu_memory()
-        return load("hf")
-
-
 def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share) -> sampling.SamplingReport | None:
     """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
     engine = None
     try:
-        engine = _start_engine(cfg, kind, spec, name, scfg)
+        # vLLM failing to start (driver, memory, a config it refuses) falls back to the HF engine inside load_engine.
+        engine = sampling.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
+                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
+                                      max_model_len=scfg.max_prompt_tokens + scfg.max_new_tokens + 8, seed=cfg.seed,
+                                      dtype=cfg.dtype)
         return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
                                     rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                     model_name=name)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, git_commit
+from . import __version__, git_commit, wheels
 from .config import ConfigError, project_root, require, resolve_path
 from .models import PRESETS, get_preset
 
@@ -56,8 +56,8 @@ KERNELS_DIR = "build/kernels"
 LOCAL_DIR = "build/local"
 DATASETS_DIR = "build/datasets"
 WHEELS_DIR = "build/wheels"
-GPU_REQUIREMENTS = "requirements-gpu.txt"
-GPU_WHEELS_TARGET = "/tmp/gpu-wheels"  # where a kernel installs the GPU wheels (kaggle_utils.wheels)
+GPU_REQUIREMENTS = wheels.REQUIREMENTS  # beside the wheels in their dataset
+GPU_WHEELS_TARGET = wheels.DEFAULT_TARGET  # where a kernel installs the GPU wheels
 
 _SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 _USER = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -781,7 +781,7 @@ def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version:
            "--implementation", "cp"]
     # pip matches platform tags exactly, and the wheels use many (torch's CUDA libraries: manylinux_2_27; others
     # 2_17, 2_28, 2_34...): every glibc from 2.17 up to Kaggle's 2.35, newest first.
-    for platform in [f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)] + ["manylinux2014_x86_64", "linux_x86_64"]:
+    for platform in [f"manylinux_2_{n}_x86_64" for n in range(35, 16, -1)] + ["manylinux2014_x86_64"]:
         cmd += ["--platform", platform]
     return cmd
 

@@ -175,7 +175,7 @@ def _unique_prompts(prompts: Sequence[str], exclude: Sequence[str] = ()) -> list
     return list(out.values())
 
 
-def report_prompts(cfg: MeanPromptConfig) -> list[str]:
+def read_report_prompts(cfg: MeanPromptConfig) -> list[str]:
     """The prompts of the run's report rows (``report.csv``, written by the train stage), which nothing here may see:
     they are removed from the targets and the vocabulary like the validation prompts; [] when the run has none."""
     from .training import REPORT_FILE
@@ -601,12 +601,18 @@ def score_blends(scorer, options: Sequence[BlendOption], predictions: dict[str, 
                         "scs": round(float(scs[chosen_on].mean()), 4), "cos": round(float(cos[chosen_on].mean()), 4),
                         "scs_all_rows": round(float(scs.mean()), 4), "_option": o, "_rows_scs": scs[chosen_on]})
     table = pd.DataFrame(records).sort_values(["scs", "predictions"], ascending=[False, True], kind="stable")
-    return table.reset_index(drop=True)
+    table = table.reset_index(drop=True)
+    table.attrs["groups"] = [data.normalize_prompt(truths[r]) for r in chosen_on]  # for choose_blend's standard error
+    return table
 
 
-def _within_one_se(best: np.ndarray, other: np.ndarray) -> bool:
-    """Whether ``other`` scores within one standard error of ``best`` on the same rows (paired differences)."""
+def _within_one_se(best: np.ndarray, other: np.ndarray, groups=None) -> bool:
+    """Whether ``other`` scores within one standard error of ``best`` on the same rows: paired differences,
+    averaged per prompt group first when ``groups`` are given (rows of a group move together, so counting them as
+    independent would shrink the error)."""
     diff = np.asarray(best, dtype=np.float64) - np.asarray(other, dtype=np.float64)
+    if groups is not None and len(groups) == len(diff):
+        diff = pd.Series(diff).groupby(list(groups), sort=False).mean().to_numpy()
     se = diff.std(ddof=1) / math.sqrt(len(diff)) if len(diff) > 1 else 0.0
     return float(diff.mean()) <= se
 
@@ -619,7 +625,7 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
     The best option by mean can win by noise on a few dozen rows (seen on the demo's 65 choice rows: x2 beat x1 by
     0.005 and lost by 0.03 on the report rows). So among the options that differ from it only in how many predictions
     each model gives (same models, order and mean prompt), the one with the fewest predictions is taken when it
-    scores within one standard error of the best (paired over the rows): the one-standard-error rule.
+    scores within one standard error of the best (paired differences over prompt groups): the one-standard-error rule.
     """
     if table.empty:
         raise MeanPromptError("no blend option was scored")
@@ -636,7 +642,8 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
     if "_rows_scs" not in ranked:
         return option
     shape = lambda o: (tuple(m for m, _ in o.plan), o.mean_prompt_kind)  # noqa: E731
-    same = ranked[[shape(o) == shape(option) and _within_one_se(best["_rows_scs"], r)
+    groups = table.attrs.get("groups")
+    same = ranked[[shape(o) == shape(option) and _within_one_se(best["_rows_scs"], r, groups)
                    for o, r in zip(ranked["_option"], ranked["_rows_scs"])]]
     return same.sort_values(["predictions", "scs"], ascending=[True, False], kind="stable").iloc[0]["_option"]
 
@@ -693,7 +700,7 @@ def prepare(cfg: MeanPromptConfig, scorer) -> Inputs:
     validation = read_validation(validation_file)
     # Never seen by the search or the vocabulary: the validation rows (the blend is chosen on them) and the run's
     # report rows (they score the result).
-    val_prompts = validation[data.PROMPT_COLUMN].tolist() + report_prompts(cfg)
+    val_prompts = validation[data.PROMPT_COLUMN].tolist() + read_report_prompts(cfg)
     files = find_prediction_files(cfg)
     predictions: dict[str, list[list[str]]] = {}
     if files:
@@ -849,7 +856,7 @@ def score_rows(scorer, inputs: Inputs, searched: dict, choice: dict) -> list[dic
     n = len(truths)
     mean_prompts = {"public": PUBLIC_MEAN_PROMPT, "optimized": searched["string"]}
     tag = ", searched on part of these rows" if searched.get("objective") == "blend" else ""
-    rows = [scorer.report("mean prompt alone (public 0.63)", [PUBLIC_MEAN_PROMPT] * n, truths, split=SPLIT),
+    rows = [scorer.report(blending.PUBLIC_MEAN_PROMPT_SYSTEM, [PUBLIC_MEAN_PROMPT] * n, truths, split=SPLIT),
             scorer.report(f"mean prompt alone (optimized{tag})", [searched["string"]] * n, truths, split=SPLIT)]
     blends = [(f"predictions + optimized mean prompt{tag}", choice.get("best_with_optimized_mean_prompt")),
               ("blend chosen on validation", choice)]

@@ -15,6 +15,8 @@ logger = logging.getLogger("kaggle_utils")
 # What an empty generation is replaced by, in checkpoint selection and in the submission alike, so a step's
 # selection score counts it the way the submission will.
 FALLBACK_PROMPT = "Improve this text."
+# Prompt tokens kept when nothing says how long the model's training prompts were (the real presets' training limit).
+DEFAULT_PROMPT_TOKENS = 1024
 
 USER_TEMPLATE = (
     "An LLM was given the original text below and an instruction, and it wrote the rewritten text.\n\n"
@@ -166,17 +168,21 @@ _PREFIX = re.compile(
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019\u00ab\u00bb"
 
 
-def drop_repetition(text: str, span: int = 3) -> str:
-    """``text`` cut before the first repeat of any ``span``-word run: a small model's greedy output can loop
-    ("Rewrite it as a line from a line from a line from ...") until it runs out of tokens, and the loop only drags
-    the embedding away from the instruction it began with."""
+def drop_repetition(text: str, longest: int = 6) -> str:
+    """``text`` cut where it starts looping: the first run of 2 to ``longest`` words that comes again right after
+    itself, or a word three times in a row ("Rewrite it as a line from a line from ..." -> "Rewrite it as a line
+    from"). A small model's
+    greedy output can loop until it runs out of tokens, and the loop drags the embedding away from the instruction it
+    began with. A phrase that returns later, not back to back ("in the style of X and in the style of Y"), is kept.
+    """
     words = text.split()
-    seen: set[tuple[str, ...]] = set()
-    for i in range(len(words) - span + 1):
-        run = tuple(w.lower().strip(".,;:!?") for w in words[i:i + span])
-        if run in seen:
-            return " ".join(words[:i]).rstrip(" ,;:")
-        seen.add(run)
+    key = [w.lower().strip(".,;:!?") for w in words]
+    for end in range(1, len(words)):
+        for k in range(1, min(longest, end) + 1):
+            times = 3 if k == 1 else 2  # "very very formal" is English; "the the the" is a loop
+            if end + (times - 1) * k <= len(key) and all(key[end - k:end] == key[end + j * k:end + (j + 1) * k]
+                                                       for j in range(times - 1)):
+                return " ".join(words[:end]).rstrip(" ,;:")
     return text
 
 
@@ -184,8 +190,7 @@ def extract_prompt(generation: str, marker: str = "") -> str:
     """The recovered prompt sentence from a raw generation; "" when nothing usable is left.
 
     Strips an echoed response marker (and anything before it), chat special tokens, "Prompt:"-style prefixes and
-    surrounding quotes, keeps the first non-empty line, and cuts it before a repeated run of words
-    (:func:`drop_repetition`).
+    surrounding quotes, keeps the first non-empty line, and cuts it where it starts looping (:func:`drop_repetition`).
     """
     text = generation or ""
     for m in {marker.strip(), *(m.strip() for m in FAMILY_MARKERS.values())} - {""}:

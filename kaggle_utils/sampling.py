@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import decoding, models, prompts
-from .config import require, resolve_path
+from .config import ConfigError, error_summary, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -46,7 +46,7 @@ class SamplingConfig:
     seed: int = 0  # sampling seed; batch b uses seed + b (HF), row i uses seed + i (vLLM)
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
     batch_size: int = 16  # rows per generate call (x n sequences)
-    max_prompt_tokens: int = 1024  # longer prompts are truncated, keeping the instruction and both texts
+    max_prompt_tokens: int = prompts.DEFAULT_PROMPT_TOKENS  # longer prompts are cut, keeping the instruction and both texts
     greedy_first: bool = False  # the first of the n predictions is greedy, the others sampled at ``temperature``
 
     def __post_init__(self):
@@ -545,12 +545,27 @@ def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path:
                 gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0,
                 dtype: str = "auto") -> Engine:
     """Load one model of the plan in engine ``kind`` ("hf" or "vllm"); a non-empty ``merged_path`` is served as is,
-    with no adapter. ``dtype`` "float16" on a newer GPU runs as a T4 would."""
+    with no adapter. ``dtype`` "float16" on a newer GPU runs as a T4 would.
+
+    When vLLM fails to start (a driver too old for its CUDA, out of memory, a config it refuses) the error is logged
+    and the same model loads in the HF engine: the engine can never cost the submission. A wrong plan (a missing
+    folder, an adapter of another model) is raised instead, for the user to fix.
+    """
     base = merged_path or base_model_path
     adapter = "" if merged_path else selected_adapter(adapter_path, preset)
     if kind == "vllm":
-        return VLLMEngine.from_preset(preset, base, adapter, gpu_memory_utilization=gpu_memory_utilization,
-                                      max_model_len=max_model_len, seed=seed, dtype=dtype)
+        try:
+            return VLLMEngine.from_preset(preset, base, adapter, gpu_memory_utilization=gpu_memory_utilization,
+                                          max_model_len=max_model_len, seed=seed, dtype=dtype)
+        except (ConfigError, AdapterError, models.ModelPathError):
+            raise
+        except Exception as e:
+            import traceback
+
+            logger.error("vLLM failed to start for %s (%s: %s); falling back to the HF engine for this model\n%s",
+                         Path(base).name if base else preset, type(e).__name__, error_summary(e),
+                         traceback.format_exc())
+            free_gpu_memory()
     spec = models.get_preset(preset)
     # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
     four_bit = spec.load_in_4bit and models.gpu_count() > 0

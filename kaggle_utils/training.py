@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import data, models, prompts
-from .config import require, resolve_path, save_config
+from .config import ConfigError, require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -28,7 +28,9 @@ REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 # Fields that must match for a run folder's checkpoints to be resumed (the rest, e.g. max_steps, may change).
 _RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "lora_target_modules", "max_seq_length",
-                "load_in_4bit")
+                "load_in_4bit",
+                # the split: resumed under another one, the report rows could hold prompts the checkpoints trained on
+                "validation_file", "val_rows", "report_rows", "val_rows_per_prompt", "split_seed")
 
 
 @dataclass
@@ -56,7 +58,7 @@ class TrainConfig:
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_target_modules: str = ""  # "" = the preset's; "attention" | "all" | comma-separated module names
     max_steps: int = 24  # optimizer steps
-    batch_size: int = 8  # effective batch (micro_batch_size x gradient accumulation x GPUs)
+    batch_size: int = 8  # effective batch (micro_batch_size x gradient accumulation x num_processes)
     micro_batch_size: int = 4  # rows per forward pass
     learning_rate: float = 2e-3  # peak learning rate
     lr_scheduler: str = "linear"  # decay after warmup: linear | cosine | constant_with_warmup
@@ -93,7 +95,7 @@ class TrainConfig:
             self.max_seq_length = preset.max_seq_length
         if self.load_in_4bit is None:
             self.load_in_4bit = preset.load_in_4bit
-        self.target_modules  # validates the LoRA targets
+        self.resolve_targets(self.preset, self.lora_target_modules)  # an unknown module name stops here
         # Fail at once (before any heavy import) when the base model is missing.
         models.check_base_path(preset, self.base_model_path)
 
@@ -104,10 +106,14 @@ class TrainConfig:
     @property
     def target_modules(self) -> list[str]:
         """The linear layers that get LoRA: the preset's, or ``lora_target_modules`` (a group name or a list)."""
-        value = self.lora_target_modules.strip() if isinstance(self.lora_target_modules, str) else \
-            ",".join(self.lora_target_modules)
+        return self.resolve_targets(self.preset, self.lora_target_modules)
+
+    @staticmethod
+    def resolve_targets(preset: str, lora_target_modules) -> list[str]:
+        """``lora_target_modules`` as module names: "" = the preset's, "attention" / "all", or names."""
+        value = lora_target_modules.strip() if isinstance(lora_target_modules, str) else ",".join(lora_target_modules)
         if not value:
-            return list(models.get_preset(self.preset).lora_target_modules)
+            return list(models.get_preset(preset).lora_target_modules)
         groups = {"attention": models.ATTENTION_PROJECTIONS, "all": models.ALL_PROJECTIONS}
         if value in groups:
             return list(groups[value])
@@ -126,8 +132,7 @@ def prepare_run(cfg: TrainConfig) -> Path:
     run_dir = cfg.run_dir
     old = run_dir / "config.json"
     if old.exists() and find_last_checkpoint(run_dir):
-        prev = json.loads(old.read_text())
-        now = dataclasses.asdict(cfg)
+        prev, now = _resume_view(json.loads(old.read_text())), _resume_view(dataclasses.asdict(cfg))
         diff = [k for k in _RESUME_KEYS if prev.get(k) != now.get(k)]
         if diff:
             raise ValueError(
@@ -136,6 +141,19 @@ def prepare_run(cfg: TrainConfig) -> Path:
             )
     save_config(cfg, run_dir)
     return run_dir
+
+
+def _resume_view(values: dict) -> dict:
+    """The resume keys of a saved or current config as they act: a key an older config.json lacks takes today's
+    default, and LoRA targets are resolved ("" and "attention" are the same layers for an attention preset)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    view = {k: values.get(k, defaults.get(k)) for k in _RESUME_KEYS}
+    try:
+        view["lora_target_modules"] = TrainConfig.resolve_targets(str(values.get("preset", "")),
+                                                                  view["lora_target_modules"] or "")
+    except ConfigError:
+        pass  # an unknown preset or module stays as written, and so differs
+    return view
 
 
 def load_model_and_tokenizer(cfg: TrainConfig):
@@ -175,7 +193,7 @@ def _tokenize(df: pd.DataFrame, tokenizer, max_prompt_tokens: int = 0) -> list[d
             for r in df.itertuples()]
 
 
-def held_out_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+def split_held_out_rows(cfg: TrainConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The (choice, report) rows of ``validation_file``: disjoint sets of whole prompt groups, seeded.
 
     Choice rows (``validation.csv``) give the eval loss and, in later stages, choose the checkpoint step, the blend and
@@ -202,7 +220,7 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     """
     from datasets import Dataset
 
-    validation, report = held_out_rows(cfg)
+    validation, report = split_held_out_rows(cfg)
     train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts, max_per_prompt=cfg.rows_per_prompt)
     held_out = set(pd.concat([validation, report])["rewrite_prompt"].map(data.normalize_prompt))
     leak = train["rewrite_prompt"].map(data.normalize_prompt).isin(held_out)
@@ -412,17 +430,33 @@ def launch(cfg: TrainConfig) -> dict:
     metrics, read back from the run folder.
     """
     if cfg.num_processes <= 1:
-        return run(cfg)
+        run(cfg)
+        return final_state(cfg)
+    import torch
     from accelerate import notebook_launcher
 
+    # device_count goes through NVML and leaves CUDA uninitialized, so the fork below stays safe.
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    require(not gpus or cfg.num_processes <= gpus, "num_processes",
+            f"{cfg.num_processes} processes need as many GPUs; {gpus} are visible (GPUS=... of make train)")
+    _, accumulation = batch_split(cfg, cfg.num_processes)
     logger.info("data-parallel: %d processes x micro batch %d x %d accumulation = effective batch %d",
-                cfg.num_processes, cfg.micro_batch_size, cfg.batch_size // (cfg.micro_batch_size * cfg.num_processes),
-                cfg.batch_size)
+                cfg.num_processes, cfg.micro_batch_size, accumulation, cfg.batch_size)
     notebook_launcher(_run_rank, args=(cfg,), num_processes=cfg.num_processes)
+    return final_state(cfg)
+
+
+def final_state(cfg: TrainConfig) -> dict:
+    """What the run ended with, read from its folder (the same for one process or several): the last complete
+    checkpoint, its step, the last logged train loss and eval loss, and the processes that trained it."""
     last = find_last_checkpoint(cfg.run_dir)
     state = json.loads((last / "trainer_state.json").read_text()) if last else {}
-    return {"global_step": state.get("global_step"), "num_processes": cfg.num_processes,
-            "checkpoint": str(last) if last else None}
+    history = state.get("log_history", [])
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    return {"global_step": state.get("global_step"), "checkpoint": str(last) if last else None,
+            "train_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
+            "num_processes": cfg.num_processes}
 
 
 # ---------------------------------------------------------------- metrics and plots

@@ -49,8 +49,14 @@ try:
         raise RuntimeError("the wheels' torch sees no CUDA device (a driver older than torch's CUDA "
                            f"{torch.version.cuda}?)")
     info["gpus"] = torch.cuda.device_count()
+    # What the kernel imports next, over the wheels (their numpy and transformers shadow the image's): a clash with
+    # the image's pandas or peft must show here, not in the next cell, where nothing could fall back.
+    import pandas, peft, accelerate, transformers, sentence_transformers  # noqa: E401,F401
+    import kaggle_utils.inference, kaggle_utils.sampling, kaggle_utils.metric  # noqa: E401,F401
+    info["transformers"] = transformers.__version__
 except BaseException as e:
-    info["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()][:3]
+    info["error"] = f"{type(e).__name__}: {' | '.join(lines)[:400]}"
 print("PROBE " + json.dumps(info))
 """
 
@@ -69,6 +75,7 @@ class StackReport:
 
 
 def _tail(text: str, lines: int = 3) -> str:
+    """The last lines of a tool's output (pip puts its reason last)."""
     kept = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     return " | ".join(kept[-lines:])
 

@@ -70,16 +70,20 @@ def test_another_mean_prompt_is_compared_with_the_public_one():
     assert list(alone) == ["mean prompt alone (submission)", "public mean prompt alone (0.63 on the leaderboard)"]
 
 
-def test_write_scores_replaces_by_system_scorer_and_split_report_first(tmp_path):
+def test_write_scores_replaces_a_scorers_split_whole_report_first(tmp_path):
     path = tmp_path / "scores.csv"
     row = dict(scorer="s", rows=4, scs_lo=0.0, scs_hi=0.5, cos=0.5)
     blending.write_scores(path, [{**row, "system": "blend", "split": "choice", "scs": 0.2},
                                  {**row, "system": "other", "split": "choice", "scs": 0.1}])
-    table = blending.write_scores(path, [{**row, "system": "blend", "split": "report", "scs": 0.3},
-                                         {**row, "system": "blend", "split": "choice", "scs": 0.25}])
+    table = blending.write_scores(path, [{**row, "system": "blend", "split": "report", "scs": 0.3}])
     assert list(zip(table["system"], table["split"], table["scs"])) == [
-        ("blend", "report", 0.3), ("other", "choice", 0.1), ("blend", "choice", 0.25)]
-    assert pd.read_csv(path)["system"].tolist() == ["blend", "other", "blend"]
+        ("blend", "report", 0.3), ("blend", "choice", 0.2), ("other", "choice", 0.1)]  # report rows first
+    # a rerun of the stage that writes the choice rows replaces them all, renamed systems included
+    table = blending.write_scores(path, [{**row, "system": "blend (submission)", "split": "choice", "scs": 0.25}])
+    assert list(zip(table["system"], table["split"])) == [("blend", "report"), ("blend (submission)", "choice")]
+    assert pd.read_csv(path)["system"].tolist() == ["blend", "blend (submission)"]
+    other_scorer = blending.write_scores(path, [{**row, "scorer": "t5", "system": "x", "split": "choice", "scs": 0.5}])
+    assert len(other_scorer) == 3  # another scorer's rows live beside them
     pd.DataFrame([{"system": "old", "scorer": "s", "rows": 1, "scs": 0.1, "cos": 0.1}]).to_csv(path, index=False)
     table = blending.write_scores(path, [{**row, "system": "new", "split": "report", "scs": 0.3}])
     assert table["system"].tolist() == ["new"]  # an older layout is replaced, not mixed

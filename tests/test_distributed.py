@@ -46,15 +46,27 @@ def test_launch_runs_here_for_one_process_and_forks_n_otherwise(tmp_path, tiny_m
     import accelerate
 
     calls = []
-    monkeypatch.setattr(training, "run", lambda cfg: calls.append(("here", cfg.num_processes)) or {"ok": 1})
+    monkeypatch.setattr(training, "run", lambda cfg: calls.append(("here", cfg.num_processes)))
     monkeypatch.setattr(accelerate, "notebook_launcher",
                         lambda fn, args, num_processes: calls.append(("launcher", num_processes, fn, args[0])))
-    assert training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"))) == {"ok": 1}
+    one = training.launch(cfg_of(tmp_path, tiny_model_dir("mistral")))
     cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2)
-    result = training.launch(cfg)
+    two = training.launch(cfg)
     assert calls[0] == ("here", 1)
     assert calls[1][:2] == ("launcher", 2) and calls[1][2] is training._run_rank and calls[1][3] is cfg
-    assert result == {"global_step": None, "num_processes": 2, "checkpoint": None}
+    assert set(one) == set(two) and (one["num_processes"], two["num_processes"]) == (1, 2)  # the same summary
+    assert two["global_step"] is None  # nothing trained here: no checkpoint to read
+
+
+def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_model_dir, monkeypatch):
+    import accelerate
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(accelerate, "notebook_launcher", lambda *a, **k: pytest.fail("must not launch"))
+    with pytest.raises(config.ConfigError, match="num_processes: 2 processes need as many GPUs; 1 are visible"):
+        training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
 
 
 def test_make_passes_gpus_to_the_notebook():
@@ -112,7 +124,7 @@ print("RESULT " + json.dumps(training.launch(cfg)))
     # each of the two processes built its trainer: 1 row x 2 processes x 2 accumulation = the recipe's 4
     assert text.count("effective batch 4 = 2 rows x 2 accumulation") == 2
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert result["global_step"] == 2 and result["num_processes"] == 2
+    assert result["global_step"] == 2 and result["num_processes"] == 2 and result["eval_loss"] > 0
     run = tmp_path / "ddp"
     assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
     steps = [json.loads(ln)["step"] for ln in (run / training.METRICS_FILE).read_text().splitlines()

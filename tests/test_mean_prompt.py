@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import config, data, mean_prompt as mp, metric
+from kaggle_utils import blending, config, data, mean_prompt as mp, metric
 
 
 class ToyScorer:
@@ -324,7 +324,7 @@ def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
     assert (table["rows"] == 2).all() and table["scorer"].eq(scorer.name).all()  # chosen on rows 1-2 only
     assert choice["best_with_optimized_mean_prompt"]["mean_prompt"] == "rewrite formal"
     rows = mp.score_rows(scorer, inputs, {"string": "rewrite formal"}, choice)
-    assert [r["system"] for r in rows] == ["mean prompt alone (public 0.63)", "mean prompt alone (optimized)",
+    assert [r["system"] for r in rows] == [blending.PUBLIC_MEAN_PROMPT_SYSTEM, "mean prompt alone (optimized)",
                                            "predictions + optimized mean prompt", "blend chosen on validation"]
     assert rows[-1]["scs"] == pytest.approx(choice["scs_all_rows"], abs=1e-4)
 

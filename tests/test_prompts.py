@@ -96,6 +96,10 @@ def test_extract_prompt(raw, expected):
     ("Rewrite it as a line from a line from a line from a line", "Rewrite it as a line from"),
     ("Make it formal. Make it formal. Make it formal.", "Make it formal."),
     ("Rewrite the text as a poem about the sea.", "Rewrite the text as a poem about the sea."),
+    ("Rewrite it in the style of a pirate and in the style of Shakespeare.",
+     "Rewrite it in the style of a pirate and in the style of Shakespeare."),  # a phrase again later: kept
+    ("Make it very very formal.", "Make it very very formal."),
+    ("Make it a poem poem poem poem", "Make it a poem"),
 ])
 def test_a_looping_generation_is_cut_at_the_first_repeat(raw, expected):
     assert prompts.extract_prompt(raw) == expected

@@ -105,6 +105,15 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     other = tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_r=4)
     with pytest.raises(ValueError, match="different run.*lora_r: 1 -> 4"):
         training.prepare_run(other)
+    # another split would put trained prompts into the held-out rows
+    with pytest.raises(ValueError, match="different run.*report_rows: 0 -> 10"):
+        training.prepare_run(tiny_cfg(tmp_path, tiny_model_dir("mistral"), report_rows=10))
+    # a config.json written before lora_target_modules existed, and "" vs the same layers by name, still resume
+    saved = json.loads((cfg.run_dir / "config.json").read_text())
+    del saved["lora_target_modules"]
+    (cfg.run_dir / "config.json").write_text(json.dumps(saved))
+    named = ",".join(__import__("kaggle_utils.models", fromlist=["x"]).get_preset("mistral-7b").lora_target_modules)
+    training.prepare_run(tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_target_modules=named))
 
 
 @pytest.mark.parametrize("field,value,match", [
@@ -150,8 +159,8 @@ def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_pat
     plain = tiny_cfg(tmp_path / "a", base, val_rows=6, max_train_rows=0)
     both = tiny_cfg(tmp_path / "b", base, val_rows=6, report_rows=10, max_train_rows=0, max_prompt_tokens=128,
                     max_seq_length=200)
-    choice, _ = training.held_out_rows(plain)
-    choice2, report = training.held_out_rows(both)
+    choice, _ = training.split_held_out_rows(plain)
+    choice2, report = training.split_held_out_rows(both)
     key = lambda df: set(df["rewrite_prompt"].map(data.normalize_prompt))  # noqa: E731
     assert choice["id"].tolist() == choice2["id"].tolist()
     assert len(report) >= 10 and not key(choice2) & key(report)

@@ -46,8 +46,11 @@ def wheels_dir(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env(monkeypatch):
-    monkeypatch.delenv(wheels.NO_VLLM_ENV, raising=False)
+def _clean_env():
+    """setup_gpu_stack sets KAGGLE_UTILS_NO_VLLM in os.environ, as in a kernel; no test may leave it to the next."""
+    os.environ.pop(wheels.NO_VLLM_ENV, None)
+    yield
+    os.environ.pop(wheels.NO_VLLM_ENV, None)
 
 
 def test_a_broken_wheel_is_logged_and_vllm_ruled_out(tmp_path, caplog):
@@ -115,8 +118,8 @@ def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tm
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     predictions, report = inference.sample_models(cfg, test, budget.Deadline.from_notebook_start(1))
-    assert ("vLLM failed to start (RuntimeError: 1 validation error for VllmConfig | Value error, Total number of "
-            "attention heads (9)") in caplog.text  # the reason below the first line reaches the log line
+    assert ("vLLM failed to start for tiny-mistral0 (RuntimeError: 1 validation error for VllmConfig | Value error, "
+            "Total number of attention heads (9)") in caplog.text  # the reason below the first line reaches the log
     assert report["engine"].tolist() == ["hf"] and report["sampled"].tolist() == [4]
     path = inference.write_submission(cfg, inference.build_submission(cfg, test, predictions))
     assert inference.validate_submission(path, test)["rows"] == 4
