@@ -128,9 +128,8 @@ def write_scores(path: str | os.PathLike, rows) -> pd.DataFrame:
         table = pd.concat([old, new], ignore_index=True) if len(old) else new
     else:
         table = new
-    rank = {s: i for i, s in enumerate(SPLIT_ORDER)}
-    table = table.iloc[sorted(range(len(table)), key=lambda i: rank.get(table["split"].iloc[i], len(rank)))]
-    table = table.reset_index(drop=True)
+    rank = table["split"].map({s: i for i, s in enumerate(SPLIT_ORDER)}).fillna(len(SPLIT_ORDER))
+    table = table.iloc[rank.argsort(kind="stable")].reset_index(drop=True)
     file.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(file, index=False)
     return table

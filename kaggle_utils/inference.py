@@ -278,9 +278,6 @@ def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.Samp
     return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
 
 
-_PLAN_ERRORS = (ConfigError, sampling.AdapterError, models.ModelPathError)  # the user's to fix: never papered over
-
-
 def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share) -> sampling.SamplingReport | None:
     """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
@@ -294,7 +291,7 @@ def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg
         return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
                                     rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                     model_name=name)
-    except _PLAN_ERRORS:
+    except sampling.PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
         logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())

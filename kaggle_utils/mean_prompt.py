@@ -639,8 +639,6 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
     ranked = pick.sort_values(["scs", "predictions"], ascending=[False, True], kind="stable")
     best = ranked.iloc[0]
     option = best["_option"]
-    if "_rows_scs" not in ranked:
-        return option
     shape = lambda o: (tuple(m for m, _ in o.plan), o.mean_prompt_kind)  # noqa: E731
     groups = table.attrs.get("groups")
     same = ranked[[shape(o) == shape(option) and _within_one_se(best["_rows_scs"], r, groups)

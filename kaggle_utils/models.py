@@ -205,6 +205,11 @@ def prepare_default_model(target: Path | None = None) -> Path:
 # ---------------------------------------------------------------- hardware and loading
 
 
+def world_size() -> int:
+    """Processes training together (``WORLD_SIZE``, set by accelerate's launcher); 1 outside a launch."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def gpu_count() -> int:
     """Visible CUDA devices (0 on CPU machines)."""
     import torch
@@ -302,7 +307,7 @@ def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtyp
     model_type = str(config.get("model_type", ""))
     fused_4bit = load_in_4bit and experts.has_fused_experts(model_type)
     dm = device_map(n)
-    data_parallel = for_training and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    data_parallel = for_training and world_size() > 1
     if data_parallel and n:  # one whole model per process, on the process's own GPU
         dm = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     elif n > 1 and model_type in LAYERED_TYPES and (for_training or fused_4bit):

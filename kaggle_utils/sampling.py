@@ -541,6 +541,11 @@ def pick_engine(requested: str = "auto") -> str:
     return "vllm"
 
 
+# Errors of the plan itself (a missing folder, an adapter of another model, a bad setting): the user's to fix, never
+# papered over by a fallback.
+PLAN_ERRORS = (ConfigError, AdapterError, models.ModelPathError)
+
+
 def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path: str = "", merged_path: str = "",
                 gpu_memory_utilization: float = 0.9, max_model_len: int = 2048, seed: int = 0,
                 dtype: str = "auto") -> Engine:
@@ -557,7 +562,7 @@ def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path:
         try:
             return VLLMEngine.from_preset(preset, base, adapter, gpu_memory_utilization=gpu_memory_utilization,
                                           max_model_len=max_model_len, seed=seed, dtype=dtype)
-        except (ConfigError, AdapterError, models.ModelPathError):
+        except PLAN_ERRORS:
             raise
         except Exception as e:
             import traceback
@@ -707,16 +712,16 @@ class SamplingReport:
     rows_per_s: float  # sampled rows per second
 
 
-def _retry_empty_rows(engine: Engine, records: list[dict], rows, texts, originals, rewrittens,
+def _retry_empty_rows(engine: Engine, records: list[dict], empty: list[int], rows, originals, rewrittens,
                       cfg: SamplingConfig) -> int:
     """Ask again, greedily and on a prompt cut to half the length, for rows whose n generations were all empty.
 
     A row far over the context (a 40,000-word text cut to the prompt limit) can leave a model answering nothing at
     all, and the generic fallback prompt scores poorly; a shorter view of the same row usually gets a real answer.
-    Its answer fills every one of the row's n slots; a retry that is empty too keeps the fallback. Returns how many
-    rows were asked again.
+    ``empty`` holds the batch positions of those rows (``postprocess`` found no prediction in any generation). Its
+    answer fills every one of the row's n slots; a retry that is empty too keeps the fallback. Returns how many rows
+    were asked again.
     """
-    empty = [k for k, raw in enumerate(texts) if not any(prompts.extract_prompt(t, engine.marker) for t in raw)]
     if not empty:
         return 0
     retry = dataclasses.replace(cfg, n=1, temperature=0.0, greedy_first=False,
@@ -755,12 +760,14 @@ def sample_rows(engine: Engine, ids: Sequence[str], originals: Sequence[str], re
         t0 = time.time()
         for rows, texts in batches:
             seconds = time.time() - t0
-            records = []
-            for i, raw in zip(rows, texts):
+            records, all_empty = [], []
+            for k, (i, raw) in enumerate(zip(rows, texts)):
                 preds, empty = postprocess(raw, engine.marker, fallback)
                 report.empty += empty
+                if empty == len(raw):
+                    all_empty.append(k)
                 records.append({"id": str(ids[i]), "key": keys[i], "predictions": preds, "raw": list(raw)})
-            report.retried += _retry_empty_rows(engine, records, rows, texts, originals, rewrittens, current)
+            report.retried += _retry_empty_rows(engine, records, all_empty, rows, originals, rewrittens, current)
             store.append(records)
             skip.update(rows)
             report.sampled += len(rows)

@@ -315,7 +315,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
     # One process: on 2 GPUs the layers are split (models.layer_device_map), so rows per step do not multiply;
     # data-parallel (launch with num_processes > 1) each process adds its micro batch, and accumulation shrinks so
     # the effective batch stays the recipe's.
-    per_step, accumulation = batch_split(cfg, world_size())
+    per_step, accumulation = batch_split(cfg, models.world_size())
     dtype = models.compute_dtype()
     args = SFTConfig(
         output_dir=str(cfg.run_dir),
@@ -393,11 +393,6 @@ def batch_split(cfg: TrainConfig, processes: int) -> tuple[int, int]:
     return per_step, max(1, cfg.batch_size // per_step)
 
 
-def world_size() -> int:
-    """Processes training together (``WORLD_SIZE``, set by accelerate's launcher); 1 outside a launch."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def is_main_process() -> bool:
     """True in the process that writes the run's files (rank 0, or the only process)."""
     return int(os.environ.get("RANK", "0")) == 0
@@ -426,8 +421,8 @@ def launch(cfg: TrainConfig) -> dict:
     The launcher forks the processes from this one, so the notebook stays the entry point (Kaggle's 2xT4 included)
     and each process's log lands in the executed notebook. Nothing here may touch CUDA before the fork (the config,
     the run folder and this call do not). Each process loads the whole model on its own GPU, draws its share of every
-    batch, and only the main process writes checkpoints, ``metrics.jsonl`` and the split files. Returns the final
-    metrics, read back from the run folder.
+    batch, and only the main process writes checkpoints, ``metrics.jsonl`` and the split files. Returns
+    :func:`final_state`, read back from the run folder.
     """
     if cfg.num_processes <= 1:
         run(cfg)
