@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -64,6 +65,7 @@ class TrainConfig:
     lr_scheduler: str = "linear"  # decay after warmup: linear | cosine | constant_with_warmup
     warmup_steps: int = 4  # linear warmup steps
     save_steps: int = 8  # checkpoint + eval loss every this many steps
+    logging_steps: int = 0  # train loss logged every this many steps; 0 = save_steps // 5 (at least 1)
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
     num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process, as before
@@ -72,6 +74,7 @@ class TrainConfig:
         preset = models.get_preset(self.preset)
         require(self.max_steps >= 1, "max_steps", f"must be >= 1, got {self.max_steps}")
         require(self.save_steps >= 1, "save_steps", f"must be >= 1, got {self.save_steps}")
+        require(self.logging_steps >= 0, "logging_steps", f"must be >= 0 (0 = save_steps // 5), got {self.logging_steps}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
         per_step = self.micro_batch_size * self.num_processes
@@ -262,11 +265,19 @@ def _metrics_callback(run_dir: Path):
     from transformers import TrainerCallback
 
     class MetricsWriter(TrainerCallback):
-        """Append every log line to metrics.jsonl and write {step, metrics} into each checkpoint folder."""
+        """Append every log line to metrics.jsonl and write {step, metrics} into each checkpoint folder.
+
+        Each line also has the wall-clock ``time`` (seconds since the epoch: s/step and samples/s come from the
+        difference of two lines) and, on a GPU, this process's peak memory so far (``gpu_peak_gib``)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and state.is_world_process_zero:  # data-parallel: the main process writes, once
-                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+                import torch
+
+                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
+                       "time": round(time.time(), 3)}
+                if torch.cuda.is_available():
+                    row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 with open(run_dir / METRICS_FILE, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
 
@@ -308,7 +319,7 @@ def _compact_lm_head_everywhere() -> None:
 def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
     """TRL's SFTTrainer over pre-tokenized rows, with completion-only loss and our own pad token."""
     import torch
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     _compact_lm_head_everywhere()
 
@@ -328,7 +339,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         lr_scheduler_type=cfg.lr_scheduler,
         # Micro batches of similar lengths: far less padding computed (texts range from 50 to 1000+ tokens).
         train_sampling_strategy="group_by_length",
-        logging_steps=max(1, cfg.save_steps // 5),
+        logging_steps=cfg.logging_steps or max(1, cfg.save_steps // 5),
         eval_strategy="steps",
         eval_steps=cfg.save_steps,
         eval_on_start=True,  # step 0 = the base model's eval loss, so the curve shows what training bought
@@ -354,8 +365,36 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight gets a gradient every step
     )
     logger.info("effective batch %d = %d rows x %d accumulation", per_step * accumulation, per_step, accumulation)
-    return SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                      callbacks=[_metrics_callback(cfg.run_dir)])
+    return _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                            processing_class=tokenizer, callbacks=[_metrics_callback(cfg.run_dir)])
+
+
+def _trainer_class():
+    """SFTTrainer whose length grouping works in effective batches, so N processes see the same rows per optimizer
+    step as one process does.
+
+    transformers groups rows by length in blocks of ``micro batch x accumulation`` of one process: 16 rows on one GPU
+    but 8 on two (the same recipe), so the data order, and with it the loss curve, would change with the GPU count.
+    With blocks of the effective batch, and a generator of its own seeded with ``data_seed`` (not the global random
+    state, which model loading and LoRA's initialisation consume), every process draws the same order and accelerate
+    hands process k every k-th micro batch of it: optimizer step s trains on the same rows whatever the number of
+    processes.
+    """
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+
+    class Trainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if isinstance(sampler, LengthGroupedSampler):
+                sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(
+                    1, self.args.world_size)
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                sampler.generator = torch.Generator().manual_seed(seed)
+            return sampler
+
+    return Trainer
 
 
 def find_checkpoints(run_dir: str | Path) -> list[Path]:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -39,3 +41,21 @@ def test_generation_speed_tiny_times_every_cpu_method(tmp_path):
     rows = results["steps"]["summary"]["rows"]
     assert {"one_row", "hf_batches"} <= set(rows)
     assert all(r["rows_per_s"] > 0 and r["rows"] > 0 for r in rows.values())
+
+
+@pytest.mark.slow
+def test_training_speed_tiny_compares_one_and_two_processes_over_the_same_rows(tmp_path):
+    """The training benchmark's phases on CPU: one process and two (gloo) through training.launch, timed from the
+    metrics log, and the same losses step by step (the same rows per optimizer step)."""
+    results = _run(["benchmarks/training_speed.py", "--models", "tiny", "--steps", "3", "--qlora", "",
+                    "--work_dir", str(tmp_path / "work")], tmp_path / "out")
+    one, two = results["steps"]["tiny/1"], results["steps"]["tiny/2"]
+    for r in (one, two):
+        assert "error" not in r, r.get("tail")
+        assert r["timed_steps"] == 2 and r["samples_per_s"] > 0 and r["lora_moved"]
+        assert r["final"]["global_step"] == 3
+    assert (one["micro_batch_size"], one["accumulation"], two["accumulation"]) == (2, 8, 4)
+    row = next(r for r in results["steps"]["summary"]["rows"] if r["processes"] == 2)
+    assert row["loss_vs_one_gpu"]["steps"] == 3 and row["loss_vs_one_gpu"]["max_abs_diff"] < 1e-3
+    assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 0
+    assert "| tiny | 2 | 2 x 4 |" in (tmp_path / "out" / "results.md").read_text()

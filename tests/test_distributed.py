@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_utils import config, training
-from conftest import GEMMA_CSV
+from conftest import EXTRA_CSV, GEMMA_CSV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,36 +101,55 @@ def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
     assert json.loads((cfg.run_dir / "checkpoint-1" / "metrics.json").read_text())["step"] == 1
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny_model_dir):
-    """A real launch: 2 processes, gloo, the tiny Mistral; each step logged once, checkpoints written once, LoRA moved."""
-    base = tiny_model_dir("mistral")
+def _launch_in_a_child(tmp_path, base, run_name: str, processes: int):
+    """training.launch in a fresh Python (the launcher forks it), as `make train GPUS=N` does; its output."""
     script = f"""
 import json, sys
 from kaggle_utils import config, training
 config.setup_logging()
-cfg = training.TrainConfig(run_name="ddp", runs_dir={str(tmp_path)!r}, preset="mistral-7b", base_model_path={str(base)!r},
-    train_files=[{str(GEMMA_CSV)!r}], validation_file={str(GEMMA_CSV)!r}, val_rows=4, max_train_rows=16, max_steps=2,
-    batch_size=4, micro_batch_size=1, save_steps=1, max_seq_length=512, load_in_4bit=False, learning_rate=1e-2,
-    warmup_steps=0, num_processes=2)
+cfg = training.TrainConfig(run_name={run_name!r}, runs_dir={str(tmp_path)!r}, preset="mistral-7b",
+    base_model_path={str(base)!r}, train_files={[str(GEMMA_CSV), str(EXTRA_CSV)]!r}, validation_file={str(GEMMA_CSV)!r},
+    val_rows=4, max_prompt_tokens=128, max_steps=6, batch_size=4, micro_batch_size=1, save_steps=3, logging_steps=1,
+    max_seq_length=512, load_in_4bit=False, learning_rate=1e-2, warmup_steps=0, num_processes={processes})
 training.prepare_run(cfg)
 print("RESULT " + json.dumps(training.launch(cfg)))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny_model_dir):
+    """A real launch: 2 processes, gloo, the tiny Mistral; each step logged once, checkpoints written once, LoRA moved;
+    and the same rows per optimizer step as one process: the two runs' losses agree step by step."""
+    base = tiny_model_dir("mistral")
+    out = _launch_in_a_child(tmp_path, base, "ddp", 2)
     text = out.stdout + out.stderr
     assert "Launching training on 2 " in text  # accelerate's launcher (it names the device type CUDA even on CPUs)
     # each of the two processes built its trainer: 1 row x 2 processes x 2 accumulation = the recipe's 4
     assert text.count("effective batch 4 = 2 rows x 2 accumulation") == 2
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
-    assert result["global_step"] == 2 and result["num_processes"] == 2 and result["eval_loss"] > 0
+    assert result["global_step"] == 6 and result["num_processes"] == 2 and result["eval_loss"] > 0
     run = tmp_path / "ddp"
-    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-1", "checkpoint-2"]
+    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
     steps = [json.loads(ln)["step"] for ln in (run / training.METRICS_FILE).read_text().splitlines()
              if "eval_loss" in ln]
-    assert steps == [0, 1, 2]  # one process logged, once per evaluation
+    assert steps == [0, 3, 6]  # one process logged, once per evaluation
     from safetensors.torch import load_file
 
-    lora_b = [t for n, t in load_file(run / "checkpoint-2" / "adapter_model.safetensors").items() if "lora_B" in n]
+    lora_b = [t for n, t in load_file(run / "checkpoint-6" / "adapter_model.safetensors").items() if "lora_B" in n]
     assert lora_b and any(float(t.abs().sum()) > 0 for t in lora_b)  # B starts at zero: it moved
+
+    # One process, the same recipe (4 rows x 1 process x 4 accumulation): the same rows in each optimizer step (the
+    # grouping by length works in effective batches: training._trainer_class; with transformers' blocks of one
+    # process's rows, 1900 rows grouped in 200s and in 100s part ways at step 2), so the same answer tokens counted
+    # and losses that agree (the step-1 loss exactly; after an update, up to the order of the gradient sums).
+    _launch_in_a_child(tmp_path, base, "one", 1)
+    logged = {name: [r for r in map(json.loads, (tmp_path / name / training.METRICS_FILE).read_text().splitlines())
+                     if "loss" in r] for name in ("ddp", "one")}
+    assert [r["step"] for r in logged["ddp"]] == [r["step"] for r in logged["one"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["num_tokens"] for r in logged["ddp"]] == [r["num_tokens"] for r in logged["one"]]
+    assert logged["ddp"][0]["loss"] == pytest.approx(logged["one"][0]["loss"], rel=1e-5)
+    assert [r["loss"] for r in logged["ddp"]] == pytest.approx([r["loss"] for r in logged["one"]], rel=1e-2)

@@ -1,0 +1,308 @@
+"""Data-parallel training speed: samples/s on 1 GPU and on N through the project's own ``training.launch`` (what
+``make train-<model> GPUS=N`` runs), the loss curves of both over the same rows, and one QLoRA preset trained
+data-parallel, 4-bit per card, in one run.
+
+Usage (on a box with 2+ GPUs, TRL, datasets and bitsandbytes; writes results.json, results.md, loss_curves.png):
+    python benchmarks/training_speed.py --out runs/bench/training_speed
+CPU smoke test (two gloo processes, a 2-layer stand-in; about a minute):
+    python benchmarks/training_speed.py --models tiny --steps 3 --qlora "" --out runs/bench/training-tiny
+
+Each (model, process count) is one phase, run in a fresh Python (``--phase``): ``training.launch`` forks its workers
+with accelerate's ``notebook_launcher``, which needs a parent that never touched CUDA, and the one-GPU phase sees one
+card (``CUDA_VISIBLE_DEVICES=0``), as ``GPUS`` unset on a one-card box. Every phase trains the model's own recipe
+(``configs/<preset>.yaml``; SmolLM2: ``configs/smollm2-135m-gpu.yaml``) on the real data, with ``max_steps`` cut short,
+one evaluation at step 0 and one at the end, and the train loss logged every step. The micro batch is the largest
+that every process count shares (16 rows = 8 x 2 GPUs x 1 or 8 x 1 x 2): the same rows per optimizer step.
+
+- ``smollm2-135m``: the real weights (``make prepare``'s folder).
+- other names of ``benchmarks/_common.py`` ``REAL_CONFIGS``: the published shape with random weights, built on each
+  process's card by the patched ``models.load_model`` (4-bit through transformers' bitsandbytes quantizer where the
+  preset is QLoRA; ``check_architectures.build_random``) instead of read from disk; SmolLM2's tokenizer, so the rows
+  have real lengths (the vocabulary is SmolLM2's 49,152 instead of 32,000: 2% more parameters).
+
+samples/s counts optimizer steps 2..last (step 1 holds the warm-up), from the wall-clock times that ``metrics.jsonl``
+records for each logged step, so model loading and the two evaluations are outside it; they are in ``phase_s``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import _common as common  # noqa: E402  (benchmarks/ is not a package; _common puts the repo on sys.path)
+
+RECIPES = {"smollm2-135m": "configs/smollm2-135m-gpu.yaml", "mistral-7b": "configs/mistral-7b.yaml",
+           "llama2-13b": "configs/llama2-13b.yaml", "mistral-22b": "configs/mistral-22b.yaml",
+           "mixtral-8x7b": "configs/mixtral-8x7b.yaml", "tiny": "configs/mistral-7b.yaml"}
+TINY_PRESET = "mistral-7b"  # the tiny stand-in trains through the Mistral-7B preset (its layout)
+
+
+@dataclass
+class Config:
+    """One training-speed run."""
+
+    out: str = "runs/bench/training_speed"  # results folder
+    work_dir: str = "/tmp/kaggle_utils_train_bench"  # run folders and the (weightless) model folders
+    models: list = field(default_factory=lambda: ["smollm2-135m", "mistral-7b"])  # compared on 1 GPU and on N
+    steps: list = field(default_factory=lambda: ["60", "30"])  # optimizer steps per model (same order as models)
+    processes: int = 2  # N: data-parallel processes (GPUs) compared with one
+    batch_size: int = 16  # effective batch of every phase (the recipes' 16)
+    val_rows: int = 16  # choice rows: the step-0 and last evaluation
+    qlora: str = "llama2-13b"  # a QLoRA preset trained on N GPUs with random weights ("" skips)
+    qlora_steps: int = 10  # its optimizer steps
+    phase_timeout_s: int = 900  # a phase that runs longer is stopped (its error is recorded, the rest go on)
+    phase: str = ""  # internal: run one phase (JSON) in this process and print its result
+
+
+# ---------------------------------------------------------------- one phase (a fresh process)
+
+
+def model_folder(name: str, work: Path, tokenizer_dir: Path) -> Path:
+    """A folder the project's checks accept for ``name``'s random-weight network: config, SmolLM2's tokenizer and a
+    placeholder weights file (never read: the phase builds the weights)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    folder = work / "models" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    common.make_config(name, vocab_size=len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    (folder / "model.safetensors").touch()
+    return folder
+
+
+def patch_random_weights(name: str, folder: Path) -> None:
+    """``models.load_model`` builds ``name``'s network with random weights on the process's own device (4-bit when the
+    preset says so) instead of reading the folder. The launcher forks its workers, so they inherit the patch."""
+    import check_architectures as arch
+    from transformers import AutoConfig
+
+    from kaggle_utils import models
+
+    config = AutoConfig.from_pretrained(str(folder))
+
+    def load_random(preset, path, load_in_4bit=False, dtype=None, num_gpus=None, max_memory_gib=None,
+                    for_training=False):
+        import torch
+
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if torch.cuda.is_available() else "cpu"
+        qcfg = models.quantization_config(preset) if load_in_4bit else None
+        return arch.build_random(name, config, qcfg, device=device, dtype=None if load_in_4bit else dtype)
+
+    models.load_model = load_random
+
+
+def run_phase(spec: dict) -> dict:
+    """Train one (model, processes) phase through ``training.launch``; what its metrics log says."""
+    import yaml
+
+    from kaggle_utils import config, models, training
+
+    config.setup_logging()
+    values = yaml.safe_load((common.REPO / spec["recipe"]).read_text())
+    values.update(spec["overrides"])
+    if spec["random_weights"]:
+        patch_random_weights(spec["model"], Path(values["base_model_path"]))
+    cfg = training.TrainConfig(**values)
+    training.prepare_run(cfg)
+    t0 = time.perf_counter()
+    state = training.launch(cfg)
+    seconds = time.perf_counter() - t0
+    rows = [json.loads(ln) for ln in (cfg.run_dir / training.METRICS_FILE).read_text().splitlines() if ln.strip()]
+    return {**measure(rows, cfg.batch_size), "launch_s": round(seconds, 1), "final": state,
+            "lora_moved": lora_moved(state.get("checkpoint")), "gpu": gpu_name(),
+            "recipe": spec["recipe"], "config": {k: values[k] for k in sorted(spec["overrides"])},
+            "preset": cfg.preset, "load_in_4bit": cfg.load_in_4bit, "lora_r": cfg.lora_r,
+            "micro_batch_size": cfg.micro_batch_size, "accumulation": training.batch_split(cfg, cfg.num_processes)[1],
+            "models_num_gpus_seen": models.gpu_count()}
+
+
+def measure(rows: list[dict], batch_size: int) -> dict:
+    """samples/s over steps 2..last from the logged wall-clock times; the loss per step; evals; peak memory."""
+    train = [r for r in rows if "loss" in r and "time" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    out = {"losses": [(r["step"], r["loss"]) for r in train], "eval_losses": evals,
+           "gpu_peak_gib": max((r["gpu_peak_gib"] for r in rows if "gpu_peak_gib" in r), default=None)}
+    if len(train) >= 2:
+        first, last = train[0], train[-1]
+        steps = last["step"] - first["step"]
+        seconds = last["time"] - first["time"]
+        out.update(timed_steps=steps, timed_s=round(seconds, 2), s_per_step=seconds / steps,
+                   samples_per_s=steps * batch_size / seconds)
+    return out
+
+
+def lora_moved(checkpoint: str | None) -> bool | None:
+    """True when some LoRA B matrix of the final adapter is non-zero (B starts at zero)."""
+    if not checkpoint:
+        return None
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(checkpoint) / "adapter_model.safetensors"))
+    return any(float(t.abs().sum()) > 0 for n, t in tensors.items() if "lora_B" in n)
+
+
+def gpu_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------- the run (never touches CUDA itself)
+
+
+def phase_spec(cfg: Config, model: str, processes: int, steps: int, work: Path, folders: dict) -> dict:
+    """The phase's recipe file and what it overrides: base folder, steps, batch, split, logging, processes."""
+    import yaml
+
+    recipe = RECIPES[model]
+    values = yaml.safe_load((common.REPO / recipe).read_text())
+    preset = TINY_PRESET if model == "tiny" else model
+    biggest = max(cfg.processes, processes)
+    micro = min(int(values.get("micro_batch_size", 4)), cfg.batch_size // biggest)
+    overrides = dict(preset=preset, base_model_path=str(folders[model]), run_name=f"{model}-{processes}gpu",
+                     runs_dir=str(work / "runs"), max_steps=steps, save_steps=steps, logging_steps=1,
+                     batch_size=cfg.batch_size, micro_batch_size=micro, val_rows=cfg.val_rows, report_rows=0,
+                     warmup_steps=min(int(values.get("warmup_steps", 0)), steps // 4), num_processes=processes)
+    return {"model": model, "recipe": recipe, "random_weights": model != "smollm2-135m", "overrides": overrides}
+
+
+def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
+    """One phase in a fresh Python that sees ``gpus`` cards; its log goes to ``out/<run_name>.log``."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if gpus == 1:
+        env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    log = out / f"{spec['overrides']['run_name']}.log"
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--phase", json.dumps(spec)], cwd=common.REPO, env=env,
+                              capture_output=True, text=True, timeout=timeout_s)
+        text, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        text, rc = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {timeout_s} s", "timeout"
+        text = text if isinstance(text, str) else str(text)
+    log.write_text(text)
+    found = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
+    result = json.loads(found[-1][7:]) if found and rc == 0 else {"error": f"rc {rc}", "tail": text[-3000:]}
+    result["phase_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
+def main(cfg: Config) -> dict:
+    from kaggle_utils import models
+
+    rec = common.Recorder(Path(cfg.out), cfg)
+    out = Path(cfg.out)
+    work = Path(cfg.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    smollm = models.prepare_default_model()  # on the CPU: the parent stays CUDA-free for the launcher's fork
+    names = list(dict.fromkeys(list(cfg.models) + ([cfg.qlora] if cfg.qlora else [])))
+    folders = {m: smollm if m == "smollm2-135m" else model_folder(m, work, smollm) for m in names}
+    results: dict = {}
+    for model, steps in zip(cfg.models, cfg.steps):
+        for n in dict.fromkeys([1, cfg.processes]):
+            key = f"{model}/{n}"
+            results[key] = run_in_child(phase_spec(cfg, model, n, int(steps), work, folders), n, out,
+                                        cfg.phase_timeout_s)
+            rec.put(key, results[key])
+    if cfg.qlora:
+        key = f"{cfg.qlora}/{cfg.processes} (QLoRA)"
+        results[key] = run_in_child(phase_spec(cfg, cfg.qlora, cfg.processes, cfg.qlora_steps, work, folders),
+                                    cfg.processes, out, cfg.phase_timeout_s)
+        rec.put(key, results[key])
+    summary = summarize(cfg, results)
+    rec.put("summary", summary)
+    plot_losses(cfg, results, out / "loss_curves.png")
+    md = render_table(cfg, summary)
+    (out / "results.md").write_text(md)
+    print(md)
+    return rec.data
+
+
+def summarize(cfg: Config, results: dict) -> dict:
+    """Per model: samples/s on 1 and N, the speed-up, and how far the N-process losses are from the 1-process ones."""
+    rows = []
+    for key, r in results.items():
+        model, n = key.split("/")[0], int(key.split("/")[1].split()[0])
+        row = {"phase": key, "model": model, "processes": n, "error": r.get("error")}
+        for k in ("samples_per_s", "s_per_step", "gpu_peak_gib", "phase_s", "micro_batch_size", "accumulation",
+                  "load_in_4bit", "lora_moved", "gpu", "timed_steps"):
+            row[k] = r.get(k)
+        losses = r.get("losses") or []
+        row["final_loss"] = losses[-1][1] if losses else None
+        row["eval_losses"] = r.get("eval_losses")
+        one = results.get(f"{model}/1")
+        if n != 1 and one and one.get("samples_per_s") and r.get("samples_per_s"):
+            row["x_one_gpu"] = r["samples_per_s"] / one["samples_per_s"]
+            a, b = dict(map(tuple, one.get("losses", []))), dict(map(tuple, losses))
+            common_steps = sorted(set(a) & set(b))
+            if common_steps:
+                diffs = [abs(a[s] - b[s]) for s in common_steps]
+                row["loss_vs_one_gpu"] = {"steps": len(common_steps), "max_abs_diff": max(diffs),
+                                          "mean_abs_diff": sum(diffs) / len(diffs),
+                                          "mean_loss": sum(a[s] for s in common_steps) / len(common_steps)}
+        rows.append(row)
+    return {"card": next((r.get("gpu") for r in results.values() if r.get("gpu")), None), "rows": rows}
+
+
+def plot_losses(cfg: Config, results: dict, path: Path) -> None:
+    """Train loss per optimizer step, 1 GPU against N, one panel per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [m for m in cfg.models if any(results.get(f"{m}/{n}", {}).get("losses") for n in (1, cfg.processes))]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+    for ax, model in zip(axes[0], panels):
+        for n, style in ((1, "-"), (cfg.processes, "--")):
+            losses = results.get(f"{model}/{n}", {}).get("losses")
+            if losses:
+                ax.plot([s for s, _ in losses], [v for _, v in losses], style, label=f"{n} GPU(s)", alpha=0.8)
+        ax.set_title(f"{model}: train loss, 1 vs {cfg.processes} GPUs")
+        ax.set_xlabel(f"optimizer step (effective batch {cfg.batch_size}, the same rows)")
+        ax.set_ylabel("loss (answer tokens)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def render_table(cfg: Config, summary: dict) -> str:
+    fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
+    lines = [f"Card: {summary['card']}. Effective batch {cfg.batch_size}; samples/s over optimizer steps 2..last "
+             "(loading and the evaluations excluded); peak memory of the main process.", "",
+             "| model | GPUs | micro x accumulation | samples/s | x 1 GPU | s/step | peak GiB/GPU | loss vs 1 GPU "
+             "(max abs diff, steps) | final train loss |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        if r["error"]:
+            lines.append(f"| {r['phase']} | {r['processes']} | error: {r['error']} | | | | | | |")
+            continue
+        lv = r.get("loss_vs_one_gpu")
+        agree = f"{lv['max_abs_diff']:.4f} ({lv['steps']})" if lv else "-"
+        name = r["model"] + (" (QLoRA, 4-bit)" if r["load_in_4bit"] else "")
+        lines.append(f"| {name} | {r['processes']} | {r['micro_batch_size']} x {r['accumulation']} | "
+                     f"{fmt(r['samples_per_s'], '{:.1f}')} | {fmt(r.get('x_one_gpu'), '{:.2f}x')} | "
+                     f"{fmt(r['s_per_step'], '{:.3f}')} | {fmt(r['gpu_peak_gib'], '{:.1f}')} | "
+                     f"{agree} | "
+                     f"{fmt(r['final_loss'], '{:.4f}')} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv=None) -> Config:
+    return common.parse_config(Config, __doc__.split("\n")[0], argv)
+
+
+if __name__ == "__main__":
+    args = parse_args()
+    if args.phase:
+        print("RESULT " + json.dumps(run_phase(json.loads(args.phase)), default=str), flush=True)
+    else:
+        main(args)
