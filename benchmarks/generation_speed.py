@@ -10,9 +10,16 @@ project's loader (``HFEngine.from_preset``), ``rows`` prompts whose token length
 distribution (``benchmarks/prompt_lengths.json``), ``max_new_tokens`` sampled new tokens per row, EOS never emitted.
 
 Phases: the card's matrix rate and copy bandwidth; the roofline for the workload; then each way of sampling, timed
-end to end through ``HFEngine.generate_batches`` (tokenizing, batching, decoding the text included):
+end to end through the engines' ``generate_batches`` (tokenizing, batching, decoding the text included):
 one row at a time (a sample of rows, extrapolated), transformers ``generate`` in padded batches (the engine before
-the fast path), the engine with the fast path, ablations of the fast path, and the 4-bit path (a sample of rows).
+the fast path), the engine with the fast path at n=1 and n=4, ablations of the fast path, the 4-bit path (a sample
+of rows); then vLLM through the project's ``VLLMEngine``: the adapter as a ``LoRARequest`` and the merged folder
+with LoRA off, each at n=1 and n=4, with its start-up time. Every vLLM phase gets prompts of its own (the same
+lengths, other words), so its prefix cache (on, as in the submission) never holds a timed prompt before it is timed.
+
+vLLM runs on every visible GPU (tensor parallel when the heads split): on a 2-GPU box, the Kaggle 2xT4 setting is
+``--vllm_dtype float16 --hf_dtype float16`` with the HF engine's layers split over both cards
+(``--baseline_every 5`` keeps that slow path short).
 """
 from __future__ import annotations
 
@@ -46,7 +53,14 @@ class Config:
     fast_batch_size: int = 325  # rows per engine batch on the fast path (1300 = 4 batches)
     ablation_every: int = 4  # ablations run on every k-th row of the length-sorted workload
     quant_every: int = 5  # the 4-bit path runs on every k-th row, extrapolated
-    skip: list = field(default_factory=list)  # phases to skip: one_row, baseline, fast, ablations, quant, tests
+    n_extra: int = 4  # the n of the "n=4" phases (predictions per row)
+    baseline_every: int = 1  # transformers-generate batches time every k-th row by length, extrapolated
+    hf_dtype: str = "auto"  # the HF engine's dtype: auto (bf16 on this card) | float16 | bfloat16
+    vllm_dtype: str = "auto"  # vLLM's dtype: auto | float16 (Kaggle's T4) | bfloat16
+    vllm_max_model_len: int = 2048  # vLLM context (prompts + new tokens)
+    vllm_one_call: bool = False  # also time the LoRA engine with every row in one generate call (not chunks of 128)
+    # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4, ablations, quant, tests, vllm_lora, vllm_merged
+    skip: list = field(default_factory=list)
 
 
 def draw_lengths(cfg: Config) -> list[int]:
@@ -169,6 +183,12 @@ def main(cfg: Config) -> dict:
                                                 target_modules=list(preset.lora_target_modules)))
         lora.save_pretrained(str(adapter_dir))
         model = lora.unload()
+    merged_dir = work / "merged"
+    if cuda and "vllm_merged" not in cfg.skip and not (merged_dir / "config.json").exists():
+        from peft import PeftModel  # the adapter merged into the weights, as checkpoints.export_merged writes it
+
+        common.save_model_folder(PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), tokenizer,
+                                 merged_dir)
     lora = None
     config = model.config
     model = lora = None
@@ -187,15 +207,18 @@ def main(cfg: Config) -> dict:
     # ---- phase 3: the project's engine, LoRA merged (the user's path: from_preset with an adapter folder)
     t0 = time.perf_counter()
     engine = sampling.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir), adapter_path=str(adapter_dir),
-                                           merge=True)
+                                           merge=True, dtype=cfg.hf_dtype)
     ids, _ = engine.encode_rows(originals, rewrittens, sampling.SamplingConfig())
     got = [len(i) for i in ids]
-    rec.put("engine_load", {"seconds": round(time.perf_counter() - t0, 1),
+    hf_gpus = len({p.device for p in engine.model.parameters()}) if cuda else 0
+    rec.put("engine_load", {"seconds": round(time.perf_counter() - t0, 1), "gpus": hf_gpus,
+                            "dtype": str(next(engine.model.parameters()).dtype),
                             "fast_path": decoding.unsupported_reason(engine.model) or "applies",
                             "prompt_tokens_match": got == lengths, "mean_prompt_tokens": statistics.mean(got)})
     lengths = got
-    scfg = lambda bs: sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,  # noqa: E731
-                                              max_new_tokens=cfg.max_new_tokens, batch_size=bs, seed=cfg.seed)
+    scfg = lambda bs, n=1: sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,  # noqa: E731
+                                                   max_new_tokens=cfg.max_new_tokens, batch_size=bs, seed=cfg.seed,
+                                                   n=n)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pick = lambda every: sorted(order[::every])  # noqa: E731  (every k-th row by length: the same length mix)
     results: dict = {}
@@ -207,11 +230,19 @@ def main(cfg: Config) -> dict:
             timed_engine_run(engine, [originals[i] for i in few], [rewrittens[i] for i in few], scfg(8))
             warm = round(time.perf_counter() - t0, 1)
             for key in ("fast", "fast_repeat"):  # twice: the spread between equal runs is the noise
+                if key in cfg.skip:
+                    continue
                 r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size))
                 r["how"] = f"engine + kaggle_utils.decoding, engine batches of {cfg.fast_batch_size}"
                 r["warmup_s"] = warm
                 results[key] = r
                 rec.put(key, r)
+            if "fast_n4" not in cfg.skip:  # n rows' worth of sequences per batch: batches of a quarter the rows
+                r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size // cfg.n_extra,
+                                                                         cfg.n_extra))
+                r["how"] = f"the same at n={cfg.n_extra}"
+                results["fast_n4"] = r
+                rec.put("fast_n4", r)
         except Exception as e:
             import traceback
 
@@ -231,9 +262,12 @@ def main(cfg: Config) -> dict:
         rec.put("one_row", r)
 
     if "baseline" not in cfg.skip:
+        sub = pick(cfg.baseline_every)
         with decoding.disabled():
-            r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.baseline_batch_size))
+            r = timed_engine_run(engine, [originals[i] for i in sub], [rewrittens[i] for i in sub],
+                                 scfg(cfg.baseline_batch_size))
         r["how"] = f"transformers generate, padded batches of {cfg.baseline_batch_size}"
+        r.update(extrapolated_from_rows=len(sub), gpus=hf_gpus, empty_or_nan=r["empty_completions"])
         results["hf_batches"] = r
         rec.put("hf_batches", r)
 
@@ -259,6 +293,7 @@ def main(cfg: Config) -> dict:
         results["ablations"] = abl
 
     # ---- phase 4: the project's 4-bit path (QLoRA base, adapter unmerged: transformers generate)
+    q_engine = None
     if cuda and "quant" not in cfg.skip:
         engine = None
         free()
@@ -277,12 +312,82 @@ def main(cfg: Config) -> dict:
         except Exception as e:
             rec.put("quant4", {"error": f"{type(e).__name__}: {str(e)[:500]}"})
 
+    # ---- phase 5: vLLM through the project's VLLMEngine (fresh prompts per phase)
+    engine = q_engine = None
+    free()
+    vllm_phases = [k for k in ("vllm_lora", "vllm_merged") if k not in cfg.skip]
+    if cuda and vllm_phases:
+        results.update(vllm_phases_run(cfg, rec, vllm_phases, base_dir, adapter_dir, work / "merged", lengths, vocab))
+
     summary = summarize(cfg, card, roof, results)
     rec.put("summary", summary)
     md = render_table(cfg, card, roof, summary)
     (Path(cfg.out) / "results.md").write_text(md)
     print(md)
     return rec.data
+
+
+def wait_for_free_gpus(share: float = 0.9, timeout_s: float = 60.0) -> float:
+    """Seconds until every visible card has ``share`` of its memory free again (vLLM's engine process exits after
+    the engine is dropped; the next start needs the memory)."""
+    import torch
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout_s:
+        if all(f >= share * t for f, t in (torch.cuda.mem_get_info(i) for i in range(torch.cuda.device_count()))):
+            break
+        time.sleep(1)
+    return round(time.perf_counter() - t0, 1)
+
+
+def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter_dir: Path, merged_dir: Path,
+                    lengths: list[int], vocab: int) -> dict:
+    """vLLM started once per phase (the adapter as a LoRARequest; the merged folder with LoRA off); n=1 and n=4 on
+    fresh prompts; the start-up and the first-batch warm-up timed apart."""
+    from kaggle_utils import models, sampling
+
+    tokenizer = models.load_tokenizer(base_dir)
+    out: dict = {}
+    seed = cfg.seed + 100  # the HF phases used cfg.seed's words; each vLLM run below draws its own
+    for phase in phases:
+        folder, adapter = (base_dir, str(adapter_dir)) if phase == "vllm_lora" else (merged_dir, "")
+        try:
+            t0 = time.perf_counter()
+            engine = sampling.VLLMEngine.from_preset("mistral-7b", base_model_path=str(folder), adapter_path=adapter,
+                                                     dtype=cfg.vllm_dtype, max_model_len=cfg.vllm_max_model_len,
+                                                     seed=cfg.seed)
+            start_s = round(time.perf_counter() - t0, 1)
+            gpus = sampling.vllm_llm_kwargs(folder, num_gpus=models.gpu_count(), capability=None)["tensor_parallel_size"]
+            seed += 1
+            o, w = synthesize_rows(tokenizer, lengths[:16], seed, vocab)  # first batch: Triton JIT, graphs warm
+            t0 = time.perf_counter()
+            timed_engine_run(engine, o, w, sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
+                                                                   max_new_tokens=cfg.max_new_tokens))
+            warm_s = round(time.perf_counter() - t0, 1)
+            runs = [(1, engine.rows_per_call, ""), (cfg.n_extra, engine.rows_per_call, "")]
+            if cfg.vllm_one_call and phase == "vllm_lora":
+                runs.append((1, len(lengths), "_one_call"))
+            for n, per_call, suffix in runs:
+                seed += 1
+                o, w = synthesize_rows(tokenizer, lengths, seed, vocab)
+                engine.rows_per_call = per_call
+                r = timed_engine_run(engine, o, w, sampling.SamplingConfig(
+                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, n=n))
+                key = f"{phase}_n{n}{suffix}"
+                r.update(start_s=start_s, warmup_s=warm_s, gpus=gpus, dtype=cfg.vllm_dtype, rows_per_call=per_call,
+                         peak_gib=None, fresh_prompts_seed=seed)
+                out[key] = r
+                rec.put(key, r)
+            engine.close()
+        except Exception as e:  # one failing engine must not cost the others
+            import traceback
+
+            rec.put(phase, {"error": f"{type(e).__name__}: {str(e)[:800]}",
+                            "traceback": traceback.format_exc()[-3000:]})
+        engine = None
+        free()
+        rec.put(f"{phase}_released_s", wait_for_free_gpus())
+    return out
 
 
 def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
@@ -293,17 +398,30 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
              "hf_batches": f"transformers generate, padded batches of {cfg.baseline_batch_size} (LoRA merged)",
              "fast": f"HF engine + decoding fast path, batches of {cfg.fast_batch_size} (LoRA merged)",
              "fast_repeat": "the same, run again",
+             "fast_n4": f"the same at n={cfg.n_extra} (batches of {cfg.fast_batch_size // cfg.n_extra} rows)",
              "quant4": f"4-bit nf4 base + unmerged LoRA, transformers generate, batches of {cfg.baseline_batch_size}"}
+    for phase, what in (("vllm_lora", "vLLM, adapter as a LoRARequest"), ("vllm_merged", "vLLM, merged folder, LoRA off")):
+        for n in (1, cfg.n_extra):
+            names[f"{phase}_n{n}"] = f"{what}, n={n}"
+    names["vllm_lora_n1_one_call"] = "vLLM, adapter as a LoRARequest, n=1, every row in one generate call"
     for key, label in names.items():
         r = results.get(key)
         if not r or "rows_per_s" not in r:
             continue
         rate = r["rows_per_s"]
+        cards = max(1, r.get("gpus") or 1)  # a run over 2 cards is measured against 2 cards' roofline
+        if key == "hf_batches" and cfg.hf_dtype != "auto" or key.startswith("vllm") and cfg.vllm_dtype != "auto":
+            label += f" [{cfg.hf_dtype if key == 'hf_batches' else cfg.vllm_dtype}]"
+        if cards > 1:
+            label += f" [{cards} GPUs]"
+        if key.startswith("vllm"):
+            label += f" (start {r['start_s']:.0f} s)"
         rows[key] = {"how": label, "rows_per_s": rate, "x_one_row": rate / base if base else None,
-                     "share_of_roofline": rate / roof["rows_per_s"],
-                     "share_of_sustained_roofline": rate / roof["sustained"]["rows_per_s"] if "sustained" in roof
-                     else None, "seconds": r["seconds"], "rows": r["rows"], "peak_gib": r.get("peak_gib"),
-                     "decoding": r.get("decoding")}
+                     "share_of_roofline": rate / (cards * roof["rows_per_s"]),
+                     "share_of_sustained_roofline": rate / (cards * roof["sustained"]["rows_per_s"])
+                     if "sustained" in roof else None, "seconds": r["seconds"], "rows": r["rows"],
+                     "peak_gib": r.get("peak_gib"), "decoding": r.get("decoding"), "gpus": cards,
+                     "empty_completions": r.get("empty_completions"), "start_s": r.get("start_s")}
     abl = {}
     for name, r in results.get("ablations", {}).items():
         if "rows_per_s" in r:
@@ -332,7 +450,7 @@ def render_table(cfg: Config, card: dict, roof: dict, summary: dict) -> str:
         x = f"{r['x_one_row']:.0f}x" if r["x_one_row"] else "-"
         s2 = f"{100 * r['share_of_sustained_roofline']:.0f}%" if r.get("share_of_sustained_roofline") else "-"
         lines.append(f"| {r['how']} | {common.fmt_rate(r['rows_per_s'])} | {x} | {100 * r['share_of_roofline']:.0f}% | "
-                     f"{s2} | {r['seconds']:.1f} ({r['rows']}) | {r['peak_gib']} |")
+                     f"{s2} | {r['seconds']:.1f} ({r['rows']}) | {'-' if r['peak_gib'] is None else r['peak_gib']} |")
     lines.append(f"| roofline | {roof['rows_per_s']:.1f} | | 100% | {sus['rows_per_s']:.1f} if sustained | "
                  f"{roof['seconds']:.1f} | |" if sus else f"| roofline | {roof['rows_per_s']:.1f} | | 100% | | "
                  f"{roof['seconds']:.1f} | |")

@@ -59,3 +59,54 @@ def test_training_speed_tiny_compares_one_and_two_processes_over_the_same_rows(t
     assert row["loss_vs_one_gpu"]["steps"] == 3 and row["loss_vs_one_gpu"]["max_abs_diff"] < 1e-3
     assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 0
     assert "| tiny | 2 | 2 x 4 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_generation_speed_vllm_phases_start_each_engine_once_on_fresh_prompts(tmp_path, monkeypatch):
+    """The vLLM phases' bookkeeping on CPU, with a stand-in for vLLM's engine: the adapter phase starts on the base
+    with the adapter, the merged phase on the merged folder with none; n=1, n=4 and the one-call run each get prompts
+    no earlier timed run saw; every phase is in the summary."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import _common as common
+    import generation_speed as gs
+
+    from kaggle_utils import sampling
+
+    starts, seen = [], []
+
+    class FakeVLLM:
+        rows_per_call = 128
+
+        @classmethod
+        def from_preset(cls, preset, base_model_path="", adapter_path="", **kwargs):
+            starts.append((Path(base_model_path).name, adapter_path, kwargs["dtype"]))
+            return cls()
+
+        def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
+            seen.append((tuple(originals), cfg.n, self.rows_per_call))
+            yield list(range(len(originals))), [["Rewrite it."] * cfg.n for _ in originals]
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(sampling, "VLLMEngine", FakeVLLM)
+    tok = common.word_tokenizer(500)
+    base = common.save_model_folder(common.build_random_model("tiny", device="cpu", vocab_size=500), tok,
+                                    tmp_path / "base")
+    cfg = gs.Config(out=str(tmp_path / "out"), rows=20, vllm_dtype="float16", vllm_one_call=True)
+    rec = common.Recorder(tmp_path / "out", cfg)
+    lengths = [90, 120, 150, 100] * 5  # 20 rows; the warm-up batch after each start has 16
+    results = gs.vllm_phases_run(cfg, rec, ["vllm_lora", "vllm_merged"], base, tmp_path / "adapter",
+                                 tmp_path / "merged", lengths, 500)
+    assert starts == [("base", str(tmp_path / "adapter"), "float16"), ("merged", "", "float16")]
+    assert set(results) == {"vllm_lora_n1", "vllm_lora_n4", "vllm_lora_n1_one_call", "vllm_merged_n1",
+                            "vllm_merged_n4"}
+    timed = [s for s in seen if len(s[0]) == len(lengths)]  # the warm-up batches are shorter
+    assert [(n, per_call) for _, n, per_call in timed] == [(1, 128), (4, 128), (1, 20), (1, 128), (4, 128)]
+    prompts = [p for s in timed for p in s[0]]
+    assert len(set(prompts)) == len(prompts)  # no timed prompt was ever sent before
+    assert all(r["completions"] == r["rows"] * n for r, n in zip(results.values(), (1, 4, 1, 1, 4)))
+    roof = {"rows_per_s": 100.0, "seconds": 1.0, "rows": 20, "mean_prompt_tokens": 120.0, "t_prefill_s": 0.5,
+            "t_decode_s": 0.5}
+    summary = gs.summarize(cfg, {"device": "cpu"}, roof, results)
+    assert set(summary["rows"]) == set(results)
+    assert "merged folder, LoRA off, n=4 [float16]" in summary["rows"]["vllm_merged_n4"]["how"]

@@ -7,6 +7,11 @@
 #   blend    - GPU 0: predictions on the choice rows, mean prompt, blend, report rows (make demo-blend demo-report;
 #              engine auto = vLLM)
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
+#   bnb      - copy the carried .payload/bnb wheel (bitsandbytes, 43 MB: a call of its own) to /tmp/bnb
+#   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
+#   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
+#   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
+#              LoRARequest and on the merged folder
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 step=$1
@@ -14,6 +19,7 @@ GPU_DEMO="DEMO_RUN=gpu DEMO_CONFIG=configs/smollm2-135m-gpu.yaml"
 case "$step" in
 piece)
   cp .payload/piece-"$2" /tmp/; cp .payload/zstandard-*.whl /tmp/ 2>/dev/null
+  if [ -d .payload/bnb ]; then mkdir -p /tmp/bnb && cp .payload/bnb/*.whl /tmp/bnb/; fi
   ls -la /tmp/piece-*; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ;;
 train)
   source benchmarks/gpu/setup.sh
@@ -30,6 +36,25 @@ blend)
   CUDA_VISIBLE_DEVICES=0 timeout 570 make demo-blend demo-report $GPU_DEMO > "$OUT/blend.log" 2>&1
   echo "blend+report rc $?"; grep -E "engine|vLLM|vllm|ERROR|Error" "$OUT/blend.log" | grep -v Warn | head -30 | cut -c1-250
   .venv/bin/python scripts/show_scores.py runs/gpu/scores.csv ;;
+bnb)
+  mkdir -p /tmp/bnb && cp .payload/bnb/*.whl /tmp/bnb/ && ls -la /tmp/bnb ;;
+trainbench)
+  source benchmarks/gpu/setup.sh
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /tmp/bnb/*.whl
+  timeout 570 .venv/bin/python benchmarks/training_speed.py --out /tmp/tbench 2>&1 | grep -vE "it/s\]|s/it\]" | tail -60
+  cp /tmp/tbench/results.json /tmp/tbench/results.md /tmp/tbench/loss_curves.png "$OUT/" 2>/dev/null
+  tar -czf "$OUT/tbench-logs.tgz" -C /tmp/tbench . ;;
+gen1)
+  source benchmarks/gpu/setup.sh
+  CUDA_VISIBLE_DEVICES=0 timeout 570 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen1 \
+    --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call 2>&1 | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
+  cp /tmp/gen1/results.json "$OUT/gen1.json"; cp /tmp/gen1/results.md "$OUT/gen1.md" ;;
+gen2)
+  source benchmarks/gpu/setup.sh
+  timeout 570 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2 --skip one_row fast fast_n4 ablations \
+    quant tests --hf_dtype float16 --vllm_dtype float16 --baseline_every 10 2>&1 \
+    | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
+  cp /tmp/gen2/results.json "$OUT/gen2.json"; cp /tmp/gen2/results.md "$OUT/gen2.md" ;;
 hf)
   source benchmarks/gpu/setup.sh
   mkdir -p runs/gpu/report-hf
@@ -42,7 +67,7 @@ hf)
   .venv/bin/python scripts/stage_times.py runs/gpu; .venv/bin/python scripts/show_scores.py runs/gpu/scores-hf.csv
   cp /tmp/sweep/sweep.log "$OUT/" 2>/dev/null; tail -40 /tmp/sweep/sweep.log ;;
 esac
-if [ "$step" != piece ] && [ -n "${OUT:-}" ]; then  # the small results only: no checkpoints, no weights
+if [ "$step" = train ] || [ "$step" = blend ] || [ "$step" = hf ]; then  # the small results only: no checkpoints, no weights
   find runs -path '*/checkpoint-*' -prune -o -path '*/merged' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' \
     -o -name '*.csv' -o -name '*.png' -o -name '*.ipynb' \) -print | tar -czf "$OUT/runs.tgz" -T - 2>/dev/null
   ls -la runs/gpu/selected "$OUT"
