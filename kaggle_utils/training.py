@@ -469,8 +469,9 @@ def launch(cfg: TrainConfig) -> dict:
     import torch
     from accelerate import notebook_launcher
 
-    # device_count goes through NVML and leaves CUDA uninitialized, so the fork below stays safe.
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    # device_count (and is_available, with the NVML check kaggle_utils/__init__.py turns on) leaves CUDA
+    # uninitialized, so the fork below stays safe.
+    gpus = torch.cuda.device_count()
     require(not gpus or cfg.num_processes <= gpus, "num_processes",
             f"{cfg.num_processes} processes need as many GPUs; {gpus} are visible (GPUS=... of make train)")
     _, accumulation = batch_split(cfg, cfg.num_processes)

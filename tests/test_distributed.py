@@ -6,6 +6,7 @@ Run: `pytest tests/test_distributed.py` (the DDP run is marked slow: two process
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,11 +63,30 @@ def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_mode
     import accelerate
     import torch
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(accelerate, "notebook_launcher", lambda *a, **k: pytest.fail("must not launch"))
     with pytest.raises(config.ConfigError, match="num_processes: 2 processes need as many GPUs; 1 are visible"):
         training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
+
+
+def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, monkeypatch):
+    """A process that asked the CUDA driver anything (torch.cuda.is_available() does, by default) forks workers that
+    fail with "Cannot re-initialize CUDA in forked subprocess" (seen on 2 H200s). Importing kaggle_utils turns on
+    torch's NVML check, and launch itself counts GPUs through NVML (device_count) only."""
+    import accelerate
+    import torch
+
+    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
+    out = subprocess.run([sys.executable, "-c", "import os, kaggle_utils; print(os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])"],
+                         cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                                         if k != "PYTORCH_NVML_BASED_CUDA_CHECK"})
+    assert out.stdout.strip() == "1", out.stderr[-2000:]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("launch asked the CUDA driver before forking"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    launched = []
+    monkeypatch.setattr(accelerate, "notebook_launcher", lambda fn, args, num_processes: launched.append(num_processes))
+    training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
+    assert launched == [2]
 
 
 def test_make_passes_gpus_to_the_notebook():

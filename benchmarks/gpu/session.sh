@@ -41,7 +41,7 @@ bnb)
 trainbench)
   source benchmarks/gpu/setup.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /tmp/bnb/*.whl
-  timeout 570 .venv/bin/python benchmarks/training_speed.py --out /tmp/tbench 2>&1 | grep -vE "it/s\]|s/it\]" | tail -60
+  timeout 500 .venv/bin/python benchmarks/training_speed.py --out /tmp/tbench --steps 30 12 --qlora_steps 6 2>&1 | grep -vE "it/s\]|s/it\]" | tail -60
   cp /tmp/tbench/results.json /tmp/tbench/results.md /tmp/tbench/loss_curves.png "$OUT/" 2>/dev/null
   tar -czf "$OUT/tbench-logs.tgz" -C /tmp/tbench . ;;
 gen1)
@@ -51,7 +51,7 @@ gen1)
   cp /tmp/gen1/results.json "$OUT/gen1.json"; cp /tmp/gen1/results.md "$OUT/gen1.md" ;;
 gen2)
   source benchmarks/gpu/setup.sh
-  timeout 570 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2 --skip one_row fast fast_n4 ablations \
+  timeout 480 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2 --skip one_row fast fast_n4 ablations \
     quant tests --hf_dtype float16 --vllm_dtype float16 --baseline_every 10 2>&1 \
     | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
   cp /tmp/gen2/results.json "$OUT/gen2.json"; cp /tmp/gen2/results.md "$OUT/gen2.md" ;;
