@@ -93,6 +93,20 @@ def normalize_prompt(prompt: str) -> str:
     return re.sub(r"\s+", " ", prompt.strip().lower()).rstrip(" .!?")
 
 
+def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
+    """The rows whose ``source`` is one of ``sources`` (e.g. only the Gemma rewrites); a name that matches no row is
+    an error naming the files and the sources they hold."""
+    have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
+    wanted = [s.strip() for s in sources if s.strip()]
+    missing = [s for s in wanted if not (have == s).any()]
+    if missing:
+        found = sorted(set(have) - {""}) or ["(no source column)"]
+        raise DataError(f"train_sources {missing} match no row of {[str(f) for f in files]}; their sources: {found}")
+    kept = df.loc[have.isin(wanted).to_numpy()].reset_index(drop=True)
+    logger.info("train_sources: kept %d of %d row(s) from %s", len(kept), len(df), ", ".join(wanted))
+    return kept
+
+
 def dedup_prompts(df: pd.DataFrame, max_per_prompt: int = 1) -> pd.DataFrame:
     """Keep at most ``max_per_prompt`` rows per (normalized) prompt, the first ones; log how many were removed."""
     key = df[PROMPT_COLUMN].map(normalize_prompt)
@@ -146,15 +160,17 @@ def filter_by_length(df: pd.DataFrame, lengths, max_length: int, margin: int = 8
     return df.loc[keep].reset_index(drop=True)
 
 
-def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1) -> pd.DataFrame:
-    """Read, validate and concatenate training CSVs; drop incomplete rows; optionally keep at most
-    ``max_per_prompt`` rows per distinct prompt."""
+def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sources=()) -> pd.DataFrame:
+    """Read, validate and concatenate training CSVs; drop incomplete rows; with ``sources``, keep only rows whose
+    ``source`` column is one of them; optionally keep at most ``max_per_prompt`` rows per distinct prompt."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
         raise DataError("no training files given")
     frames = [drop_incomplete(read_rewrites(f, require_prompt=True)) for f in files]
     df = pd.concat(frames, ignore_index=True)
+    if any(s.strip() for s in sources):
+        df = keep_sources(df, sources, files)
     if dedup:
         df = dedup_prompts(df, max_per_prompt)
     return df

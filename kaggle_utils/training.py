@@ -43,6 +43,7 @@ class TrainConfig:
     preset: str = "smollm2-135m"  # model preset: smollm2-135m | mistral-7b | llama2-13b | mistral-22b | mixtral-8x7b
     base_model_path: str = ""  # local folder with the base weights; "" = the preset's default (Kaggle input path)
     train_files: list = field(default_factory=lambda: list(DEFAULT_TRAIN_FILES))  # competition-format CSVs to train on
+    train_sources: str = ""  # comma-separated `source` values to train on (e.g. only Gemma's rewrites); "" = all rows
     validation_file: str = DEFAULT_VALIDATION_FILE  # CSV whose held-out prompt groups give eval loss (and later selection)
     val_rows: int = 48  # choice rows of validation_file held out (whole prompt groups): eval loss, step, blend
     report_rows: int = 0  # report rows of validation_file held out (other groups): scored only, never chosen on
@@ -224,7 +225,8 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     from datasets import Dataset
 
     validation, report = split_held_out_rows(cfg)
-    train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts, max_per_prompt=cfg.rows_per_prompt)
+    train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts, max_per_prompt=cfg.rows_per_prompt,
+                                    sources=cfg.train_sources.split(","))
     held_out = set(pd.concat([validation, report])["rewrite_prompt"].map(data.normalize_prompt))
     leak = train["rewrite_prompt"].map(data.normalize_prompt).isin(held_out)
     if leak.any():

@@ -97,3 +97,20 @@ def test_length_filter_drops_and_logs(caplog):
     out = data.filter_by_length(df, [10, 100, 120, 125, 200], max_length=128, margin=8)
     assert list(out["x"]) == [0, 1, 2]
     assert "dropped 2 of 5" in caplog.text
+
+
+def test_train_sources_keep_only_the_named_rewriters():
+    extra = GEMMA_CSV.parent / "extra_rewrites.csv"
+    every = data.load_training_rows([GEMMA_CSV, extra], dedup=False)
+    gemma = data.load_training_rows([GEMMA_CSV, extra], dedup=False,
+                                    sources=["pedromb-gemma7b-eval", " getorca-gemma-filtered"])
+    assert set(gemma["source"]) == {"pedromb-gemma7b-eval", "getorca-gemma-filtered"}
+    assert len(gemma) == int(every["source"].isin(set(gemma["source"])).sum()) < len(every)
+    assert len(data.load_training_rows([GEMMA_CSV], dedup=False, sources=[""])) == len(
+        data.load_training_rows([GEMMA_CSV], dedup=False))  # "" = every row
+
+
+def test_a_train_source_that_matches_nothing_names_the_files_and_their_sources(rewrites_csv):
+    with pytest.raises(data.DataError, match=r"train_sources \['gemma'\] match no row of .*rewrites.csv.*"
+                                             r"their sources: \['fixture'\]"):
+        data.load_training_rows([rewrites_csv], sources=["gemma"])

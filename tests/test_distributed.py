@@ -121,7 +121,7 @@ def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
     assert json.loads((cfg.run_dir / "checkpoint-1" / "metrics.json").read_text())["step"] == 1
 
 
-def _launch_in_a_child(tmp_path, base, run_name: str, processes: int):
+def _launch_in_a_child(tmp_path, base, run_name: str, processes: int, max_steps: int = 6):
     """training.launch in a fresh Python (the launcher forks it), as `make train GPUS=N` does; its output."""
     script = f"""
 import json, sys
@@ -129,7 +129,7 @@ from kaggle_utils import config, training
 config.setup_logging()
 cfg = training.TrainConfig(run_name={run_name!r}, runs_dir={str(tmp_path)!r}, preset="mistral-7b",
     base_model_path={str(base)!r}, train_files={[str(GEMMA_CSV), str(EXTRA_CSV)]!r}, validation_file={str(GEMMA_CSV)!r},
-    val_rows=4, max_prompt_tokens=128, max_steps=6, batch_size=4, micro_batch_size=1, save_steps=3, logging_steps=1,
+    val_rows=4, max_prompt_tokens=128, max_steps={max_steps}, batch_size=4, micro_batch_size=1, save_steps=3, logging_steps=1,
     max_seq_length=512, load_in_4bit=False, learning_rate=1e-2, warmup_steps=0, num_processes={processes})
 training.prepare_run(cfg)
 print("RESULT " + json.dumps(training.launch(cfg)))
@@ -162,6 +162,12 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     lora_b = [t for n, t in load_file(run / "checkpoint-6" / "adapter_model.safetensors").items() if "lora_B" in n]
     assert lora_b and any(float(t.abs().sum()) > 0 for t in lora_b)  # B starts at zero: it moved
 
+    # Resume: the same run asked for 9 steps goes on from checkpoint-6 in both processes.
+    again = _launch_in_a_child(tmp_path, base, "ddp", 2, max_steps=9)
+    assert (again.stdout + again.stderr).count("resuming from checkpoint-6") == 2
+    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert json.loads(next(ln for ln in again.stdout.splitlines() if ln.startswith("RESULT "))[7:])["global_step"] == 9
+
     # One process, the same recipe (4 rows x 1 process x 4 accumulation): the same rows in each optimizer step (the
     # grouping by length works in effective batches: training._trainer_class; with transformers' blocks of one
     # process's rows, 1900 rows grouped in 200s and in 100s part ways at step 2), so the same answer tokens counted
@@ -169,6 +175,7 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     _launch_in_a_child(tmp_path, base, "one", 1)
     logged = {name: [r for r in map(json.loads, (tmp_path / name / training.METRICS_FILE).read_text().splitlines())
                      if "loss" in r] for name in ("ddp", "one")}
+    logged["ddp"] = logged["ddp"][:6]  # the resumed steps 7-9 have no one-process twin
     assert [r["step"] for r in logged["ddp"]] == [r["step"] for r in logged["one"]] == [1, 2, 3, 4, 5, 6]
     assert [r["num_tokens"] for r in logged["ddp"]] == [r["num_tokens"] for r in logged["one"]]
     assert logged["ddp"][0]["loss"] == pytest.approx(logged["one"][0]["loss"], rel=1e-5)

@@ -67,21 +67,27 @@ def test_committed_clean_and_thin(nb_path):
 
 
 @pytest.mark.slow
-def test_train_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("processes", [1, 2])
+def test_train_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir, processes):
+    """One process, and two forked from the notebook's own kernel (what `make train GPUS=2` runs; gloo here): both
+    write the checkpoints and the plot once, and the executed notebook holds every process's log."""
     out = tmp_path / "train.ipynb"
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "train.ipynb"), str(out), kernel_name="python3", cwd=str(ROOT / "notebooks"),
         progress_bar=False,
         parameters=dict(run_name="nb", runs_dir=str(tmp_path / "runs"), preset="mistral-7b",
                         base_model_path=str(tiny_model_dir("mistral")), train_files=[str(GEMMA_CSV)],
-                        validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=8, max_steps=2, batch_size=2,
-                        micro_batch_size=2, save_steps=1, max_seq_length=512, load_in_4bit=False),
+                        validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=8, max_steps=2,
+                        batch_size=2 * processes, micro_batch_size=2, save_steps=1, max_seq_length=512,
+                        load_in_4bit=False, num_processes=processes),
     )
     run = tmp_path / "runs" / "nb"
     assert (run / "checkpoint-2" / "adapter_model.safetensors").exists()
     assert (run / "loss.png").exists() and (run / "metrics.jsonl").exists()
     executed = nbformat.read(out, as_version=4)
     assert any("image/png" in o.get("data", {}) for c in executed.cells for o in c.get("outputs", []))
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    assert text.count(f"effective batch {2 * processes} = {2 * processes} rows x 1 accumulation") == processes
 
 
 @pytest.mark.slow
