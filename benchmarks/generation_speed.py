@@ -59,7 +59,8 @@ class Config:
     vllm_dtype: str = "auto"  # vLLM's dtype: auto | float16 (Kaggle's T4) | bfloat16
     vllm_max_model_len: int = 2048  # vLLM context (prompts + new tokens)
     vllm_one_call: bool = False  # also time the LoRA engine with every row in one generate call (not chunks of 128)
-    # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4, ablations, quant, tests, vllm_lora, vllm_merged
+    # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4 (runs only with fast), ablations, quant, tests,
+    # vllm_lora, vllm_merged
     skip: list = field(default_factory=list)
 
 
@@ -351,6 +352,7 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
     seed = cfg.seed + 100  # the HF phases used cfg.seed's words; each vLLM run below draws its own
     for phase in phases:
         folder, adapter = (base_dir, str(adapter_dir)) if phase == "vllm_lora" else (merged_dir, "")
+        engine = None
         try:
             t0 = time.perf_counter()
             engine = sampling.VLLMEngine.from_preset("mistral-7b", base_model_path=str(folder), adapter_path=adapter,
@@ -378,12 +380,14 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
                          peak_gib=None, fresh_prompts_seed=seed)
                 out[key] = r
                 rec.put(key, r)
-            engine.close()
         except Exception as e:  # one failing engine must not cost the others
             import traceback
 
             rec.put(phase, {"error": f"{type(e).__name__}: {str(e)[:800]}",
                             "traceback": traceback.format_exc()[-3000:]})
+        finally:
+            if engine is not None:
+                engine.close()  # its engine process holds the GPUs the next phase needs
         engine = None
         free()
         rec.put(f"{phase}_released_s", wait_for_free_gpus())

@@ -147,6 +147,7 @@ def lora_moved(checkpoint: str | None) -> bool | None:
 
 
 def gpu_name() -> str:
+    """The first visible card's name, or "cpu"."""
     import torch
 
     return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -172,19 +173,27 @@ def phase_spec(cfg: Config, model: str, processes: int, steps: int, work: Path, 
 
 
 def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
-    """One phase in a fresh Python that sees ``gpus`` cards; its log goes to ``out/<run_name>.log``."""
+    """One phase in a fresh Python that sees ``gpus`` cards, in a fresh run folder (never a resumed one); its log goes
+    to ``out/<run_name>.log``. A phase past ``timeout_s`` is stopped with every worker it forked."""
+    import shutil
+    import signal
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if gpus == 1:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
+    run_dir = Path(spec["overrides"]["runs_dir"]) / spec["overrides"]["run_name"]
+    shutil.rmtree(run_dir, ignore_errors=True)  # an old run's checkpoints would be resumed, its metrics re-read
     log = out / f"{spec['overrides']['run_name']}.log"
     t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--phase", json.dumps(spec)], cwd=common.REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, __file__, "--phase", json.dumps(spec)], cwd=common.REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout_s)
-        text, rc = proc.stdout + proc.stderr, proc.returncode
-    except subprocess.TimeoutExpired as e:
-        text, rc = f"{e.stdout or ''}{e.stderr or ''}\nstopped after {timeout_s} s", "timeout"
-        text = text if isinstance(text, str) else str(text)
+        text, _ = proc.communicate(timeout=timeout_s)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the phase and the training workers it forked
+        text, _ = proc.communicate()
+        text, rc = f"{text}\nstopped after {timeout_s} s", "timeout"
     log.write_text(text)
     found = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     result = json.loads(found[-1][7:]) if found and rc == 0 else {"error": f"rc {rc}", "tail": text[-3000:]}
@@ -195,6 +204,10 @@ def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
 def main(cfg: Config) -> dict:
     from kaggle_utils import models
 
+    if len(cfg.steps) != len(cfg.models) or not all(str(n).isdigit() and int(n) > 0 for n in cfg.steps):
+        raise SystemExit(f"--steps needs one positive number per model: models {cfg.models}, steps {cfg.steps}")
+    if cfg.qlora and cfg.qlora in cfg.models:
+        raise SystemExit(f"--qlora {cfg.qlora} is also in --models: the two phases would share a run folder")
     rec = common.Recorder(Path(cfg.out), cfg)
     out = Path(cfg.out)
     work = Path(cfg.work_dir)
@@ -276,6 +289,7 @@ def plot_losses(cfg: Config, results: dict, path: Path) -> None:
 
 
 def render_table(cfg: Config, summary: dict) -> str:
+    """The summary as the Markdown table of BENCHMARKS.md."""
     fmt = lambda v, f="{:.2f}": "-" if v is None else f.format(v)  # noqa: E731
     lines = [f"Card: {summary['card']}. Effective batch {cfg.batch_size}; samples/s over optimizer steps 2..last "
              "(loading and the evaluations excluded); peak memory of the main process.", "",

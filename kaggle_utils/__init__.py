@@ -7,17 +7,10 @@ modules that need them.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 
 __version__ = "0.1.0"
-
-# torch.cuda.is_available() asks the CUDA driver by default, and a process that did can no longer fork workers that
-# use CUDA ("Cannot re-initialize CUDA in forked subprocess"): data-parallel training forks its processes from the
-# notebook kernel (training.launch). Through NVML the same question leaves CUDA untouched; torch falls back to the
-# driver where NVML is missing. Seen on 2 H200s: every 2-GPU launch failed until this was set.
-os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 
 def git_commit() -> str:

@@ -97,7 +97,7 @@ def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
     """The rows whose ``source`` is one of ``sources`` (e.g. only the Gemma rewrites); a name that matches no row is
     an error naming the files and the sources they hold."""
     have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    wanted = [s.strip() for s in sources if s.strip()]
+    wanted = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
     missing = [s for s in wanted if not (have == s).any()]
     if missing:
         found = sorted(set(have) - {""}) or ["(no source column)"]
@@ -169,6 +169,8 @@ def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sourc
         raise DataError("no training files given")
     frames = [drop_incomplete(read_rewrites(f, require_prompt=True)) for f in files]
     df = pd.concat(frames, ignore_index=True)
+    if isinstance(sources, str):
+        sources = sources.split(",")
     if any(s.strip() for s in sources):
         df = keep_sources(df, sources, files)
     if dedup:

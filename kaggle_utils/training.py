@@ -21,6 +21,13 @@ from .config import ConfigError, require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
 
+# torch.cuda.is_available() asks the CUDA driver by default, and a process that did can no longer fork workers that
+# use CUDA ("Cannot re-initialize CUDA in forked subprocess"): data-parallel training forks its processes from the
+# notebook kernel (launch). Through NVML the same question leaves CUDA untouched (torch falls back to the driver where
+# NVML is missing). Seen on 2 H200s: every 2-GPU launch failed. Set when the training module is imported, which
+# train.ipynb does in its first code cell, so no cell before launch can poison the fork.
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+
 DEFAULT_TRAIN_FILES = ["../shared/data/extra_rewrites.csv", "../shared/data/gemma_rewrites.csv"]
 DEFAULT_VALIDATION_FILE = "../shared/data/gemma_rewrites.csv"
 METRICS_FILE = "metrics.jsonl"
@@ -94,6 +101,8 @@ class TrainConfig:
         require(bool(self.run_name) and "/" not in self.run_name, "run_name", f"must be a folder name, got '{self.run_name}'")
         if isinstance(self.train_files, str):
             self.train_files = [f.strip() for f in self.train_files.split(",") if f.strip()]
+        if not isinstance(self.train_sources, str):  # a YAML list is as good as a comma-separated string
+            self.train_sources = ",".join(str(s).strip() for s in self.train_sources)
         require(len(self.train_files) > 0, "train_files", "give at least one CSV")
         if self.max_seq_length == 0:
             self.max_seq_length = preset.max_seq_length
@@ -143,6 +152,8 @@ def prepare_run(cfg: TrainConfig) -> Path:
                 f"{run_dir} holds checkpoints of a different run ({', '.join(f'{k}: {prev.get(k)} -> {now.get(k)}' for k in diff)}); "
                 "choose another run_name or delete the folder"
             )
+    if cfg.train_sources.strip():  # a source no training file holds stops here, before any model loads or forks
+        data.load_training_rows(cfg.train_files, dedup=False, sources=cfg.train_sources.split(","))
     save_config(cfg, run_dir)
     return run_dir
 
@@ -393,7 +404,10 @@ def _trainer_class():
                 sampler.batch_size = self.args.train_batch_size * self.args.gradient_accumulation_steps * max(
                     1, self.args.world_size)
                 seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-                sampler.generator = torch.Generator().manual_seed(seed)
+                sampler.generator = torch.Generator().manual_seed(seed)  # each epoch draws on from its state
+            elif self.args.world_size > 1:
+                logger.warning("the training sampler is %s, not transformers' LengthGroupedSampler: the rows of an "
+                               "optimizer step may differ from a one-process run's", type(sampler).__name__)
             return sampler
 
     return Trainer
@@ -471,8 +485,8 @@ def launch(cfg: TrainConfig) -> dict:
     import torch
     from accelerate import notebook_launcher
 
-    # device_count (and is_available, with the NVML check kaggle_utils/__init__.py turns on) leaves CUDA
-    # uninitialized, so the fork below stays safe.
+    # device_count (and is_available, with the NVML check set at the top of this module) leaves CUDA uninitialized,
+    # so the fork below stays safe.
     gpus = torch.cuda.device_count()
     require(not gpus or cfg.num_processes <= gpus, "num_processes",
             f"{cfg.num_processes} processes need as many GPUs; {gpus} are visible (GPUS=... of make train)")

@@ -48,6 +48,7 @@ try:
     if not torch.cuda.is_available():
         raise RuntimeError("the wheels' torch sees no CUDA device (a driver older than torch's CUDA "
                            f"{torch.version.cuda}?)")
+    torch.zeros(1, device="cuda")  # CUDA itself, not only the device list: a too-old driver fails here
     info["gpus"] = torch.cuda.device_count()
     # What the kernel imports next, over the wheels (their numpy and transformers shadow the image's): a clash with
     # the image's pandas or peft must show here, not in the next cell, where nothing could fall back.
@@ -102,6 +103,7 @@ def install(wheels_dir: str | os.PathLike, target: str | os.PathLike, requiremen
 def probe(target: str | os.PathLike, timeout: float = 600) -> tuple[bool, str, dict]:
     """Import vLLM from ``target`` in a child process and check CUDA there; (ok, why not, versions seen)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(target), os.environ.get("PYTHONPATH", "")) if p))
+    env.pop("PYTORCH_NVML_BASED_CUDA_CHECK", None)  # the driver's own answer here (training sets the NVML check)
     try:
         out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

@@ -114,3 +114,18 @@ def test_a_train_source_that_matches_nothing_names_the_files_and_their_sources(r
     with pytest.raises(data.DataError, match=r"train_sources \['gemma'\] match no row of .*rewrites.csv.*"
                                              r"their sources: \['fixture'\]"):
         data.load_training_rows([rewrites_csv], sources=["gemma"])
+
+
+def test_train_sources_from_a_yaml_list_and_checked_before_any_model_loads(tmp_path, tiny_model_dir):
+    from kaggle_utils import training
+
+    base = tiny_model_dir("mistral")
+    cfg = training.TrainConfig(run_name="src", runs_dir=str(tmp_path), preset="mistral-7b", base_model_path=str(base),
+                               train_files=[str(GEMMA_CSV)], train_sources=["pedromb-gemma7b-eval"], load_in_4bit=False)
+    assert cfg.train_sources == "pedromb-gemma7b-eval"
+    training.prepare_run(cfg)  # a source the file holds: accepted
+    bad = training.TrainConfig(run_name="bad", runs_dir=str(tmp_path), preset="mistral-7b", base_model_path=str(base),
+                               train_files=[str(GEMMA_CSV)], train_sources="gemma", load_in_4bit=False)
+    with pytest.raises(data.DataError, match=r"train_sources \['gemma'\] match no row .*pedromb-gemma7b-eval"):
+        training.prepare_run(bad)
+    assert not (tmp_path / "bad" / "config.json").exists()

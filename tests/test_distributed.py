@@ -71,21 +71,23 @@ def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_mode
 
 def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, monkeypatch):
     """A process that asked the CUDA driver anything (torch.cuda.is_available() does, by default) forks workers that
-    fail with "Cannot re-initialize CUDA in forked subprocess" (seen on 2 H200s). Importing kaggle_utils turns on
-    torch's NVML check, and launch itself counts GPUs through NVML (device_count) only."""
+    fail with "Cannot re-initialize CUDA in forked subprocess" (seen on 2 H200s). Importing the training module turns
+    on torch's NVML check, and what train.ipynb runs before the fork (the config, prepare_run, launch) never asks."""
     import accelerate
     import torch
 
-    assert os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK") == "1"
-    out = subprocess.run([sys.executable, "-c", "import os, kaggle_utils; print(os.environ['PYTORCH_NVML_BASED_CUDA_CHECK'])"],
-                         cwd=REPO, capture_output=True, text=True, env={k: v for k, v in os.environ.items()
-                                                                         if k != "PYTORCH_NVML_BASED_CUDA_CHECK"})
+    clean = {k: v for k, v in os.environ.items() if k != "PYTORCH_NVML_BASED_CUDA_CHECK"}
+    out = subprocess.run([sys.executable, "-c", "import os; from kaggle_utils import training; "
+                          "print(os.environ.get('PYTORCH_NVML_BASED_CUDA_CHECK'))"],
+                         cwd=REPO, capture_output=True, text=True, env=clean)
     assert out.stdout.strip() == "1", out.stderr[-2000:]
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("launch asked the CUDA driver before forking"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: pytest.fail("asked the CUDA driver before forking"))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     launched = []
     monkeypatch.setattr(accelerate, "notebook_launcher", lambda fn, args, num_processes: launched.append(num_processes))
-    training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
+    cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2)
+    training.prepare_run(cfg)
+    training.launch(cfg)
     assert launched == [2]
 
 
