@@ -22,6 +22,9 @@ that every process count shares (16 rows = 8 x 2 GPUs x 1 or 8 x 1 x 2): the sam
 
 samples/s counts optimizer steps 2..last (step 1 holds the warm-up), from the wall-clock times that ``metrics.jsonl``
 records for each logged step, so model loading and the two evaluations are outside it; they are in ``phase_s``.
+Each process also records its own step times (micro steps, and the last one with the all-reduce and the optimizer),
+and nvidia-smi samples the cards' clocks and power during each phase: where a data-parallel step loses time.
+``--extra '{"gradient_checkpointing": false}'`` changes the recipe of every phase.
 """
 from __future__ import annotations
 
@@ -55,6 +58,8 @@ class Config:
     qlora: str = "llama2-13b"  # a QLoRA preset trained on N GPUs with random weights ("" skips)
     qlora_steps: int = 10  # its optimizer steps
     phase_timeout_s: int = 900  # a phase that runs longer is stopped (its error is recorded, the rest go on)
+    extra: str = ""  # JSON of TrainConfig fields for every phase, e.g. '{"gradient_checkpointing": false}'
+    gpu_sampling_ms: int = 500  # nvidia-smi samples clocks, power and load this often during each phase (0 = off)
     phase: str = ""  # internal: run one phase (JSON) in this process and print its result
 
 
@@ -96,8 +101,45 @@ def patch_random_weights(name: str, folder: Path) -> None:
     models.load_model = load_random
 
 
+STEP_TIMES = "step_times_rank{rank}.jsonl"  # per process: when each optimizer step began, its micro steps, its end
+
+
+def patch_step_timer() -> None:
+    """``training.build_trainer`` adds a callback that writes, in every process, the wall-clock times of each optimizer
+    step's start, its accumulation micro steps and its end (``STEP_TIMES`` in the run folder): where a data-parallel
+    step's time goes, per process. Forked workers inherit the patch. transformers' trainer module is imported in the
+    worker only: it imports bitsandbytes, and accelerate refuses to fork a process that has."""
+    from kaggle_utils import training
+
+    build = training.build_trainer
+
+    def build_timed(cfg, *args, **kwargs):
+        from transformers import TrainerCallback
+
+        class StepTimer(TrainerCallback):
+            def __init__(self, path: Path):
+                self.path, self.events = path, []
+
+            def on_step_begin(self, args, state, control, **kwargs):
+                self.events = [time.time()]
+
+            def on_substep_end(self, args, state, control, **kwargs):
+                self.events.append(time.time())
+
+            def on_step_end(self, args, state, control, **kwargs):
+                with open(self.path, "a") as fh:
+                    fh.write(json.dumps({"step": state.global_step, "times": self.events + [time.time()]}) + "\n")
+
+        trainer = build(cfg, *args, **kwargs)
+        rank = int(os.environ.get("RANK", "0"))
+        trainer.add_callback(StepTimer(cfg.run_dir / STEP_TIMES.format(rank=rank)))
+        return trainer
+
+    training.build_trainer = build_timed
+
+
 def run_phase(spec: dict) -> dict:
-    """Train one (model, processes) phase through ``training.launch``; what its metrics log says."""
+    """Train one (model, processes) phase through ``training.launch``; what its metrics log and step times say."""
     import yaml
 
     from kaggle_utils import config, models, training
@@ -107,13 +149,17 @@ def run_phase(spec: dict) -> dict:
     values.update(spec["overrides"])
     if spec["random_weights"]:
         patch_random_weights(spec["model"], Path(values["base_model_path"]))
+    patch_step_timer()
     cfg = training.TrainConfig(**values)
     training.prepare_run(cfg)
     t0 = time.perf_counter()
     state = training.launch(cfg)
     seconds = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (cfg.run_dir / training.METRICS_FILE).read_text().splitlines() if ln.strip()]
-    return {**measure(rows, cfg.batch_size), "launch_s": round(seconds, 1), "final": state,
+    ranks = {int(p.stem.rsplit("rank", 1)[1]): [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+             for p in sorted(cfg.run_dir.glob(STEP_TIMES.format(rank="*")))}
+    return {**measure(rows, cfg.batch_size), "per_process": {r: step_split(ev) for r, ev in ranks.items()},
+            "launch_s": round(seconds, 1), "final": state,
             "lora_moved": lora_moved(state.get("checkpoint")), "gpu": gpu_name(),
             "recipe": spec["recipe"], "config": {k: values[k] for k in sorted(spec["overrides"])},
             "preset": cfg.preset, "load_in_4bit": cfg.load_in_4bit, "lora_r": cfg.lora_r,
@@ -134,6 +180,20 @@ def measure(rows: list[dict], batch_size: int) -> dict:
         out.update(timed_steps=steps, timed_s=round(seconds, 2), s_per_step=seconds / steps,
                    samples_per_s=steps * batch_size / seconds)
     return out
+
+
+def step_split(events: list[dict]) -> dict:
+    """One process's median seconds per optimizer step (steps 2..), per micro step before the last, and for the last
+    micro step with the optimizer step (where data-parallel processes wait for each other's gradients)."""
+    import statistics
+
+    later = [e["times"] for e in events if e["step"] >= 2 and len(e["times"]) >= 2]
+    if not later:
+        return {}
+    micro = [b - a for t in later for a, b in zip(t[:-2], t[1:-1])]
+    return {"steps": len(later), "s_per_step": statistics.median(t[-1] - t[0] for t in later),
+            "s_per_micro_step": statistics.median(micro) if micro else None,
+            "s_last_micro_and_optimizer": statistics.median(t[-1] - t[-2] for t in later)}
 
 
 def lora_moved(checkpoint: str | None) -> bool | None:
@@ -169,10 +229,11 @@ def phase_spec(cfg: Config, model: str, processes: int, steps: int, work: Path, 
                      runs_dir=str(work / "runs"), max_steps=steps, save_steps=steps, logging_steps=1,
                      batch_size=cfg.batch_size, micro_batch_size=micro, val_rows=cfg.val_rows, report_rows=0,
                      warmup_steps=min(int(values.get("warmup_steps", 0)), steps // 4), num_processes=processes)
+    overrides.update(json.loads(cfg.extra) if cfg.extra else {})
     return {"model": model, "recipe": recipe, "random_weights": model != "smollm2-135m", "overrides": overrides}
 
 
-def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
+def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int, sampling_ms: int = 0) -> dict:
     """One phase in a fresh Python that sees ``gpus`` cards, in a fresh run folder (never a resumed one); its log goes
     to ``out/<run_name>.log``. A phase past ``timeout_s`` is stopped with every worker it forked."""
     import shutil
@@ -184,6 +245,7 @@ def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
     run_dir = Path(spec["overrides"]["runs_dir"]) / spec["overrides"]["run_name"]
     shutil.rmtree(run_dir, ignore_errors=True)  # an old run's checkpoints would be resumed, its metrics re-read
     log = out / f"{spec['overrides']['run_name']}.log"
+    sampler = gpu_sampler(out / f"{spec['overrides']['run_name']}.gpu.csv", sampling_ms)
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--phase", json.dumps(spec)], cwd=common.REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -194,11 +256,45 @@ def run_in_child(spec: dict, gpus: int, out: Path, timeout_s: int) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)  # the phase and the training workers it forked
         text, _ = proc.communicate()
         text, rc = f"{text}\nstopped after {timeout_s} s", "timeout"
+    if sampler:
+        sampler.terminate()
+        sampler.wait()
     log.write_text(text)
     found = [ln for ln in text.splitlines() if ln.startswith("RESULT ")]
     result = json.loads(found[-1][7:]) if found and rc == 0 else {"error": f"rc {rc}", "tail": text[-3000:]}
     result["phase_s"] = round(time.perf_counter() - t0, 1)
+    result["gpus_under_load"] = gpu_load_summary(out / f"{spec['overrides']['run_name']}.gpu.csv")
     return result
+
+
+def gpu_sampler(path: Path, every_ms: int):
+    """nvidia-smi writing each card's SM clock, power and load every ``every_ms`` to ``path`` (None without it)."""
+    import shutil
+
+    if not every_ms or not shutil.which("nvidia-smi"):
+        return None
+    return subprocess.Popen(["nvidia-smi", "--query-gpu=index,clocks.sm,power.draw,utilization.gpu",
+                             "--format=csv,noheader,nounits", f"-lms={every_ms}"],
+                            stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+
+
+def gpu_load_summary(path: Path) -> dict:
+    """Per card, the median SM clock (MHz) and power (W) over the samples where it was over 50% busy."""
+    import statistics
+
+    if not path.exists():
+        return {}
+    busy: dict = {}
+    for line in path.read_text().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        try:
+            index, clock, power, load = int(parts[0]), float(parts[1]), float(parts[2]), float(parts[3])
+        except (ValueError, IndexError):
+            continue
+        if load > 50:
+            busy.setdefault(index, []).append((clock, power))
+    return {i: {"samples": len(v), "sm_mhz": statistics.median(c for c, _ in v),
+                "watts": statistics.median(w for _, w in v)} for i, v in busy.items()}
 
 
 def main(cfg: Config) -> dict:
@@ -220,12 +316,12 @@ def main(cfg: Config) -> dict:
         for n in dict.fromkeys([1, cfg.processes]):
             key = f"{model}/{n}"
             results[key] = run_in_child(phase_spec(cfg, model, n, int(steps), work, folders), n, out,
-                                        cfg.phase_timeout_s)
+                                        cfg.phase_timeout_s, cfg.gpu_sampling_ms)
             rec.put(key, results[key])
     if cfg.qlora:
         key = f"{cfg.qlora}/{cfg.processes} (QLoRA)"
         results[key] = run_in_child(phase_spec(cfg, cfg.qlora, cfg.processes, cfg.qlora_steps, work, folders),
-                                    cfg.processes, out, cfg.phase_timeout_s)
+                                    cfg.processes, out, cfg.phase_timeout_s, cfg.gpu_sampling_ms)
         rec.put(key, results[key])
     summary = summarize(cfg, results)
     rec.put("summary", summary)
@@ -243,7 +339,7 @@ def summarize(cfg: Config, results: dict) -> dict:
         model, n = key.split("/")[0], int(key.split("/")[1].split()[0])
         row = {"phase": key, "model": model, "processes": n, "error": r.get("error")}
         for k in ("samples_per_s", "s_per_step", "gpu_peak_gib", "phase_s", "micro_batch_size", "accumulation",
-                  "load_in_4bit", "lora_moved", "gpu", "timed_steps"):
+                  "load_in_4bit", "lora_moved", "gpu", "timed_steps", "per_process", "gpus_under_load"):
             row[k] = r.get(k)
         losses = r.get("losses") or []
         row["final_loss"] = losses[-1][1] if losses else None
@@ -307,6 +403,18 @@ def render_table(cfg: Config, summary: dict) -> str:
                      f"{fmt(r['s_per_step'], '{:.3f}')} | {fmt(r['gpu_peak_gib'], '{:.1f}')} | "
                      f"{agree} | "
                      f"{fmt(r['final_loss'], '{:.4f}')} |")
+    lines += ["", "Where each process's step goes (medians over steps 2..last; the last micro step holds the gradient "
+              "all-reduce and the optimizer step), and the cards under load (nvidia-smi, samples over 50% busy):", "",
+              "| phase | process | s/step | s per micro step | s last micro step + optimizer | card: SM MHz, W |",
+              "|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        cards = r.get("gpus_under_load") or {}
+        for rank, t in sorted((r.get("per_process") or {}).items(), key=lambda kv: int(kv[0])):
+            card = cards.get(str(rank)) or cards.get(int(rank)) or {}  # JSON turned the card indices into text
+            card_text = f"{card['sm_mhz']:.0f} MHz, {card['watts']:.0f} W" if card else "-"
+            lines.append(f"| {r['phase']} | {rank} | {fmt(t.get('s_per_step'), '{:.3f}')} | "
+                         f"{fmt(t.get('s_per_micro_step'), '{:.3f}')} | "
+                         f"{fmt(t.get('s_last_micro_and_optimizer'), '{:.3f}')} | {card_text} |")
     return "\n".join(lines) + "\n"
 
 

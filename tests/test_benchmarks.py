@@ -55,6 +55,9 @@ def test_training_speed_tiny_compares_one_and_two_processes_over_the_same_rows(t
         assert r["timed_steps"] == 2 and r["samples_per_s"] > 0 and r["lora_moved"]
         assert r["final"]["global_step"] == 3
     assert (one["micro_batch_size"], one["accumulation"], two["accumulation"]) == (2, 8, 4)
+    # each process timed its own steps: 7 micro steps before the last on one process, 3 on each of two
+    assert set(one["per_process"]) == {"0"} and set(two["per_process"]) == {"0", "1"}
+    assert all(t["steps"] == 2 and t["s_per_micro_step"] > 0 for t in two["per_process"].values())
     row = next(r for r in results["steps"]["summary"]["rows"] if r["processes"] == 2)
     assert row["loss_vs_one_gpu"]["steps"] == 3 and row["loss_vs_one_gpu"]["max_abs_diff"] < 1e-3
     assert (tmp_path / "out" / "loss_curves.png").stat().st_size > 0
@@ -110,3 +113,16 @@ def test_generation_speed_vllm_phases_start_each_engine_once_on_fresh_prompts(tm
     summary = gs.summarize(cfg, {"device": "cpu"}, roof, results)
     assert set(summary["rows"]) == set(results)
     assert "merged folder, LoRA off, n=4 [float16]" in summary["rows"]["vllm_merged_n4"]["how"]
+
+
+def test_training_speed_reads_the_cards_clocks_under_load(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import training_speed as ts
+
+    csv = tmp_path / "phase.gpu.csv"
+    csv.write_text("0, 1980, 650.5, 100\n1, 1500, 700.0, 99\n0, 1900, 640.0, 98\n1, 345, 90.1, 0\n"
+                   "0, [N/A], 1.0, 100\nnot a sample\n")
+    got = ts.gpu_load_summary(csv)
+    assert got == {0: {"samples": 2, "sm_mhz": 1940.0, "watts": 645.25}, 1: {"samples": 1, "sm_mhz": 1500.0,
+                                                                          "watts": 700.0}}
+    assert ts.gpu_load_summary(tmp_path / "missing.csv") == {}

@@ -9,6 +9,7 @@
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
 #   bnb      - copy the carried .payload/bnb wheel (bitsandbytes, 43 MB: a call of its own) to /tmp/bnb
 #   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
+#   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 24 steps, activation checkpointing on and off: per-process times
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
 #              LoRARequest and on the merged folder
@@ -44,6 +45,13 @@ trainbench)
   timeout 500 .venv/bin/python benchmarks/training_speed.py --out /tmp/tbench --steps 30 12 --qlora_steps 6 2>&1 | grep -vE "it/s\]|s/it\]" | tail -60
   cp /tmp/tbench/results.json /tmp/tbench/results.md /tmp/tbench/loss_curves.png "$OUT/" 2>/dev/null
   tar -czf "$OUT/tbench-logs.tgz" -C /tmp/tbench . ;;
+ddpdiag)  # where Mistral-7B's data-parallel step loses time: per-process step times and clocks, checkpointing on/off
+  source benchmarks/gpu/setup.sh
+  for ck in true false; do
+    timeout 270 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddp-$ck --work_dir /tmp/ddp-work-$ck \
+      --models mistral-7b --steps 24 --qlora "" --extra "{\"gradient_checkpointing\": $ck}" 2>&1 | tail -12
+    cp /tmp/ddp-$ck/results.json "$OUT/ddp-ckpt-$ck.json"
+  done ;;
 gen1)
   source benchmarks/gpu/setup.sh
   CUDA_VISIBLE_DEVICES=0 timeout 570 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen1 \
