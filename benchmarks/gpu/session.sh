@@ -9,6 +9,7 @@
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
 #   bnb      - copy the carried .payload/bnb wheel (bitsandbytes, 43 MB: a call of its own) to /tmp/bnb
 #   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
+#   gen2merged - the merged folder alone on both GPUs in fp16, n=1 and n=4 (what gen2's time limit cut)
 #   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 24 steps, activation checkpointing on and off: per-process times
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
@@ -63,6 +64,12 @@ gen2)
     quant tests --hf_dtype float16 --vllm_dtype float16 --baseline_every 10 2>&1 \
     | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
   cp /tmp/gen2/results.json "$OUT/gen2.json"; cp /tmp/gen2/results.md "$OUT/gen2.md" ;;
+gen2merged)  # what gen2's limit cut: the merged folder at n=1 and n=4 on both GPUs (fp16), alone
+  source benchmarks/gpu/setup.sh
+  timeout 540 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2m --skip one_row baseline fast fast_n4 \
+    ablations quant tests vllm_lora --hf_dtype float16 --vllm_dtype float16 2>&1 | grep -vE "it/s\]|s/it\]" \
+    | cut -c1-400 | tail -40
+  cp /tmp/gen2m/results.json "$OUT/gen2merged.json"; cp /tmp/gen2m/results.md "$OUT/gen2merged.md" ;;
 hf)
   source benchmarks/gpu/setup.sh
   mkdir -p runs/gpu/report-hf
