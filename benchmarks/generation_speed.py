@@ -87,6 +87,14 @@ def synthesize_rows(tokenizer, lengths: list[int], seed: int, vocab_size: int):
     return originals, rewrittens
 
 
+def sampling_config(cfg: Config, batch_size: int = 16, n: int = 1):
+    """The workload's sampling settings (the run's temperature, top-p, new tokens and seed) for one timed pass."""
+    from kaggle_utils import sampling
+
+    return sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                   batch_size=batch_size, seed=cfg.seed, n=n)
+
+
 def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:
     """Seconds, rows/s and peak GPU memory of one full ``generate_batches`` pass."""
     import torch
@@ -217,9 +225,7 @@ def main(cfg: Config) -> dict:
                             "fast_path": decoding.unsupported_reason(engine.model) or "applies",
                             "prompt_tokens_match": got == lengths, "mean_prompt_tokens": statistics.mean(got)})
     lengths = got
-    scfg = lambda bs, n=1: sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,  # noqa: E731
-                                                   max_new_tokens=cfg.max_new_tokens, batch_size=bs, seed=cfg.seed,
-                                                   n=n)
+    scfg = lambda bs, n=1: sampling_config(cfg, bs, n)  # noqa: E731
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     pick = lambda every: sorted(order[::every])  # noqa: E731  (every k-th row by length: the same length mix)
     results: dict = {}
@@ -363,8 +369,7 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
             seed += 1
             o, w = synthesize_rows(tokenizer, lengths[:16], seed, vocab)  # first batch: Triton JIT, graphs warm
             t0 = time.perf_counter()
-            timed_engine_run(engine, o, w, sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p,
-                                                                   max_new_tokens=cfg.max_new_tokens))
+            timed_engine_run(engine, o, w, sampling_config(cfg))
             warm_s = round(time.perf_counter() - t0, 1)
             runs = [(1, engine.rows_per_call, ""), (cfg.n_extra, engine.rows_per_call, "")]
             if cfg.vllm_one_call and phase == "vllm_lora":
@@ -373,8 +378,7 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
                 seed += 1
                 o, w = synthesize_rows(tokenizer, lengths, seed, vocab)
                 engine.rows_per_call = per_call
-                r = timed_engine_run(engine, o, w, sampling.SamplingConfig(
-                    temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, n=n))
+                r = timed_engine_run(engine, o, w, sampling_config(cfg, n=n))
                 key = f"{phase}_n{n}{suffix}"
                 r.update(start_s=start_s, warmup_s=warm_s, gpus=gpus, dtype=cfg.vllm_dtype, rows_per_call=per_call,
                          peak_gib=None, fresh_prompts_seed=seed)
@@ -414,8 +418,9 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
             continue
         rate = r["rows_per_s"]
         cards = max(1, r.get("gpus") or 1)  # a run over 2 cards is measured against 2 cards' roofline
-        if key == "hf_batches" and cfg.hf_dtype != "auto" or key.startswith("vllm") and cfg.vllm_dtype != "auto":
-            label += f" [{cfg.hf_dtype if key == 'hf_batches' else cfg.vllm_dtype}]"
+        dtype = cfg.vllm_dtype if key.startswith("vllm") else cfg.hf_dtype
+        if dtype != "auto":
+            label += f" [{dtype}]"
         if cards > 1:
             label += f" [{cards} GPUs]"
         if key.startswith("vllm"):

@@ -97,7 +97,7 @@ def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
     """The rows whose ``source`` is one of ``sources`` (e.g. only the Gemma rewrites); a name that matches no row is
     an error naming the files and the sources they hold."""
     have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    wanted = [s.strip() for s in (sources.split(",") if isinstance(sources, str) else sources) if s.strip()]
+    wanted = [s.strip() for s in sources if s.strip()]
     missing = [s for s in wanted if not (have == s).any()]
     if missing:
         found = sorted(set(have) - {""}) or ["(no source column)"]
@@ -161,8 +161,9 @@ def filter_by_length(df: pd.DataFrame, lengths, max_length: int, margin: int = 8
 
 
 def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sources=()) -> pd.DataFrame:
-    """Read, validate and concatenate training CSVs; drop incomplete rows; with ``sources``, keep only rows whose
-    ``source`` column is one of them; optionally keep at most ``max_per_prompt`` rows per distinct prompt."""
+    """Read, validate and concatenate training CSVs; drop incomplete rows; with ``sources`` (names, or one
+    comma-separated string), keep only rows whose ``source`` column is one of them; optionally keep at most
+    ``max_per_prompt`` rows per distinct prompt."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:

@@ -153,7 +153,7 @@ def prepare_run(cfg: TrainConfig) -> Path:
                 "choose another run_name or delete the folder"
             )
     if cfg.train_sources.strip():  # a source no training file holds stops here, before any model loads or forks
-        data.load_training_rows(cfg.train_files, dedup=False, sources=cfg.train_sources.split(","))
+        data.load_training_rows(cfg.train_files, dedup=False, sources=cfg.train_sources)
     save_config(cfg, run_dir)
     return run_dir
 
@@ -237,7 +237,7 @@ def build_datasets(cfg: TrainConfig, tokenizer):
 
     validation, report = split_held_out_rows(cfg)
     train = data.load_training_rows(cfg.train_files, dedup=cfg.dedup_prompts, max_per_prompt=cfg.rows_per_prompt,
-                                    sources=cfg.train_sources.split(","))
+                                    sources=cfg.train_sources)
     held_out = set(pd.concat([validation, report])["rewrite_prompt"].map(data.normalize_prompt))
     leak = train["rewrite_prompt"].map(data.normalize_prompt).isin(held_out)
     if leak.any():

@@ -7,7 +7,6 @@
 #   blend    - GPU 0: predictions on the choice rows, mean prompt, blend, report rows (make demo-blend demo-report;
 #              engine auto = vLLM)
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
-#   bnb      - copy the carried .payload/bnb wheel (bitsandbytes, 43 MB: a call of its own) to /tmp/bnb
 #   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
 #   gen2merged - the merged folder alone on both GPUs in fp16, n=1 and n=4 (what gen2's time limit cut)
 #   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 24 steps, activation checkpointing on and off: per-process times
@@ -18,6 +17,15 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 step=$1
 GPU_DEMO="DEMO_RUN=gpu DEMO_CONFIG=configs/smollm2-135m-gpu.yaml"
+# genbench NAME LIMIT_S ARGS...: benchmarks/generation_speed.py with ARGS (gen1 sees GPU 0 only), results to $OUT
+genbench() {
+  local name=$1 limit=$2; shift 2
+  source benchmarks/gpu/setup.sh
+  if [ "$name" = gen1 ]; then export CUDA_VISIBLE_DEVICES=0; fi
+  timeout "$limit" .venv/bin/python benchmarks/generation_speed.py --out "/tmp/$name" "$@" 2>&1 \
+    | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
+  cp "/tmp/$name/results.json" "$OUT/$name.json"; cp "/tmp/$name/results.md" "$OUT/$name.md"
+}
 case "$step" in
 piece)
   cp .payload/piece-"$2" /tmp/; cp .payload/zstandard-*.whl /tmp/ 2>/dev/null
@@ -38,8 +46,6 @@ blend)
   CUDA_VISIBLE_DEVICES=0 timeout 570 make demo-blend demo-report $GPU_DEMO > "$OUT/blend.log" 2>&1
   echo "blend+report rc $?"; grep -E "engine|vLLM|vllm|ERROR|Error" "$OUT/blend.log" | grep -v Warn | head -30 | cut -c1-250
   .venv/bin/python scripts/show_scores.py runs/gpu/scores.csv ;;
-bnb)
-  mkdir -p /tmp/bnb && cp .payload/bnb/*.whl /tmp/bnb/ && ls -la /tmp/bnb ;;
 trainbench)
   source benchmarks/gpu/setup.sh
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /tmp/bnb/*.whl
@@ -54,22 +60,13 @@ ddpdiag)  # where Mistral-7B's data-parallel step loses time: per-process step t
     cp /tmp/ddp-$ck/results.json "$OUT/ddp-ckpt-$ck.json"
   done ;;
 gen1)
-  source benchmarks/gpu/setup.sh
-  CUDA_VISIBLE_DEVICES=0 timeout 570 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen1 \
-    --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call 2>&1 | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
-  cp /tmp/gen1/results.json "$OUT/gen1.json"; cp /tmp/gen1/results.md "$OUT/gen1.md" ;;
+  genbench gen1 570 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
 gen2)
-  source benchmarks/gpu/setup.sh
-  timeout 480 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2 --skip one_row fast fast_n4 ablations \
-    quant tests --hf_dtype float16 --vllm_dtype float16 --baseline_every 10 2>&1 \
-    | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
-  cp /tmp/gen2/results.json "$OUT/gen2.json"; cp /tmp/gen2/results.md "$OUT/gen2.md" ;;
+  genbench gen2 480 --skip one_row fast fast_n4 ablations quant tests --hf_dtype float16 --vllm_dtype float16 \
+    --baseline_every 10 ;;
 gen2merged)  # what gen2's limit cut: the merged folder at n=1 and n=4 on both GPUs (fp16), alone
-  source benchmarks/gpu/setup.sh
-  timeout 540 .venv/bin/python benchmarks/generation_speed.py --out /tmp/gen2m --skip one_row baseline fast fast_n4 \
-    ablations quant tests vllm_lora --hf_dtype float16 --vllm_dtype float16 2>&1 | grep -vE "it/s\]|s/it\]" \
-    | cut -c1-400 | tail -40
-  cp /tmp/gen2m/results.json "$OUT/gen2merged.json"; cp /tmp/gen2m/results.md "$OUT/gen2merged.md" ;;
+  genbench gen2merged 540 --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora --hf_dtype float16 \
+    --vllm_dtype float16 ;;
 hf)
   source benchmarks/gpu/setup.sh
   mkdir -p runs/gpu/report-hf
