@@ -8,8 +8,11 @@
 #              engine auto = vLLM)
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
 #   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
-#   gen2merged - the merged folder alone on both GPUs in fp16, n=1 and n=4 (what gen2's time limit cut)
-#   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 24 steps, activation checkpointing on and off: per-process times
+#   gen2merged - the merged folder alone on both GPUs in fp16, n=1 and n=4 (what gen2's time limit cut); first waits
+#              for r64run (below) and returns its results
+#   gen1r64  - gen1 on GPU 0 while GPU 1 runs r64run in the background (setsid)
+#   r64run   - the GPU recipe with LoRA r=64 (alpha 128): train, select, blend and report rows with the HF engine
+#   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 16 steps, activation checkpointing on and off: per-process times
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
 #              LoRARequest and on the merged folder
@@ -25,6 +28,15 @@ genbench() {
   timeout "$limit" .venv/bin/python benchmarks/generation_speed.py --out "/tmp/$name" "$@" 2>&1 \
     | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
   cp "/tmp/$name/results.json" "$OUT/$name.json"; cp "/tmp/$name/results.md" "$OUT/$name.md"
+}
+# r64_collect WAIT_S: wait up to WAIT_S for r64run to finish, then its small results and log into $OUT
+r64_collect() {
+  waited=0
+  while [ ! -f /tmp/r64.done ] && [ "$waited" -lt "$1" ]; do sleep 5; waited=$((waited + 5)); done
+  echo "r64 done: $([ -f /tmp/r64.done ] && echo yes || echo no) after waiting ${waited} s"
+  tail -c 20000 /tmp/r64.log > "$OUT/r64.log" 2>/dev/null
+  find runs/gpu64 -path '*/checkpoint-*' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' \
+    -o -name '*.png' -o -name '*.ipynb' \) -print 2>/dev/null | tar -czf "$OUT/r64.tgz" -T - 2>/dev/null
 }
 case "$step" in
 piece)
@@ -54,18 +66,30 @@ trainbench)
   tar -czf "$OUT/tbench-logs.tgz" -C /tmp/tbench . ;;
 ddpdiag)  # where Mistral-7B's data-parallel step loses time: per-process step times and clocks, checkpointing on/off
   source benchmarks/gpu/setup.sh
+  nvidia-smi topo -m
   for ck in true false; do
-    timeout 270 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddp-$ck --work_dir /tmp/ddp-work-$ck \
-      --models mistral-7b --steps 24 --qlora "" --extra "{\"gradient_checkpointing\": $ck}" 2>&1 | tail -12
+    timeout 280 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddp-$ck --work_dir /tmp/ddp-work-$ck \
+      --models mistral-7b --steps 16 --qlora "" --extra "{\"gradient_checkpointing\": $ck}" 2>&1 | tail -12
     cp /tmp/ddp-$ck/results.json "$OUT/ddp-ckpt-$ck.json"
   done ;;
 gen1)
   genbench gen1 570 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
+gen1r64)
+  source benchmarks/gpu/setup.sh
+  rm -f /tmp/r64.done
+  CUDA_VISIBLE_DEVICES=1 setsid nohup bash benchmarks/gpu/session.sh r64run > /tmp/r64.log 2>&1 < /dev/null &
+  genbench gen1 560 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
+r64run)
+  source benchmarks/gpu/setup.sh
+  make demo-train demo-select demo-blend demo-report DEMO_RUN=gpu64 DEMO_CONFIG=configs/smollm2-135m-gpu.yaml \
+    DEMO_TRAIN_ARGS="-p lora_r 64 -p lora_alpha 128" DEMO_INFER_ARGS="-r engine hf"
+  echo "r64 rc $?"; .venv/bin/python scripts/stage_times.py runs/gpu64; touch /tmp/r64.done ;;
 gen2)
   genbench gen2 480 --skip one_row fast fast_n4 ablations quant tests --hf_dtype float16 --vllm_dtype float16 \
     --baseline_every 10 ;;
 gen2merged)  # what gen2's limit cut: the merged folder at n=1 and n=4 on both GPUs (fp16), alone
-  genbench gen2merged 540 --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora --hf_dtype float16 \
+  r64_collect 200
+  genbench gen2merged $((560 - waited)) --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora --hf_dtype float16 \
     --vllm_dtype float16 ;;
 hf)
   source benchmarks/gpu/setup.sh
