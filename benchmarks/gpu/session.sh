@@ -13,6 +13,7 @@
 #   gen1r64  - gen1 on GPU 0 while GPU 1 runs r64run in the background (setsid)
 #   r64run   - the GPU recipe with LoRA r=64 (alpha 128): train, select, blend and report rows with the HF engine
 #   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 16 steps, activation checkpointing on and off: per-process times
+#   ddprepeat - the same recipe again, then with micro batch 4
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
 #              LoRARequest and on the merged folder
@@ -71,6 +72,14 @@ ddpdiag)  # where Mistral-7B's data-parallel step loses time: per-process step t
     timeout 280 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddp-$ck --work_dir /tmp/ddp-work-$ck \
       --models mistral-7b --steps 16 --qlora "" --extra "{\"gradient_checkpointing\": $ck}" 2>&1 | tail -12
     cp /tmp/ddp-$ck/results.json "$OUT/ddp-ckpt-$ck.json"
+  done ;;
+ddprepeat)  # ddpdiag's recipe run again (the 1-GPU step time moves between runs), then with micro batch 4
+  source benchmarks/gpu/setup.sh
+  for x in '{"gradient_checkpointing": true}' '{"gradient_checkpointing": true, "micro_batch_size": 4}'; do
+    n=$(echo "$x" | md5sum | cut -c1-6)
+    timeout 230 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddpr-$n --work_dir /tmp/ddpr-work-$n \
+      --models mistral-7b --steps 16 --qlora "" --extra "$x" 2>&1 | tail -11
+    cp /tmp/ddpr-$n/results.json "$OUT/ddpr-$n.json"; echo "$x" > "$OUT/ddpr-$n.txt"
   done ;;
 gen1)
   genbench gen1 570 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
