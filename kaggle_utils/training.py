@@ -35,8 +35,8 @@ VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint s
 REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 # Fields that must match for a run folder's checkpoints to be resumed (the rest, e.g. max_steps, may change).
-_RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "lora_target_modules", "max_seq_length",
-                "load_in_4bit",
+_RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "lora_target_modules", "lora_layers",
+                "max_seq_length", "load_in_4bit",
                 # the split: resumed under another one, the report rows could hold prompts the checkpoints trained on
                 "validation_file", "val_rows", "report_rows", "val_rows_per_prompt", "split_seed")
 
@@ -66,6 +66,7 @@ class TrainConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_target_modules: str = ""  # "" = the preset's; "attention" | "all" | comma-separated module names
+    lora_layers: int = 0  # 0 = LoRA in every decoder layer; k = in the last k only (backward stops below them)
     max_steps: int = 24  # optimizer steps
     batch_size: int = 8  # effective batch (micro_batch_size x gradient accumulation x num_processes)
     micro_batch_size: int = 4  # rows per forward pass
@@ -90,6 +91,7 @@ class TrainConfig:
                 f"must be a multiple of micro_batch_size x num_processes = {self.micro_batch_size} x "
                 f"{self.num_processes} = {per_step} (the effective batch stays the recipe's), got {self.batch_size}")
         require(self.lora_r >= 1, "lora_r", f"must be >= 1, got {self.lora_r}")
+        require(self.lora_layers >= 0, "lora_layers", f"must be >= 0 (0 = every layer), got {self.lora_layers}")
         require(self.val_rows >= 1, "val_rows", f"must be >= 1, got {self.val_rows}")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
         require(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler",
@@ -171,6 +173,17 @@ def _resume_view(values: dict) -> dict:
     return view
 
 
+def lora_layer_indices(cfg: TrainConfig, model_config) -> list[int] | None:
+    """The decoder layers that get LoRA: None (every one) or the last ``cfg.lora_layers``. Gradients then flow back
+    only through those layers, so a step costs less: on 2 CPU cores SmolLM2 at r=64 on its last 15 of 30 layers
+    stepped about 1.5x faster."""
+    if not cfg.lora_layers:
+        return None
+    n = int(model_config.num_hidden_layers)
+    require(cfg.lora_layers <= n, "lora_layers", f"the model has {n} decoder layers, got {cfg.lora_layers}")
+    return list(range(n - cfg.lora_layers, n))
+
+
 def load_model_and_tokenizer(cfg: TrainConfig):
     """Base model (4-bit if the config says so) wrapped in a fresh LoRA adapter, and its tokenizer (own pad token)."""
     import torch
@@ -194,11 +207,12 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, task_type="CAUSAL_LM", bias="none")
+                      target_modules=cfg.target_modules, layers_to_transform=lora_layer_indices(cfg, model.config),
+                      task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d on %s: %d trainable of %d parameters", cfg.lora_r, ",".join(cfg.target_modules),
-                trainable, total)
+    logger.info("LoRA r=%d on %s in %s: %d trainable of %d parameters", cfg.lora_r, ",".join(cfg.target_modules),
+                f"the last {cfg.lora_layers} layers" if cfg.lora_layers else "every layer", trainable, total)
     return model, tokenizer
 
 

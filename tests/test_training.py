@@ -125,6 +125,7 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     ("lora_target_modules", "q_proj,qkv", r"lora_target_modules: unknown module\(s\) \['qkv'\]"),
     ("max_prompt_tokens", 10, "max_prompt_tokens: must be 0"),
     ("report_rows", -1, "report_rows: must be >= 0"),
+    ("lora_layers", -1, "lora_layers: must be >= 0"),
 ])
 def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
     with pytest.raises(config.ConfigError, match=match):
@@ -148,6 +149,26 @@ def test_missing_training_file_is_named(tmp_path, tiny_model_dir):
 def test_lora_targets_preset_group_or_names(tmp_path, tiny_model_dir, value, expected):
     cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), preset="smollm2-135m", lora_target_modules=value)
     assert cfg.target_modules == expected
+
+
+def test_lora_in_the_last_layers_only(tmp_path, tiny_model_dir):
+    """lora_layers=1 on a 2-layer model: the adapter lives in the last layer only, and it trains."""
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_layers=1)
+    model, _, trainer = _train(cfg)
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert lora and all(".layers.1." in n for n in lora), sorted(lora)[:4]
+    training.train(cfg, trainer)
+    after = dict(model.named_parameters())
+    assert any(not torch.equal(lora[n], after[n]) for n in lora if "lora_B" in n), "LoRA B never moved"
+    saved = json.loads((training.find_last_checkpoint(cfg.run_dir) / "adapter_config.json").read_text())
+    assert saved["layers_to_transform"] == [1]
+
+
+def test_lora_layers_beyond_the_model_is_named(tmp_path, tiny_model_dir):
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), lora_layers=3)
+    training.prepare_run(cfg)
+    with pytest.raises(config.ConfigError, match="lora_layers: the model has 2 decoder layers, got 3"):
+        training.load_model_and_tokenizer(cfg)
 
 
 def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_path, tiny_model_dir):
