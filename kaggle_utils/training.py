@@ -66,7 +66,8 @@ class TrainConfig:
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
     lora_target_modules: str = ""  # "" = the preset's; "attention" | "all" | comma-separated module names
-    lora_layers: int = 0  # 0 = LoRA in every decoder layer; k = in the last k only (backward stops below them)
+    lora_layers: int = 0  # 0 = LoRA in every decoder layer; k = the last k only (without activation checkpointing
+    # the backward pass then stops below them)
     max_steps: int = 24  # optimizer steps
     batch_size: int = 8  # effective batch (micro_batch_size x gradient accumulation x num_processes)
     micro_batch_size: int = 4  # rows per forward pass
@@ -154,6 +155,10 @@ def prepare_run(cfg: TrainConfig) -> Path:
                 f"{run_dir} holds checkpoints of a different run ({', '.join(f'{k}: {prev.get(k)} -> {now.get(k)}' for k in diff)}); "
                 "choose another run_name or delete the folder"
             )
+    if cfg.lora_layers:  # more layers than the model has stops here too, when its config.json is at hand
+        folder = models.check_base_path(models.get_preset(cfg.preset), cfg.base_model_path)
+        if (folder / "config.json").exists():
+            lora_layer_indices(cfg, json.loads((folder / "config.json").read_text()))
     if cfg.train_sources.strip():  # a source no training file holds stops here, before any model loads or forks
         data.load_training_rows(cfg.train_files, dedup=False, sources=cfg.train_sources)
     save_config(cfg, run_dir)
@@ -174,12 +179,18 @@ def _resume_view(values: dict) -> dict:
 
 
 def lora_layer_indices(cfg: TrainConfig, model_config) -> list[int] | None:
-    """The decoder layers that get LoRA: None (every one) or the last ``cfg.lora_layers``. Gradients then flow back
-    only through those layers, so a step costs less: on 2 CPU cores SmolLM2 at r=64 on its last 15 of 30 layers
-    stepped about 1.5x faster."""
+    """The decoder layers that get LoRA: None (every one) or the last ``cfg.lora_layers`` (``model_config``: the
+    model's config object or its config.json as a dict).
+
+    Without activation checkpointing, gradients then flow back only through those layers, so a step costs less: on
+    2 CPU cores SmolLM2 at r=64 on its last 15 of 30 layers stepped about 1.5x faster (RESULTS.md; it learned less
+    per example). With activation checkpointing TRL makes the inputs require gradients, so the backward pass runs
+    through every layer and the saving is gone.
+    """
     if not cfg.lora_layers:
         return None
-    n = int(model_config.num_hidden_layers)
+    layers = model_config.get("num_hidden_layers") if isinstance(model_config, dict) else model_config.num_hidden_layers
+    n = int(layers)
     require(cfg.lora_layers <= n, "lora_layers", f"the model has {n} decoder layers, got {cfg.lora_layers}")
     return list(range(n - cfg.lora_layers, n))
 
@@ -213,6 +224,10 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d on %s in %s: %d trainable of %d parameters", cfg.lora_r, ",".join(cfg.target_modules),
                 f"the last {cfg.lora_layers} layers" if cfg.lora_layers else "every layer", trainable, total)
+    if cfg.lora_layers and cfg.gradient_checkpointing:
+        logger.warning("lora_layers %d with activation checkpointing: the backward pass still runs through every "
+                       "layer (TRL makes the inputs require gradients), so the adapter is smaller but a step is not "
+                       "faster", cfg.lora_layers)
     return model, tokenizer
 
 

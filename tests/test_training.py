@@ -106,6 +106,8 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="different run.*lora_r: 1 -> 4"):
         training.prepare_run(other)
     # another split would put trained prompts into the held-out rows
+    with pytest.raises(ValueError, match="different run.*lora_layers: 0 -> 1"):
+        training.prepare_run(tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_layers=1))
     with pytest.raises(ValueError, match="different run.*report_rows: 0 -> 10"):
         training.prepare_run(tiny_cfg(tmp_path, tiny_model_dir("mistral"), report_rows=10))
     # a config.json written before lora_target_modules existed, and "" vs the same layers by name, still resume
@@ -152,12 +154,18 @@ def test_lora_targets_preset_group_or_names(tmp_path, tiny_model_dir, value, exp
 
 
 def test_lora_in_the_last_layers_only(tmp_path, tiny_model_dir):
-    """lora_layers=1 on a 2-layer model: the adapter lives in the last layer only, and it trains."""
+    """lora_layers=1 on a 2-layer model: the adapter lives in the last layer only, it trains, and (no activation
+    checkpointing) the backward pass never runs through the first layer."""
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), lora_layers=1)
     model, _, trainer = _train(cfg)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     assert lora and all(".layers.1." in n for n in lora), sorted(lora)[:4]
+    backward = {0: 0, 1: 0}
+    for i in backward:
+        model.base_model.model.model.layers[i].register_full_backward_hook(
+            lambda *_, i=i: backward.__setitem__(i, backward[i] + 1))
     training.train(cfg, trainer)
+    assert backward[0] == 0 and backward[1] > 0, backward
     after = dict(model.named_parameters())
     assert any(not torch.equal(lora[n], after[n]) for n in lora if "lora_B" in n), "LoRA B never moved"
     saved = json.loads((training.find_last_checkpoint(cfg.run_dir) / "adapter_config.json").read_text())
@@ -166,9 +174,9 @@ def test_lora_in_the_last_layers_only(tmp_path, tiny_model_dir):
 
 def test_lora_layers_beyond_the_model_is_named(tmp_path, tiny_model_dir):
     cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), lora_layers=3)
-    training.prepare_run(cfg)
     with pytest.raises(config.ConfigError, match="lora_layers: the model has 2 decoder layers, got 3"):
-        training.load_model_and_tokenizer(cfg)
+        training.prepare_run(cfg)  # before any model loads or processes fork
+    assert not (cfg.run_dir / "config.json").exists()
 
 
 def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_path, tiny_model_dir):

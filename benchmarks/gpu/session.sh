@@ -98,8 +98,9 @@ gen2)
     --baseline_every 10 ;;
 gen2merged)  # what gen2's limit cut: the merged folder at n=1 and n=4 on both GPUs (fp16), alone
   r64_collect 200
-  genbench gen2merged $((560 - waited)) --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora --hf_dtype float16 \
-    --vllm_dtype float16 ;;
+  if [ ! -f /tmp/r64.done ]; then echo "r64run still holds GPU 1: call gen2merged again"; exit 1; fi
+  genbench gen2merged $((560 - waited)) --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora \
+    --hf_dtype float16 --vllm_dtype float16 ;;
 hf)
   source benchmarks/gpu/setup.sh
   mkdir -p runs/gpu/report-hf

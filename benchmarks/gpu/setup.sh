@@ -16,10 +16,11 @@ if [ ! -f /tmp/site/.ready ]; then
   touch /tmp/site/.ready
   echo "installed into /tmp/site in $(( $(date +%s) - t0 )) s"
 fi
-if [ -d .payload/extra ] && [ -f /tmp/site/.ready ] && [ ! -f /tmp/site/.extra ]; then  # wheels carried later
-  # once only: a job left running in the background may be importing them
+# Wheels carried later than the pieces, installed once per set (a job left running in the background may be
+# importing them): /tmp/site/.extra lists the set installed.
+if [ -d .payload/extra ] && [ -f /tmp/site/.ready ] && ! ls .payload/extra | cmp -s - /tmp/site/.extra; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade .payload/extra/*.whl
-  touch /tmp/site/.extra
+  ls .payload/extra > /tmp/site/.extra
 fi
 # The data: ../shared does not travel with the working tree; a call carries .shared/data (a link to ../shared here).
 if [ -d .shared/data ] && [ ! -f ../shared/data/gemma_rewrites.csv ]; then mkdir -p ../shared && cp -r .shared/data ../shared/; fi
