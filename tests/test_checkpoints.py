@@ -318,13 +318,13 @@ def test_plots(tmp_path, rewrites_csv):
 # ---------------------------------------------------------------- a real selection on a tiny trained model
 
 
-def train_tiny_run(runs_dir, base, name="tiny"):
+def train_tiny_run(runs_dir, base, name="tiny", **kw):
     """Two LoRA steps on a random tiny Llama (SmolLM2's preset and tokenizer), a checkpoint after each."""
     cfg = training.TrainConfig(run_name=name, runs_dir=str(runs_dir), preset="smollm2-135m",
                                base_model_path=str(base), train_files=[str(GEMMA_CSV)],
                                validation_file=str(GEMMA_CSV), val_rows=4, max_train_rows=8, max_steps=2,
                                batch_size=2, micro_batch_size=2, save_steps=1, max_seq_length=512,
-                               learning_rate=1e-2, warmup_steps=0)
+                               learning_rate=1e-2, warmup_steps=0, **kw)
     training.prepare_run(cfg)
     model, tok = training.load_model_and_tokenizer(cfg)
     train_ds, eval_ds = training.build_datasets(cfg, tok)
@@ -391,3 +391,31 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
     k = next(k for k in weights if k.endswith("layers.0.mlp.up_proj.weight"))
     assert torch.allclose(weights[k].float(), original[k].float(), atol=1e-2)  # untouched modules stay
     assert json.loads((out / "selection.json").read_text())["merged"] == "merged"
+
+
+def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, tiny_model_dir):
+    """lora_layers=1 on a 2-layer model: the merged folder changes layer 1 only, and the HF engine samples with the
+    adapter folder itself."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kaggle_utils import sampling
+
+    base = tiny_model_dir("llama")
+    run = train_tiny_run(tmp_path / "runs", base, lora_layers=1)
+    cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"))
+    run_cfg = checkpoints.prepare_selection(cfg)
+    ckpt = checkpoints.find_checkpoints(run)[2]
+    merged = checkpoints.export_merged(cfg, run_cfg, ckpt, tmp_path / "merged")
+    weights = load_file(str(next(merged.glob("*.safetensors"))))
+    original = load_file(str(base / "model.safetensors"))
+    name = "layers.{}.self_attn.q_proj.weight"
+    for layer, moved in ((0, False), (1, True)):
+        key = next(k for k in weights if k.endswith(name.format(layer)))
+        same = torch.allclose(weights[key].float(), original[key].float(), atol=1e-3)
+        assert same != moved, f"layer {layer}: merged {'equal to' if same else 'unlike'} the base"
+    engine = sampling.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
+    raw = engine.generate(["The cat sat on the mat.", "It rained all day."],
+                          ["Upon the mat, a feline rested.", "Rain fell from dawn to dusk."],
+                          sampling.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
+    assert len(raw) == 2 and all(len(r) == 1 for r in raw)
