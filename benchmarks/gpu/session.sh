@@ -9,9 +9,12 @@
 #   hf       - GPU 0: the report rows again with the HF engine; everything into $OUT
 #   trainbench - benchmarks/training_speed.py: samples/s on 1 vs 2 GPUs, loss curves, QLoRA Llama-2-13B on 2 GPUs
 #   gen2merged - the merged folder alone on both GPUs in fp16, n=1 and n=4 (what gen2's time limit cut); first waits
-#              for r64run (below) and returns its results
-#   gen1r64  - gen1 on GPU 0 while GPU 1 runs r64run in the background (setsid)
-#   r64run   - the GPU recipe with LoRA r=64 (alpha 128): train, select, blend and report rows with the HF engine
+#              for the background recipe gpu64 (below) and returns its results
+#   gen1r64  - gen1 on GPU 0 while GPU 1 runs the GPU recipe with LoRA r=64 (alpha 128) in the background
+#   recipe NAME GPU ARGS... - in the background (setsid: it outlives the call) on card GPU: the GPU recipe with the
+#              papermill ARGS for train.ipynb (e.g. -p lora_r 64), run DEMO_RUN=NAME: train, select, blend and
+#              report rows with the HF engine; /tmp/NAME.done when it ends
+#   collect NAME WAIT_S - wait up to WAIT_S for recipe NAME, then its small results and log into $OUT
 #   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 16 steps, activation checkpointing on and off: per-process times
 #   ddprepeat - the same recipe again, then with micro batch 4
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
@@ -30,14 +33,21 @@ genbench() {
     | grep -vE "it/s\]|s/it\]" | cut -c1-400 | tail -60
   cp "/tmp/$name/results.json" "$OUT/$name.json"; cp "/tmp/$name/results.md" "$OUT/$name.md"
 }
-# r64_collect WAIT_S: wait up to WAIT_S for r64run to finish, then its small results and log into $OUT
-r64_collect() {
+# start_recipe NAME GPU ARGS...: the GPU recipe with train.ipynb ARGS as run NAME on card GPU, in the background
+start_recipe() {
+  local name=$1 gpu=$2; shift 2
+  rm -f "/tmp/$name.done"
+  CUDA_VISIBLE_DEVICES=$gpu setsid nohup bash benchmarks/gpu/session.sh recipe-run "$name" "$@" > "/tmp/$name.log" \
+    2>&1 < /dev/null &
+}
+# collect NAME WAIT_S: wait up to WAIT_S for recipe NAME to finish (sets $waited), then its small results into $OUT
+collect() {
   waited=0
-  while [ ! -f /tmp/r64.done ] && [ "$waited" -lt "$1" ]; do sleep 5; waited=$((waited + 5)); done
-  echo "r64 done: $([ -f /tmp/r64.done ] && echo yes || echo no) after waiting ${waited} s"
-  tail -c 20000 /tmp/r64.log > "$OUT/r64.log" 2>/dev/null
-  find runs/gpu64 -path '*/checkpoint-*' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' \
-    -o -name '*.png' -o -name '*.ipynb' \) -print 2>/dev/null | tar -czf "$OUT/r64.tgz" -T - 2>/dev/null
+  while [ ! -f "/tmp/$1.done" ] && [ "$waited" -lt "$2" ]; do sleep 5; waited=$((waited + 5)); done
+  echo "$1 done: $([ -f "/tmp/$1.done" ] && echo yes || echo no) after waiting ${waited} s"
+  tail -c 20000 "/tmp/$1.log" > "$OUT/$1.log" 2>/dev/null
+  find "runs/$1" -path '*/checkpoint-*' -prune -o -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.csv' \
+    -o -name '*.png' -o -name '*.ipynb' \) -print 2>/dev/null | tar -czf "$OUT/$1.tgz" -T - 2>/dev/null
 }
 case "$step" in
 piece)
@@ -85,20 +95,25 @@ gen1)
   genbench gen1 570 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
 gen1r64)
   source benchmarks/gpu/setup.sh
-  rm -f /tmp/r64.done
-  CUDA_VISIBLE_DEVICES=1 setsid nohup bash benchmarks/gpu/session.sh r64run > /tmp/r64.log 2>&1 < /dev/null &
+  start_recipe gpu64 1 -p lora_r 64 -p lora_alpha 128
   genbench gen1 560 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
-r64run)
+recipe)
   source benchmarks/gpu/setup.sh
-  make demo-train demo-select demo-blend demo-report DEMO_RUN=gpu64 DEMO_CONFIG=configs/smollm2-135m-gpu.yaml \
-    DEMO_TRAIN_ARGS="-p lora_r 64 -p lora_alpha 128" DEMO_INFER_ARGS="-r engine hf"
-  echo "r64 rc $?"; .venv/bin/python scripts/stage_times.py runs/gpu64; touch /tmp/r64.done ;;
+  start_recipe "$2" "$3" "${@:4}"; sleep 2; tail -3 "/tmp/$2.log" ;;
+recipe-run)  # (started by start_recipe)
+  source benchmarks/gpu/setup.sh
+  name=$2; shift 2
+  make demo-train demo-select demo-blend demo-report DEMO_RUN="$name" DEMO_CONFIG=configs/smollm2-135m-gpu.yaml \
+    DEMO_TRAIN_ARGS="$*" DEMO_INFER_ARGS="-r engine hf"
+  echo "$name rc $?"; .venv/bin/python scripts/stage_times.py "runs/$name"; touch "/tmp/$name.done" ;;
+collect)
+  collect "$2" "${3:-0}" ;;
 gen2)
   genbench gen2 480 --skip one_row fast fast_n4 ablations quant tests --hf_dtype float16 --vllm_dtype float16 \
     --baseline_every 10 ;;
 gen2merged)  # what gen2's limit cut: the merged folder at n=1 and n=4 on both GPUs (fp16), alone
-  r64_collect 200
-  if [ ! -f /tmp/r64.done ]; then echo "r64run still holds GPU 1: call gen2merged again"; exit 1; fi
+  collect gpu64 200
+  if [ ! -f /tmp/gpu64.done ]; then echo "the gpu64 recipe still holds GPU 1: call gen2merged again"; exit 1; fi
   genbench gen2merged $((560 - waited)) --skip one_row baseline fast fast_n4 ablations quant tests vllm_lora \
     --hf_dtype float16 --vllm_dtype float16 ;;
 hf)
