@@ -24,6 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 step=$1
 GPU_DEMO="DEMO_RUN=gpu DEMO_CONFIG=configs/smollm2-135m-gpu.yaml"
+GEN1_ARGS=(--skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call)  # gen1 and gen1r64
 # genbench NAME LIMIT_S ARGS...: benchmarks/generation_speed.py with ARGS (gen1 sees GPU 0 only), results to $OUT
 genbench() {
   local name=$1 limit=$2; shift 2
@@ -92,11 +93,11 @@ ddprepeat)  # ddpdiag's recipe run again (the 1-GPU step time moves between runs
     cp /tmp/ddpr-$n/results.json "$OUT/ddpr-$n.json"; echo "$x" > "$OUT/ddpr-$n.txt"
   done ;;
 gen1)
-  genbench gen1 570 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
+  genbench gen1 570 "${GEN1_ARGS[@]}" ;;
 gen1r64)
   source benchmarks/gpu/setup.sh
   start_recipe gpu64 1 -p lora_r 64 -p lora_alpha 128
-  genbench gen1 560 --skip baseline fast_repeat ablations quant tests vllm_merged --vllm_one_call ;;
+  genbench gen1 560 "${GEN1_ARGS[@]}" ;;
 recipe)
   source benchmarks/gpu/setup.sh
   start_recipe "$2" "$3" "${@:4}"; sleep 2; tail -3 "/tmp/$2.log" ;;
