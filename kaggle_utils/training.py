@@ -79,6 +79,8 @@ class TrainConfig:
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
     num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process, as before
+    cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (1 per GPU process, as accelerate
+    # launch and torchrun set; the cores shared out on CPUs); one process keeps torch's default unless set
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
@@ -87,6 +89,7 @@ class TrainConfig:
         require(self.logging_steps >= 0, "logging_steps", f"must be >= 0 (0 = save_steps // 5), got {self.logging_steps}")
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
+        require(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0 (0 = auto), got {self.cpu_threads}")
         per_step = self.micro_batch_size * self.num_processes
         require(self.batch_size >= per_step and self.batch_size % per_step == 0, "batch_size",
                 f"must be a multiple of micro_batch_size x num_processes = {self.micro_batch_size} x "
@@ -491,10 +494,28 @@ def run(cfg: TrainConfig) -> dict:
     return train(cfg, trainer)
 
 
+def rank_threads(cfg: TrainConfig, gpus: int, cores: int) -> int:
+    """torch CPU threads for one of ``cfg.num_processes`` data-parallel processes: ``cpu_threads`` when set, else 1
+    per GPU process (what ``accelerate launch`` and torchrun set as OMP_NUM_THREADS; a GPU process's own CPU work is
+    launching kernels, and idle OpenMP workers of several processes spin against those launch threads), else the
+    machine's ``cores`` shared out between CPU (gloo) processes."""
+    if cfg.cpu_threads:
+        return cfg.cpu_threads
+    return 1 if gpus else max(1, cores // cfg.num_processes)
+
+
 def _run_rank(cfg: TrainConfig) -> None:
+    import torch
+
     from .config import setup_logging
 
     setup_logging()
+    # accelerate's notebook launcher forks without setting OMP_NUM_THREADS (its command-line launcher does), so
+    # each process would otherwise start torch's default pool, as many threads as the machine has cores.
+    threads = rank_threads(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    logger.info("process %s: %d CPU thread(s)", os.environ.get("RANK", "0"), threads)
     run(cfg)
 
 
@@ -509,6 +530,10 @@ def launch(cfg: TrainConfig) -> dict:
     :func:`final_state`, read back from the run folder.
     """
     if cfg.num_processes <= 1:
+        if cfg.cpu_threads:
+            import torch
+
+            torch.set_num_threads(cfg.cpu_threads)
         run(cfg)
         return final_state(cfg)
     import torch

@@ -14,9 +14,12 @@
 #   recipe NAME GPU ARGS... - in the background (setsid: it outlives the call) on card GPU: the GPU recipe with the
 #              papermill ARGS for train.ipynb (e.g. -p lora_r 64), run DEMO_RUN=NAME: train, select, blend and
 #              report rows with the HF engine; /tmp/NAME.done when it ends
-#   collect NAME WAIT_S - wait up to WAIT_S for recipe NAME, then its small results and log into $OUT
+#   collect NAME[,NAME...] WAIT_S - wait up to WAIT_S in all for each recipe NAME, then its small results and log into
+#              $OUT
 #   ddpdiag  - Mistral-7B's shape on 1 and 2 GPUs, 16 steps, activation checkpointing on and off: per-process times
 #   ddprepeat - the same recipe again, then with micro batch 4
+#   ddpthreads - the recipe three times (1 GPU, then 2): each process's CPU threads at the default (1 per GPU
+#              process), at torch's own default (the cores), and at 1 again
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
 #              LoRARequest and on the merged folder
@@ -92,6 +95,18 @@ ddprepeat)  # ddpdiag's recipe run again (the 1-GPU step time moves between runs
       --models mistral-7b --steps 16 --qlora "" --extra "$x" 2>&1 | tail -11
     cp /tmp/ddpr-$n/results.json "$OUT/ddpr-$n.json"; echo "$x" > "$OUT/ddpr-$n.txt"
   done ;;
+ddpthreads)  # each data-parallel process's CPU threads: 1 (training.rank_threads' default) against torch's own
+  source benchmarks/gpu/setup.sh
+  own=$(.venv/bin/python -c "import torch; print(torch.get_num_threads())")
+  echo "torch's default: $own threads; $(nproc) CPUs"
+  i=0
+  for x in '{"gradient_checkpointing": true}' "{\"gradient_checkpointing\": true, \"cpu_threads\": $own}" \
+           '{"gradient_checkpointing": true}'; do
+    i=$((i + 1))
+    timeout 190 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddpt-$i --work_dir /tmp/ddpt-work \
+      --models mistral-7b --steps 14 --qlora "" --extra "$x" 2>&1 | tail -5
+    cp /tmp/ddpt-$i/results.json "$OUT/ddpt-$i.json"; echo "$x" > "$OUT/ddpt-$i.txt"
+  done ;;
 gen1)
   genbench gen1 570 "${GEN1_ARGS[@]}" ;;
 gen1r64)
@@ -108,7 +123,8 @@ recipe-run)  # (started by start_recipe)
     DEMO_TRAIN_ARGS="$*" DEMO_INFER_ARGS="-r engine hf"
   echo "$name rc $?"; .venv/bin/python scripts/stage_times.py "runs/$name"; touch "/tmp/$name.done" ;;
 collect)
-  collect "$2" "${3:-0}" ;;
+  left=${3:-0}
+  for name in ${2//,/ }; do collect "$name" "$left"; left=$((left - waited)); done ;;
 gen2)
   genbench gen2 480 --skip one_row fast fast_n4 ablations quant tests --hf_dtype float16 --vllm_dtype float16 \
     --baseline_every 10 ;;
