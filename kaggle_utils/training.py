@@ -79,8 +79,9 @@ class TrainConfig:
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
     num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process, as before
-    cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (1 per GPU process, as accelerate
-    # launch and torchrun set; the cores shared out on CPUs); one process keeps torch's default unless set
+    cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (OMP_NUM_THREADS if set, else 1 per
+    # GPU process as accelerate launch and torchrun set, the cores shared out on CPUs); one process keeps torch's
+    # default unless set
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
@@ -494,14 +495,25 @@ def run(cfg: TrainConfig) -> dict:
     return train(cfg, trainer)
 
 
-def rank_threads(cfg: TrainConfig, gpus: int, cores: int) -> int:
-    """torch CPU threads for one of ``cfg.num_processes`` data-parallel processes: ``cpu_threads`` when set, else 1
-    per GPU process (what ``accelerate launch`` and torchrun set as OMP_NUM_THREADS; a GPU process's own CPU work is
-    launching kernels, and idle OpenMP workers of several processes spin against those launch threads), else the
-    machine's ``cores`` shared out between CPU (gloo) processes."""
+def rank_threads(cfg: TrainConfig, gpus: int, cores: int, env_threads: str = "") -> int:
+    """torch CPU threads for one of ``cfg.num_processes`` data-parallel processes: ``cpu_threads`` when set, else
+    the environment's OMP_NUM_THREADS when the user set one, else 1 per GPU process (what ``accelerate launch`` and
+    torchrun set; a GPU process's own CPU work is launching kernels, and idle OpenMP pools of several processes can
+    contend with those launch threads: not measurable on a 32-CPU H200 host, BENCHMARKS.md), else the ``cores``
+    this process may use shared out between CPU (gloo) processes."""
     if cfg.cpu_threads:
         return cfg.cpu_threads
+    if env_threads.strip().isdigit() and int(env_threads) > 0:
+        return int(env_threads)
     return 1 if gpus else max(1, cores // cfg.num_processes)
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (a container's or a job's share), not every CPU of the host."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _run_rank(cfg: TrainConfig) -> None:
@@ -511,8 +523,8 @@ def _run_rank(cfg: TrainConfig) -> None:
 
     setup_logging()
     # accelerate's notebook launcher forks without setting OMP_NUM_THREADS (its command-line launcher does), so
-    # each process would otherwise start torch's default pool, as many threads as the machine has cores.
-    threads = rank_threads(cfg, torch.cuda.device_count(), os.cpu_count() or 1)
+    # each process would otherwise start torch's default pool, as many threads as the host has cores.
+    threads = rank_threads(cfg, torch.cuda.device_count(), usable_cores(), os.environ.get("OMP_NUM_THREADS", ""))
     torch.set_num_threads(threads)
     os.environ["OMP_NUM_THREADS"] = str(threads)
     logger.info("process %s: %d CPU thread(s)", os.environ.get("RANK", "0"), threads)
@@ -533,7 +545,8 @@ def launch(cfg: TrainConfig) -> dict:
         if cfg.cpu_threads:
             import torch
 
-            torch.set_num_threads(cfg.cpu_threads)
+            torch.set_num_threads(cfg.cpu_threads)  # stays set in this kernel after training
+            logger.info("%d CPU thread(s)", cfg.cpu_threads)
         run(cfg)
         return final_state(cfg)
     import torch

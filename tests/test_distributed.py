@@ -91,11 +91,18 @@ def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, 
     assert launched == [2]
 
 
-@pytest.mark.parametrize("threads,gpus,cores,expected", [(0, 2, 32, 1), (0, 0, 32, 16), (0, 0, 3, 1), (4, 2, 32, 4)])
-def test_each_process_gets_its_cpu_threads(tmp_path, tiny_model_dir, threads, gpus, cores, expected):
-    """1 per GPU process (as accelerate launch and torchrun set), the cores shared on CPUs, or what cpu_threads says."""
+@pytest.mark.parametrize("threads,gpus,cores,env,expected", [(0, 2, 32, "", 1), (0, 0, 32, "", 16), (0, 0, 3, "", 1),
+                                                            (4, 2, 32, "", 4), (0, 2, 32, "6", 6), (3, 2, 32, "6", 3),
+                                                            (0, 0, 32, "x", 16)])
+def test_each_process_gets_its_cpu_threads(tmp_path, tiny_model_dir, threads, gpus, cores, env, expected):
+    """cpu_threads when set, else the user's OMP_NUM_THREADS, else 1 per GPU process (as accelerate launch and torchrun
+    set), else the usable cores shared out on CPUs."""
     cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2, cpu_threads=threads)
-    assert training.rank_threads(cfg, gpus, cores) == expected
+    assert training.rank_threads(cfg, gpus, cores, env) == expected
+
+
+def test_usable_cores_are_this_process_s_share():
+    assert 1 <= training.usable_cores() <= (os.cpu_count() or 1)
 
 
 def test_make_passes_gpus_to_the_notebook():
@@ -159,7 +166,8 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     assert "Launching training on 2 " in text  # accelerate's launcher (it names the device type CUDA even on CPUs)
     # each of the two processes built its trainer: 1 row x 2 processes x 2 accumulation = the recipe's 4
     assert text.count("effective batch 4 = 2 rows x 2 accumulation") == 2
-    assert text.count("CPU thread(s)") == 2  # each process set its own pool (no GPU: the cores shared out)
+    for rank in (0, 1):  # each process set its own pool, to the OMP_NUM_THREADS=1 this test launches with
+        assert f"process {rank}: 1 CPU thread(s)" in text
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert result["global_step"] == 6 and result["num_processes"] == 2 and result["eval_loss"] > 0
     run = tmp_path / "ddp"

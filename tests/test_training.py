@@ -128,6 +128,7 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     ("max_prompt_tokens", 10, "max_prompt_tokens: must be 0"),
     ("report_rows", -1, "report_rows: must be >= 0"),
     ("lora_layers", -1, "lora_layers: must be >= 0"),
+    ("cpu_threads", -1, "cpu_threads: must be >= 0"),
 ])
 def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
     with pytest.raises(config.ConfigError, match=match):

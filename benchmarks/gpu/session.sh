@@ -97,11 +97,11 @@ ddprepeat)  # ddpdiag's recipe run again (the 1-GPU step time moves between runs
   done ;;
 ddpthreads)  # each data-parallel process's CPU threads: 1 (training.rank_threads' default) against torch's own
   source benchmarks/gpu/setup.sh
-  own=$(.venv/bin/python -c "import torch; print(torch.get_num_threads())")
+  own=$(.venv/bin/python -c "import torch; print(torch.get_num_threads())") || exit 1
   echo "torch's default: $own threads; $(nproc) CPUs"
   i=0  # 10 steps: the random 7B model's set-up takes about a minute a phase, and both runs must fit one call
   for x in '{"gradient_checkpointing": true}' "{\"gradient_checkpointing\": true, \"cpu_threads\": $own}"; do
-    i=$((i + 1))
+    i=$((i + 1)); rm -rf "/tmp/ddpt-$i"  # /tmp outlives calls: never return an earlier call's results
     timeout 235 .venv/bin/python benchmarks/training_speed.py --out /tmp/ddpt-$i --work_dir /tmp/ddpt-work \
       --models mistral-7b --steps 10 --qlora "" --extra "$x" > "/tmp/ddpt-$i.log" 2>&1
     echo "$x rc $?"; grep "|" "/tmp/ddpt-$i.log" | tail -6
@@ -124,7 +124,8 @@ recipe-run)  # (started by start_recipe)
   echo "$name rc $?"; .venv/bin/python scripts/stage_times.py "runs/$name"; touch "/tmp/$name.done" ;;
 collect)
   left=${3:-0}
-  for name in ${2//,/ }; do collect "$name" "$left"; left=$((left - waited)); done ;;
+  IFS=, read -ra names <<< "$2"
+  for name in "${names[@]}"; do collect "$name" "$left"; left=$((left - waited)); done ;;
 gen2)
   genbench gen2 480 --skip one_row fast fast_n4 ablations quant tests --hf_dtype float16 --vllm_dtype float16 \
     --baseline_every 10 ;;
