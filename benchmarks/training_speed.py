@@ -273,9 +273,10 @@ def gpu_sampler(path: Path, every_ms: int):
 
     if not every_ms or not shutil.which("nvidia-smi"):
         return None
-    return subprocess.Popen(["nvidia-smi", "--query-gpu=index,clocks.sm,power.draw,utilization.gpu",
-                             "--format=csv,noheader,nounits", f"-lms={every_ms}"],
-                            stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+    with open(path, "w") as fh:  # the child keeps its own handle
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=index,clocks.sm,power.draw,utilization.gpu",
+                                 "--format=csv,noheader,nounits", f"-lms={every_ms}"],
+                                stdout=fh, stderr=subprocess.DEVNULL)
 
 
 def gpu_load_summary(path: Path) -> dict:

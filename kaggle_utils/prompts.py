@@ -172,7 +172,8 @@ def drop_repetition(text: str, longest: int = 6) -> str:
     """``text`` cut where it starts looping: the first run of 2 to ``longest`` words that comes again right after
     itself, or a word three times in a row ("Rewrite it as a line from a line from ..." -> "Rewrite it as a line
     from"). A small model's greedy output can loop until it runs out of tokens, and the loop drags the embedding away
-    from the instruction it began with. A phrase that returns later, not back to back ("in the style of X and in the style of Y"), is kept.
+    from the instruction it began with. A phrase that returns later, not back to back ("in the style of X and in the
+    style of Y"), is kept.
     """
     words = text.split()
     key = [w.lower().strip(".,;:!?") for w in words]

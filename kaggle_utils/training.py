@@ -222,7 +222,8 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     if cfg.load_in_4bit:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.target_modules, layers_to_transform=lora_layer_indices(cfg, model.config.num_hidden_layers),
+                      target_modules=cfg.target_modules,
+                      layers_to_transform=lora_layer_indices(cfg, model.config.num_hidden_layers),
                       task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(model, lora)
     trainable, total = model.get_nb_trainable_parameters()
