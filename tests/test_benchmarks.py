@@ -5,6 +5,7 @@ Run: `pytest tests/test_benchmarks.py`. The GPU numbers themselves are in BENCHM
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,22 @@ def test_generation_speed_tiny_times_every_cpu_method(tmp_path):
     rows = results["steps"]["summary"]["rows"]
     assert {"one_row", "hf_batches"} <= set(rows)
     assert all(r["rows_per_s"] > 0 and r["rows"] > 0 for r in rows.values())
+
+
+def test_host_dispatch_counts_the_ops_and_times_pinned_processes_together(tmp_path):
+    """The host-dispatch probe at a few steps: Mistral-7B's 32-layer LoRA step counted, one process pinned alone,
+    then two processes on two CPUs (the same CPU twice where the box has one), each timed."""
+    cpus = sorted(os.sched_getaffinity(0))
+    pair = f"{cpus[0]},{cpus[-1]}"
+    results = _run(["benchmarks/host_dispatch.py", "--steps", "1", "--tokens", "40", "--lead_s", "6",
+                    "--cases", str(cpus[0]), pair], tmp_path / "out")
+    assert results["ops"]["aten_calls"] > 10_000  # 32 layers x seven LoRA projections, checkpointed
+    alone, two = results["cases"]
+    assert [p["cpu"] for p in alone["processes"]] == [cpus[0]]
+    assert [p["cpu"] for p in two["processes"]] == [cpus[0], cpus[-1]]
+    assert all(p["s_per_micro_step"] > 0 for c in results["cases"] for p in c["processes"])
+    assert alone["x_alone"] == pytest.approx(1.0) and two["x_alone"] > 0
+    assert f"| {pair} |" in (tmp_path / "out" / "results.md").read_text()
 
 
 @pytest.mark.slow
