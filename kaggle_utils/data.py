@@ -97,7 +97,7 @@ def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
     """The rows whose ``source`` is one of ``sources`` (e.g. only the Gemma rewrites); a name that matches no row is
     an error naming the files and the sources they hold."""
     have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    wanted = [s.strip() for s in sources if s.strip()]
+    wanted = [str(s).strip() for s in sources if str(s).strip()]
     missing = [s for s in wanted if not (have == s).any()]
     if missing:
         found = sorted(set(have) - {""}) or ["(no source column)"]
@@ -162,8 +162,8 @@ def filter_by_length(df: pd.DataFrame, lengths, max_length: int, margin: int = 8
 
 def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sources=()) -> pd.DataFrame:
     """Read, validate and concatenate training CSVs; drop incomplete rows; with ``sources`` (names, or one
-    comma-separated string), keep only rows whose ``source`` column is one of them; optionally keep at most
-    ``max_per_prompt`` rows per distinct prompt."""
+    comma-separated string; empty or None = every row), keep only rows whose ``source`` column is one of them;
+    optionally keep at most ``max_per_prompt`` rows per distinct prompt."""
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if not files:
@@ -172,7 +172,7 @@ def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sourc
     df = pd.concat(frames, ignore_index=True)
     if isinstance(sources, str):
         sources = sources.split(",")
-    if any(s.strip() for s in sources):
+    if any(str(s).strip() for s in sources or ()):  # None, [] or [""]: every row
         df = keep_sources(df, sources, files)
     if dedup:
         df = dedup_prompts(df, max_per_prompt)

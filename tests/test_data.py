@@ -106,8 +106,9 @@ def test_train_sources_keep_only_the_named_rewriters():
                                     sources=["pedromb-gemma7b-eval", " getorca-gemma-filtered"])
     assert set(gemma["source"]) == {"pedromb-gemma7b-eval", "getorca-gemma-filtered"}
     assert len(gemma) == int(every["source"].isin(set(gemma["source"])).sum()) < len(every)
-    assert len(data.load_training_rows([GEMMA_CSV], dedup=False, sources=[""])) == len(
-        data.load_training_rows([GEMMA_CSV], dedup=False))  # "" = every row
+    for none in ([""], None, ""):  # no names = every row
+        assert len(data.load_training_rows([GEMMA_CSV], dedup=False, sources=none)) == len(
+            data.load_training_rows([GEMMA_CSV], dedup=False))
 
 
 def test_a_train_source_that_matches_nothing_names_the_files_and_their_sources(rewrites_csv):
