@@ -11,7 +11,7 @@ activation checkpointing, 2 rows of 300 tokens: ``configs/mistral-7b.yaml``) mad
 Its arithmetic is then negligible, so a micro step takes what the host spends issuing the ops: the same op graph a
 GPU step issues, each op a kernel launch there. Two numbers come out:
 - the op count of one micro step (torch.profiler) and the seconds it takes this host to dispatch them, to set
-  beside a GPU micro step's seconds (BENCHMARKS.md: 0.59-0.70 s on an H200);
+  beside a GPU micro step's seconds (BENCHMARKS.md: 0.585-0.78 s on an H200);
 - each case of ``--cases`` (CPUs, comma-separated) runs one process per CPU, pinned, all timing the same seconds:
   a case of two CPUs shows what a second busy process costs the first, as in 2-GPU data-parallel training where
   both processes dispatch at once. Times are compared with the one-CPU cases of the same run only.
@@ -49,12 +49,12 @@ class Config:
 
 
 def build_step(cfg: Config):
-    """The narrow Mistral-7B-layout model with the recipe's LoRA, and a function running one micro step."""
+    """The narrow Mistral-7B-layout model's config, a function running one micro step of it (the recipe's LoRA),
+    and the model."""
     import torch
+    import yaml
     from peft import LoraConfig, get_peft_model
     from transformers import MistralForCausalLM
-
-    import yaml
 
     from kaggle_utils import models
 
@@ -131,6 +131,23 @@ def timed_worker(cfg: Config) -> None:
                       "late_s": round(max(0.0, late), 2)}))
 
 
+def parse_cases(cases, usable) -> list[list[int]]:
+    """Each case's CPUs as numbers; a case that is not a comma-separated list of CPUs this process may use is an
+    error naming it."""
+    parsed = []
+    for spec in cases:
+        try:
+            cpus = [int(c) for c in str(spec).split(",") if c.strip()]
+        except ValueError:
+            raise SystemExit(f"--cases {spec!r}: give CPU numbers separated by commas, e.g. 0,8") from None
+        outside = [c for c in cpus if c not in usable]
+        if not cpus or outside:
+            raise SystemExit(f"--cases {spec!r}: CPU(s) {outside or '(none)'} not among the {len(usable)} this process "
+                             f"may use ({sorted(usable)})")
+        parsed.append(cpus)
+    return parsed
+
+
 def run_case(cfg: Config, cpus: list[int]) -> list[dict]:
     """Every process of one case at once; their results (a process that was late to the start is flagged)."""
     start = time.time() + cfg.lead_s
@@ -150,6 +167,7 @@ def main() -> None:
     if cfg.worker:
         timed_worker(cfg)
         return
+    cases_cpus = parse_cases(cfg.cases, os.sched_getaffinity(0))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
@@ -164,8 +182,7 @@ def main() -> None:
         print(f"torch.compile: first 3 steps {compiled['compiled']['first_3_steps_s']} s (eager "
               f"{compiled['eager']['first_3_steps_s']} s), then {compiled['x_eager']:.2f}x eager's speed")
     cases = []
-    for spec in cfg.cases:
-        cpus = [int(c) for c in str(spec).split(",") if c.strip()]
+    for spec, cpus in zip(cfg.cases, cases_cpus):
         procs = run_case(cfg, cpus)
         times = [p["s_per_micro_step"] for p in procs if "s_per_micro_step" in p]
         cases.append({"cpus": cpus, "processes": procs, "mean_s": statistics.mean(times) if times else None})

@@ -60,6 +60,14 @@ def test_host_dispatch_counts_the_ops_and_times_pinned_processes_together(tmp_pa
     assert f"| {pair} |" in (tmp_path / "out" / "results.md").read_text()
 
 
+@pytest.mark.parametrize("case", ["99999", "0,x"])
+def test_host_dispatch_refuses_a_case_it_cannot_pin_before_building_anything(tmp_path, case):
+    proc = subprocess.run([sys.executable, "benchmarks/host_dispatch.py", "--out", str(tmp_path), "--cases", case],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"--cases '{case}'" in proc.stderr
+    assert not (tmp_path / "results.json").exists()
+
+
 @pytest.mark.slow
 def test_training_speed_tiny_compares_one_and_two_processes_over_the_same_rows(tmp_path):
     """The training benchmark's phases on CPU: one process and two (gloo) through training.launch, timed from the
