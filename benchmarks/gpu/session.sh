@@ -20,8 +20,8 @@
 #   ddprepeat - the same recipe again, then with micro batch 4
 #   ddpthreads - the recipe twice (1 GPU, then 2): each process's CPU threads at the default (1 per GPU process),
 #              then at torch's own default (the cores)
-#   hostprobe - benchmarks/host_dispatch.py with the machine's own Python (no payload needed): Mistral-7B's LoRA
-#              micro step issued on the CPU, its op count, one process alone and two or four at once
+#   hostprobe [ARGS...] - benchmarks/host_dispatch.py ARGS with the machine's own Python (no payload needed):
+#              Mistral-7B's LoRA micro step issued on the CPU, its op count, one process alone and two or four at once
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
 #   gen2     - the same script on both GPUs the Kaggle 2xT4 way, fp16: HF layers split; vLLM tensor-parallel with a
 #              LoRARequest and on the merged folder
@@ -111,7 +111,7 @@ ddpthreads)  # each data-parallel process's CPU threads: 1 (training.rank_thread
   done ;;
 hostprobe)
   rm -rf /tmp/hostprobe  # /tmp outlives calls: never return an earlier call's results
-  timeout 560 python3 benchmarks/host_dispatch.py --out /tmp/hostprobe 2>&1 | grep -E "^(CPUs|[0-9]+ layers|\\|)"
+  timeout 560 python3 benchmarks/host_dispatch.py --out /tmp/hostprobe "${@:2}" 2>&1 | grep -E "^(CPUs|[0-9]+ layers|\\|)"
   cp /tmp/hostprobe/results.json /tmp/hostprobe/results.md "$OUT/" ;;
 gen1)
   genbench gen1 570 "${GEN1_ARGS[@]}" ;;
