@@ -166,6 +166,14 @@ def parse_cases(cases, usable) -> list[list[int]]:
     return parsed
 
 
+def _wait_ready(proc) -> bool:
+    """Read a worker's output up to its ``ready`` line (a library may print before it); False if it ended first."""
+    for line in proc.stdout:
+        if line.strip() == "ready":
+            return True
+    return False
+
+
 def run_case(cfg: Config, cpus: list[int], logs: Path) -> dict:
     """Every process of one case, started together once all are built and warm; each one's result (or its error
     with the end of its log), the mean, and how much of the longest window all of them ran at once."""
@@ -175,7 +183,7 @@ def run_case(cfg: Config, cpus: list[int], logs: Path) -> dict:
         files.append(open(logs / f"worker-{'-'.join(map(str, cpus))}-cpu{cpu}.log", "w"))
         procs.append(subprocess.Popen([sys.executable, __file__, *args, "--worker", str(cpu)], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, stderr=files[-1], text=True))
-    ready = [proc.stdout.readline().strip() == "ready" for proc in procs]  # blocks until each is warm (or dead)
+    ready = [_wait_ready(proc) for proc in procs]  # blocks until each is warm (or dead)
     start = time.time() + 0.5
     for proc, ok in zip(procs, ready):  # every process gets the start before any is waited for
         if ok:
