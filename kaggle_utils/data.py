@@ -94,10 +94,15 @@ def normalize_prompt(prompt: str) -> str:
 
 
 def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
-    """The rows whose ``source`` is one of ``sources`` (e.g. only the Gemma rewrites); a name that matches no row is
-    an error naming the files and the sources they hold."""
+    """The rows whose ``source`` is one of ``sources`` (names, or one comma-separated string; e.g. only the Gemma
+    rewrites); no name (None, "", [""]) keeps every row. A name that matches no row is an error naming the files and
+    the sources they hold."""
+    if isinstance(sources, str):
+        sources = sources.split(",")
+    wanted = [str(s).strip() for s in sources or () if str(s).strip()]
+    if not wanted:
+        return df
     have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    wanted = [str(s).strip() for s in sources if str(s).strip()]
     missing = [s for s in wanted if not (have == s).any()]
     if missing:
         found = sorted(set(have) - {""}) or ["(no source column)"]
@@ -169,11 +174,7 @@ def load_training_rows(files, dedup: bool = True, max_per_prompt: int = 1, sourc
     if not files:
         raise DataError("no training files given")
     frames = [drop_incomplete(read_rewrites(f, require_prompt=True)) for f in files]
-    df = pd.concat(frames, ignore_index=True)
-    if isinstance(sources, str):
-        sources = sources.split(",")
-    if any(str(s).strip() for s in sources or ()):  # None, [] or [""]: every row
-        df = keep_sources(df, sources, files)
+    df = keep_sources(pd.concat(frames, ignore_index=True), sources, files)
     if dedup:
         df = dedup_prompts(df, max_per_prompt)
     return df
