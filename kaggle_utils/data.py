@@ -112,6 +112,53 @@ def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
     return kept
 
 
+def parse_source_weights(weights) -> dict[str, float]:
+    """``source_weights`` as {source: factor}: a mapping, or one string like ``"pedromb-gemma7b-eval=3,x=0.5"``.
+    A factor is a number >= 0; anything else is an error naming the entry."""
+    if isinstance(weights, str):
+        pairs = [part.split("=", 1) if "=" in part else (part, None) for part in weights.split(",") if part.strip()]
+    else:
+        pairs = list(dict(weights or {}).items())
+    parsed = {}
+    for name, factor in pairs:
+        name = str(name).strip()
+        try:
+            value = float(str(factor).strip())
+        except ValueError:
+            value = float("nan")
+        if not name or not (value >= 0):
+            raise DataError(f"source_weights: '{name}={factor}' must be <source>=<factor> with a factor >= 0 "
+                            "(e.g. pedromb-gemma7b-eval=3)")
+        parsed[name] = value
+    return parsed
+
+
+def weight_sources(df: pd.DataFrame, weights, seed: int = 0, files=()) -> pd.DataFrame:
+    """Up- or down-weight whole sources by repeating their rows: factor 3 gives each row of that source three times
+    per epoch, 0.5 a seeded half of them, 0 none; a source not named keeps factor 1. A named source that no row has is
+    an error naming the files and the sources they hold."""
+    weights = parse_source_weights(weights)
+    if not weights:
+        return df
+    have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
+    missing = [s for s in weights if not (have == s).any()]
+    if missing:
+        found = sorted(set(have) - {""}) or ["(no source column)"]
+        raise DataError(f"source_weights {missing} match no row of {[str(f) for f in files]}; their sources: {found}")
+    rng = np.random.default_rng(seed)
+    parts, counts = [], []
+    for name, rows in df.groupby(have.to_numpy(), sort=False):
+        factor = weights.get(name, 1.0)
+        whole, frac = int(factor), factor - int(factor)
+        picked = [rows] * whole + [rows.iloc[np.sort(rng.permutation(len(rows))[:round(frac * len(rows))])]]
+        parts += picked
+        if name in weights:
+            counts.append(f"{name} x{factor:g}: {len(rows)} -> {sum(len(p) for p in picked)}")
+    out = pd.concat(parts).reset_index(drop=True)
+    logger.info("source_weights: %s (%d rows in all)", "; ".join(counts), len(out))
+    return out
+
+
 def dedup_prompts(df: pd.DataFrame, max_per_prompt: int = 1) -> pd.DataFrame:
     """Keep at most ``max_per_prompt`` rows per (normalized) prompt, the first ones; log how many were removed."""
     key = df[PROMPT_COLUMN].map(normalize_prompt)

@@ -130,3 +130,49 @@ def test_train_sources_from_a_yaml_list_and_checked_before_any_model_loads(tmp_p
     with pytest.raises(data.DataError, match=r"train_sources \['gemma'\] match no row .*pedromb-gemma7b-eval"):
         training.prepare_run(bad)
     assert not (tmp_path / "bad" / "config.json").exists()
+
+
+def test_source_weights_repeat_and_subsample_whole_sources(caplog):
+    extra = GEMMA_CSV.parent / "extra_rewrites.csv"
+    rows = data.load_training_rows([GEMMA_CSV, extra], dedup=False)
+    counts = rows["source"].value_counts()
+    out = data.weight_sources(rows, "pedromb-gemma7b-eval=3, getorca-gemini-dolly=0.5,alexsaavedraa-gpt35=0", seed=1)
+    got = out["source"].value_counts()
+    assert got["pedromb-gemma7b-eval"] == 3 * counts["pedromb-gemma7b-eval"]
+    assert got["getorca-gemini-dolly"] == round(0.5 * counts["getorca-gemini-dolly"])
+    assert "alexsaavedraa-gpt35" not in got
+    assert got["getorca-gemma-filtered"] == counts["getorca-gemma-filtered"]  # not named: once
+    # the half is a seeded choice of distinct rows, the same for the same seed
+    half = out.loc[out["source"] == "getorca-gemini-dolly", "id"]
+    assert half.is_unique and half.isin(rows["id"]).all()
+    again = data.weight_sources(rows, {"getorca-gemini-dolly": 0.5}, seed=1)
+    assert set(again.loc[again["source"] == "getorca-gemini-dolly", "id"]) == set(half)
+    assert "pedromb-gemma7b-eval x3" in caplog.text
+    assert data.weight_sources(rows, "") is rows
+
+
+@pytest.mark.parametrize("weights, message", [
+    ("pedromb-gemma7b-eval", r"'pedromb-gemma7b-eval=None' must be <source>=<factor>"),
+    ("pedromb-gemma7b-eval=-1", r"'pedromb-gemma7b-eval=-1' must be"),
+    ("pedromb-gemma7b-eval=lots", r"'pedromb-gemma7b-eval=lots' must be"),
+])
+def test_a_malformed_source_weight_is_refused_by_name(weights, message):
+    with pytest.raises(data.DataError, match=message):
+        data.parse_source_weights(weights)
+
+
+def test_source_weights_from_yaml_and_a_missing_source_checked_before_any_model_loads(tmp_path, tiny_model_dir):
+    from kaggle_utils import training
+
+    base = tiny_model_dir("mistral")
+    common = dict(runs_dir=str(tmp_path), preset="mistral-7b", base_model_path=str(base), train_files=[str(GEMMA_CSV)],
+                  load_in_4bit=False)
+    cfg = training.TrainConfig(run_name="w", source_weights={"pedromb-gemma7b-eval": 2}, **common)
+    assert cfg.source_weights == "pedromb-gemma7b-eval=2"
+    training.prepare_run(cfg)
+    with pytest.raises(data.DataError, match=r"must be <source>=<factor>"):
+        training.TrainConfig(run_name="x", source_weights="gemma=x2", **common)
+    bad = training.TrainConfig(run_name="bad", source_weights="gemma=2", **common)
+    with pytest.raises(data.DataError, match=r"source_weights \['gemma'\] match no row .*pedromb-gemma7b-eval"):
+        training.prepare_run(bad)
+    assert not (tmp_path / "bad" / "config.json").exists()
