@@ -102,21 +102,18 @@ def keep_sources(df: pd.DataFrame, sources, files=()) -> pd.DataFrame:
     wanted = [str(s).strip() for s in sources or () if str(s).strip()]
     if not wanted:
         return df
-    have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    missing = [s for s in wanted if not (have == s).any()]
-    if missing:
-        found = sorted(set(have) - {""}) or ["(no source column)"]
-        raise DataError(f"train_sources {missing} match no row of {[str(f) for f in files]}; their sources: {found}")
+    have = check_sources(df, wanted, "train_sources", files)
     kept = df.loc[have.isin(wanted).to_numpy()].reset_index(drop=True)
     logger.info("train_sources: kept %d of %d row(s) from %s", len(kept), len(df), ", ".join(wanted))
     return kept
 
 
 def parse_source_weights(weights) -> dict[str, float]:
-    """``source_weights`` as {source: factor}: a mapping, or one string like ``"pedromb-gemma7b-eval=3,x=0.5"``.
-    A factor is a number >= 0; anything else is an error naming the entry."""
+    """``source_weights`` as {source: factor}: a mapping, or one string like ``"pedromb-gemma7b-eval:3,x:0.5"``
+    (``=`` works as well as ``:``). A factor is a number >= 0; anything else is an error naming the entry."""
     if isinstance(weights, str):
-        pairs = [part.split("=", 1) if "=" in part else (part, None) for part in weights.split(",") if part.strip()]
+        pairs = [re.split(r"[:=]", part, maxsplit=1) + [None] for part in weights.split(",") if part.strip()]
+        pairs = [(name, factor) for name, factor, *_ in pairs]
     else:
         pairs = list(dict(weights or {}).items())
     parsed = {}
@@ -127,24 +124,31 @@ def parse_source_weights(weights) -> dict[str, float]:
         except ValueError:
             value = float("nan")
         if not name or not (value >= 0):
-            raise DataError(f"source_weights: '{name}={factor}' must be <source>=<factor> with a factor >= 0 "
-                            "(e.g. pedromb-gemma7b-eval=3)")
+            raise DataError(f"source_weights: '{name}:{factor}' must be <source>:<factor> with a factor >= 0 "
+                            "(e.g. pedromb-gemma7b-eval:3)")
         parsed[name] = value
     return parsed
 
 
+def check_sources(df: pd.DataFrame, names, what: str, files=()) -> pd.Series:
+    """Each row's ``source`` as text; a name in ``names`` that no row has is an error naming ``what`` (the parameter),
+    the files and the sources they hold."""
+    have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
+    missing = [s for s in names if not (have == s).any()]
+    if missing:
+        found = sorted(set(have) - {""}) or ["(no source column)"]
+        raise DataError(f"{what} {missing} match no row of {[str(f) for f in files]}; their sources: {found}")
+    return have
+
+
 def weight_sources(df: pd.DataFrame, weights, seed: int = 0, files=()) -> pd.DataFrame:
-    """Up- or down-weight whole sources by repeating their rows: factor 3 gives each row of that source three times
+    """Up- or down-weight whole sources by repeating their rows (``parse_source_weights``): factor 3 gives each row of that source three times
     per epoch, 0.5 a seeded half of them, 0 none; a source not named keeps factor 1. A named source that no row has is
     an error naming the files and the sources they hold."""
     weights = parse_source_weights(weights)
     if not weights:
         return df
-    have = df["source"].astype(str) if "source" in df else pd.Series("", index=df.index)
-    missing = [s for s in weights if not (have == s).any()]
-    if missing:
-        found = sorted(set(have) - {""}) or ["(no source column)"]
-        raise DataError(f"source_weights {missing} match no row of {[str(f) for f in files]}; their sources: {found}")
+    have = check_sources(df, weights, "source_weights", files)
     rng = np.random.default_rng(seed)
     parts, counts = [], []
     for name, rows in df.groupby(have.to_numpy(), sort=False):

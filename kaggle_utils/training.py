@@ -51,8 +51,8 @@ class TrainConfig:
     base_model_path: str = ""  # local folder with the base weights; "" = the preset's default (Kaggle input path)
     train_files: list = field(default_factory=lambda: list(DEFAULT_TRAIN_FILES))  # competition-format CSVs to train on
     train_sources: str = ""  # comma-separated `source` values to train on (e.g. only Gemma's rewrites); "" = all rows
-    source_weights: str = ""  # <source>=<factor>,...: repeat a source's training rows (3 = three times an epoch,
-    # 0.5 = a seeded half); "" = every source once
+    source_weights: str = ""  # comma-separated source:factor pairs: repeat a source's training rows (3 = three times
+    # an epoch, 0.5 = a seeded half, 0 = none); "" = every source once
     validation_file: str = DEFAULT_VALIDATION_FILE  # CSV whose held-out prompt groups give eval loss (and later selection)
     val_rows: int = 48  # choice rows of validation_file held out (whole prompt groups): eval loss, step, blend
     report_rows: int = 0  # report rows of validation_file held out (other groups): scored only, never chosen on
@@ -112,8 +112,8 @@ class TrainConfig:
             self.train_files = [f.strip() for f in self.train_files.split(",") if f.strip()]
         if not isinstance(self.train_sources, str):  # a YAML list is as good as a comma-separated string
             self.train_sources = ",".join(str(s).strip() for s in self.train_sources)
-        if not isinstance(self.source_weights, str):  # a YAML mapping is as good as "name=factor,..."
-            self.source_weights = ",".join(f"{k}={v}" for k, v in dict(self.source_weights or {}).items())
+        if not isinstance(self.source_weights, str):  # a YAML mapping is as good as "name:factor,..."
+            self.source_weights = ",".join(f"{k}:{v}" for k, v in dict(self.source_weights or {}).items())
         data.parse_source_weights(self.source_weights)  # a malformed entry stops here, naming it
         require(len(self.train_files) > 0, "train_files", "give at least one CSV")
         if self.max_seq_length == 0:
@@ -172,7 +172,7 @@ def prepare_run(cfg: TrainConfig) -> Path:
     if cfg.train_sources.strip() or cfg.source_weights.strip():  # a source no training file holds stops here,
         # before any model loads or forks
         rows = data.load_training_rows(cfg.train_files, dedup=False, sources=cfg.train_sources)
-        data.weight_sources(rows, cfg.source_weights, files=cfg.train_files)
+        data.check_sources(rows, data.parse_source_weights(cfg.source_weights), "source_weights", cfg.train_files)
     save_config(cfg, run_dir)
     return run_dir
 

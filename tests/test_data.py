@@ -136,7 +136,7 @@ def test_source_weights_repeat_and_subsample_whole_sources(caplog):
     extra = GEMMA_CSV.parent / "extra_rewrites.csv"
     rows = data.load_training_rows([GEMMA_CSV, extra], dedup=False)
     counts = rows["source"].value_counts()
-    out = data.weight_sources(rows, "pedromb-gemma7b-eval=3, getorca-gemini-dolly=0.5,alexsaavedraa-gpt35=0", seed=1)
+    out = data.weight_sources(rows, "pedromb-gemma7b-eval:3, getorca-gemini-dolly=0.5,alexsaavedraa-gpt35:0", seed=1)
     got = out["source"].value_counts()
     assert got["pedromb-gemma7b-eval"] == 3 * counts["pedromb-gemma7b-eval"]
     assert got["getorca-gemini-dolly"] == round(0.5 * counts["getorca-gemini-dolly"])
@@ -152,9 +152,10 @@ def test_source_weights_repeat_and_subsample_whole_sources(caplog):
 
 
 @pytest.mark.parametrize("weights, message", [
-    ("pedromb-gemma7b-eval", r"'pedromb-gemma7b-eval=None' must be <source>=<factor>"),
-    ("pedromb-gemma7b-eval=-1", r"'pedromb-gemma7b-eval=-1' must be"),
-    ("pedromb-gemma7b-eval=lots", r"'pedromb-gemma7b-eval=lots' must be"),
+    ("pedromb-gemma7b-eval", r"'pedromb-gemma7b-eval:None' must be <source>:<factor>"),
+    ("pedromb-gemma7b-eval:-1", r"'pedromb-gemma7b-eval:-1' must be"),
+    ("pedromb-gemma7b-eval=lots", r"'pedromb-gemma7b-eval:lots' must be"),
+    (":2", r"':2' must be"),
 ])
 def test_a_malformed_source_weight_is_refused_by_name(weights, message):
     with pytest.raises(data.DataError, match=message):
@@ -168,11 +169,11 @@ def test_source_weights_from_yaml_and_a_missing_source_checked_before_any_model_
     common = dict(runs_dir=str(tmp_path), preset="mistral-7b", base_model_path=str(base), train_files=[str(GEMMA_CSV)],
                   load_in_4bit=False)
     cfg = training.TrainConfig(run_name="w", source_weights={"pedromb-gemma7b-eval": 2}, **common)
-    assert cfg.source_weights == "pedromb-gemma7b-eval=2"
+    assert cfg.source_weights == "pedromb-gemma7b-eval:2"
     training.prepare_run(cfg)
-    with pytest.raises(data.DataError, match=r"must be <source>=<factor>"):
+    with pytest.raises(data.DataError, match=r"must be <source>:<factor>"):
         training.TrainConfig(run_name="x", source_weights="gemma=x2", **common)
-    bad = training.TrainConfig(run_name="bad", source_weights="gemma=2", **common)
+    bad = training.TrainConfig(run_name="bad", source_weights="gemma:2", **common)
     with pytest.raises(data.DataError, match=r"source_weights \['gemma'\] match no row .*pedromb-gemma7b-eval"):
         training.prepare_run(bad)
     assert not (tmp_path / "bad" / "config.json").exists()

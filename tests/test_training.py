@@ -205,7 +205,7 @@ def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_pat
     assert not {data.normalize_prompt(p) for p in trained} & (key(choice2) | key(report))
     # Weighting a source repeats its training rows after the held-out groups left: still none of their prompts.
     doubled = tiny_cfg(tmp_path / "d", base, val_rows=6, report_rows=10, max_train_rows=0, max_prompt_tokens=128,
-                       max_seq_length=200, source_weights="pedromb-gemma7b-eval=2")
+                       max_seq_length=200, source_weights="pedromb-gemma7b-eval:2")
     training.prepare_run(doubled)
     doubled_ds, _ = training.build_datasets(doubled, tok)
     assert len(doubled_ds) == 2 * len(train_ds)
