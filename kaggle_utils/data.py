@@ -142,9 +142,9 @@ def check_sources(df: pd.DataFrame, names, what: str, files=()) -> pd.Series:
 
 
 def weight_sources(df: pd.DataFrame, weights, seed: int = 0, files=()) -> pd.DataFrame:
-    """Up- or down-weight whole sources by repeating their rows (``parse_source_weights``): factor 3 gives each row of that source three times
-    per epoch, 0.5 a seeded half of them, 0 none; a source not named keeps factor 1. A named source that no row has is
-    an error naming the files and the sources they hold."""
+    """Up- or down-weight whole sources by repeating their rows (``parse_source_weights``): factor 3 gives each row of
+    that source three times per epoch, 0.5 a seeded half of them, 0 none; a source not named keeps factor 1. A named
+    source that no row has is an error naming the files and the sources they hold."""
     weights = parse_source_weights(weights)
     if not weights:
         return df
