@@ -122,13 +122,13 @@ mean-prompt: setup ## search the mean prompt against the scorer and choose the b
 clean-notebooks: setup ## strip outputs and execution counts from notebooks/ before committing
 	$(PY) scripts/nbtool.py clean notebooks/*.ipynb
 
-# ---- from plan to leaderboard: PLAN's variants -> build/kernels/<slug>/ -> Kaggle (scripts/kernels.py does the work)
+# ---- from plan to leaderboard: PLAN's variants -> build/kernels/<slug>/ -> Kaggle (scripts/submissions.py does the work)
 PLAN ?= configs/submissions.yaml
 LOCAL_INPUTS ?= configs/local-inputs.yaml
 VARIANT ?=
 VERSION ?=
 KAGGLE_PYTHON ?= 3.11
-KERNELS = $(PY) scripts/kernels.py --plan $(PLAN) $(if $(VARIANT),--variant $(VARIANT))
+KERNELS = $(PY) scripts/submissions.py --plan $(PLAN) $(if $(VARIANT),--variant $(VARIANT))
 
 render: setup ## render every variant of PLAN into build/kernels/<slug>/ (VARIANT=<slug> for one; no credentials)
 	$(KERNELS) render

@@ -528,7 +528,7 @@ def test_submit_and_status_name_the_kernel_and_version(fake_kaggle):
 
 
 def _isolated_root(tmp_path: Path, notebook: Path) -> Path:
-    """A copy of what scripts/kernels.py reads, as KAGGLE_UTILS_ROOT: its build/ lands here, not in the checkout."""
+    """A copy of what scripts/submissions.py reads, as KAGGLE_UTILS_ROOT: its build/ lands here, not in the checkout."""
     root = tmp_path / "root"
     (root / "configs").mkdir(parents=True)
     (root / "notebooks").mkdir()

@@ -1,13 +1,13 @@
 """From the submission plan to Kaggle: render kernels, dry-run one, build and push the datasets, push, submit.
 
 Usage (the Makefile's targets call these):
-    python scripts/kernels.py render [--variant SLUG]         # build/kernels/<slug>/ (no credentials needed)
-    python scripts/kernels.py render-local --variant SLUG     # execute one rendered kernel here (configs/local-inputs.yaml)
-    python scripts/kernels.py push-lib | push-adapters | push-wheels
-    python scripts/kernels.py wheels                          # pip download of requirements-gpu.txt (GBs)
-    python scripts/kernels.py push [--variant SLUG]           # render with your user, then kaggle kernels push
-    python scripts/kernels.py status [--variant SLUG]
-    python scripts/kernels.py submit --variant SLUG [--version N]
+    python scripts/submissions.py render [--variant SLUG]         # build/kernels/<slug>/ (no credentials needed)
+    python scripts/submissions.py render-local --variant SLUG # execute one rendered kernel here (configs/local-inputs.yaml)
+    python scripts/submissions.py push-lib | push-adapters | push-wheels
+    python scripts/submissions.py wheels                          # pip download of requirements-gpu.txt (GBs)
+    python scripts/submissions.py push [--variant SLUG]           # render with your user, then kaggle kernels push
+    python scripts/submissions.py status [--variant SLUG]
+    python scripts/submissions.py submit --variant SLUG [--version N]
 
 Every command that talks to Kaggle checks for credentials first and stops, having written nothing, without them.
 """
