@@ -112,8 +112,7 @@ def parse_source_weights(weights) -> dict[str, float]:
     """``source_weights`` as {source: factor}: a mapping, or one string like ``"pedromb-gemma7b-eval:3,x:0.5"``
     (``=`` works as well as ``:``). A factor is a number >= 0; anything else is an error naming the entry."""
     if isinstance(weights, str):
-        pairs = [re.split(r"[:=]", part, maxsplit=1) + [None] for part in weights.split(",") if part.strip()]
-        pairs = [(name, factor) for name, factor, *_ in pairs]
+        pairs = [(re.split(r"[:=]", part, maxsplit=1) + [None])[:2] for part in weights.split(",") if part.strip()]
     else:
         pairs = list(dict(weights or {}).items())
     parsed = {}
