@@ -221,16 +221,18 @@ def _group_key(df: pd.DataFrame) -> pd.Series:
 
 
 def _trained_prompts(cfg: SelectConfig, run_cfg: dict) -> set[str]:
-    """Normalized prompts the run may have trained on: its train files, less its own held-out groups."""
+    """Normalized prompts the run may have trained on: its train files, less its own held-out groups (the choice rows
+    of ``validation.csv`` and the report rows of ``report.csv``: neither reached training)."""
     trained: set[str] = set()
     for f in run_cfg.get("train_files", []):
         try:
             trained |= set(_group_key(data.read_rewrites(f)))
         except data.DataError as e:
             logger.warning("cannot read training file %s to guard against leaks: %s", f, e)
-    own = cfg.run_dir / training.VALIDATION_FILE
-    if own.exists():
-        trained -= set(_group_key(data.read_rewrites(own)))
+    for name in (training.VALIDATION_FILE, training.REPORT_FILE):
+        held = cfg.run_dir / name
+        if held.exists():
+            trained -= set(_group_key(data.read_rewrites(held)))
     return trained
 
 

@@ -161,6 +161,19 @@ def test_other_validation_file_drops_trained_prompts(tmp_path, rewrites_csv):
         checkpoints.load_validation(select_cfg(tmp_path, run_name="r1", validation_file=str(rewrites_csv)))
 
 
+def test_report_rows_can_be_scored_by_step(tmp_path, rewrites_csv):
+    # the report rows (report.csv) left training like the choice rows: scoring the checkpoints on them keeps them all
+    run = make_run(tmp_path, rewrites_csv, held_out_groups=(4,))
+    rows = pd.read_csv(rewrites_csv)
+    report = rows[rows["rewrite_prompt"].isin(["Rewrite this in style 2.", "Rewrite this in style 3."])]
+    report.to_csv(run / "report.csv", index=False)
+    scored = checkpoints.load_validation(select_cfg(tmp_path, validation_file=str(run / "report.csv")))
+    assert sorted(scored["id"]) == sorted(report["id"])
+    whole = checkpoints.load_validation(select_cfg(tmp_path, validation_file=str(rewrites_csv)))
+    assert sorted(whole["rewrite_prompt"].unique()) == ["Rewrite this in style 2.", "Rewrite this in style 3.",
+                                                        "Rewrite this in style 4."]
+
+
 def test_missing_run_validation_file(tmp_path, rewrites_csv):
     run = make_run(tmp_path, rewrites_csv)
     (run / "validation.csv").unlink()
