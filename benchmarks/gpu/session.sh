@@ -20,6 +20,9 @@
 #   ddprepeat - the same recipe again, then with micro batch 4
 #   ddpthreads - the recipe twice (1 GPU, then 2): each process's CPU threads at the default (1 per GPU process),
 #              then at torch's own default (the cores)
+#   mix [SEEDS JOBS] - install, prepare SmolLM2, then in the background (setsid) benchmarks/gpu/mix_sweep.sh: the CPU
+#              recipe's data mix over SEEDS training seeds at the CPU budget, JOBS runs at once over both GPUs
+#   mixcollect WAIT_S - wait up to WAIT_S for the sweep, then every finished run's summary into $OUT/mix.tgz
 #   hostprobe [ARGS...] - benchmarks/host_dispatch.py ARGS with the machine's own Python (no payload needed):
 #              Mistral-7B's LoRA micro step issued on the CPU, its op count, one process alone and two or four at once
 #   gen1     - benchmarks/generation_speed.py on GPU 0: HF engine n=1/n=4, one row at a time, vLLM with a LoRARequest
@@ -113,6 +116,20 @@ hostprobe)
   rm -rf /tmp/hostprobe  # /tmp outlives calls: never return an earlier call's results
   timeout 560 python3 benchmarks/host_dispatch.py --out /tmp/hostprobe "${@:2}" 2>&1 | grep -E "^(CPUs|[0-9]+ layers|\\|)"
   cp /tmp/hostprobe/results.json /tmp/hostprobe/results.md "$OUT/" ;;
+mix)
+  source benchmarks/gpu/setup.sh
+  make prepare > "$OUT/prepare.log" 2>&1 || { tail -20 "$OUT/prepare.log"; exit 1; }
+  rm -f /tmp/mix.done
+  setsid nohup bash -c "bash benchmarks/gpu/mix_sweep.sh /tmp/mix ${2:-8} ${3:-8}; touch /tmp/mix.done" \
+    > /tmp/mix.log 2>&1 < /dev/null &
+  sleep 5; tail -3 /tmp/mix.log ;;
+mixcollect)
+  waited=0
+  while [ ! -f /tmp/mix.done ] && [ "$waited" -lt "${2:-0}" ]; do sleep 10; waited=$((waited + 10)); done
+  echo "sweep done: $([ -f /tmp/mix.done ] && echo yes || echo no) after ${waited} s; $(ls /tmp/mix/*.txt 2>/dev/null | wc -l) runs finished"
+  tail -5 /tmp/mix.log; grep -l "failed" /tmp/mix.log && grep failed /tmp/mix.log | head
+  tar -czf "$OUT/mix.tgz" -C /tmp mix.log $(cd /tmp && ls mix/*.txt 2>/dev/null)
+  f=$(ls /tmp/mix/*-train.log 2>/dev/null | head -1); [ -n "$f" ] && tail -c 3000 "$f" > "$OUT/first-train.log" ;;
 gen1)
   genbench gen1 570 "${GEN1_ARGS[@]}" ;;
 gen1r64)

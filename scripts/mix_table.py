@@ -1,0 +1,85 @@
+"""The table of benchmarks/gpu/mix_sweep.sh: each arm's choice-row and report-row scores over its training seeds.
+
+Usage: python scripts/mix_table.py OUT_DIR [--baseline x3] [--png FILE]
+
+Every run's ``NAME.txt`` (``ARM-sSEED``) holds its per-step SCS on the choice rows, the step they selected, and the
+same checkpoints on the report rows. Per arm: the mean over seeds of the choice rows at the selected step (what the
+choice is made on) and of the report rows at that same step, and both paired by seed against the baseline arm with a
+90% interval of the mean paired difference (t over seeds). The scorer is whatever the runs used (MiniLM stand-in
+unless a scorer_path was given).
+"""
+import argparse
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+STEP = re.compile(r"step (\d+): mean SCS ([0-9.]+) \(cos [0-9.]+\) on (\d+) rows")
+
+
+def read_run(path: Path) -> dict:
+    """One run's summary: arm, seed, selected step and the two splits' SCS at it and at the last step."""
+    arm, seed = re.fullmatch(r"(.+)-s(\d+)", path.stem).groups()
+    text = path.read_text()
+    selected = int(re.search(r"selected step (\d+)", text).group(1))
+    splits: dict[int, dict[int, float]] = {}  # rows -> step -> scs; the choice rows are scored first
+    order = []
+    for step, scs, rows in STEP.findall(text):
+        if int(rows) not in splits:
+            order.append(int(rows))
+        splits.setdefault(int(rows), {})[int(step)] = float(scs)
+    choice, report = (splits[n] for n in order)
+    last = max(choice)
+    return {"arm": arm, "seed": int(seed), "step": selected, "choice": choice[selected], "report": report[selected],
+            "choice_last": choice[last], "report_last": report[last]}
+
+
+def paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
+    """Mean paired difference (arm - baseline over the seeds both have) with a 90% t interval."""
+    if arm == baseline:
+        return "(baseline)"
+    both = df.pivot(index="seed", columns="arm", values=column)[[arm, baseline]].dropna()
+    d = both[arm] - both[baseline]
+    if len(d) < 2:
+        return ""
+    half = stats.t.ppf(0.95, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] ({int((d > 0).sum())}/{len(d)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--baseline", default="x3", help="the arm the others are paired against")
+    parser.add_argument("--png", default="", help="also plot each arm's seeds (report rows against choice rows)")
+    args = parser.parse_args()
+    runs = pd.DataFrame([read_run(p) for p in sorted(Path(args.out_dir).glob("*.txt"))])
+    rows = []
+    for arm, g in runs.groupby("arm", sort=False):
+        rows.append({"arm": arm, "seeds": len(g), "choice rows (selected step)": round(g["choice"].mean(), 4),
+                     f"- {args.baseline}, paired": paired(runs, arm, args.baseline, "choice"),
+                     "report rows (same step)": round(g["report"].mean(), 4),
+                     f"- {args.baseline}, paired ": paired(runs, arm, args.baseline, "report"),
+                     "report sd over seeds": round(g["report"].std(ddof=1), 4),
+                     "steps selected": ",".join(str(s) for s in sorted(g["step"].unique()))})
+    table = pd.DataFrame(rows).sort_values("choice rows (selected step)", ascending=False)
+    print(table.to_string(index=False))
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        for arm, g in runs.groupby("arm", sort=False):
+            ax.scatter(g["choice"], g["report"], label=f"{arm} (mean {g['report'].mean():.3f})", alpha=0.75)
+        ax.set_xlabel("choice rows SCS at the selected step (chooses)")
+        ax.set_ylabel("report rows SCS, same step (chooses nothing)")
+        ax.set_title("CPU recipe's data mix, one point per training seed")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+        print(f"plot -> {args.png}")
+
+
+if __name__ == "__main__":
+    main()
