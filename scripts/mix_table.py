@@ -1,6 +1,6 @@
 """The table of benchmarks/gpu/mix_sweep.sh: each arm's choice-row and report-row scores over its training seeds.
 
-Usage: python scripts/mix_table.py OUT_DIR [--baseline x3] [--png FILE]
+Usage: python scripts/mix_table.py OUT_DIR|RUNS.csv [--baseline x3] [--png FILE] [--save RUNS.csv]
 
 Every run's ``NAME.txt`` (``ARM-sSEED``) holds its per-step SCS on the choice rows, the step they selected, and the
 same checkpoints on the report rows. Per arm: the mean over seeds of the choice rows at the selected step (what the
@@ -50,11 +50,20 @@ def paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir")
+    parser.add_argument("out_dir", help="the sweep's folder of NAME.txt, or a CSV --save wrote")
     parser.add_argument("--baseline", default="x3", help="the arm the others are paired against")
     parser.add_argument("--png", default="", help="also plot each arm's seeds (report rows against choice rows)")
+    parser.add_argument("--save", default="", help="also write one row per run to this CSV")
     args = parser.parse_args()
-    runs = pd.DataFrame([read_run(p) for p in sorted(Path(args.out_dir).glob("*.txt"))])
+    source = Path(args.out_dir)
+    if source.suffix == ".csv":
+        runs = pd.read_csv(source)
+    else:
+        runs = pd.DataFrame([read_run(p) for p in sorted(source.glob("*.txt"))])
+    if runs.empty:
+        raise SystemExit(f"{source}: no run summaries (NAME.txt) found")
+    if args.save:
+        runs.to_csv(args.save, index=False)
     rows = []
     for arm, g in runs.groupby("arm", sort=False):
         rows.append({"arm": arm, "seeds": len(g), "choice rows (selected step)": round(g["choice"].mean(), 4),
