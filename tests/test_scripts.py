@@ -132,3 +132,27 @@ def test_neighbour_probe_bins_report_rows_by_their_nearest_training_prompt(tmp_p
     (other / "report" / "predictions" / "smollm.jsonl").write_text(json.dumps(preds[0]) + "\n")
     with pytest.raises(SystemExit, match="report rows differ"):
         probe.probe([run, other], scorer, tmp_path)
+
+
+def test_concat_probe_joins_the_greedy_predictions_of_several_runs(tmp_path):
+    probe = _script("concat_probe")
+    truth = pd.DataFrame({"id": ["a", "b"], "rewrite_prompt": ["Make it formal.", "Rewrite this as a poem."]})
+    guesses = {"r1": ["Make it formal.", "Translate into French."], "r2": ["Translate into French.",
+                                                                        "Rewrite this as a poem."]}
+    runs = []
+    for name, preds in guesses.items():
+        run = tmp_path / name
+        (run / "inference" / "predictions").mkdir(parents=True)
+        truth.to_csv(run / "validation.csv", index=False)
+        (run / "inference" / "predictions" / "m.jsonl").write_text("".join(
+            json.dumps({"id": i, "predictions": [p, "unused sample"]}) + "\n" for i, p in zip(["a", "b"], preds)))
+        runs.append(run)
+    scorer = _BagOfWords()
+    scorer.texts = list(truth["rewrite_prompt"]) + ["Translate into French.", "unused sample"]
+    table = probe.probe(runs, scorer)
+    assert table["runs"].tolist() == ["r1+r2"] and table["rows"].tolist() == [2]
+    # each run is right on one row and shares no word with the truth on the other: 0.5 alone; joined, each row
+    # holds the right prompt beside a wrong one, which beats 0 on both rows and loses to 1 on both
+    assert table["alone (mean)"].iloc[0] == pytest.approx(0.5)
+    assert 0.0 < table["joined"].iloc[0] < 1.0
+    assert table["gain"].iloc[0] == pytest.approx(table["joined"].iloc[0] - 0.5)
