@@ -306,6 +306,10 @@ def build_datasets(cfg: TrainConfig, tokenizer):
         validation.drop(columns=["_file", "_row"]).to_csv(cfg.run_dir / VALIDATION_FILE, index=False)
         if len(report):
             report.drop(columns=["_file", "_row"]).to_csv(cfg.run_dir / REPORT_FILE, index=False)
+        elif (cfg.run_dir / REPORT_FILE).exists():  # an earlier run's: its groups are training rows now
+            (cfg.run_dir / REPORT_FILE).unlink()
+            logger.info("removed %s, an earlier run's report rows: with report_rows=0 they are trained on",
+                        cfg.run_dir / REPORT_FILE)
     logger.info("training on %d rows, eval loss on %d choice rows (%d prompt groups -> %s)%s", len(train),
                 len(evalset), validation["rewrite_prompt"].map(data.normalize_prompt).nunique(),
                 cfg.run_dir / VALIDATION_FILE,

@@ -210,6 +210,13 @@ def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_pat
     doubled_ds, _ = training.build_datasets(doubled, tok)
     assert len(doubled_ds) == 2 * len(train_ds)
     assert sorted(map(tuple, doubled_ds["input_ids"])) == sorted(map(tuple, list(train_ds["input_ids"]) * 2))
+    # The same folder again without report rows (checkpoints gone): the earlier report.csv, trained on now, goes.
+    again = tiny_cfg(tmp_path / "d", base, val_rows=6, report_rows=0, max_train_rows=0, max_prompt_tokens=128,
+                     max_seq_length=200)
+    training.prepare_run(again)
+    assert (again.run_dir / "report.csv").exists()
+    training.build_datasets(again, tok)
+    assert not (again.run_dir / "report.csv").exists() and (again.run_dir / "validation.csv").exists()
     # Without the cut, the longer rows (most of the gemma file) are dropped instead.
     dropped = tiny_cfg(tmp_path / "c", base, val_rows=6, report_rows=10, max_train_rows=0, max_seq_length=400)
     training.prepare_run(dropped)

@@ -21,7 +21,7 @@
 #   ddpthreads - the recipe twice (1 GPU, then 2): each process's CPU threads at the default (1 per GPU process),
 #              then at torch's own default (the cores)
 #   mix [SEEDS JOBS] - install, prepare SmolLM2, then in the background (setsid) benchmarks/gpu/mix_sweep.sh: the CPU
-#              recipe's data mix over SEEDS training seeds at the CPU budget, JOBS runs at once over both GPUs
+#              recipe's data mix over SEEDS training seeds at the CPU budget, JOBS runs at once over the visible GPUs
 #   mixcollect WAIT_S - wait up to WAIT_S for the sweep, then every finished run's summary into $OUT/mix.tgz
 #   hostprobe [ARGS...] - benchmarks/host_dispatch.py ARGS with the machine's own Python (no payload needed):
 #              Mistral-7B's LoRA micro step issued on the CPU, its op count, one process alone and two or four at once
@@ -127,9 +127,8 @@ mixcollect)
   waited=0
   while [ ! -f /tmp/mix.done ] && [ "$waited" -lt "${2:-0}" ]; do sleep 10; waited=$((waited + 10)); done
   echo "sweep done: $([ -f /tmp/mix.done ] && echo yes || echo no) after ${waited} s; $(ls /tmp/mix/*.txt 2>/dev/null | wc -l) runs finished"
-  tail -5 /tmp/mix.log; grep -l "failed" /tmp/mix.log && grep failed /tmp/mix.log | head
-  tar -czf "$OUT/mix.tgz" -C /tmp mix.log $(cd /tmp && ls mix/*.txt 2>/dev/null)
-  f=$(ls /tmp/mix/*-train.log 2>/dev/null | head -1); [ -n "$f" ] && tail -c 3000 "$f" > "$OUT/first-train.log" ;;
+  tail -5 /tmp/mix.log; grep failed /tmp/mix.log | head
+  tar -czf "$OUT/mix.tgz" -C /tmp mix.log $(cd /tmp && ls mix/*.txt 2>/dev/null) ;;
 gen1)
   genbench gen1 570 "${GEN1_ARGS[@]}" ;;
 gen1r64)
