@@ -41,6 +41,7 @@ logger = logging.getLogger("kaggle_utils")
 SELECTION_DIR = "selection"  # per-step cache, inside the run folder
 SELECTED_DIR = "selected"  # the export the next stage reads
 SELECTION_FILE = "selection.json"
+REPORT_BY_STEP = "report_by_step"  # <run>/report_by_step.json and .png: the report rows scored by step, chose nothing
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # What an empty extraction is scored as: the competition rejects blank prompts, and a generic instruction is what a
 # submission would fall back to, so the score stays honest about what would be submitted.
@@ -61,7 +62,8 @@ class SelectConfig:
     run_name: str = "smollm"  # the training run: <runs_dir>/<run_name>/ with its checkpoint-N folders
     runs_dir: str = "runs"  # parent of all run folders (gitignored)
     base_model_path: str = ""  # base weights; "" = the path the run was trained with (its config.json)
-    validation_file: str = ""  # CSV to score on; "" = the run's own validation.csv (prompt groups never trained on)
+    validation_file: str = ""  # CSV to score on; "" = the run's own validation.csv (prompt groups never trained on);
+    # the run's report.csv: its rows scored by step into report_by_step.json, selected/ left as the choice rows chose
     val_rows: int = 0  # rows scored per candidate step, drawn as whole prompt groups (0 = all the choice rows)
     every_k: int = 1  # score every k-th checkpoint counted back from the last (1 = all); the last always counts
     force_step: int = 0  # choose this checkpoint step whatever the scores (0 or -1 = no override)
@@ -189,6 +191,13 @@ def prepare_selection(cfg: SelectConfig) -> dict:
     logger.info("%s: %d checkpoint(s) at steps %s; scoring steps %s", cfg.run_name, len(ckpts), list(ckpts),
                 candidate_steps(ckpts, cfg.every_k, cfg.force_step))
     return run_cfg
+
+
+def scores_report_rows(cfg: SelectConfig) -> bool:
+    """Whether ``validation_file`` is the run's own ``report.csv``: those rows choose nothing, so their scores by step
+    are written beside the run (``report_by_step.json``, ``.png``) and ``selected/`` keeps the choice rows' step."""
+    return bool(cfg.validation_file) and resolve_path(cfg.validation_file).resolve() == (
+        cfg.run_dir / training.REPORT_FILE).resolve()
 
 
 def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
@@ -510,8 +519,10 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
                     textcoords="offset points", xytext=(-150, -40), fontsize=8,
                     arrowprops=dict(arrowstyle="->", color="grey"))
     pick = scores.loc[scores["step"] == chosen]
+    report = scores_report_rows(cfg)
     ax.plot(pick["step"], pick["scs"], "*", ms=16, color="tab:red",
-            label=f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
+            label=f"highest here: step {chosen} (not exported)" if report else
+            f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
     losses = checkpoint_metrics(cfg.run_dir).dropna(subset=["eval_loss"])
     if len(losses):
         twin = ax.twinx()
@@ -519,16 +530,17 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
         twin.set_ylabel("eval loss (dotted, right axis)", color="tab:green")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("mean sharpened cosine (cos³)")
-    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} choice rows\nscorer: "
+    rows = "report rows (they chose nothing)" if report else "choice rows"
+    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} {rows}\nscorer: "
                  f"{scores['scorer'].iloc[0]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    out = cfg.run_dir / SELECTED_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    path = cfg.run_dir / f"{REPORT_BY_STEP}.png" if report else cfg.run_dir / SELECTED_DIR / "scores.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(out / "scores.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return out / "scores.png"
+    return path
 
 
 def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int) -> pd.DataFrame:
@@ -561,6 +573,16 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
     table = _as_scores(scores)
     require(step in table, "step", f"{step} was not scored; scored: {sorted(table)}")
     out = cfg.run_dir / SELECTED_DIR
+    if scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
+        per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
+            {"step": s, "scs": v} for s, v in sorted(table.items())]
+        _write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
+            "run": cfg.run_name, "validation_file": str(cfg.run_dir / training.REPORT_FILE),
+            "scores": {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}, "per_step": per_step,
+            "created": datetime.datetime.now().isoformat(timespec="seconds")})
+        logger.info("report rows scored by step -> %s; they choose nothing, so %s keeps the step the choice rows "
+                    "chose", cfg.run_dir / f"{REPORT_BY_STEP}.json", out)
+        return out
     out.mkdir(parents=True, exist_ok=True)
     _clear_export(out)
     best_ckpt = choose_step({s: v for s, v in table.items() if s > 0}) if len(table) > 1 else None

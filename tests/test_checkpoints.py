@@ -298,6 +298,25 @@ def test_export_copies_the_chosen_adapter(tmp_path, rewrites_csv):
     assert [r["eval_loss"] for r in sel["per_step"]] == [3.5, pytest.approx(2.92), pytest.approx(2.84)]
 
 
+def test_report_rows_scored_by_step_never_replace_the_choice(tmp_path, rewrites_csv):
+    # selected/ holds step 8, chosen on the choice rows; scoring the report rows by step, where step 16 is higher,
+    # writes their scores beside the run and leaves selected/ (adapter, selection.json, plot) as it was
+    run = make_run(tmp_path, rewrites_csv, held_out_groups=(4,))
+    checkpoints.export_selection(select_cfg(tmp_path), _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8)
+    chosen = {p.name: p.read_bytes() for p in (run / "selected").iterdir()}
+    rows = pd.read_csv(rewrites_csv)
+    rows[rows["rewrite_prompt"].isin(["Rewrite this in style 2.", "Rewrite this in style 3."])].to_csv(
+        run / "report.csv", index=False)
+    cfg = select_cfg(tmp_path, validation_file=str(run / "report.csv"))
+    assert checkpoints.scores_report_rows(cfg) and not checkpoints.scores_report_rows(select_cfg(tmp_path))
+    report = _scores({0: 0.01, 8: 0.10, 16: 0.12})
+    checkpoints.export_selection(cfg, report, checkpoints.choose_step(report))
+    assert {p.name: p.read_bytes() for p in (run / "selected").iterdir()} == chosen
+    assert json.loads((run / "report_by_step.json").read_text())["scores"] == {"0": 0.01, "8": 0.1, "16": 0.12}
+    assert checkpoints.plot_scores(cfg, report, 16) == run / "report_by_step.png"
+    assert {p.name: p.read_bytes() for p in (run / "selected").iterdir()} == chosen
+
+
 def test_export_when_the_base_model_wins(tmp_path, rewrites_csv, caplog):
     run = make_run(tmp_path, rewrites_csv)
     cfg = select_cfg(tmp_path)
