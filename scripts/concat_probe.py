@@ -5,8 +5,8 @@ Usage: python scripts/concat_probe.py RUN RUN [RUN ...] [--max-k 3] [--scorer-pa
 
 For each run, its first (greedy) prediction per choice row (``inference/predictions/*.jsonl``, rows of
 ``validation.csv``); for every combination of 2..max-k runs, the SCS of their first predictions joined with a space
-(what a plan with several models and n=1 each submits), against the mean of the same runs alone. RESULTS.md has
-what it printed.
+(what a plan with several models and n=1 each submits), against the same runs alone (their mean: ``gain``; and the
+best of them, which a choice on these rows would also flatter). RESULTS.md has what it printed.
 """
 import argparse
 import itertools
@@ -19,18 +19,21 @@ import pandas as pd
 from kaggle_utils import metric
 
 
-def greedy(run: Path) -> dict[str, str]:
+def read_greedy_predictions(run: Path) -> dict[str, str]:
+    """The run's first prediction per choice row, by id (greedy when the run sampled with ``greedy_first``)."""
     files = sorted((run / "inference" / "predictions").glob("*.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no inference/predictions/*.jsonl (run make demo-blend first)")
     rows = (json.loads(line) for line in files[0].read_text().splitlines() if line.strip())
-    return {row["id"]: row["predictions"][0] for row in rows}
+    return {str(row["id"]): row["predictions"][0] for row in rows}
 
 
 def probe(runs: list[Path], scorer, max_k: int = 3) -> pd.DataFrame:
     """One row per combination: the runs, the joined SCS, the mean SCS of those runs alone, and the gain."""
-    truth = pd.read_csv(runs[0] / "validation.csv").set_index("id")["rewrite_prompt"]
-    preds = {run.name: greedy(run) for run in runs}
+    if not (runs[0] / "validation.csv").exists():
+        raise SystemExit(f"{runs[0] / 'validation.csv'}: missing (the train stage writes it)")
+    truth = pd.read_csv(runs[0] / "validation.csv", dtype={"id": str}).set_index("id")["rewrite_prompt"]
+    preds = {run.name: read_greedy_predictions(run) for run in runs}
     ids = [i for i in truth.index if all(i in p for p in preds.values())]
     if not ids:
         raise SystemExit("the runs share no choice row with predictions")
@@ -42,7 +45,7 @@ def probe(runs: list[Path], scorer, max_k: int = 3) -> pd.DataFrame:
             joined = float(np.mean(scorer.scs([" ".join(preds[n][i] for n in combo) for i in ids], truths)))
             single = float(np.mean([alone[n] for n in combo]))
             rows.append({"runs": "+".join(combo), "k": k, "rows": len(ids), "joined": joined, "alone (mean)": single,
-                         "gain": joined - single})
+                         "alone (best)": max(alone[n] for n in combo), "gain": joined - single})
     return pd.DataFrame(rows)
 
 
@@ -60,7 +63,8 @@ def main() -> None:
     print(f"\nscorer: {scorer.name}")
     for k, g in table.groupby("k"):
         print(f"{k} runs joined: gain {g['gain'].mean():+.4f} on average over {len(g)} combination(s), "
-              f"positive in {int((g['gain'] > 0).sum())}")
+              f"positive in {int((g['gain'] > 0).sum())}; above the best run of the combination in "
+              f"{int((g['joined'] > g['alone (best)']).sum())}")
 
 
 if __name__ == "__main__":

@@ -21,22 +21,28 @@ STEP = re.compile(r"step (\d+): mean SCS ([0-9.]+) \(cos [0-9.]+\) on (\d+) rows
 
 def read_run(path: Path) -> dict:
     """One run's summary: arm, seed, selected step and the two splits' SCS at it and at the last step."""
-    arm, seed = re.fullmatch(r"(.+)-s(\d+)", path.stem).groups()
+    named = re.fullmatch(r"(.+)-s(\d+)", path.stem)
     text = path.read_text()
-    selected = int(re.search(r"selected step (\d+)", text).group(1))
-    splits: dict[int, dict[int, float]] = {}  # rows -> step -> scs; the choice rows are scored first
-    order = []
-    for step, scs, rows in STEP.findall(text):
-        if int(rows) not in splits:
-            order.append(int(rows))
-        splits.setdefault(int(rows), {})[int(step)] = float(scs)
-    choice, report = (splits[n] for n in order)
-    last = max(choice)
-    return {"arm": arm, "seed": int(seed), "step": selected, "choice": choice[selected], "report": report[selected],
-            "choice_last": choice[last], "report_last": report[last]}
+    selected = re.search(r"selected step (\d+)", text)
+    if named is None or selected is None:
+        raise SystemExit(f"{path}: not a sweep summary (ARM-sSEED.txt with a 'selected step N' line)")
+    if "report rows:" in text:  # the marker mix_sweep.sh writes between the two splits
+        parts = text.split("report rows:")
+    else:  # the summaries of the first sweep: the splits told apart by their row counts, choice rows first
+        counts = list(dict.fromkeys(rows for _, _, rows in STEP.findall(text)))
+        parts = [text, text] if len(counts) != 2 else [
+            "\n".join(line for line in text.splitlines() if line.endswith(f"on {n} rows")) for n in counts]
+    splits = [{int(step): float(scs) for step, scs, _ in STEP.findall(part)} for part in parts]
+    if len(splits) != 2 or not all(splits) or int(selected.group(1)) not in splits[0]:
+        raise SystemExit(f"{path}: needs the choice rows' and the report rows' scores by step, the selected step "
+                         "among them")
+    choice, report = splits
+    step, last = int(selected.group(1)), max(choice)
+    return {"arm": named.group(1), "seed": int(named.group(2)), "step": step, "choice": choice[step],
+            "report": report[step], "choice_last": choice[last], "report_last": report[last]}
 
 
-def paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
+def describe_paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
     """Mean paired difference (arm - baseline over the seeds both have) with a 90% t interval."""
     if arm == baseline:
         return "(baseline)"
@@ -48,6 +54,22 @@ def paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
     return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}] ({int((d > 0).sum())}/{len(d)})"
 
 
+def read_runs(source: Path) -> pd.DataFrame:
+    """The runs of a sweep folder (NAME.txt) or of a CSV that ``--save`` wrote."""
+    if not source.exists():
+        raise SystemExit(f"{source}: no such folder or file")
+    if source.suffix == ".csv":
+        runs = pd.read_csv(source)
+        missing = {"arm", "seed", "step", "choice", "report"} - set(runs.columns)
+        if missing:
+            raise SystemExit(f"{source}: not a --save CSV of this script (missing columns {sorted(missing)})")
+    else:
+        runs = pd.DataFrame([read_run(p) for p in sorted(source.glob("*.txt"))])
+    if runs.empty:
+        raise SystemExit(f"{source}: no run summaries (NAME.txt, or rows) found")
+    return runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="the sweep's folder of NAME.txt, or a CSV --save wrote")
@@ -55,21 +77,17 @@ def main() -> None:
     parser.add_argument("--png", default="", help="also plot each arm's seeds (report rows against choice rows)")
     parser.add_argument("--save", default="", help="also write one row per run to this CSV")
     args = parser.parse_args()
-    source = Path(args.out_dir)
-    if source.suffix == ".csv":
-        runs = pd.read_csv(source)
-    else:
-        runs = pd.DataFrame([read_run(p) for p in sorted(source.glob("*.txt"))])
-    if runs.empty:
-        raise SystemExit(f"{source}: no run summaries (NAME.txt) found")
+    runs = read_runs(Path(args.out_dir))
+    if args.baseline not in set(runs["arm"]):
+        raise SystemExit(f"--baseline {args.baseline}: no such arm; the arms are {sorted(set(runs['arm']))}")
     if args.save:
         runs.to_csv(args.save, index=False)
     rows = []
     for arm, g in runs.groupby("arm", sort=False):
         rows.append({"arm": arm, "seeds": len(g), "choice rows (selected step)": round(g["choice"].mean(), 4),
-                     f"- {args.baseline}, paired": paired(runs, arm, args.baseline, "choice"),
+                     f"- {args.baseline}, paired": describe_paired(runs, arm, args.baseline, "choice"),
                      "report rows (same step)": round(g["report"].mean(), 4),
-                     f"- {args.baseline}, paired ": paired(runs, arm, args.baseline, "report"),
+                     f"- {args.baseline}, paired ": describe_paired(runs, arm, args.baseline, "report"),
                      "report sd over seeds": round(g["report"].std(ddof=1), 4),
                      "steps selected": ",".join(str(s) for s in sorted(g["step"].unique()))})
     table = pd.DataFrame(rows).sort_values("choice rows (selected step)", ascending=False)

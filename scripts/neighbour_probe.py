@@ -5,10 +5,10 @@ Usage: python scripts/neighbour_probe.py RUN [RUN ...]   [--scorer-path /models/
 For each report row (``RUN/report.csv``): the cosine, under the scorer, of its prompt to the nearest prompt of the
 run's training rows (the run's ``train_files`` less its choice and report groups), and the SCS of the run's first
 prediction (``RUN/report/predictions/*.jsonl``). The rows are binned by that cosine and the runs' scores averaged per
-row. Then, as a what-if, each report row's nearest prompt among *every other* prompt of the same files (all the Gemma
-groups but its own, as when nothing is held out): the bins' scores reweighted to those neighbours estimate what
-training on every group would buy on rows like these. The runs must share their report rows. RESULTS.md has what it
-printed.
+row. Then, as a what-if, each report row's nearest prompt among *every other* prompt of the same files (every prompt
+group but its own, the held-out ones included, as when nothing is held out): the bins' scores reweighted to those
+neighbours estimate what training on every group would buy on rows like these (a point estimate: only the rows that
+change bins move it; a bin with no scored row counts at the overall mean). The runs must share their report rows. RESULTS.md has what it printed.
 """
 import argparse
 import json
@@ -22,44 +22,61 @@ from kaggle_utils import data, metric
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
 
-def first_predictions(run: Path) -> dict[str, str]:
+def read_csv_of(run: Path, name: str) -> pd.DataFrame:
+    path = run / name
+    if not path.exists():
+        raise SystemExit(f"{path}: missing (the train stage writes it)")
+    return pd.read_csv(path, dtype={"id": str})
+
+
+def read_first_predictions(run: Path, ids: list[str]) -> list[str]:
+    """The run's first prediction for each of ``ids`` (``report/predictions/*.jsonl``)."""
     files = sorted((run / "report" / "predictions").glob("*.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no report/predictions/*.jsonl (run make demo-report first)")
     rows = (json.loads(line) for line in files[0].read_text().splitlines() if line.strip())
-    return {row["id"]: row["predictions"][0] for row in rows}
+    first = {str(row["id"]): row["predictions"][0] for row in rows}
+    missing = [i for i in ids if i not in first]
+    if missing:
+        raise SystemExit(f"{files[0]}: no prediction for {len(missing)} report row(s), e.g. id {missing[0]}")
+    return [first[i] for i in ids]
 
 
-def nearest(scorer, queries: list[str], pool: list[str], exclude_self: bool = False) -> np.ndarray:
-    """Each query's highest cosine to the pool; with ``exclude_self`` a query's own (normalized) text is skipped."""
-    sims = scorer.embed(queries) @ scorer.embed(pool).T
-    if exclude_self:
-        own = {data.normalize_prompt(p): k for k, p in enumerate(pool)}
+def find_nearest(scorer, queries: list[str], pool: list[str], exclude_own: bool = False) -> np.ndarray:
+    """Each query's highest cosine to the pool (one entry per normalized prompt); with ``exclude_own`` the query's
+    own prompt, however spelled, is skipped."""
+    by_key = {data.normalize_prompt(p): p for p in pool}
+    keys = list(by_key)
+    sims = scorer.embed(queries) @ scorer.embed([by_key[k] for k in keys]).T
+    if exclude_own:
+        index = {k: j for j, k in enumerate(keys)}
         for i, q in enumerate(queries):
-            k = own.get(data.normalize_prompt(q))
-            if k is not None:
-                sims[i, k] = -1.0
+            j = index.get(data.normalize_prompt(q))
+            if j is not None:
+                sims[i, j] = -1.0
     return sims.max(axis=1)
 
 
 def probe(runs: list[Path], scorer, data_dir: Path) -> tuple[pd.DataFrame, float, float]:
     """The bins table, the mean score now, and the score reweighted to every-other-group neighbours."""
-    report = pd.read_csv(runs[0] / "report.csv")
-    config = json.loads((runs[0] / "config.json").read_text())
+    report = read_csv_of(runs[0], "report.csv")
+    config = json.loads((runs[0] / "config.json").read_text()) if (runs[0] / "config.json").exists() else {}
+    if not config.get("train_files"):
+        raise SystemExit(f"{runs[0] / 'config.json'}: missing, or names no train_files")
     files = [Path(f) if Path(f).exists() else data_dir / Path(f).name for f in config["train_files"]]
     every = pd.concat([data.read_rewrites(f) for f in files])
     held = {data.normalize_prompt(p) for f in ("validation.csv", "report.csv")
-            for p in pd.read_csv(runs[0] / f)["rewrite_prompt"]}
-    prompts = every["rewrite_prompt"].drop_duplicates()
+            for p in read_csv_of(runs[0], f)["rewrite_prompt"]}
+    prompts = list(every["rewrite_prompt"])
     trained = [p for p in prompts if data.normalize_prompt(p) not in held]
+    ids = list(report["id"])
     scores = []
     for run in runs:
-        if sorted(pd.read_csv(run / "report.csv")["id"]) != sorted(report["id"]):
+        if sorted(read_csv_of(run, "report.csv")["id"]) != sorted(ids):
             raise SystemExit(f"{run}: its report rows differ from {runs[0]}'s")
-        first = first_predictions(run)
-        scores.append(scorer.scs([first[i] for i in report["id"]], list(report["rewrite_prompt"])))
-    frame = pd.DataFrame({"near": nearest(scorer, list(report["rewrite_prompt"]), trained),
-                          "near_all": nearest(scorer, list(report["rewrite_prompt"]), list(prompts), True),
+        scores.append(scorer.scs(read_first_predictions(run, ids), list(report["rewrite_prompt"])))
+    frame = pd.DataFrame({"near": find_nearest(scorer, list(report["rewrite_prompt"]), trained),
+                          "near_all": find_nearest(scorer, list(report["rewrite_prompt"]), prompts, True),
                           "scs": np.mean(scores, axis=0)})
     frame["bin"] = pd.cut(frame["near"], EDGES)
     frame["bin_all"] = pd.cut(frame["near_all"], EDGES)

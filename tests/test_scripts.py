@@ -47,10 +47,11 @@ def test_consensus_probe_names_a_run_without_predictions(tmp_path):
         _script("consensus_probe").probe(tmp_path, scorer=None)
 
 
-def _mix_summary(steps_choice: dict, selected: int, steps_report: dict) -> str:
-    lines = ["args: -p seed 0"]
+def _mix_summary(steps_choice: dict, selected: int, steps_report: dict, marker: bool = True) -> str:
+    lines = ["args: -p seed 0"] + (["choice rows:"] if marker else [])
     lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 65 rows" for s, v in steps_choice.items()]
     lines.append(f"selected step {selected}")
+    lines += ["report rows:"] if marker else []
     lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 129 rows" for s, v in steps_report.items()]
     return "\n".join(lines) + "\n"
 
@@ -62,40 +63,61 @@ def test_mix_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tmp_
     (tmp_path / "x3-s1.txt").write_text(_mix_summary({0: 0.02, 50: 0.10, 100: 0.14}, 100,
                                                      {0: 0.01, 50: 0.12, 100: 0.16}))
     (tmp_path / "x10-s0.txt").write_text(_mix_summary({0: 0.02, 100: 0.18}, 100, {0: 0.01, 100: 0.20}))
-    (tmp_path / "x10-s1.txt").write_text(_mix_summary({0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15}))
+    (tmp_path / "x10-s1.txt").write_text(_mix_summary({0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15},
+                                                      marker=False))  # the first sweep's summaries had no marker
     run = table.read_run(tmp_path / "x3-s0.txt")
     # the report rows are read at the step the choice rows selected (50), not at their own best (100)
     assert run == {"arm": "x3", "seed": 0, "step": 50, "choice": 0.15, "report": 0.17, "choice_last": 0.12,
                    "report_last": 0.19}
-    runs = pd.DataFrame([table.read_run(p) for p in sorted(tmp_path.glob("*.txt"))])
+    assert table.read_run(tmp_path / "x10-s1.txt")["report"] == 0.15
+    runs = table.read_runs(tmp_path)
     # x10 - x3 by seed on the choice rows: 0.18 - 0.15 and 0.17 - 0.14, both +0.03
-    assert table.paired(runs, "x10", "x3", "choice").startswith("+0.030 [+0.030, +0.030] (2/2)")
+    assert table.describe_paired(runs, "x10", "x3", "choice").startswith("+0.030 [+0.030, +0.030] (2/2)")
     saved = tmp_path / "runs.csv"
     monkeypatch.setattr("sys.argv", ["mix_table.py", str(tmp_path), "--save", str(saved)])
     table.main()
-    assert "x10" in capsys.readouterr().out and len(pd.read_csv(saved)) == 4
+    assert "x10" in capsys.readouterr().out
+    assert table.read_runs(saved).sort_values(["arm", "seed"]).reset_index(drop=True).equals(
+        runs.sort_values(["arm", "seed"]).reset_index(drop=True))
+    monkeypatch.setattr("sys.argv", ["mix_table.py", str(saved), "--baseline", "x5"])
+    with pytest.raises(SystemExit, match="--baseline x5: no such arm; the arms are \\['x10', 'x3'\\]"):
+        table.main()
 
 
-def test_mix_table_names_a_folder_without_summaries(tmp_path, monkeypatch):
-    monkeypatch.setattr("sys.argv", ["mix_table.py", str(tmp_path)])
+def test_mix_table_names_what_it_cannot_read(tmp_path):
+    table = _script("mix_table")
     with pytest.raises(SystemExit, match="no run summaries"):
-        _script("mix_table").main()
+        table.read_runs(tmp_path)
+    with pytest.raises(SystemExit, match="no such folder or file"):
+        table.read_runs(tmp_path / "absent")
+    (tmp_path / "x3-s0.txt").write_text("args: -p seed 0\nchoice rows:\nselected step 50\nreport rows:\n")
+    with pytest.raises(SystemExit, match="x3-s0.txt: needs the choice rows' and the report rows' scores"):
+        table.read_runs(tmp_path)
+    (tmp_path / "x3-s0.txt").write_text("")
+    with pytest.raises(SystemExit, match="x3-s0.txt: not a sweep summary"):
+        table.read_runs(tmp_path)
 
 
 class _BagOfWords:
-    """A scorer stand-in without a model: normalized word counts, SCS = cos^3 of them."""
+    """A scorer stand-in without a model: normalized word counts over the words of ``texts``, SCS = cos^3."""
 
     name = "bag of words"
 
+    def __init__(self, texts):
+        self.vocab = sorted({w for t in texts for w in self._words(t)})
+
+    @staticmethod
+    def _words(text):
+        import re
+        return re.findall(r"\w+", text.lower())
+
     def embed(self, texts):
         import numpy as np
-        vocab = sorted({w for t in self.texts for w in t.lower().strip(".").split()})
-        vecs = np.array([[t.lower().strip(".").split().count(w) for w in vocab] for t in texts], dtype=float)
+        vecs = np.array([[self._words(t).count(w) for w in self.vocab] for t in texts], dtype=float)
         return vecs / np.linalg.norm(vecs, axis=1, keepdims=True)
 
     def scs(self, predictions, truths):
-        cos = (self.embed(predictions) * self.embed(truths)).sum(axis=1)
-        return cos ** 3
+        return (self.embed(predictions) * self.embed(truths)).sum(axis=1) ** 3
 
 
 def test_neighbour_probe_bins_report_rows_by_their_nearest_training_prompt(tmp_path):
@@ -103,7 +125,7 @@ def test_neighbour_probe_bins_report_rows_by_their_nearest_training_prompt(tmp_p
     train = pd.DataFrame({
         "id": ["t1", "t2", "c1", "r1", "r2"],
         "original_text": ["a"] * 5, "rewritten_text": ["b"] * 5,
-        "rewrite_prompt": ["Rewrite this as a poem.", "Make it formal.", "Make it a limerick.",
+        "rewrite_prompt": ["Rewrite this as a poem.", "Make it formal.", "Translate this into French.",
                            "Rewrite this as a short poem.", "Translate into French."]})
     train_file = tmp_path / "rows.csv"
     train.to_csv(train_file, index=False)
@@ -115,17 +137,17 @@ def test_neighbour_probe_bins_report_rows_by_their_nearest_training_prompt(tmp_p
     preds = [{"id": "r1", "predictions": ["Rewrite this as a short poem."]},
              {"id": "r2", "predictions": ["Make it formal."]}]
     (run / "report" / "predictions" / "smollm.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-    scorer = _BagOfWords()
-    scorer.texts = list(train["rewrite_prompt"]) + [p["predictions"][0] for p in preds]
+    scorer = _BagOfWords(list(train["rewrite_prompt"]))
     table, now, reweighted = probe.probe([run], scorer, tmp_path)
     # r1 has a close neighbour in training ("Rewrite this as a poem.": cos 0.91) and was recovered exactly; r2
-    # ("Translate into French.") shares no word with any training prompt and scored 0
+    # ("Translate into French.") shares no word with any trained prompt and scored 0
     assert table["rows"].tolist() == [1, 0, 0, 0, 1]
     assert table["scs"].iloc[-1] == pytest.approx(1.0) and table["scs"].iloc[0] == pytest.approx(0.0)
     assert now == pytest.approx(0.5)
-    # with nothing held out the neighbours stay in the same bins here (no other group is nearer), so no change
-    assert table["rows, nearest among every other group"].tolist() == [1, 0, 0, 0, 1]
-    assert reweighted == pytest.approx(0.5)
+    # with nothing held out r2's nearest is the choice group's "Translate this into French." (cos 0.87): it moves to
+    # the 0.8-0.9 bin, which has no scored row, so it counts at the overall mean (0.5): (1.0 + 0.5) / 2
+    assert table["rows, nearest among every other group"].tolist() == [0, 0, 0, 1, 1]
+    assert reweighted == pytest.approx(0.75)
     other = tmp_path / "other"
     (other / "report" / "predictions").mkdir(parents=True)
     train[train["id"] == "r1"].to_csv(other / "report.csv", index=False)
@@ -147,12 +169,13 @@ def test_concat_probe_joins_the_greedy_predictions_of_several_runs(tmp_path):
         (run / "inference" / "predictions" / "m.jsonl").write_text("".join(
             json.dumps({"id": i, "predictions": [p, "unused sample"]}) + "\n" for i, p in zip(["a", "b"], preds)))
         runs.append(run)
-    scorer = _BagOfWords()
-    scorer.texts = list(truth["rewrite_prompt"]) + ["Translate into French.", "unused sample"]
+    scorer = _BagOfWords(list(truth["rewrite_prompt"]) + ["Translate into French."])
     table = probe.probe(runs, scorer)
     assert table["runs"].tolist() == ["r1+r2"] and table["rows"].tolist() == [2]
-    # each run is right on one row and shares no word with the truth on the other: 0.5 alone; joined, each row
-    # holds the right prompt beside a wrong one, which beats 0 on both rows and loses to 1 on both
-    assert table["alone (mean)"].iloc[0] == pytest.approx(0.5)
-    assert 0.0 < table["joined"].iloc[0] < 1.0
-    assert table["gain"].iloc[0] == pytest.approx(table["joined"].iloc[0] - 0.5)
+    # each run is right on one row and shares no word with the truth on the other: 0.5 alone, 0.5 at best. Joined,
+    # row a is "Make it formal. Translate into French." (cos 3 / sqrt(18)) and row b "Translate into French.
+    # Rewrite this as a poem." (cos 5 / sqrt(40)): the right prompt diluted by a wrong one on both rows
+    joined = ((3 / 18 ** 0.5) ** 3 + (5 / 40 ** 0.5) ** 3) / 2
+    assert table["joined"].iloc[0] == pytest.approx(joined)
+    assert table["alone (mean)"].iloc[0] == pytest.approx(0.5) and table["alone (best)"].iloc[0] == pytest.approx(0.5)
+    assert table["gain"].iloc[0] == pytest.approx(joined - 0.5) and table["gain"].iloc[0] < 0

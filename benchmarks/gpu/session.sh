@@ -127,7 +127,7 @@ mixcollect)
   waited=0
   while [ ! -f /tmp/mix.done ] && [ "$waited" -lt "${2:-0}" ]; do sleep 10; waited=$((waited + 10)); done
   echo "sweep done: $([ -f /tmp/mix.done ] && echo yes || echo no) after ${waited} s; $(ls /tmp/mix/*.txt 2>/dev/null | wc -l) runs finished"
-  tail -5 /tmp/mix.log; grep failed /tmp/mix.log | head
+  tail -5 /tmp/mix.log; grep -E "failed|no scores" /tmp/mix.log | head
   tar -czf "$OUT/mix.tgz" -C /tmp mix.log $(cd /tmp && ls mix/*.txt 2>/dev/null) ;;
 gen1)
   genbench gen1 570 "${GEN1_ARGS[@]}" ;;
