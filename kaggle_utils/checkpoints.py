@@ -568,21 +568,21 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
     shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter": null`` and names
     the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
     """
-    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
-    ckpts = find_checkpoints(cfg.run_dir)
     table = _as_scores(scores)
     require(step in table, "step", f"{step} was not scored; scored: {sorted(table)}")
     out = cfg.run_dir / SELECTED_DIR
+    per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
+        {"step": s, "scs": v} for s, v in sorted(table.items())]
+    rounded = {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}
     if scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
-        per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
-            {"step": s, "scs": v} for s, v in sorted(table.items())]
         _write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
-            "run": cfg.run_name, "validation_file": str(cfg.run_dir / training.REPORT_FILE),
-            "scores": {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}, "per_step": per_step,
-            "created": datetime.datetime.now().isoformat(timespec="seconds")})
+            "run": cfg.run_name, "validation_file": str(cfg.run_dir / training.REPORT_FILE), "scores": rounded,
+            "per_step": per_step, "created": datetime.datetime.now().isoformat(timespec="seconds")})
         logger.info("report rows scored by step -> %s; they choose nothing, so %s keeps the step the choice rows "
                     "chose", cfg.run_dir / f"{REPORT_BY_STEP}.json", out)
         return out
+    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
+    ckpts = find_checkpoints(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_export(out)
     best_ckpt = choose_step({s: v for s, v in table.items() if s > 0}) if len(table) > 1 else None
@@ -599,8 +599,6 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
         merged = export_merged(cfg, run_cfg, ckpts[step], out / "merged")
     elif cfg.export_merged:
         logger.warning("export_merged: step 0 won, so there is nothing to merge (the base model is unchanged)")
-    per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
-        {"step": s, "scs": v} for s, v in sorted(table.items())]
     losses = checkpoint_metrics(cfg.run_dir).set_index("step")["eval_loss"].to_dict()
     for r in per_step:
         r["eval_loss"] = None if losses.get(r["step"]) is None or pd.isna(losses.get(r["step"])) else \
@@ -617,7 +615,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
         "forced": bool(cfg.forced),
         "rule": f"forced by force_step={step}" if cfg.forced else "highest mean SCS; the earlier step on ties",
         "best_checkpoint_step": best_ckpt,
-        "scores": {str(r["step"]): round(float(r["scs"]), 4) for r in per_step},
+        "scores": rounded,
         "per_step": per_step,
         "scorer": scorer,
         "scorer_precision": per_step[0].get("precision"),

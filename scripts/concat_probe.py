@@ -10,22 +10,21 @@ best of them, which a choice on these rows would also flatter). RESULTS.md has w
 """
 import argparse
 import itertools
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import metric
+from kaggle_utils import mean_prompt, metric
 
 
 def read_greedy_predictions(run: Path) -> dict[str, str]:
     """The run's first prediction per choice row, by id (greedy when the run sampled with ``greedy_first``)."""
-    files = sorted((run / "inference" / "predictions").glob("*.jsonl"))
+    files = sorted(f for f in (run / "inference" / "predictions").glob("*.jsonl")
+                   if not f.name.endswith(".stale.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no inference/predictions/*.jsonl (run make demo-blend first)")
-    rows = (json.loads(line) for line in files[0].read_text().splitlines() if line.strip())
-    return {str(row["id"]): row["predictions"][0] for row in rows}
+    return {i: preds[0] for i, preds in mean_prompt.read_predictions(files[0]).items() if preds}
 
 
 def probe(runs: list[Path], scorer, max_k: int = 3) -> pd.DataFrame:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import data, metric
+from kaggle_utils import data, mean_prompt, metric
 
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
@@ -31,11 +31,10 @@ def read_csv_of(run: Path, name: str) -> pd.DataFrame:
 
 def read_first_predictions(run: Path, ids: list[str]) -> list[str]:
     """The run's first prediction for each of ``ids`` (``report/predictions/*.jsonl``)."""
-    files = sorted((run / "report" / "predictions").glob("*.jsonl"))
+    files = sorted(f for f in (run / "report" / "predictions").glob("*.jsonl") if not f.name.endswith(".stale.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no report/predictions/*.jsonl (run make demo-report first)")
-    rows = (json.loads(line) for line in files[0].read_text().splitlines() if line.strip())
-    first = {str(row["id"]): row["predictions"][0] for row in rows}
+    first = {i: preds[0] for i, preds in mean_prompt.read_predictions(files[0]).items() if preds}
     missing = [i for i in ids if i not in first]
     if missing:
         raise SystemExit(f"{files[0]}: no prediction for {len(missing)} report row(s), e.g. id {missing[0]}")
