@@ -725,10 +725,11 @@ def build_library_dataset(user: str, out: str | os.PathLike = f"{DATASETS_DIR}/l
     return folder
 
 
-def own_adapters(plan: Plan) -> dict[str, bool]:
-    """The adapter folders the plan reads from its own adapters dataset -> whether any model serves merged/."""
+def own_adapters(plan: Plan, slug: str = "") -> dict[str, bool]:
+    """The adapter folders the plan (or its variant ``slug``) reads from its own adapters dataset -> whether any
+    model serves merged/."""
     wanted: dict[str, bool] = {}
-    for v in plan.variants:
+    for v in plan.select(slug):
         for m in v.models:
             if m.adapter and "/" not in m.adapter:
                 wanted[m.adapter] = wanted.get(m.adapter, False) or m.use_merged
@@ -736,13 +737,16 @@ def own_adapters(plan: Plan) -> dict[str, bool]:
 
 
 def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = "runs",
-                           out: str | os.PathLike = f"{DATASETS_DIR}/adapters") -> Path:
-    """``out/<folder>/`` for every adapter the plan names, copied from ``runs_dir/<folder>/selected/``.
+                           out: str | os.PathLike = f"{DATASETS_DIR}/adapters", slug: str = "") -> Path:
+    """``out/<folder>/`` for every adapter the plan (or its variant ``slug``) names, copied from
+    ``runs_dir/<folder>/selected/``.
 
-    Every named adapter must exist locally: a new dataset version replaces the old one whole.
+    Every named adapter must exist locally: a new dataset version replaces the old one whole, so with ``slug`` the
+    pushed dataset holds that variant's adapters only.
     """
-    wanted = own_adapters(plan)
-    require(bool(wanted), "adapter", "the plan reads no adapter from its own adapters dataset")
+    wanted = own_adapters(plan, slug)
+    where = f"variant '{slug}'" if slug else "the plan"
+    require(bool(wanted), "adapter", f"{where} reads no adapter from its own adapters dataset")
     runs = resolve_path(runs_dir)
     missing = []
     for name, merged in wanted.items():
@@ -753,7 +757,8 @@ def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = 
         elif merged and not (sel / "merged" / "config.json").exists():
             missing.append(f"{sel / 'merged'} (a model uses_merged; export the merged weights)")
     if missing:
-        raise FileNotFoundError("adapters the plan needs are missing:\n  " + "\n  ".join(missing))
+        hint = "" if slug else " (VARIANT=<slug> pushes one variant's adapters only)"
+        raise FileNotFoundError(f"adapters {where} needs are missing{hint}:\n  " + "\n  ".join(missing))
     folder = _fresh(resolve_path(out))
     manifest = {}
     for name, merged in wanted.items():

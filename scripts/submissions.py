@@ -3,7 +3,8 @@
 Usage (the Makefile's targets call these):
     python scripts/submissions.py render [--variant SLUG]         # build/kernels/<slug>/ (no credentials needed)
     python scripts/submissions.py render-local --variant SLUG # execute one rendered kernel here (configs/local-inputs.yaml)
-    python scripts/submissions.py push-lib | push-adapters | push-wheels
+    python scripts/submissions.py push-lib | push-wheels
+    python scripts/submissions.py push-adapters [--variant SLUG]   # runs/<adapter>/selected/ of the plan (or one variant)
     python scripts/submissions.py wheels                          # pip download of requirements-gpu.txt (GBs)
     python scripts/submissions.py push [--variant SLUG]           # render with your user, then kaggle kernels push
     python scripts/submissions.py status [--variant SLUG]
@@ -69,7 +70,7 @@ def _run(args) -> int:
         folder = kernels.build_library_dataset(user)
         kernels.push_dataset(folder, f"kaggle_utils {kernels.__version__} at {kernels.commit_stamp()}")
     elif cmd == "push-adapters":
-        folder = kernels.build_adapters_dataset(plan, user, runs_dir=args.runs)
+        folder = kernels.build_adapters_dataset(plan, user, runs_dir=args.runs, slug=args.variant)
         kernels.push_dataset(folder, f"adapters at {kernels.commit_stamp()}")
     elif cmd == "wheels":
         subprocess.run(kernels.wheels_download_command(python_version=args.python), check=True)

@@ -29,7 +29,8 @@ from kaggle_utils.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NOTEBOOK = REPO / "notebooks" / "inference.ipynb"
-SLUGS = ["mistral-v3-x10", "mmml-v1", "mmml-v1-with-mean-prompt", "mmml-v2", "mmml-v2-with-mean-prompt"]
+SLUGS = ["mistral-v3-x10", "mmml-v1", "mmml-v1-with-mean-prompt", "mmml-v2", "mmml-v2-with-mean-prompt",
+         "my-mistral-7b"]
 USER = "fakeuser"
 KEY = "fake-key-0123"
 
@@ -105,13 +106,16 @@ def rendered(plan, tmp_path):
 # ---------------------------------------------------------------- the plan
 
 
-def test_example_plan_has_the_five_submissions_of_the_original_plan():
+def test_example_plan_has_the_five_submissions_of_the_original_plan_and_the_users_own():
     plan = kernels.load_plan()
     assert [v.slug for v in plan.variants] == SLUGS
     by_slug = {v.slug: v for v in plan.variants}
-    assert [len(by_slug[s].models) for s in SLUGS] == [1, 4, 4, 4, 4]
+    assert [len(by_slug[s].models) for s in SLUGS] == [1, 4, 4, 4, 4, 1]
     assert by_slug["mistral-v3-x10"].models[0].n == 10
-    assert [by_slug[s].use_mean_prompt for s in SLUGS] == [False, False, True, False, True]
+    assert [by_slug[s].use_mean_prompt for s in SLUGS] == [False, False, True, False, True, True]
+    # the user's own run: the adapter folder is the run that `make train-mistral` writes (runs/mistral-7b/)
+    own = by_slug["my-mistral-7b"].models[0]
+    assert (own.preset, own.adapter) == ("mistral-7b", "mistral-7b")
     four = ["mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"]
     assert [m.preset for m in by_slug["mmml-v1"].models] == four
     assert [m.preset for m in by_slug["mmml-v2"].models] == four
@@ -348,6 +352,22 @@ def test_adapters_dataset_copies_every_planned_adapter_or_names_the_missing(tmp_
     assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == sorted(kernels.own_adapters(plan))
     assert json.loads((folder / "dataset-metadata.json").read_text())["id"] == f"{USER}/prompt-recovery-adapters"
     assert json.loads((folder / "adapters.json").read_text())["adapters"]["mistral-7b"] == {"step": 200}
+
+
+def test_adapters_dataset_of_one_variant_needs_only_its_own_run(tmp_path):
+    """After `make train-mistral` and `make select RUN=mistral-7b`, only runs/mistral-7b/selected/ exists: the
+    user's own variant pushes it, while the whole plan still names the author's missing adapters."""
+    plan = kernels.load_plan()
+    assert kernels.own_adapters(plan, "my-mistral-7b") == {"mistral-7b": False}
+    _fake_adapter(tmp_path / "runs" / "mistral-7b" / "selected")
+    with pytest.raises(FileNotFoundError, match=r"^adapters the plan needs are missing \(VARIANT=<slug>"):
+        kernels.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "all")
+    folder = kernels.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "out",
+                                            slug="my-mistral-7b")
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir()) == ["mistral-7b"]
+    assert (folder / "mistral-7b" / "adapter_model.safetensors").exists()
+    with pytest.raises(ConfigError, match=r"^variant: no variant 'nope' in the plan"):
+        kernels.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "x", slug="nope")
 
 
 def test_wheels_command_asks_for_binary_wheels_of_kaggles_python(tmp_path):
