@@ -33,6 +33,13 @@ test: setup ## run every test (fast + slow); CI runs this
 test-fast: setup ## run the fast tests only (no real model, no notebook runs)
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
+# The data: ../shared/data when it exists, else data/ (built once by `make data`; KAGGLE_UTILS_DATA=/path overrides).
+HAVE_DATA := $(or $(KAGGLE_UTILS_DATA),$(wildcard ../shared/data/gemma_rewrites.csv),$(wildcard data/gemma_rewrites.csv))
+
+.PHONY: data
+data: setup ## build data/ from the public upstream files (pinned commits, sha256 checked; needs a network once)
+	$(PY) scripts/build_data.py
+
 prepare: setup ## turn the embedded SmolLM2 GGUF into a cached HF folder (once)
 	$(PY) -c "from kaggle_utils import config, models; config.setup_logging(); print(models.prepare_default_model())"
 
@@ -51,7 +58,7 @@ DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter_path: $(D)/
 demo: demo-train demo-select demo-blend demo-report ## the whole job on CPU with the embedded defaults; prints the scores
 	@$(PY) scripts/show_scores.py $(D)/scores.csv
 
-demo-train: prepare ## demo stage 1: train DEMO_RUN with DEMO_CONFIG (writes its choice and report rows)
+demo-train: prepare $(if $(HAVE_DATA),,data) ## demo stage 1: train DEMO_RUN with DEMO_CONFIG (writes its choice and report rows)
 	$(call notebook,train,$(D),-f $(DEMO_CONFIG) -r run_name $(DEMO_RUN) $(DEMO_TRAIN_ARGS))
 
 demo-select: setup ## demo stage 2: choose the checkpoint step on the choice rows

@@ -37,10 +37,29 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+# The data folder: relative paths under "data/" (every default data file) are looked up in data_dir().
+DATA_DIR = "data"
+SHARED_DATA = "../shared/data"  # a read-only copy beside the checkout wins over a built data/ when it exists
+
+
+def data_dir() -> Path:
+    """Where ``data/...`` paths point: ``KAGGLE_UTILS_DATA`` when set, else ``../shared/data`` beside the checkout
+    when that folder exists, else the checkout's own ``data/`` (what `make data` builds)."""
+    if os.environ.get("KAGGLE_UTILS_DATA"):
+        return Path(os.environ["KAGGLE_UTILS_DATA"]).expanduser().resolve()
+    shared = (project_root() / SHARED_DATA).resolve()
+    return shared if shared.is_dir() else project_root() / DATA_DIR
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
-    """An absolute path for ``path``; relative ones are taken from :func:`project_root`."""
+    """An absolute path for ``path``; relative ones are taken from :func:`project_root`, and those under ``data/``
+    from :func:`data_dir` (so ``data/gemma_rewrites.csv`` reads ``../shared/data`` where it exists)."""
     p = Path(path).expanduser()
-    return p if p.is_absolute() else (project_root() / p).resolve()
+    if p.is_absolute():
+        return p
+    if p.parts and p.parts[0] == DATA_DIR:
+        return (data_dir() / Path(*p.parts[1:])).resolve()
+    return (project_root() / p).resolve()
 
 
 def config_fields(cls) -> list[str]:

@@ -46,9 +46,9 @@ logger = logging.getLogger("kaggle_utils")
 
 # The public mean prompt the original author appended (LB 0.63 with sentence-t5-base).
 PUBLIC_MEAN_PROMPT = blending.DEFAULT_MEAN_PROMPT
-DEFAULT_TARGET_FILES = ["../shared/data/selected_prompts.json"]
+DEFAULT_TARGET_FILES = ["data/selected_prompts.json"]
 # Used when the run folder has no config.json to name its training files (same default as training.TrainConfig).
-FALLBACK_TRAIN_FILES = ["../shared/data/extra_rewrites.csv", "../shared/data/gemma_rewrites.csv"]
+FALLBACK_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
 RESULT_FILE = "mean_prompt.json"
 BLEND_FILE = "blend.json"
 OPTIONS_FILE = "blend_options.csv"

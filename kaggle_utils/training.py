@@ -28,8 +28,8 @@ logger = logging.getLogger("kaggle_utils")
 # train.ipynb does in its first code cell, so no cell before launch can poison the fork.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
-DEFAULT_TRAIN_FILES = ["../shared/data/extra_rewrites.csv", "../shared/data/gemma_rewrites.csv"]
-DEFAULT_VALIDATION_FILE = "../shared/data/gemma_rewrites.csv"
+DEFAULT_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
+DEFAULT_VALIDATION_FILE = "data/gemma_rewrites.csv"
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
 REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
