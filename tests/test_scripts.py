@@ -1,4 +1,4 @@
-"""The helper scripts behind numbers in RESULTS.md.
+"""The research scripts behind numbers in RESULTS.md (research/).
 
 Run: `pytest tests/test_scripts.py`.
 """
@@ -15,56 +15,29 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "research" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_consensus_probe_picks_the_prediction_the_others_agree_with(tmp_path):
-    from kaggle_utils import metric
-
-    run = tmp_path / "run"
-    (run / "inference" / "predictions").mkdir(parents=True)
-    pd.DataFrame({"id": ["a", "b"], "rewrite_prompt": ["Rewrite this text as a poem.",
-                                                       "Rewrite this as a pirate would say it."]}).to_csv(
-        run / "validation.csv", index=False)
-    rows = [{"id": "a", "predictions": ["Translate this into French.", "Rewrite this as a poem.",
-                                        "Turn the text into a poem.", "Make this a short poem."]},
-            {"id": "b", "predictions": ["Rewrite it as a pirate.", "Rewrite this like a pirate.",
-                                        "Make it sound like a pirate.", "Summarize the text."]}]
-    (run / "inference" / "predictions" / "smollm.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    found = _script("consensus_probe").probe(run, metric.Scorer("", device="cpu"))
-    assert found["rows"] == 2 and found["model"] == "smollm"
-    # row a: the greedy guess is the odd one out, so the consensus pick (a poem) scores higher there
-    assert found["consensus"] > found["greedy"] and found["gain"] == pytest.approx(
-        found["consensus"] - found["greedy"])
-    assert found["oracle"] >= found["consensus"]
-
-
-def test_consensus_probe_names_a_run_without_predictions(tmp_path):
-    with pytest.raises(SystemExit, match="no inference/predictions"):
-        _script("consensus_probe").probe(tmp_path, scorer=None)
-
-
-def _mix_summary(steps_choice: dict, selected: int, steps_report: dict, marker: bool = True) -> str:
-    lines = ["args: -p seed 0"] + (["choice rows:"] if marker else [])
+def _mix_summary(steps_choice: dict, selected: int, steps_report: dict) -> str:
+    lines = ["args: -p seed 0", "choice rows:"]
     lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 65 rows" for s, v in steps_choice.items()]
     lines.append(f"selected step {selected}")
-    lines += ["report rows:"] if marker else []
+    lines += ["report rows:"]
     lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 129 rows" for s, v in steps_report.items()]
     return "\n".join(lines) + "\n"
 
 
-def test_mix_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tmp_path, capsys, monkeypatch):
-    table = _script("mix_table")
+def test_sweep_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tmp_path, capsys, monkeypatch):
+    table = _script("sweep_table")
     (tmp_path / "x3-s0.txt").write_text(_mix_summary({0: 0.02, 50: 0.15, 100: 0.12}, 50,
                                                      {0: 0.01, 50: 0.17, 100: 0.19}))
     (tmp_path / "x3-s1.txt").write_text(_mix_summary({0: 0.02, 50: 0.10, 100: 0.14}, 100,
                                                      {0: 0.01, 50: 0.12, 100: 0.16}))
     (tmp_path / "x10-s0.txt").write_text(_mix_summary({0: 0.02, 100: 0.18}, 100, {0: 0.01, 100: 0.20}))
-    (tmp_path / "x10-s1.txt").write_text(_mix_summary({0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15},
-                                                      marker=False))  # the first sweep's summaries had no marker
+    (tmp_path / "x10-s1.txt").write_text(_mix_summary({0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15}))
     run = table.read_run(tmp_path / "x3-s0.txt")
     # the report rows are read at the step the choice rows selected (50), not at their own best (100)
     assert run == {"arm": "x3", "seed": 0, "step": 50, "choice": 0.15, "report": 0.17, "choice_last": 0.12,
@@ -74,18 +47,18 @@ def test_mix_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tmp_
     # x10 - x3 by seed on the choice rows: 0.18 - 0.15 and 0.17 - 0.14, both +0.03
     assert table.describe_paired(runs, "x10", "x3", "choice").startswith("+0.030 [+0.030, +0.030] (2/2)")
     saved = tmp_path / "runs.csv"
-    monkeypatch.setattr("sys.argv", ["mix_table.py", str(tmp_path), "--save", str(saved)])
+    monkeypatch.setattr("sys.argv", ["sweep_table.py", str(tmp_path), "--save", str(saved)])
     table.main()
     assert "x10" in capsys.readouterr().out
     assert table.read_runs(saved).sort_values(["arm", "seed"]).reset_index(drop=True).equals(
         runs.sort_values(["arm", "seed"]).reset_index(drop=True))
-    monkeypatch.setattr("sys.argv", ["mix_table.py", str(saved), "--baseline", "x5"])
+    monkeypatch.setattr("sys.argv", ["sweep_table.py", str(saved), "--baseline", "x5"])
     with pytest.raises(SystemExit, match="--baseline x5: no such arm; the arms are \\['x10', 'x3'\\]"):
         table.main()
 
 
-def test_mix_table_names_what_it_cannot_read(tmp_path):
-    table = _script("mix_table")
+def test_sweep_table_names_what_it_cannot_read(tmp_path):
+    table = _script("sweep_table")
     with pytest.raises(SystemExit, match="no run summaries"):
         table.read_runs(tmp_path)
     with pytest.raises(SystemExit, match="no such folder or file"):

@@ -1,7 +1,7 @@
 """Would joining the greedy predictions of several separately trained runs beat each run alone? A check on saved
 predictions of runs that share their choice rows.
 
-Usage: python scripts/concat_probe.py RUN RUN [RUN ...] [--max-k 3] [--scorer-path /models/sentence-t5-base]
+Usage: python research/concat_probe.py RUN RUN [RUN ...] [--max-k 3] [--scorer-path /models/sentence-t5-base]
 
 For each run, its first (greedy) prediction per choice row (``inference/predictions/*.jsonl``, rows of
 ``validation.csv``); for every combination of 2..max-k runs, the SCS of their first predictions joined with a space

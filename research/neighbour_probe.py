@@ -1,6 +1,6 @@
 """How a run's report-row score depends on how close each row's prompt is to a prompt the run trained on.
 
-Usage: python scripts/neighbour_probe.py RUN [RUN ...]   [--scorer-path /models/sentence-t5-base]
+Usage: python research/neighbour_probe.py RUN [RUN ...]   [--scorer-path /models/sentence-t5-base]
 
 For each report row (``RUN/report.csv``): the cosine, under the scorer, of its prompt to the nearest prompt of the
 run's training rows (the run's ``train_files`` less its choice and report groups), and the SCS of the run's first
@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils import data, mean_prompt, metric
+from kaggle_utils.config import data_dir, resolve_path
 
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
@@ -62,7 +63,7 @@ def probe(runs: list[Path], scorer, data_dir: Path) -> tuple[pd.DataFrame, float
     config = json.loads((runs[0] / "config.json").read_text()) if (runs[0] / "config.json").exists() else {}
     if not config.get("train_files"):
         raise SystemExit(f"{runs[0] / 'config.json'}: missing, or names no train_files")
-    files = [Path(f) if Path(f).exists() else data_dir / Path(f).name for f in config["train_files"]]
+    files = [resolve_path(f) if resolve_path(f).exists() else data_dir / Path(f).name for f in config["train_files"]]
     every = pd.concat([data.read_rewrites(f) for f in files])
     held = {data.normalize_prompt(p) for f in ("validation.csv", "report.csv")
             for p in read_csv_of(runs[0], f)["rewrite_prompt"]}
@@ -89,7 +90,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="run folders with report.csv and report/predictions")
     parser.add_argument("--scorer-path", default="", help="sentence-transformers folder; empty = MiniLM stand-in")
-    parser.add_argument("--data-dir", default="../shared/data", help="where train_files are looked up by name")
+    parser.add_argument("--data-dir", default=str(data_dir()), help="where train_files are looked up by name")
     args = parser.parse_args()
     scorer = metric.Scorer(args.scorer_path, device="cpu")
     table, now, reweighted = probe([Path(r) for r in args.runs], scorer, Path(args.data_dir))

@@ -1,6 +1,6 @@
-"""The table of benchmarks/gpu/mix_sweep.sh: each arm's choice-row and report-row scores over its training seeds.
+"""The table of research/sweep.sh: each arm's choice-row and report-row scores over its training seeds.
 
-Usage: python scripts/mix_table.py OUT_DIR|RUNS.csv [--baseline x3] [--png FILE] [--save RUNS.csv]
+Usage: python research/sweep_table.py OUT_DIR|RUNS.csv [--baseline x3] [--png FILE] [--save RUNS.csv]
 
 Every run's ``NAME.txt`` (``ARM-sSEED``) holds its per-step SCS on the choice rows, the step they selected, and the
 same checkpoints on the report rows. Per arm: the mean over seeds of the choice rows at the selected step (what the
@@ -26,12 +26,7 @@ def read_run(path: Path) -> dict:
     selected = re.search(r"selected step (\d+)", text)
     if named is None or selected is None:
         raise SystemExit(f"{path}: not a sweep summary (ARM-sSEED.txt with a 'selected step N' line)")
-    if "report rows:" in text:  # the marker mix_sweep.sh writes between the two splits
-        parts = text.split("report rows:")
-    else:  # the summaries of the first sweep: the splits told apart by their row counts, choice rows first
-        counts = list(dict.fromkeys(rows for _, _, rows in STEP.findall(text)))
-        parts = [text, text] if len(counts) != 2 else [
-            "\n".join(line for line in text.splitlines() if line.endswith(f"on {n} rows")) for n in counts]
+    parts = text.split("report rows:")  # the line sweep.sh writes between the two splits
     splits = [{int(step): float(scs) for step, scs, _ in STEP.findall(part)} for part in parts]
     if len(splits) != 2 or not all(splits) or int(selected.group(1)) not in splits[0]:
         raise SystemExit(f"{path}: needs the choice rows' and the report rows' scores by step, the selected step "
@@ -101,7 +96,7 @@ def main() -> None:
             ax.scatter(g["choice"], g["report"], label=f"{arm} (mean {g['report'].mean():.3f})", alpha=0.75)
         ax.set_xlabel("choice rows SCS at the selected step (chooses)")
         ax.set_ylabel("report rows SCS, same step (chooses nothing)")
-        ax.set_title("CPU recipe's data mix, one point per training seed")
+        ax.set_title("one point per training seed")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(args.png, dpi=110)

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Compare training recipes over several training seeds: every arm of ARMS x SEEDS seeds is one run of CONFIG with
+# the arm's train.ipynb arguments and `-p seed N`. Each run trains, selects its step on the choice rows (what
+# chooses), then scores the same checkpoints on its report rows (`make select` with validation_file = the run's
+# report.csv: scored by step only; selected/ keeps the choice rows' step). One run's score moves with the seed, so
+# compare arms paired by seed: research/sweep_table.py OUT_DIR.
+#
+#   usage: research/sweep.sh CONFIG ARMS OUT_DIR [SEEDS] [JOBS]
+#     CONFIG  a training recipe, e.g. configs/smollm2-135m.yaml
+#     ARMS    a file of lines NAME|train.ipynb arguments (research/arms/cpu_mix.txt); # starts a comment
+#     OUT_DIR per run NAME-sSEED.txt (its scores by step) and the stage logs; a run with its .txt is skipped,
+#             so an interrupted sweep resumes
+#     SEEDS   training seeds 0..SEEDS-1 (default 4); JOBS runs at once (default: 1, or 6 per visible GPU),
+#             spread over the visible GPUs
+#
+# On one H200, six SmolLM2 runs at the CPU budget shared the card at about 4 minutes a run. On a 2-core CPU run one
+# job at a time: two torch processes there slow each other about 5x.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 3 ] || { sed -n '2,15p' "$0"; exit 2; }
+config=$1; arms_file=$2; out=$3; seeds=${4:-4}
+[ -f "$config" ] || { echo "no recipe $config"; exit 2; }
+[ -f "$arms_file" ] || { echo "no arms file $arms_file"; exit 2; }
+gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
+jobs=${5:-$([ "$gpus" -ge 1 ] && echo $((6 * gpus)) || echo 1)}
+mkdir -p "$out"
+one() {  # NAME GPU ARGS...: one run; its summary lands in OUT_DIR/NAME.txt when it is done
+  local name=$1 gpu=$2; shift 2
+  [ -f "$out/$name.txt" ] && return
+  if [ "$gpu" -ge 0 ]; then export CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=3; fi
+  make train RUN="$name" CONFIG="$config" TRAIN_ARGS="$*" > "$out/$name-train.log" 2>&1 \
+    || { echo "$name: train failed (log: $out/$name-train.log)"; return; }
+  make select RUN="$name" > "$out/$name-choice.log" 2>&1 || { echo "$name: select failed"; return; }
+  make select RUN="$name" SELECT_ARGS="-r validation_file runs/$name/report.csv" > "$out/$name-report.log" 2>&1 \
+    || { echo "$name: select on the report rows failed"; return; }
+  local by_step="step [0-9]+: mean SCS [0-9.]+ \(cos [0-9.]+\) on [0-9]+ rows"
+  if ! grep -qE "$by_step" "$out/$name-report.log" || ! grep -qE "selected step" "$out/$name-choice.log"; then
+    echo "$name: no scores in its select logs"; return
+  fi
+  { echo "args: $*"; echo "choice rows:"; grep -hoE "$by_step|selected step [0-9]+" "$out/$name-choice.log"
+    echo "report rows:"; grep -hoE "$by_step" "$out/$name-report.log"; } > "$out/$name.txt"
+  echo "$name done"
+}
+export -f one; export out config
+i=0
+for ((seed = 0; seed < seeds; seed++)); do
+  while IFS= read -r arm; do
+    case "$arm" in ''|'#'*) continue ;; esac
+    gpu=$([ "$gpus" -ge 1 ] && echo $((i % gpus)) || echo -1)
+    echo "${arm%%|*}-s$seed $gpu -p seed $seed ${arm#*|}"; i=$((i + 1))
+  done < "$arms_file"
+done | xargs -P "$jobs" -L 1 bash -c 'one "$@"' _
+echo "sweep done: python research/sweep_table.py $out"
