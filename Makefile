@@ -23,9 +23,17 @@ endef
 help: ## list the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
 
-setup: $(STAMP) ## create .venv with the pinned CPU stack (idempotent)
-$(STAMP): requirements.txt requirements-vllm-types.txt pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh
+GPU ?=
+WHEELS ?=
+setup: $(STAMP) ## create .venv: the CPU stack; GPU=1 the GPU stack with vLLM (docs/gpu.md); WHEELS=dir offline
+# A .venv that is not a GPU one yet, asked for GPU=1, is installed again.
+ifeq ($(GPU),1)
+ifneq ($(shell cat $(STAMP) 2>/dev/null),gpu)
+.PHONY: $(STAMP)
+endif
+endif
+$(STAMP): requirements.txt requirements-gpu.txt requirements-vllm-types.txt pyproject.toml scripts/setup.sh
+	GPU=$(GPU) WHEELS=$(WHEELS) bash scripts/setup.sh
 
 test: setup ## run every test (fast + slow); CI runs this
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
@@ -35,6 +43,11 @@ test-fast: setup ## run the fast tests only (no real model, no notebook runs)
 
 # The data: ../shared/data when it exists, else data/ (built once by `make data`; KAGGLE_UTILS_DATA=/path overrides).
 HAVE_DATA := $(or $(KAGGLE_UTILS_DATA),$(wildcard ../shared/data/gemma_rewrites.csv),$(wildcard data/gemma_rewrites.csv))
+
+.PHONY: box-wheels
+box-wheels: setup ## wheels of the GPU stack for an offline GPU box into build/box-wheels (BOX_PYTHON=3.12; GBs)
+	bash scripts/box_wheels.sh $(BOX_PYTHON)
+BOX_PYTHON ?= 3.12
 
 .PHONY: data
 data: setup ## build data/ from the public upstream files (pinned commits, sha256 checked; needs a network once)
@@ -134,7 +147,7 @@ PLAN ?= configs/submissions.yaml
 LOCAL_INPUTS ?= configs/local-inputs.yaml
 VARIANT ?=
 VERSION ?=
-KAGGLE_PYTHON ?= 3.11
+KAGGLE_PYTHON ?= 3.12
 KERNELS = $(PY) scripts/submissions.py --plan $(PLAN) $(if $(VARIANT),--variant $(VARIANT))
 
 render: setup ## render every variant of PLAN into build/kernels/<slug>/ (VARIANT=<slug> for one; no credentials)

@@ -774,7 +774,7 @@ def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = 
     return folder
 
 
-def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version: str = "3.11",
+def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version: str = "3.12",
                             requirements: str = GPU_REQUIREMENTS) -> list[str]:
     """``pip download`` of the GPU requirements as wheels for Kaggle's Python on x86-64 Linux (glibc 2.35).
 

@@ -29,7 +29,7 @@ logger = logging.getLogger("kaggle_utils")
 
 NO_VLLM_ENV = "KAGGLE_UTILS_NO_VLLM"  # set to the reason when the wheels' vLLM must not be used
 DEFAULT_TARGET = "/tmp/gpu-wheels"  # scratch space, not part of the kernel's output
-REQUIREMENTS = "requirements-gpu.txt"  # beside the wheels (kernels.write_wheels_metadata puts it there)
+REQUIREMENTS = "requirements-kaggle.txt"  # beside the wheels (kernels.write_wheels_metadata puts it there)
 
 # Run by the checking child process, with the wheels' folder first on its path. The driver version comes from
 # nvidia-smi when there is one, so a log shows it beside the CUDA version torch was built for.

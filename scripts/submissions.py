@@ -5,7 +5,7 @@ Usage (the Makefile's targets call these):
     python scripts/submissions.py render-local --variant SLUG # execute one rendered kernel here (configs/local-inputs.yaml)
     python scripts/submissions.py push-lib | push-wheels
     python scripts/submissions.py push-adapters [--variant SLUG]   # runs/<adapter>/selected/ of the plan (or one variant)
-    python scripts/submissions.py wheels                          # pip download of requirements-gpu.txt (GBs)
+    python scripts/submissions.py wheels                          # pip download of requirements-kaggle.txt (GBs)
     python scripts/submissions.py push [--variant SLUG]           # render with your user, then kaggle kernels push
     python scripts/submissions.py status [--variant SLUG]
     python scripts/submissions.py submit --variant SLUG [--version N]
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variant", default="", help="one variant's slug (default: all; required by render-local, submit)")
     parser.add_argument("--settings", default=kernels.DEFAULT_LOCAL_SETTINGS, help="render-local: /kaggle path mapping")
     parser.add_argument("--version", type=int, default=None, help="submit: the kernel version (default: the last push)")
-    parser.add_argument("--python", default="3.11", help="wheels: Kaggle's Python version")
+    parser.add_argument("--python", default="3.12", help="wheels: Kaggle's Python version")
     parser.add_argument("--runs", default="runs", help="push-adapters: where runs/<adapter>/selected/ live")
     args = parser.parse_args(argv)
     config.setup_logging()

@@ -372,16 +372,17 @@ def test_adapters_dataset_of_one_variant_needs_only_its_own_run(tmp_path):
 
 def test_wheels_command_asks_for_binary_wheels_of_kaggles_python(tmp_path):
     plan = kernels.load_plan()
-    cmd = kernels.wheels_download_command(tmp_path / "w", "3.11")
+    cmd = kernels.wheels_download_command(tmp_path / "w")
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
-    assert cmd[cmd.index("--python-version") + 1] == "3.11" and "manylinux2014_x86_64" in cmd
+    # Kaggle's GPU image runs Python 3.12 (its site-packages are /usr/local/lib/python3.12)
+    assert cmd[cmd.index("--python-version") + 1] == "3.12" and "manylinux2014_x86_64" in cmd
     platforms = {cmd[i + 1] for i, a in enumerate(cmd) if a == "--platform"}
     assert {"manylinux_2_27_x86_64", "manylinux_2_35_x86_64", "manylinux_2_17_x86_64"} <= platforms
     assert "manylinux_2_36_x86_64" not in platforms  # nothing newer than Kaggle's glibc
-    assert cmd[cmd.index("-r") + 1].endswith("requirements-gpu.txt")
+    assert cmd[cmd.index("-r") + 1].endswith("requirements-kaggle.txt")
     folder = kernels.write_wheels_metadata(plan, kernels.PLACEHOLDER_USER, tmp_path / "w")
     assert kernels.set_dataset_owner(folder, USER) == f"{USER}/prompt-recovery-wheels"
-    assert (folder / "requirements-gpu.txt").read_text() == (REPO / "requirements-gpu.txt").read_text()
+    assert (folder / "requirements-kaggle.txt").read_text() == (REPO / "requirements-kaggle.txt").read_text()
 
 
 # ---------------------------------------------------------------- the real kaggle CLI against a stand-in server
@@ -552,7 +553,8 @@ def _isolated_root(tmp_path: Path, notebook: Path) -> Path:
     root = tmp_path / "root"
     (root / "configs").mkdir(parents=True)
     (root / "notebooks").mkdir()
-    for rel in ("configs/submissions.yaml", "configs/local-inputs.yaml", "dataset-metadata.json", "requirements-gpu.txt"):
+    for rel in ("configs/submissions.yaml", "configs/local-inputs.yaml", "dataset-metadata.json",
+                "requirements-kaggle.txt"):
         shutil.copy2(REPO / rel, root / rel)
     shutil.copy2(notebook, root / "notebooks" / "inference.ipynb")
     return root
