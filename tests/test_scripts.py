@@ -8,6 +8,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -152,3 +153,48 @@ def test_concat_probe_joins_the_greedy_predictions_of_several_runs(tmp_path):
     assert table["joined"].iloc[0] == pytest.approx(joined)
     assert table["alone (mean)"].iloc[0] == pytest.approx(0.5) and table["alone (best)"].iloc[0] == pytest.approx(0.5)
     assert table["gain"].iloc[0] == pytest.approx(joined - 0.5) and table["gain"].iloc[0] < 0
+
+
+def test_selection_rules_pick_from_the_curve_as_documented():
+    rules = _script("selection_rules")
+    groups = np.repeat(np.arange(10), 2)  # 20 rows, 10 prompt groups
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.1, 0.3, size=20)
+    # a lone spike at 100, a plateau at 250-350, a dip after
+    level = {0: -0.15, 50: 0.0, 100: 0.06, 150: 0.0, 200: 0.02, 250: 0.04, 300: 0.045, 350: 0.04, 400: 0.0}
+    per_step = {s: base + v for s, v in level.items()}
+    picks = rules.choose(per_step, groups)
+    assert picks["best"] == 100  # the spike
+    assert picks["smooth3"] == 300  # the plateau's middle: (0.04 + 0.045 + 0.04) / 3 beats (0 + 0.06 + 0) / 3
+    # every step's rows move together here (no noise), so the standard error is 0 and only the best qualifies
+    assert picks["latest_1se"] == 100
+    noisy = {s: v + rng.normal(0, 0.05, size=20) for s, v in per_step.items()}
+    late = rules.latest_within_se(noisy, groups)
+    assert late >= rules.choose(noisy, groups)["best"]
+    assert rules.window([0, 50, 100, 150, 200], 200, 3) == [100, 150, 200]
+    assert rules.window([0, 50, 100, 150, 200], 50, 3) == [50, 100, 150]
+
+
+def test_averaged_adapter_applies_the_mean_of_the_checkpoints_updates(tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    rules = _script("selection_rules")
+    run = tmp_path / "run"
+    key = "base_model.model.layers.0.q_proj.lora_{}.weight"
+    updates = []
+    for step in (100, 150, 200):
+        folder = run / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        a, b = torch.randn(4, 8), torch.randn(6, 4)
+        save_file({key.format("A"): a, key.format("B"): b}, folder / "adapter_model.safetensors")
+        (folder / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8}))
+        updates.append(b @ a * (8 / 4))
+    (run / "selected").mkdir()
+    (run / "selected" / "selection.json").write_text(json.dumps({"step": 150, "preset": "smollm2-135m"}))
+    out = rules.average_adapters(run, [100, 150, 200], run / "averaged" / "avg3")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    t = load_file(out / "adapter_model.safetensors")
+    got = t[key.format("B")] @ t[key.format("A")] * (cfg["lora_alpha"] / cfg["r"])
+    assert torch.allclose(got, torch.stack(updates).mean(0), atol=1e-5)
+    assert json.loads((out / "selection.json").read_text())["averaged_steps"] == [100, 150, 200]
