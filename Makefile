@@ -115,6 +115,11 @@ infer: setup ## write SUBMISSION for TEST with the adapter and blend `make demo`
 select: setup ## score RUN's checkpoints (step 0 = base model) by the metric; export the best to runs/RUN/selected/
 	$(call notebook,select_checkpoint,runs/$(RUN),-r run_name $(RUN) $(SELECT_ARGS))
 
+SEEDS ?= 3
+.PHONY: seeds
+seeds: setup ## SEEDS training seeds of CONFIG as runs/RUN-sN, each selected, joined in runs/RUN-seeds/plan.yaml
+	bash scripts/seed_runs.sh $(RUN) $(CONFIG) $(SEEDS) $(TRAIN_ARGS)
+
 train-smollm: RUN = smollm
 train-smollm: CONFIG = configs/smollm2-135m.yaml
 train-smollm: train ## SmolLM2-135M on CPU, minutes

@@ -1,4 +1,4 @@
-"""The research scripts behind numbers in RESULTS.md (research/).
+"""The research scripts behind numbers in RESULTS.md (research/), and scripts/seed_runs.sh.
 
 Run: `pytest tests/test_scripts.py`.
 """
@@ -198,3 +198,38 @@ def test_averaged_adapter_applies_the_mean_of_the_checkpoints_updates(tmp_path):
     got = t[key.format("B")] @ t[key.format("A")] * (cfg["lora_alpha"] / cfg["r"])
     assert torch.allclose(got, torch.stack(updates).mean(0), atol=1e-5)
     assert json.loads((out / "selection.json").read_text())["averaged_steps"] == [100, 150, 200]
+
+
+def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_path):
+    """scripts/seed_runs.sh with a stand-in `make` that records its calls: the plan names each seed's selection."""
+    import os
+    import subprocess
+
+    import yaml
+
+    root = tmp_path / "checkout"
+    (root / "scripts").mkdir(parents=True)
+    (root / "configs").mkdir()
+    (root / "scripts" / "seed_runs.sh").write_text((ROOT / "scripts" / "seed_runs.sh").read_text())
+    (root / "configs" / "r.yaml").write_text("# a recipe\npreset: smollm2-135m\nmax_steps: 10\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "make").write_text('#!/bin/sh\necho "$@" >> "$CALLS"\n')
+    (bin_dir / "make").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
+    out = subprocess.run(["bash", "scripts/seed_runs.sh", "gpu", "configs/r.yaml", "2", "-p", "max_steps", "5"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls == [
+        "--no-print-directory train RUN=gpu-s0 CONFIG=configs/r.yaml TRAIN_ARGS=-p seed 0 -p max_steps 5",
+        "--no-print-directory select RUN=gpu-s0",
+        "--no-print-directory train RUN=gpu-s1 CONFIG=configs/r.yaml TRAIN_ARGS=-p seed 1 -p max_steps 5",
+        "--no-print-directory select RUN=gpu-s1"]
+    plan = yaml.safe_load((root / "runs" / "gpu-seeds" / "plan.yaml").read_text())
+    assert plan == {"models": [
+        {"name": "s0", "preset": "smollm2-135m", "adapter_path": "runs/gpu-s0/selected"},
+        {"name": "s1", "preset": "smollm2-135m", "adapter_path": "runs/gpu-s1/selected"}]}
+    bad = subprocess.run(["bash", "scripts/seed_runs.sh", "gpu", "configs/none.yaml", "2"], cwd=root, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "no recipe configs/none.yaml" in bad.stderr
