@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import blending, data
+from . import blending, data, metric
 from .config import require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -282,16 +282,6 @@ def tokenizer_vocabulary(scorer, targets: Sequence[str], size: int) -> list[str]
 # ---------------------------------------------------------------- objectives
 
 
-def scs_matrix(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
-    """SCS of every row of ``a`` against every row of ``b`` (the pairwise twin of ``metric.sharpened_cosine``)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    cos = a @ b.T
-    return np.sign(cos) * np.abs(cos) ** power
-
-
 class AloneObjective:
     """Mean SCS of each candidate string alone against a fixed set of target prompts.
 
@@ -308,7 +298,7 @@ class AloneObjective:
     def __call__(self, candidates: Sequence[str]) -> np.ndarray:
         if not len(candidates):
             return np.zeros(0)
-        return scs_matrix(self.scorer.embed(list(candidates)), self._target_vectors).mean(axis=1)
+        return metric.scs_matrix(self.scorer.embed(list(candidates)), self._target_vectors).mean(axis=1)
 
 
 class BlendObjective:
@@ -674,9 +664,7 @@ def plot_blend_table(table: pd.DataFrame, path: str | os.PathLike, scorer_name: 
 
 def load_scorer(cfg: MeanPromptConfig):
     """The scorer the config names (MiniLM stand-in when ``scorer_path`` is empty)."""
-    from .metric import Scorer
-
-    return Scorer(cfg.scorer_path, batch_size=cfg.batch_size)
+    return metric.Scorer(cfg.scorer_path, batch_size=cfg.batch_size)
 
 
 @dataclass

@@ -50,6 +50,17 @@ def sharpened_cosine(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray
     return np.sign(cos) * np.abs(cos) ** power
 
 
+def scs_matrix(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
+    """SCS of every row of ``a`` against every row of ``b``: the pairwise twin of :func:`sharpened_cosine`, for
+    scoring many candidate strings against many target prompts in one product. A zero row scores 0."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    cos = a @ b.T
+    return np.sign(cos) * np.abs(cos) ** power
+
+
 def bootstrap_interval(values, groups=None, level: float = INTERVAL_LEVEL, draws: int = BOOTSTRAP_DRAWS,
                        seed: int = 0) -> tuple[float, float]:
     """A percentile bootstrap interval of the mean of ``values``, resampling whole ``groups`` when given.

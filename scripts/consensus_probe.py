@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils import metric
-from kaggle_utils.mean_prompt import scs_matrix
 
 
 def probe(run: Path, scorer) -> dict:
@@ -35,7 +34,7 @@ def probe(run: Path, scorer) -> dict:
     for rid, preds in rows:
         scs = scorer.scs(preds, [truth[rid]] * len(preds))
         vectors = scorer.embed(preds)
-        pairwise = scs_matrix(vectors, vectors)
+        pairwise = metric.scs_matrix(vectors, vectors)
         agreement = (pairwise.sum(axis=1) - np.diag(pairwise)) / (len(preds) - 1)
         greedy.append(scs[0])
         consensus.append(scs[int(agreement.argmax())])

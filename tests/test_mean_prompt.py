@@ -280,14 +280,6 @@ def test_blend_search_keeps_unseen_rows_for_the_choice(tmp_path):
     assert choice["rows"] == len(saved["choice_rows"]) and choice["rows_total"] == 5
 
 
-def test_scs_matrix_matches_the_metric():
-    rng = np.random.default_rng(0)
-    a, b = rng.normal(size=(3, 5)), rng.normal(size=(4, 5))
-    full = mp.scs_matrix(a, b)
-    for i in range(3):
-        assert np.allclose(full[i], metric.sharpened_cosine(np.repeat(a[i:i + 1], 4, axis=0), b))
-
-
 # ---------------------------------------------------------------- the blend choice
 
 
