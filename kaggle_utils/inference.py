@@ -173,11 +173,12 @@ class InferenceConfig:
         self.sampling_config(specs[0] if specs else ModelSpec.from_dict(DEFAULT_MODELS[0], 0))  # validates the rest
 
     def _apply_blend(self) -> None:
-        """Take models (order, n), mean prompt and separator from the blend chosen on validation (issue 6)."""
-        from . import mean_prompt
-
-        choice = mean_prompt.load_blend(self.blend_file)
-        plan = mean_prompt.plan_from_blend(self.models, choice)
+        """Take models (order, n), mean prompt and separator from the blend chosen on validation (``blend_file``)."""
+        chosen = blending.Blend.read(self.blend_file)
+        try:
+            plan = chosen.plan_for(self.models)
+        except blending.BlendError as e:
+            raise blending.BlendError(f"{self.blend_file}: {e}") from None
         if not plan["models"]:
             logger.warning("%s chose the mean prompt alone: no model runs, every row gets the mean prompt",
                            self.blend_file)
@@ -186,8 +187,8 @@ class InferenceConfig:
         self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
         if plan["mean_prompt"].strip():
             self.mean_prompt = plan["mean_prompt"]
-        logger.info("blend from %s: %s (SCS %s, %s)", self.blend_file, choice.get("label", "?"), choice.get("scs", "?"),
-                    choice.get("scorer", "?"))
+        logger.info("blend from %s: %s (SCS %s, %s)", self.blend_file, chosen.label or "?",
+                    "?" if chosen.scs is None else chosen.scs, chosen.scorer or "?")
 
     def check_paths(self) -> None:
         """Check every model's folders (base, adapter or merged) and the test file exist; errors name the model."""

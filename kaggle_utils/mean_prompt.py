@@ -50,7 +50,6 @@ DEFAULT_TARGET_FILES = ["../shared/data/selected_prompts.json"]
 # Used when the run folder has no config.json to name its training files (same default as training.TrainConfig).
 FALLBACK_TRAIN_FILES = ["../shared/data/extra_rewrites.csv", "../shared/data/gemma_rewrites.csv"]
 RESULT_FILE = "mean_prompt.json"
-BLEND_FILE = "blend.json"
 OPTIONS_FILE = "blend_options.csv"
 OPTIONS_PLOT = "blend_options.png"
 SCORES_FILE = "scores.csv"
@@ -825,9 +824,9 @@ def run_blend_choice(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: di
               "mean_prompt_objective": searched.get("objective", ""),
               "best_with_optimized_mean_prompt": describe(with_optimized) if with_optimized else None,
               "seconds": round(time.perf_counter() - began, 2)}
-    (cfg.run_dir / BLEND_FILE).write_text(json.dumps(choice, indent=2) + "\n")
+    path = blending.Blend(**choice).write(cfg.run_dir / blending.BLEND_FILE)
     logger.info("blend chosen from %d option(s) on %d rows with %s: %s (SCS %.4f) -> %s", len(table), choice["rows"],
-                scorer.name, best.label, choice["scs"], cfg.run_dir / BLEND_FILE)
+                scorer.name, best.label, choice["scs"], path)
     return shown, choice
 
 
@@ -852,32 +851,3 @@ def score_rows(scorer, inputs: Inputs, searched: dict, choice: dict) -> list[dic
             rows.append(scorer.report(system, blend_strings(option, inputs.predictions, range(n), mean_prompts,
                                                             choice["separator"]), truths, split=SPLIT))
     return rows
-
-
-def load_blend(path: str | os.PathLike) -> dict:
-    """A saved ``blend.json``: ``models`` [{model, n}] in join order, ``mean_prompt``, ``separator``, and its score."""
-    file = resolve_path(path)
-    if not file.exists():
-        raise MeanPromptError(f"blend file '{file}' does not exist (run `make mean-prompt RUN=<run>` first)")
-    choice = json.loads(file.read_text())
-    for key in ("models", "mean_prompt", "separator"):
-        if key not in choice:
-            raise MeanPromptError(f"{file}: missing key '{key}'")
-    return choice
-
-
-def plan_from_blend(models: Sequence[dict], choice: dict) -> dict:
-    """The inference settings a saved blend implies for a plan of model entries (dicts with ``name`` and ``n``):
-    the models in the blend's order with the blend's ``n`` each (models it leaves out are dropped, so they are not
-    sampled), and ``use_mean_prompt``, ``mean_prompt``, ``separator``.
-
-    ``models`` comes back empty when the best blend is the mean prompt alone: then no model needs to run.
-    """
-    by_name = {m["name"]: m for m in models}
-    missing = [m["model"] for m in choice["models"] if m["model"] not in by_name]
-    if missing:
-        raise MeanPromptError(f"the blend names model(s) {missing} that the plan does not have ({list(by_name)}); "
-                              "choose the blend on predictions of this plan's models")
-    mean = str(choice.get("mean_prompt", ""))
-    return {"models": [{**by_name[m["model"]], "n": int(m["n"])} for m in choice["models"]],
-            "use_mean_prompt": bool(mean.strip()), "mean_prompt": mean, "separator": choice["separator"]}

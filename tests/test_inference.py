@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -372,9 +373,9 @@ def test_make_infer_killed_mid_run_then_rerun_has_every_id_once(tmp_path, tiny_m
 def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     import json
 
+    from kaggle_utils import blending
     from kaggle_utils import config as kconfig
     from kaggle_utils import inference as inf
-    from kaggle_utils.mean_prompt import MeanPromptError
 
     two = [dict(inf.DEFAULT_MODELS[0], name="a", n=4), dict(inf.DEFAULT_MODELS[0], name="b", n=4)]
     blend = tmp_path / "blend.json"
@@ -384,7 +385,7 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     assert [(m["name"], m["n"]) for m in cfg.models] == [("b", 2), ("a", 1)]
     assert cfg.use_mean_prompt and cfg.mean_prompt == "optimized words" and cfg.separator == " | "
     blend.write_text(json.dumps({"models": [{"model": "zzz", "n": 2}], "mean_prompt": "", "separator": " "}))
-    with pytest.raises(MeanPromptError, match="zzz"):
+    with pytest.raises(blending.BlendError, match=rf"^{re.escape(str(blend))}: the blend names model\(s\) \['zzz'\]"):
         inf.InferenceConfig(models=two, blend_file=str(blend))
     blend.write_text(json.dumps({"models": [], "mean_prompt": "only this", "separator": " "}))
     cfg = inf.InferenceConfig(models=two, blend_file=str(blend))  # the mean prompt alone won: no model runs
@@ -392,6 +393,17 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     blend.write_text(json.dumps({"models": [], "mean_prompt": "", "separator": " "}))
     with pytest.raises(kconfig.ConfigError, match="^models:"):
         inf.InferenceConfig(models=two, blend_file=str(blend))
+
+
+def test_a_blend_file_written_before_the_rule_existed_still_applies(tmp_path):
+    """blend.json of an older run (no best_by_mean, no rule) sets the plan as a new one does."""
+    from test_blending import OLD_BLEND
+
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps(OLD_BLEND))
+    cfg = inference.InferenceConfig(models=[dict(inference.DEFAULT_MODELS[0], n=4)], blend_file=str(blend))
+    assert [(m["name"], m["n"]) for m in cfg.models] == [("smollm", 2)]
+    assert cfg.use_mean_prompt and cfg.mean_prompt == OLD_BLEND["mean_prompt"]
 
 
 def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(tmp_path, monkeypatch):

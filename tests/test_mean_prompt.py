@@ -310,8 +310,9 @@ def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
     assert choice["best_by_mean"] == table["option"].iloc[0] and "one standard error" in choice["rule"]
     assert choice["models"][0] == {"model": "good", "n": 1}
     assert not any(m["model"] == "bad" for m in choice["models"])
-    saved = mp.load_blend(cfg.run_dir / mp.BLEND_FILE)
-    assert saved["mean_prompt"] in ("", mp.PUBLIC_MEAN_PROMPT, "rewrite formal") and saved["scorer"] == scorer.name
+    saved = blending.Blend.read(cfg.run_dir)
+    assert saved.to_dict() == choice  # the file holds what the stage returned, key for key
+    assert saved.mean_prompt in ("", mp.PUBLIC_MEAN_PROMPT, "rewrite formal") and saved.scorer == scorer.name
     assert (cfg.run_dir / mp.OPTIONS_FILE).exists() and (cfg.run_dir / mp.OPTIONS_PLOT).exists()
     assert (table["rows"] == 2).all() and table["scorer"].eq(scorer.name).all()  # chosen on rows 1-2 only
     assert choice["best_with_optimized_mean_prompt"]["mean_prompt"] == "rewrite formal"
@@ -319,21 +320,6 @@ def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
     assert [r["system"] for r in rows] == [blending.PUBLIC_MEAN_PROMPT_SYSTEM, "mean prompt alone (optimized)",
                                            "predictions + optimized mean prompt", "blend chosen on validation"]
     assert rows[-1]["scs"] == pytest.approx(choice["scs_all_rows"], abs=1e-4)
-
-
-def test_plan_from_blend_reorders_sets_n_and_drops_unused_models():
-    plan = [{"name": "a", "preset": "p", "n": 4}, {"name": "b", "preset": "p", "n": 1}, {"name": "c", "n": 2}]
-    choice = {"models": [{"model": "b", "n": 2}, {"model": "a", "n": 1}], "mean_prompt": "essay message",
-              "separator": " "}
-    settings = mp.plan_from_blend(plan, choice)
-    assert settings["models"] == [{"name": "b", "preset": "p", "n": 2}, {"name": "a", "preset": "p", "n": 1}]
-    assert settings["use_mean_prompt"] and settings["mean_prompt"] == "essay message"
-    alone = mp.plan_from_blend(plan, {"models": [], "mean_prompt": "essay", "separator": " "})
-    assert alone["models"] == [] and alone["use_mean_prompt"]
-    no_mean = mp.plan_from_blend(plan, {"models": [{"model": "a", "n": 4}], "mean_prompt": "", "separator": " "})
-    assert not no_mean["use_mean_prompt"]
-    with pytest.raises(mp.MeanPromptError, match=r"\['z'\]"):
-        mp.plan_from_blend(plan, {"models": [{"model": "z", "n": 1}], "mean_prompt": "", "separator": " "})
 
 
 def test_predictions_are_aligned_to_validation_ids(tmp_path):

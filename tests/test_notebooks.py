@@ -13,7 +13,7 @@ import nbformat
 import papermill
 import pytest
 
-from kaggle_utils import config, training
+from kaggle_utils import blending, config, training
 from kaggle_utils import mean_prompt
 from kaggle_utils import checkpoints
 from conftest import GEMMA_CSV
@@ -153,7 +153,7 @@ def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
                         target_files=[], vocab_size=40, max_length=3, max_targets=200, n_choices=[0, 1, 2]),
     )
     searched = json.loads((run / mean_prompt.RESULT_FILE).read_text())
-    blend = json.loads((run / mean_prompt.BLEND_FILE).read_text())
+    blend = json.loads((run / blending.BLEND_FILE).read_text())
     assert searched["string"] and searched["history"] and searched["scorer"] == blend["scorer"]
     table = pd.read_csv(run / mean_prompt.OPTIONS_FILE)
     assert blend["scs"] >= table["scs"].max() - 1e-9 and len(table) == blend["chosen_from"]
