@@ -7,7 +7,6 @@ rendered as a kernel. Each step is one call here, so the notebook stays a list o
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import blending, budget, data, models, prompts, sampling
+from . import artifacts, blending, budget, data, models, prompts, sampling
 from .config import ConfigError, require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -32,7 +31,7 @@ SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
 SCORES_FILE = "scores.csv"
-DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the adapter's selection says
+DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the model's selection.json says
 SAMPLING_FILE = "sampling.csv"
 
 
@@ -92,23 +91,20 @@ class ModelSpec:
             raise ConfigError(f"models[{index}] ({entry.get('name')}): {e}") from None
 
     def trained_prompt_tokens(self) -> int:
-        """The prompt length this model's adapter was selected at (``selection.json``'s ``max_prompt_tokens``, which
-        follows the training cut), so it is shown prompts cut as in training; :data:`DEFAULT_PROMPT_TOKENS` when
-        there is no such file (a base model, an adapter from elsewhere)."""
+        """The prompt-token limit this model's adapter was selected at (``max_prompt_tokens`` of its
+        ``selection.json``, beside the adapter or above a merged folder); 0 when no such file records one (a base
+        model, an adapter from elsewhere). An unreadable file is logged and counts as none."""
         for folder in ([self.adapter_path] if self.adapter_path else []) + (
                 [str(Path(self.merged_path).parent)] if self.merged_path else []):
-            path = resolve_path(folder) / sampling.SELECTION_FILE
-            if not path.exists():
-                continue
             try:
-                value = int(json.loads(path.read_text()).get("max_prompt_tokens") or 0)
-            except (OSError, ValueError, AttributeError) as e:
-                logger.warning("%s: unreadable (%s); %s sees prompts cut to %d tokens, maybe not as in training",
-                               path, e, self.name, DEFAULT_PROMPT_TOKENS)
+                selection = artifacts.Selection.find(folder)
+            except artifacts.ArtifactError as e:
+                logger.warning("%s; %s sees prompts cut to %d tokens, maybe not as in training", e, self.name,
+                               DEFAULT_PROMPT_TOKENS)
                 continue
-            if value:
-                return value
-        return DEFAULT_PROMPT_TOKENS
+            if selection is not None and selection.max_prompt_tokens:
+                return selection.max_prompt_tokens
+        return 0
 
     @property
     def label(self) -> str:
@@ -134,8 +130,7 @@ class InferenceConfig:
     fallback_prompt: str = prompts.FALLBACK_PROMPT  # for empty generations, failed rows, rows past the deadline
     identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
     max_new_tokens: int = 32  # a recovered prompt is one sentence
-    max_prompt_tokens: int = 0  # longer prompts are cut (instruction kept, both texts trimmed); 0 = per model, the
-    # length its adapter was selected at (selection.json), else DEFAULT_PROMPT_TOKENS
+    max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = each model's, from selection.json
     batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
     gpu_memory_utilization: float = 0.9  # vLLM's share of each GPU
     seed: int = 0  # sampling seed
@@ -217,7 +212,8 @@ class InferenceConfig:
                                        max_new_tokens=self.max_new_tokens, seed=self.seed,
                                        forced_start=spec.forced_start, batch_size=self.batch_size,
                                        greedy_first=spec.greedy_first,
-                                       max_prompt_tokens=self.max_prompt_tokens or spec.trained_prompt_tokens())
+                                       max_prompt_tokens=artifacts.prompt_token_limit(
+                                           self.max_prompt_tokens, spec.trained_prompt_tokens()))
 
 
 # ---------------------------------------------------------------- phases

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, git_commit, wheels
+from . import __version__, artifacts, git_commit, wheels
 from .config import ConfigError, project_root, require, resolve_path
 from .models import PRESETS, get_preset
 
@@ -750,9 +750,8 @@ def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = 
     runs = resolve_path(runs_dir)
     missing = []
     for name, merged in wanted.items():
-        sel = runs / name / "selected"
-        has_weights = (sel / "adapter_model.safetensors").exists() or (sel / "adapter_model.bin").exists()
-        if not ((sel / "adapter_config.json").exists() and has_weights):
+        sel = runs / name / artifacts.SELECTED_DIR
+        if not artifacts.has_adapter(sel):
             missing.append(f"{sel} (select a checkpoint of run '{name}')")
         elif merged and not (sel / "merged" / "config.json").exists():
             missing.append(f"{sel / 'merged'} (a model uses_merged; export the merged weights)")
@@ -762,10 +761,9 @@ def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = 
     folder = _fresh(resolve_path(out))
     manifest = {}
     for name, merged in wanted.items():
-        sel = runs / name / "selected"
+        sel = runs / name / artifacts.SELECTED_DIR
         shutil.copytree(sel, folder / name, ignore=None if merged else shutil.ignore_patterns("merged"))
-        selection = sel / "selection.json"
-        manifest[name] = json.loads(selection.read_text()) if selection.exists() else {}
+        manifest[name] = artifacts.Selection.record(sel) or {}  # what each selection.json says, as written
     (folder / "adapters.json").write_text(json.dumps({"commit": commit_stamp(), "adapters": manifest}, indent=2) + "\n")
     ref = dataset_ref(plan.adapters_dataset, user)
     (folder / "dataset-metadata.json").write_text(

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 from . import blending, data, metric
-from .config import require, resolve_path, save_config
+from .config import require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -187,11 +187,9 @@ def run_train_files(cfg: MeanPromptConfig) -> list[str]:
     """The training CSVs: the config's, else those the run's ``config.json`` names, else the training default."""
     if cfg.train_files:
         return list(cfg.train_files)
-    saved = cfg.run_dir / "config.json"
-    if saved.exists():
-        files = json.loads(saved.read_text()).get("train_files")
-        if files:
-            return list(files)
+    files = (saved_config(cfg.run_dir) or {}).get("train_files")
+    if files:
+        return list(files)
     return list(FALLBACK_TRAIN_FILES)
 
 
@@ -468,10 +466,7 @@ def find_prediction_files(cfg: MeanPromptConfig) -> list[Path]:
 
 def _planned_models(folder: Path) -> list[str]:
     """Model names, in plan order, from the ``config.json`` of the inference run that owns ``folder``."""
-    saved = folder.parent / "config.json"
-    if not saved.exists():
-        return []
-    plan = json.loads(saved.read_text()).get("models") or []
+    plan = (saved_config(folder.parent) or {}).get("models") or []
     return [m["name"] for m in plan if isinstance(m, dict) and m.get("name")]
 
 

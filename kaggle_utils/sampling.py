@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from . import decoding, models, prompts
+from . import artifacts, decoding, models, prompts
 from .config import ConfigError, error_summary, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
@@ -32,7 +32,6 @@ ENGINES = ("auto", "vllm", "hf")
 DTYPES = ("auto", "float16", "bfloat16")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
 # vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-SELECTION_FILE = "selection.json"
 
 
 @dataclass
@@ -46,7 +45,7 @@ class SamplingConfig:
     seed: int = 0  # sampling seed; batch b uses seed + b (HF), row i uses seed + i (vLLM)
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
     batch_size: int = 16  # rows per generate call (x n sequences)
-    max_prompt_tokens: int = prompts.DEFAULT_PROMPT_TOKENS  # longer prompts are cut, keeping the instruction and both texts
+    max_prompt_tokens: int = prompts.DEFAULT_PROMPT_TOKENS  # prompt-token limit (kaggle_utils.artifacts), resolved
     greedy_first: bool = False  # the first of the n predictions is greedy, the others sampled at ``temperature``
 
     def __post_init__(self):
@@ -75,6 +74,14 @@ class AdapterError(ValueError):
     """An adapter folder is missing, incomplete, or was trained on another base model."""
 
 
+def _selection(path: Path) -> artifacts.Selection | None:
+    """The adapter folder's ``selection.json``, if any; an unreadable one is an :class:`AdapterError` naming it."""
+    try:
+        return artifacts.Selection.find(path)
+    except artifacts.ArtifactError as e:
+        raise AdapterError(f"adapter '{path}': {e}") from None
+
+
 def check_adapter(adapter_path: str, preset: str = "") -> Path:
     """The adapter folder, checked for ``adapter_config.json`` and weights.
 
@@ -84,15 +91,12 @@ def check_adapter(adapter_path: str, preset: str = "") -> Path:
     path = resolve_path(adapter_path)
     if not path.is_dir():
         raise AdapterError(f"adapter path '{path}' does not exist (for the demo's adapter run `make demo` first)")
-    if not (path / "adapter_config.json").exists() or not (
-            (path / "adapter_model.safetensors").exists() or (path / "adapter_model.bin").exists()):
+    if not artifacts.has_adapter(path):
         raise AdapterError(f"adapter path '{path}' has no adapter_config.json + adapter_model.safetensors")
-    selection = path / SELECTION_FILE
-    if preset and selection.exists():
-        trained_on = json.loads(selection.read_text()).get("preset")
-        if trained_on and trained_on != preset:
-            raise AdapterError(f"adapter '{path}' was trained on preset '{trained_on}' ({SELECTION_FILE}), "
-                               f"but the model entry uses preset '{preset}'")
+    selection = _selection(path) if preset else None
+    if selection is not None and selection.preset and selection.preset != preset:
+        raise AdapterError(f"adapter '{path}' was trained on preset '{selection.preset}' "
+                           f"({artifacts.SELECTION_FILE}), but the model entry uses preset '{preset}'")
     return path
 
 
@@ -105,13 +109,12 @@ def selected_adapter(adapter_path: str, preset: str = "") -> str:
     if not adapter_path:
         return ""
     path = resolve_path(adapter_path)
-    selection = path / SELECTION_FILE
-    if selection.exists() and not (path / "adapter_config.json").exists():
-        info = json.loads(selection.read_text())
-        if info.get("adapter") is None and info.get("base_model_won"):
-            if preset and info.get("preset") and info["preset"] != preset:
-                raise AdapterError(f"selection '{path}' was made on preset '{info['preset']}', but the model entry "
-                                   f"uses preset '{preset}'")
+    if path.is_dir() and not (path / artifacts.ADAPTER_FILES[0]).exists():
+        selection = _selection(path)
+        if selection is not None and selection.adapter is None and selection.base_model_won:
+            if preset and selection.preset and selection.preset != preset:
+                raise AdapterError(f"selection '{path}' was made on preset '{selection.preset}', but the model "
+                                   f"entry uses preset '{preset}'")
             logger.warning("%s: the base model won checkpoint selection (no adapter exported); running it without "
                            "an adapter", path)
             return ""

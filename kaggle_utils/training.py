@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import data, models, prompts
-from .config import ConfigError, require, resolve_path, save_config
+from . import artifacts, data, models, prompts
+from .config import ConfigError, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -62,7 +62,7 @@ class TrainConfig:
     rows_per_prompt: int = 1  # with dedup_prompts: training rows kept per distinct prompt
     max_train_rows: int = 0  # cap on training rows after filtering (0 = all); small for quick CPU runs
     max_seq_length: int = 0  # longer samples are dropped; 0 = the preset's value
-    max_prompt_tokens: int = 0  # > 0: longer prompts are cut to this (both texts trimmed) instead of dropped
+    max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = none: drop rows over max_seq_length
     load_in_4bit: bool | None = None  # QLoRA; None = the preset's choice
     lora_r: int = 1  # LoRA rank (the original recipe used 1)
     lora_alpha: int = 16  # LoRA scaling numerator
@@ -155,9 +155,9 @@ class TrainConfig:
 def prepare_run(cfg: TrainConfig) -> Path:
     """Create the run folder and write the resolved config before any work; refuse to mix incompatible runs."""
     run_dir = cfg.run_dir
-    old = run_dir / "config.json"
-    if old.exists() and find_last_checkpoint(run_dir):
-        prev, now = _resume_view(json.loads(old.read_text())), _resume_view(dataclasses.asdict(cfg))
+    saved = saved_config(run_dir)
+    if saved is not None and find_last_checkpoint(run_dir):
+        prev, now = _resume_view(saved), _resume_view(dataclasses.asdict(cfg))
         diff = [k for k in _RESUME_KEYS if prev.get(k) != now.get(k)]
         if diff:
             raise ValueError(
@@ -459,17 +459,10 @@ def _trainer_class():
     return Trainer
 
 
-def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, in numeric step order."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The highest-step checkpoint that was completely written (has its adapter), or None."""
-    done = [p for p in find_checkpoints(run_dir) if (p / "adapter_model.safetensors").exists()
-            and (p / "trainer_state.json").exists()]
+    """The highest-step checkpoint that was completely written (its adapter and the trainer state to resume from),
+    or None."""
+    done = [p for p in artifacts.find_checkpoints(run_dir).values() if (p / "trainer_state.json").exists()]
     return done[-1] if done else None
 
 

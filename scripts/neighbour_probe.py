@@ -11,13 +11,13 @@ neighbours estimate what training on every group would buy on rows like these (a
 change bins move it; a bin with no scored row counts at the overall mean). The runs must share their report rows. RESULTS.md has what it printed.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from kaggle_utils import data, mean_prompt, metric
+from kaggle_utils.config import saved_config
 
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
@@ -59,7 +59,7 @@ def find_nearest(scorer, queries: list[str], pool: list[str], exclude_own: bool 
 def probe(runs: list[Path], scorer, data_dir: Path) -> tuple[pd.DataFrame, float, float]:
     """The bins table, the mean score now, and the score reweighted to every-other-group neighbours."""
     report = read_csv_of(runs[0], "report.csv")
-    config = json.loads((runs[0] / "config.json").read_text()) if (runs[0] / "config.json").exists() else {}
+    config = saved_config(runs[0]) or {}
     if not config.get("train_files"):
         raise SystemExit(f"{runs[0] / 'config.json'}: missing, or names no train_files")
     files = [Path(f) if Path(f).exists() else data_dir / Path(f).name for f in config["train_files"]]

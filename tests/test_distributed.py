@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils import config, training
+from kaggle_utils import artifacts, config, training
 from conftest import EXTRA_CSV, GEMMA_CSV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -171,7 +171,7 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert result["global_step"] == 6 and result["num_processes"] == 2 and result["eval_loss"] > 0
     run = tmp_path / "ddp"
-    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
+    assert list(artifacts.find_checkpoints(run)) == [3, 6]
     steps = [json.loads(ln)["step"] for ln in (run / training.METRICS_FILE).read_text().splitlines()
              if "eval_loss" in ln]
     assert steps == [0, 3, 6]  # one process logged, once per evaluation
@@ -183,7 +183,7 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     # Resume: the same run asked for 9 steps goes on from checkpoint-6 in both processes.
     again = _launch_in_a_child(tmp_path, base, "ddp", 2, max_steps=9)
     assert (again.stdout + again.stderr).count("resuming from checkpoint-6") == 2
-    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert list(artifacts.find_checkpoints(run)) == [3, 6, 9]
     assert json.loads(next(ln for ln in again.stdout.splitlines() if ln.startswith("RESULT "))[7:])["global_step"] == 9
 
     # One process, the same recipe (4 rows x 1 process x 4 accumulation): the same rows in each optimizer step (the

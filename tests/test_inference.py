@@ -110,6 +110,18 @@ def test_prompt_length_follows_the_adapters_training(tmp_path):
         inference.InferenceConfig(models=[model_entry(), model_entry()])
 
 
+def test_prompt_length_of_an_adapter_whose_selection_predates_the_field(tmp_path, caplog):
+    """An older selection.json without max_prompt_tokens, or one that does not read: the default limit (logged)."""
+    adapter = tmp_path / "selected"
+    adapter.mkdir()
+    (adapter / "selection.json").write_text(json.dumps({"run": "old", "preset": "smollm2-135m", "step": 8}))
+    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter_path": str(adapter)}])
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    (adapter / "selection.json").write_text("{torn")
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    assert f"{adapter / 'selection.json'}: not readable as JSON" in caplog.text
+
+
 @pytest.mark.parametrize("kw,field", [(dict(engine="fast"), "engine"), (dict(deadline_hours=0), "deadline_hours"),
                                       (dict(fallback_prompt=" "), "fallback_prompt"),
                                       (dict(models=[], use_mean_prompt=False), "models"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -447,6 +448,13 @@ def test_selection_won_by_the_base_model_runs_without_adapter(tmp_path, caplog):
     assert sampling.selected_adapter("", "mistral-7b") == ""
     with pytest.raises(sampling.AdapterError, match="does not exist"):
         sampling.selected_adapter(str(tmp_path / "missing"))
+
+
+def test_an_unreadable_selection_beside_an_adapter_is_an_adapter_error_naming_it(tmp_path):
+    (tmp_path / "selection.json").write_text(json.dumps({"preset": ["smollm2-135m"]}))
+    with pytest.raises(sampling.AdapterError, match=rf"^adapter '{re.escape(str(tmp_path))}': .*selection\.json: "
+                                                    r"field 'preset' must be str or NoneType"):
+        sampling.selected_adapter(str(tmp_path), "smollm2-135m")
 
 
 def test_text_far_over_the_context_is_truncated_and_logged(tiny_engine, caplog):
