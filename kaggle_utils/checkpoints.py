@@ -315,19 +315,19 @@ class _StepSampler:
     """The base model loaded once; adapters attached one at a time (step 0 runs with none)."""
 
     def __init__(self, cfg: SelectConfig, run_cfg: dict):
-        from . import sampling
+        from . import engines
 
         self.cfg = cfg
-        self.sampling = sampling
+        self.engines = engines
         # Same loading path as inference: bf16 on CPU, the card's dtype on GPU, 4-bit when the run trained 4-bit.
-        self.engine = sampling.HFEngine.from_preset(
+        self.engine = engines.HFEngine.from_preset(
             run_cfg.get("preset", models.DEFAULT_PRESET), _base_model_path(cfg, run_cfg),
             load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
         self.peft = None
-        self.scfg = sampling.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                            batch_size=cfg.batch_size,
-                                            max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
-                                            seed=cfg.seed)
+        self.scfg = engines.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size,
+                                           max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
+                                           seed=cfg.seed)
 
     def _attach(self, step: int, ckpt: Path) -> None:
         from peft import PeftModel
@@ -337,14 +337,14 @@ class _StepSampler:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.engine.model, str(ckpt), adapter_name=name,
                                                       is_trainable=False)
-                self.engine = self.sampling.HFEngine(self.peft, self.engine.tokenizer)
+                self.engine = self.engines.HFEngine(self.peft, self.engine.tokenizer)
             else:
                 old = self.peft.active_adapter
                 self.peft.load_adapter(str(ckpt), adapter_name=name, is_trainable=False)
                 self.peft.set_adapter(name)
                 self.peft.delete_adapter(old)  # one adapter in memory at a time
         except (RuntimeError, ValueError, KeyError) as e:
-            raise self.sampling.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
+            raise self.engines.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
                                              ) from e
 
     def generate(self, step: int, ckpt: Path | None, validation: pd.DataFrame) -> list[str]:

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import blending, data, metric
+from . import blending, data, metric, sampling
 from .config import require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -484,22 +484,6 @@ def _predictions_dir(cfg: MeanPromptConfig) -> Path | None:
     return None
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``{row id: [prediction, ...]}`` from one model's JSONL file (one object per row: ``id`` + ``predictions``)."""
-    out: dict[str, list[str]] = {}
-    file = Path(path)
-    for k, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            preds = row["predictions"]
-            out[str(row["id"])] = [str(p) for p in (preds if isinstance(preds, list) else [preds])]
-        except (ValueError, KeyError, TypeError) as e:
-            raise MeanPromptError(f"{file}: line {k} is not a prediction row ({e})") from None
-    return out
-
-
 def align_predictions(files: Sequence[Path], ids: Sequence[str]) -> tuple[dict[str, list[list[str]]], list[int]]:
     """Per model, the predictions of each validation row in ``ids`` order; and the row positions every model covers.
 
@@ -508,7 +492,7 @@ def align_predictions(files: Sequence[Path], ids: Sequence[str]) -> tuple[dict[s
     per_model: dict[str, list[list[str]]] = {}
     covered = set(range(len(ids)))
     for f in files:
-        preds = read_predictions(f)
+        preds = sampling.read_predictions(f)
         per_model[f.stem] = [preds.get(str(i), []) for i in ids]
         covered &= {k for k, i in enumerate(ids) if str(i) in preds}
     return per_model, sorted(covered)

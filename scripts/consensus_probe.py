@@ -8,13 +8,12 @@ the row's other predictions under the scorer (minimum Bayes risk), and of the be
 scorer is the MiniLM stand-in unless a path is given. RESULTS.md has what it printed.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import metric
+from kaggle_utils import metric, sampling
 
 
 def probe(run: Path, scorer) -> dict:
@@ -22,11 +21,8 @@ def probe(run: Path, scorer) -> dict:
     files = sorted((run / "inference" / "predictions").glob("*.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no inference/predictions/*.jsonl (run make demo-blend first)")
-    predictions = {}
-    for line in files[0].read_text().splitlines():
-        row = json.loads(line)
-        predictions[row["id"]] = row["predictions"]
-    truth = pd.read_csv(run / "validation.csv").set_index("id")["rewrite_prompt"]
+    predictions = sampling.read_predictions(files[0])
+    truth = pd.read_csv(run / "validation.csv", dtype={"id": str}).set_index("id")["rewrite_prompt"]
     rows = [(rid, preds) for rid, preds in predictions.items() if rid in truth.index and len(preds) >= 2]
     if not rows:
         raise SystemExit(f"{run}: no choice row has two or more predictions")

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import data, mean_prompt, metric
+from kaggle_utils import data, metric, sampling
 from kaggle_utils.config import saved_config
 
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
@@ -34,7 +34,7 @@ def read_first_predictions(run: Path, ids: list[str]) -> list[str]:
     files = sorted(f for f in (run / "report" / "predictions").glob("*.jsonl") if not f.name.endswith(".stale.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no report/predictions/*.jsonl (run make demo-report first)")
-    first = {i: preds[0] for i, preds in mean_prompt.read_predictions(files[0]).items() if preds}
+    first = {i: preds[0] for i, preds in sampling.read_predictions(files[0]).items() if preds}
     missing = [i for i in ids if i not in first]
     if missing:
         raise SystemExit(f"{files[0]}: no prediction for {len(missing)} report row(s), e.g. id {missing[0]}")

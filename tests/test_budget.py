@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kaggle_utils import budget, sampling
+from kaggle_utils import budget, engines, sampling
 
 
 class FakeClock:
@@ -88,7 +88,7 @@ def test_model_share_and_fit_n():
     assert not mb.should_stop(1)  # a batch at n=1 takes 5 s
 
 
-class SleepyEngine(sampling.Engine):
+class SleepyEngine(engines.Engine):
     """Each batch of ``batch_size`` rows 'takes' ``seconds`` on a fake clock; predictions are row texts."""
 
     name = "fake"
@@ -119,7 +119,7 @@ def test_sampling_lowers_n_when_the_requested_n_does_not_fit(tmp_path, monkeypat
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=100.0, clock=clock)  # 40 rows x 4 x 1 s = 160 s would not fit
-    cfg = sampling.SamplingConfig(n=4, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=4, temperature=0.7, batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   model_name="m", progress=False)
     assert engine.calls[0] == (4, 40) and engine.calls[1][0] < 4  # restarted with a lower n
@@ -137,7 +137,7 @@ def test_sampling_stops_before_the_deadline_and_leaves_rows_undone(tmp_path, mon
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=10.0, clock=clock)  # time for 2-3 batches of 4 rows at n=1
-    cfg = sampling.SamplingConfig(n=1, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=1, temperature=0.7, batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   progress=False)
     assert 0 < report.sampled < 40 and report.undone == 40 - report.sampled

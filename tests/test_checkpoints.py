@@ -459,7 +459,7 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
     import torch
     from safetensors.torch import load_file
 
-    from kaggle_utils import sampling
+    from kaggle_utils import engines
 
     base = tiny_model_dir("llama")
     run = train_tiny_run(tmp_path / "runs", base, lora_layers=1)
@@ -474,8 +474,8 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
         key = next(k for k in weights if k.endswith(name.format(layer)))
         same = torch.allclose(weights[key].float(), original[key].float(), atol=1e-3)
         assert same != moved, f"layer {layer}: merged {'equal to' if same else 'unlike'} the base"
-    engine = sampling.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
+    engine = engines.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
     raw = engine.generate(["The cat sat on the mat.", "It rained all day."],
                           ["Upon the mat, a feline rested.", "Rain fell from dawn to dusk."],
-                          sampling.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
+                          engines.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
     assert len(raw) == 2 and all(len(r) == 1 for r in raw)
