@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import engines, inference, kernels, wheels
+from kaggle_utils import engines, inference, kaggle_api, kernels, wheels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -133,7 +133,7 @@ def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_pa
     folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
     nb = json.loads((folder / "inference.ipynb").read_text())
     source = "".join(nb["cells"][0]["source"])
-    library = kernels.build_library_dataset("fakeuser", tmp_path / "library")
+    library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
     broken = wheels_dir(tmp_path, "broken")
     source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
               .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(broken))
