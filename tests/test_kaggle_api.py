@@ -13,6 +13,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -25,7 +26,7 @@ import pytest
 
 from kaggle_utils import kaggle_api, kernels
 from kaggle_utils.config import ConfigError
-from test_kernels import REPO, SLUGS, USER, inference_notebook, no_kaggle_account, plan, rendered  # noqa: F401
+from test_kernels import REAL_NOTEBOOK, REPO, SLUGS, USER, no_kaggle_account, plan, rendered  # noqa: F401
 
 KEY = "fake-key-0123"
 
@@ -35,10 +36,13 @@ KEY = "fake-key-0123"
 
 def test_no_credentials_is_a_clear_error(no_kaggle_account):
     assert kaggle_api.find_credentials() is None
-    with pytest.raises(kaggle_api.CredentialsError, match="kaggle.json.*KAGGLE_USERNAME and KAGGLE_KEY"):
+    with pytest.raises(kaggle_api.CredentialsError, match=r"^`make push` needs Kaggle credentials and found none, so "
+                                                          r"nothing was written\. .*~/\.kaggle/kaggle\.json.*"
+                                                          r"KAGGLE_USERNAME and KAGGLE_KEY"):
         kaggle_api.require_credentials("`make push`")
     assert kaggle_api.resolve_user() == kernels.PLACEHOLDER_USER
-    with pytest.raises(kaggle_api.CredentialsError):
+    with pytest.raises(kaggle_api.CredentialsError, match=r"^no Kaggle user name: set `user:` in the plan or export "
+                                                          r"KAGGLE_USERNAME$"):
         kaggle_api.resolve_user(required=True)
 
 
@@ -80,7 +84,8 @@ def test_library_dataset_holds_a_wheel_stamped_with_the_commit(tmp_path):
 
 def test_adapters_dataset_copies_every_planned_adapter_or_names_the_missing(tmp_path):
     plan = kernels.load_plan()
-    with pytest.raises(FileNotFoundError, match="mistral-7b-v3"):
+    with pytest.raises(FileNotFoundError, match=r"^adapters the plan needs are missing \(VARIANT=<slug> .*\n  .*"
+                                                r"/runs/mistral-7b-v3/selected \(select a checkpoint of run 'mistral-7b-v3'\)"):
         kaggle_api.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     for name in kernels.own_adapters(plan):
@@ -249,8 +254,12 @@ def test_push_sends_our_metadata_and_notebook_through_the_real_cli(fake_kaggle, 
 
 def test_a_refused_push_is_an_error(fake_kaggle, rendered):
     fake_kaggle.kernel_error = "Notebook not found or you lack permission"
-    with pytest.raises(kaggle_api.KaggleCommandError, match="lack permission"):
-        kaggle_api.push_kernel(rendered["mmml-v2"])
+    folder = rendered["mmml-v2"]
+    with pytest.raises(kaggle_api.KaggleCommandError, match=rf"^`kaggle kernels push -p {re.escape(str(folder))}`: "
+                                                            r"Kernel push error: Notebook not found or you lack "
+                                                            r"permission$"):
+        kaggle_api.push_kernel(folder)
+    assert not (folder / "push.json").exists()  # a refused push records no version
 
 
 def test_datasets_are_created_then_versioned_with_folders_zipped(fake_kaggle, tmp_path):
@@ -295,8 +304,8 @@ def _isolated_root(tmp_path: Path, notebook: Path) -> Path:
     return root
 
 
-def test_make_push_without_credentials_stops_and_writes_nothing(tmp_path, inference_notebook):
-    root = _isolated_root(tmp_path, inference_notebook)
+def test_make_push_without_credentials_stops_and_writes_nothing(tmp_path):
+    root = _isolated_root(tmp_path, REAL_NOTEBOOK)
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
     env = {**os.environ, "KAGGLE_UTILS_ROOT": str(root)}
     # -o setup: the environment is already there; the test must not reinstall it.
@@ -309,8 +318,8 @@ def test_make_push_without_credentials_stops_and_writes_nothing(tmp_path, infere
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before
 
 
-def test_make_push_renders_and_pushes_every_variant(fake_kaggle, tmp_path, inference_notebook):
-    root = _isolated_root(tmp_path, inference_notebook)
+def test_make_push_renders_and_pushes_every_variant(fake_kaggle, tmp_path):
+    root = _isolated_root(tmp_path, REAL_NOTEBOOK)
     env = {**os.environ, "KAGGLE_UTILS_ROOT": str(root)}
     proc = subprocess.run(["make", "-s", "-o", "setup", "-C", str(REPO), "push"], env=env, capture_output=True,
                           text=True, timeout=300)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pandas as pd
 import pytest
 
 from kaggle_utils import kernels, models
-from kaggle_utils.config import ConfigError
+from kaggle_utils.config import ConfigError, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_NOTEBOOK = REPO / "notebooks" / "inference.ipynb"
@@ -25,26 +26,10 @@ SLUGS = ["mistral-v3-x10", "mmml-v1", "mmml-v1-with-mean-prompt", "mmml-v2", "mm
          "my-mistral-7b"]
 USER = "fakeuser"
 
-# The inference notebook's parameters cell as agreed with its author (issue 4); used while the notebook is absent.
-CONTRACT_PARAMETERS = '''\
-test_file = "runs/demo/validation.csv"
-submission_path = "runs/demo/submission.csv"
-run_dir = "runs/demo/inference"
-models = [{"name": "smollm", "preset": "smollm2-135m", "base_model_path": "", "adapter_path": "runs/demo/selected", "merged_path": "", "n": 4, "temperature": 0.7, "top_p": 0.95, "forced_start": ""}]
-use_mean_prompt = True
-mean_prompt = "Please improve this text using the writing style with maintaining the original meaning but altering the tone."
-separator = " "
-engine = "auto"
-deadline_hours = 8.75
-scorer_path = ""
-fallback_prompt = "Improve this text."
-identical_fallback = "Correct grammatical errors in this text."
-max_new_tokens = 32
-max_prompt_tokens = 1024
-batch_size = 16
-gpu_memory_utilization = 0.9
-seed = 0
-'''
+def _real_parameters() -> str:
+    """The parameters cell of the real inference notebook, for stand-in notebooks that must take the same parameters."""
+    nb = nbformat.read(REAL_NOTEBOOK, as_version=4)
+    return next(c.source for c in nb.cells if "parameters" in c.metadata.get("tags", [])) + "\n"
 
 
 def _write_notebook(path: Path, parameters: str) -> Path:
@@ -53,7 +38,7 @@ def _write_notebook(path: Path, parameters: str) -> Path:
         import nbtool
     finally:
         sys.path.pop(0)
-    nbtool.build(str(path), [("md", "# Inference (contract stand-in)"), ("parameters", parameters),
+    nbtool.build(str(path), [("md", "# Inference (stand-in)"), ("parameters", parameters),
                              ("code", "from kaggle_utils import __version__")])
     return path
 
@@ -72,19 +57,11 @@ def no_kaggle_account(monkeypatch, tmp_path):
     return home
 
 
-@pytest.fixture(scope="session")
-def inference_notebook(tmp_path_factory) -> Path:
-    """The real inference notebook when it exists, else a stand-in with the agreed parameters cell."""
-    if REAL_NOTEBOOK.exists():
-        return REAL_NOTEBOOK
-    return _write_notebook(tmp_path_factory.mktemp("nb") / "inference.ipynb", CONTRACT_PARAMETERS)
-
-
 @pytest.fixture()
-def plan(inference_notebook):
-    """The example plan, rendered from ``inference_notebook``."""
+def plan():
+    """The example plan; its kernels are rendered from notebooks/inference.ipynb."""
     p = kernels.load_plan(REPO / "configs" / "submissions.yaml")
-    p.notebook = str(inference_notebook)
+    assert resolve_path(p.notebook) == REAL_NOTEBOOK
     return p
 
 
@@ -121,32 +98,39 @@ def _variant(**changes):
     return kernels.Variant(**values)
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"slug": "MMML_v1", "title": "MMML_v1"}, "slug"),
-    ({"title": "Something else"}, "title"),
-    ({"budget_hours": 9.5}, "budget_hours"),
-    ({"budget_hours": 0}, "budget_hours"),
-    ({"models": []}, "models"),
-    ({"models": [{"name": "m", "preset": "gpt-5"}]}, "preset"),
-    ({"models": [{"name": "m", "preset": "mistral-7b", "n": 3, "temperature": 0}]}, "n"),
-    ({"models": [{"name": "m", "preset": "mistral-22b"}]}, "base_model"),  # no Kaggle model for this preset
-    ({"models": [{"name": "m", "preset": "mistral-7b", "base_model": "mistral-ai/mistral"}]}, "base_model"),
-    ({"models": [{"name": "m", "preset": "mistral-7b", "adapter": "owner/only"}]}, "adapter"),
-    ({"models": [{"name": "m", "preset": "mistral-7b", "use_merged": True}]}, "use_merged"),
-    ({"models": [{"name": "m", "preset": "mistral-7b"}, {"name": "m", "preset": "llama2-13b"}]}, "models"),
-    ({"models": [{"name": "m", "preset": "mistral-7b", "size": 7}]}, "unknown keys"),
-    ({"params": {"test_file": "x.csv"}}, "params"),
-    ({"engine": "tgi"}, "engine"),
+@pytest.mark.parametrize("changes, message", [
+    ({"slug": "MMML_v1", "title": "MMML_v1"}, r"^slug: 'MMML_v1' must be 5-50 characters"),
+    ({"title": "Something else"}, r"^title: variant 'mmml-v1': title 'Something else' becomes 'something-else'"),
+    ({"budget_hours": 9.5}, r"^budget_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 9\.5$"),
+    ({"budget_hours": 0}, r"^budget_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 0$"),
+    ({"models": []}, r"^models: variant 'mmml-v1': needs at least one model$"),
+    ({"models": [{"name": "m", "preset": "gpt-5"}]}, r"^preset: model 'm': unknown preset 'gpt-5'"),
+    ({"models": [{"name": "m", "preset": "mistral-7b", "n": 3, "temperature": 0}]},
+     r"^n: model 'm': n=3 with temperature 0 repeats one greedy answer"),
+    ({"models": [{"name": "m", "preset": "mistral-22b"}]},  # no Kaggle model for this preset
+     r"^base_model: model 'm': preset 'mistral-22b' has no Kaggle model"),
+    ({"models": [{"name": "m", "preset": "mistral-7b", "base_model": "mistral-ai/mistral"}]},
+     r"^base_model: model 'm': 'mistral-ai/mistral' is not a Kaggle model handle"),
+    ({"models": [{"name": "m", "preset": "mistral-7b", "adapter": "owner/only"}]},
+     r"^adapter: model 'm': 'owner/only' must be a folder of the adapters dataset"),
+    ({"models": [{"name": "m", "preset": "mistral-7b", "use_merged": True}]},
+     r"^use_merged: model 'm': use_merged needs an adapter"),
+    ({"models": [{"name": "m", "preset": "mistral-7b"}, {"name": "m", "preset": "llama2-13b"}]},
+     r"^models: variant 'mmml-v1': model names repeat: \['m', 'm'\]$"),
+    ({"models": [{"name": "m", "preset": "mistral-7b", "size": 7}]},
+     r"^variant 'mmml-v1' model: unknown keys \['size'\]; known: \['name', 'preset', "),
+    ({"params": {"test_file": "x.csv"}}, r"^params: variant 'mmml-v1': \['test_file'\] are set by the plan's own fields$"),
+    ({"engine": "tgi"}, r"^engine: variant 'mmml-v1': must be auto, vllm or hf, got 'tgi'$"),
 ])
-def test_a_bad_variant_is_an_error_naming_the_field(changes, field):
-    with pytest.raises(ConfigError, match=field):
+def test_a_bad_variant_is_an_error_naming_the_field(changes, message):
+    with pytest.raises(ConfigError, match=message):
         _variant(**changes)
 
 
 def test_a_bad_plan_file_names_the_file(tmp_path):
     bad = tmp_path / "plan.yaml"
     bad.write_text("variants: []\nwheels: x\n")
-    with pytest.raises(ConfigError, match=f"{bad}.*unknown keys.*wheels"):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: submission plan: unknown keys \['wheels'\]; known: "):
         kernels.load_plan(bad)
 
 
@@ -164,7 +148,7 @@ def test_sources_resolve_the_user_and_other_owners():
     assert f"{USER}/mistral-22b-v0-2/transformers/default/1" in kernels.model_sources(v1, USER)
     assert kernels.dataset_sources(plan, v1, USER) == [
         f"{USER}/kaggle-utils-prompt-recovery", f"{USER}/prompt-recovery-wheels", f"{USER}/prompt-recovery-adapters"]
-    with pytest.raises(ConfigError, match="planned: mistral-v3-x10"):
+    with pytest.raises(ConfigError, match=r"^variant: no variant 'nope' in the plan; planned: mistral-v3-x10, mmml-v1, "):
         plan.variant("nope")
 
 # ---------------------------------------------------------------- rendered kernels
@@ -226,11 +210,11 @@ def test_the_install_cell_compiles_and_skips_itself_off_kaggle(plan, monkeypatch
 
 def test_render_refuses_parameters_the_notebook_lacks_or_paths_outside_kaggle(plan, tmp_path):
     plan.variants[0].params = {"not_a_parameter": 1}
-    with pytest.raises(ConfigError, match="not_a_parameter"):
+    with pytest.raises(ConfigError, match=r"^variant 'mistral-v3-x10': \['not_a_parameter'\] are not parameters of "):
         kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
     plan.variants[0].params = {}
-    plan.notebook = str(_write_notebook(tmp_path / "nb.ipynb", CONTRACT_PARAMETERS + 'extra_file = "runs/x.csv"\n'))
-    with pytest.raises(ConfigError, match="runs/x.csv"):
+    plan.notebook = str(_write_notebook(tmp_path / "nb.ipynb", _real_parameters() + 'extra_file = "runs/x.csv"\n'))
+    with pytest.raises(ConfigError, match=r"^variant 'mistral-v3-x10': \['runs/x\.csv'\] lie outside the kernel's attached "):
         kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
     assert not (tmp_path / plan.variants[0].slug).exists()
 
@@ -258,7 +242,7 @@ def test_localize_maps_kaggle_paths_and_replaces_models(tmp_path):
     assert local["models"][0]["preset"] == "smollm2-135m" and local["models"][0]["n"] == 2
     assert "/kaggle/" not in json.dumps(local)
     settings.model = {}
-    with pytest.raises(ConfigError, match="/kaggle/input/mistral/pytorch"):
+    with pytest.raises(ConfigError, match=r"^paths: no local folder for '/kaggle/input/mistral/pytorch/"):
         kernels.localize_params(kernels.kernel_params(plan, plan.variants[0]), settings, "s")
 
 
@@ -269,15 +253,15 @@ def test_the_default_local_settings_load():
 
 @pytest.mark.parametrize("rows, error", [
     ([("a", "Rewrite it."), ("b", "Make it formal.")], None),
-    ([("a", "Rewrite it.")], "ids differ"),
-    ([("a", "Rewrite it."), ("b", " ")], "blank"),
+    ([("a", "Rewrite it.")], r": ids differ from .*test\.csv's$"),
+    ([("a", "Rewrite it."), ("b", " ")], r": 1 blank prompts \(Kaggle rejects them\)$"),
 ])
 def test_check_submission(tmp_path, rows, error):
     pd.DataFrame({"id": ["a", "b"], "original_text": ["x", "y"], "rewritten_text": ["x", "y"]}).to_csv(
         tmp_path / "test.csv", index=False)
     pd.DataFrame(rows, columns=["id", "rewrite_prompt"]).to_csv(tmp_path / "sub.csv", index=False)
     if error:
-        with pytest.raises(ValueError, match=error):
+        with pytest.raises(ValueError, match=f"^{re.escape(str(tmp_path / 'sub.csv'))}{error}"):
             kernels.check_submission(tmp_path / "sub.csv", tmp_path / "test.csv")
     else:
         assert len(kernels.check_submission(tmp_path / "sub.csv", tmp_path / "test.csv")) == 2
@@ -304,7 +288,7 @@ def test_run_local_executes_the_rendered_kernel_with_local_paths(tmp_path):
             "prompt = fallback_prompt + ' ' + models[0]['adapter_path'] + ' ' + str(models[0]['n'])\n"
             "pd.DataFrame({'id': rows['id'], 'rewrite_prompt': prompt}).to_csv(submission_path, index=False)")
     notebook = tmp_path / "nb.ipynb"
-    _write_notebook(notebook, CONTRACT_PARAMETERS)
+    _write_notebook(notebook, _real_parameters())
     nb = nbformat.read(notebook, as_version=4)
     nb.cells[-1].source = body
     nbformat.write(nb, notebook)
@@ -328,8 +312,6 @@ def test_run_local_executes_the_rendered_kernel_with_local_paths(tmp_path):
 
 @pytest.mark.slow
 def test_render_local_dry_run_writes_a_valid_submission(tmp_path):
-    if not REAL_NOTEBOOK.exists():
-        pytest.skip("notebooks/inference.ipynb does not exist yet (issue 4); the dry run executes the real notebook")
     demo_adapter = REPO / "runs" / "demo" / "selected"
     adapter = demo_adapter if (demo_adapter / "adapter_config.json").exists() else _tiny_adapter(tmp_path / "adapter")
     test = pd.read_csv(REPO.parent / "shared" / "data" / "gemma_rewrites.csv").head(6)
