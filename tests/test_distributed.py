@@ -101,8 +101,15 @@ def test_each_process_gets_its_cpu_threads(tmp_path, tiny_model_dir, threads, gp
     assert training.rank_threads(cfg, gpus, cores, env) == expected
 
 
-def test_usable_cores_are_this_process_s_share():
-    assert 1 <= training.usable_cores() <= (os.cpu_count() or 1)
+def test_usable_cores_are_this_process_s_share(monkeypatch):
+    """The CPUs this process may run on (its affinity), not the host's count; the host's count where there is no
+    affinity (not Linux)."""
+    assert training.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})  # a job given 3 of the host's 64 CPUs
+    assert training.usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert training.usable_cores() == 64
 
 
 def test_make_passes_gpus_to_the_notebook():

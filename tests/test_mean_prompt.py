@@ -310,9 +310,11 @@ def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
     assert choice["best_by_mean"] == table["option"].iloc[0] and "one standard error" in choice["rule"]
     assert choice["models"][0] == {"model": "good", "n": 1}
     assert not any(m["model"] == "bad" for m in choice["models"])
+    # one prediction of "good" alone beats every blend here, the mean prompts included (table order, best first)
+    assert choice["label"] == table["option"].iloc[0] == "good x1 | mean prompt: none"
     saved = blending.Blend.read(cfg.run_dir)
     assert saved.to_dict() == choice  # the file holds what the stage returned, key for key
-    assert saved.mean_prompt in ("", mp.PUBLIC_MEAN_PROMPT, "rewrite formal") and saved.scorer == scorer.name
+    assert (saved.mean_prompt_kind, saved.mean_prompt, saved.scorer) == ("none", "", scorer.name)
     assert (cfg.run_dir / mp.OPTIONS_FILE).exists() and (cfg.run_dir / mp.OPTIONS_PLOT).exists()
     assert (table["rows"] == 2).all() and table["scorer"].eq(scorer.name).all()  # chosen on rows 1-2 only
     assert choice["best_with_optimized_mean_prompt"]["mean_prompt"] == "rewrite formal"
