@@ -114,7 +114,7 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 def error_summary(error, lines: int = 3, limit: int = 400) -> str:
     """One log-line of an exception or an error text: its first non-empty lines joined. The reason can sit below the
     first line (pydantic: "1 validation error for VllmConfig" / "Total number of attention heads (9) must be
-    divisible by tensor parallel size (2)", seen on the H200), so one line is not enough."""
+    divisible by tensor parallel size (2)"), so one line is not enough."""
     kept = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()][:lines]
     return " | ".join(kept)[:limit]
 

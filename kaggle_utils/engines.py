@@ -261,7 +261,7 @@ class HFEngine(Engine):
         tokenizer = models.load_tokenizer(base)
         prompts.ensure_chat_template(tokenizer, spec.family)
         resized = prompts.ensure_pad_token(tokenizer)
-        # bf16 generation is about 6x faster than fp32 on these CPUs (AMX); GPUs use their own best dtype.
+        # bf16 generation is about 6x faster than fp32 on a CPU with AMX; GPUs use their own best dtype.
         torch_dtype = models.compute_dtype() if torch.cuda.is_available() else torch.bfloat16
         if options.dtype != "auto":
             torch_dtype = getattr(torch, options.dtype)

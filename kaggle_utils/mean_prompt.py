@@ -590,8 +590,8 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
     """The option with the best mean SCS, with fewer predictions where they do not measurably help; optionally only
     among options with that mean-prompt kind and at least one prediction (None when there is no such option).
 
-    The best option by mean can win by noise on a few dozen rows (seen on the demo's 65 choice rows: x2 beat x1 by
-    0.005 and lost by 0.03 on the report rows). So among the options that differ from it only in how many predictions
+    The best option by mean can win by noise on a few dozen rows (on the demo's 65 choice rows x2 beats x1 by 0.005,
+    and loses by 0.03 on the report rows). So among the options that differ from it only in how many predictions
     each model gives (same models, order and mean prompt), the one with the fewest predictions is taken when it
     scores within one standard error of the best (paired differences over prompt groups): the one-standard-error rule.
     """

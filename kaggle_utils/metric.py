@@ -112,8 +112,8 @@ def _native_cpu_bf16() -> bool:
 def resolve_precision(precision: str, device: str) -> str:
     """``"float32"`` or ``"bfloat16"`` for ``precision`` ("auto" | "float32" | "bfloat16") on ``device``.
 
-    "auto" is bf16 only on a CPU with native bf16: there it embeds about 1.8x faster per core (measured on these
-    2-core machines: 120 -> 220 short prompts per CPU-second), and SCS moves by at most a few thousandths per row
+    "auto" is bf16 only on a CPU with native bf16: there it embeds about 1.8x faster per core (120 -> 220 short
+    prompts per CPU-second on a 2-core CPU with AMX), and SCS moves by at most a few thousandths per row
     and about 1e-4 on a mean, far below what separates two checkpoints. GPUs keep fp32 (T5 overflows in fp16, and
     a GPU is fast enough anyway).
     """

@@ -1,4 +1,4 @@
-"""Data-parallel training through accelerate (issue 13), what can be checked without GPUs: the batch arithmetic, the
+"""Data-parallel training through accelerate, what can be checked without GPUs: the batch arithmetic, the
 launcher's process count, that only the main process writes, and a real 2-process gloo DDP run of the tiny model.
 
 Run: `pytest tests/test_distributed.py` (the DDP run is marked slow: two processes each load a model).
@@ -71,8 +71,8 @@ def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_mode
 
 def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, monkeypatch):
     """A process that asked the CUDA driver anything (torch.cuda.is_available() does, by default) forks workers that
-    fail with "Cannot re-initialize CUDA in forked subprocess" (seen on 2 H200s). Importing the training module turns
-    on torch's NVML check, and what train.ipynb runs before the fork (the config, prepare_run, launch) never asks."""
+    fail with "Cannot re-initialize CUDA in forked subprocess". Importing the training module turns on torch's NVML
+    check, and what train.ipynb runs before the fork (the config, prepare_run, launch) never asks."""
     import accelerate
     import torch
 
@@ -116,7 +116,7 @@ def test_make_passes_gpus_to_the_notebook():
     out = subprocess.run(["make", "-n", "train-mistral", "GPUS=2"], cwd=REPO, capture_output=True, text=True)
     assert "-p num_processes 2" in out.stdout
     out = subprocess.run(["make", "-n", "train-mistral"], cwd=REPO, capture_output=True, text=True)
-    assert "num_processes" not in out.stdout  # no GPUS: exactly as before
+    assert "num_processes" not in out.stdout  # no GPUS: the notebook's own default (one process)
 
 
 def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):

@@ -78,7 +78,7 @@ def test_vllm_llm_kwargs_merged_folder_has_no_lora():
 @pytest.mark.parametrize("gpus,heads,kv,expected", [(2, 32, 8, 2), (2, 9, 3, 1), (4, 12, 4, 4), (4, 6, 2, 2),
                                                     (3, 32, 8, 2), (1, 9, 3, 1), (2, 0, 0, 2)])
 def test_tensor_parallel_splits_the_heads_evenly(gpus, heads, kv, expected):
-    """vLLM refuses a split that leaves uneven heads (seen on the H200 with SmolLM2's 9 heads over 2 GPUs)."""
+    """vLLM refuses a split that leaves uneven heads (SmolLM2's 9 heads over 2 GPUs)."""
     assert engines.vllm_tensor_parallel_size(gpus, heads, kv) == expected
 
 
