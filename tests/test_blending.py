@@ -110,9 +110,10 @@ def test_score_systems_table_columns():
 
 # ---------------------------------------------------------------- blend.json
 
-# blend.json as the mean-prompt stage wrote it before best_by_mean and rule existed (every other key as today)
+# blend.json as the mean-prompt stage wrote it before best_by_mean and rule existed (every other key as now)
 OLD_BLEND = {"models": [{"model": "smollm", "n": 2}], "mean_prompt_kind": "public",
-             "mean_prompt": "Please improve this text using the writing style.", "label": "smollm x2 | mean prompt: public",
+             "mean_prompt": "Please improve this text using the writing style.",
+             "label": "smollm x2 | mean prompt: public",
              "scs": 0.41, "cos": 0.74, "scs_all_rows": 0.4, "separator": " ", "scorer": "all-MiniLM-L6-v2 (stand-in)",
              "rows": 30, "rows_total": 65, "chosen_from": 12, "table": "blend_options.csv",
              "mean_prompt_objective": "alone", "best_with_optimized_mean_prompt": None, "seconds": 1.5}

@@ -119,7 +119,8 @@ def _variant(**changes):
      r"^models: variant 'mmml-v1': model names repeat: \['m', 'm'\]$"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "size": 7}]},
      r"^variant 'mmml-v1' model: unknown keys \['size'\]; known: \['name', 'preset', "),
-    ({"params": {"test_file": "x.csv"}}, r"^params: variant 'mmml-v1': \['test_file'\] are set by the plan's own fields$"),
+    ({"params": {"test_file": "x.csv"}},
+     r"^params: variant 'mmml-v1': \['test_file'\] are set by the plan's own fields$"),
     ({"engine": "tgi"}, r"^engine: variant 'mmml-v1': must be auto, vllm or hf, got 'tgi'$"),
 ])
 def test_a_bad_variant_is_an_error_naming_the_field(changes, message):
@@ -130,7 +131,8 @@ def test_a_bad_variant_is_an_error_naming_the_field(changes, message):
 def test_a_bad_plan_file_names_the_file(tmp_path):
     bad = tmp_path / "plan.yaml"
     bad.write_text("variants: []\nwheels: x\n")
-    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: submission plan: unknown keys \['wheels'\]; known: "):
+    with pytest.raises(ConfigError,
+                       match=rf"^{re.escape(str(bad))}: submission plan: unknown keys \['wheels'\]; known: "):
         kernels.load_plan(bad)
 
 
@@ -148,7 +150,8 @@ def test_sources_resolve_the_user_and_other_owners():
     assert f"{USER}/mistral-22b-v0-2/transformers/default/1" in kernels.model_sources(v1, USER)
     assert kernels.dataset_sources(plan, v1, USER) == [
         f"{USER}/kaggle-utils-prompt-recovery", f"{USER}/prompt-recovery-wheels", f"{USER}/prompt-recovery-adapters"]
-    with pytest.raises(ConfigError, match=r"^variant: no variant 'nope' in the plan; planned: mistral-v3-x10, mmml-v1, "):
+    with pytest.raises(ConfigError,
+                       match=r"^variant: no variant 'nope' in the plan; planned: mistral-v3-x10, mmml-v1, "):
         plan.variant("nope")
 
 # ---------------------------------------------------------------- rendered kernels
@@ -214,7 +217,8 @@ def test_render_refuses_parameters_the_notebook_lacks_or_paths_outside_kaggle(pl
         kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
     plan.variants[0].params = {}
     plan.notebook = str(_write_notebook(tmp_path / "nb.ipynb", _real_parameters() + 'extra_file = "runs/x.csv"\n'))
-    with pytest.raises(ConfigError, match=r"^variant 'mistral-v3-x10': \['runs/x\.csv'\] lie outside the kernel's attached "):
+    with pytest.raises(ConfigError,
+                       match=r"^variant 'mistral-v3-x10': \['runs/x\.csv'\] lie outside the kernel's attached "):
         kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
     assert not (tmp_path / plan.variants[0].slug).exists()
 

@@ -4,6 +4,7 @@ retry of rows that got no answer, on stand-in engines. Run: `pytest tests/test_s
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -81,7 +82,8 @@ def test_prediction_files_read_back_as_written_and_a_bad_line_is_named(tmp_path)
     store.append([_rec(0), {"id": 7, "key": "k", "predictions": "one string"}])
     assert sampling.read_predictions(store.path) == {"r0": ["p0.0", "p0.1"], "7": ["one string"]}
     (tmp_path / "broken.jsonl").write_text(json.dumps(_rec(0)) + "\n\n{not json\n")
-    with pytest.raises(sampling.PredictionFileError, match=rf"^{tmp_path / 'broken.jsonl'}: line 3 is not a prediction"):
+    broken = re.escape(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(sampling.PredictionFileError, match=rf"^{broken}: line 3 is not a prediction row"):
         sampling.read_predictions(tmp_path / "broken.jsonl")
     (tmp_path / "no-id.jsonl").write_text(json.dumps({"predictions": ["x"]}) + "\n")
     with pytest.raises(sampling.PredictionFileError, match=r"no-id\.jsonl: line 1 is not a prediction row \('id'\)"):
