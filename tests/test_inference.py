@@ -131,6 +131,24 @@ def test_prompt_length_follows_the_adapters_training(tmp_path):
         inference.InferenceConfig(models=[model_entry(), model_entry()])
 
 
+def test_a_selected_folder_written_before_the_selection_dataclass_still_drives_inference(tmp_path):
+    """runs/<run>/selected/ of an older run: its selection.json gives the prompt limit and guards the preset."""
+    from test_artifacts import OLD_SELECTION
+
+    selected = tmp_path / "selected"
+    selected.mkdir()
+    (selected / "selection.json").write_text(json.dumps(OLD_SELECTION, indent=1) + "\n")
+    (selected / "adapter_config.json").write_text("{}")
+    (selected / "adapter_model.safetensors").write_bytes(b"weights")
+    entry = {"name": "m", "preset": "smollm2-135m", "adapter_path": str(selected)}
+    cfg = inference.InferenceConfig(models=[entry])
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == OLD_SELECTION["max_prompt_tokens"] == 384
+    assert engines.selected_adapter(str(selected), "smollm2-135m") == str(selected)
+    with pytest.raises(engines.AdapterError, match=r"trained on preset 'smollm2-135m' \(selection\.json\), but the "
+                                                   r"model entry uses preset 'mistral-7b'$"):
+        engines.selected_adapter(str(selected), "mistral-7b")
+
+
 def test_prompt_length_of_an_adapter_whose_selection_predates_the_field(tmp_path, caplog):
     """An older selection.json without max_prompt_tokens, or one that does not read: the default limit (logged)."""
     adapter = tmp_path / "selected"
