@@ -345,7 +345,7 @@ class _StepSampler:
                 self.peft.delete_adapter(old)  # one adapter in memory at a time
         except (RuntimeError, ValueError, KeyError) as e:
             raise self.engines.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
-                                             ) from e
+                                            ) from e
 
     def generate(self, step: int, ckpt: Path | None, validation: pd.DataFrame) -> list[str]:
         """Raw greedy completions for every validation row at ``step``."""

@@ -59,7 +59,7 @@ class ModelSpec:
                 f"must be a short file-name-safe word, got '{self.name}'")
         preset = models.get_preset(self.preset)
         engines.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                                greedy_first=self.greedy_first)  # validates the numbers
+                               greedy_first=self.greedy_first)  # validates the numbers
         self._preset = preset
 
     def check_paths(self) -> None:

@@ -92,9 +92,9 @@ def test_vllm_kwargs_read_the_heads_from_the_model_folder(tiny_model_dir, caplog
 def test_vllm_sampling_and_lora_kwargs():
     cfg = engines.SamplingConfig(n=4, temperature=0.7, top_p=0.95, max_new_tokens=32, seed=5)
     assert engines.vllm_sampling_kwargs(cfg, seed=12) == dict(n=4, temperature=0.7, top_p=0.95, max_tokens=32,
-                                                               seed=12)
+                                                              seed=12)
     assert engines.vllm_lora_kwargs("/a/runs/x/selected") == dict(lora_name="selected", lora_int_id=1,
-                                                                   lora_path="/a/runs/x/selected")
+                                                                  lora_path="/a/runs/x/selected")
 
 
 # ---------------------------------------------------------------- vLLM's own types (skipped where vllm is absent)
@@ -275,7 +275,7 @@ def tiny_engine(tiny_model_dir):
 
 def test_hf_engine_generates_n_per_row_with_forced_start(tiny_engine):
     cfg = engines.SamplingConfig(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, batch_size=2,
-                                  forced_start="Rewrite")
+                                 forced_start="Rewrite")
     batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False))
     assert [len(rows) for rows, _ in batches] == [2, 1]
     lengths = [len(prompts.generation_ids(tiny_engine.tokenizer, o, r, 1024)[0]) for o, r in ROWS]
