@@ -11,7 +11,7 @@ with random weights, directly on the GPU and 4-bit where the preset says, with t
 checkpoint is replaced: ``models.load_model`` is patched to build instead of load). Then, through the project's code:
 ``training.load_model_and_tokenizer`` (pad token, k-bit preparation, LoRA on the preset's modules),
 ``training.build_trainer`` (TRL's SFTTrainer, completion-only loss) and two optimizer steps (the second timed); the
-loss must be finite and the adapter must change. Last, one sampled generation through ``sampling.HFEngine``.
+loss must be finite and the adapter must change. Last, one sampled generation through ``engines.HFEngine``.
 
 A model whose memory under the project's path is larger than the card is built with fewer layers (the row says so
 and gives the per-layer arithmetic for the full depth).
@@ -279,7 +279,7 @@ def synthetic_rows(tokenizer, n: int, prompt_tokens: int, seed: int):
 def check_preset(cfg: Config, name: str, work: Path) -> dict:
     import torch
 
-    from kaggle_utils import experts, models, prompts, sampling, training
+    from kaggle_utils import engines, experts, models, prompts, training
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -398,8 +398,8 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
 
     # ---- one sampled generation through the project's engine (unmerged adapter: transformers generate)
     model.eval()
-    engine = sampling.HFEngine(model, tok)
-    scfg = sampling.SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.max_new_tokens, batch_size=2)
+    engine = engines.HFEngine(model, tok)
+    scfg = engines.SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.max_new_tokens, batch_size=2)
     t0 = time.perf_counter()
     outs = engine.generate([t[0] for t in texts[:2]], [t[1] for t in texts[:2]], scfg, progress=False)
     row["generate"] = {"s": round(time.perf_counter() - t0, 2), "rows": len(outs),
@@ -409,7 +409,7 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
         from kaggle_utils import decoding
 
         merged = model.merge_and_unload()
-        fast = sampling.HFEngine(merged, tok)
+        fast = engines.HFEngine(merged, tok)
         t0 = time.perf_counter()
         outs = fast.generate([t[0] for t in texts[:2]], [t[1] for t in texts[:2]], scfg, progress=False)
         row["generate_merged_fast"] = {"s": round(time.perf_counter() - t0, 2),

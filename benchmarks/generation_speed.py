@@ -89,10 +89,10 @@ def synthesize_rows(tokenizer, lengths: list[int], seed: int, vocab_size: int):
 
 def sampling_config(cfg: Config, batch_size: int = 16, n: int = 1):
     """The workload's sampling settings (the run's temperature, top-p, new tokens and seed) for one timed pass."""
-    from kaggle_utils import sampling
+    from kaggle_utils import engines
 
-    return sampling.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                   batch_size=batch_size, seed=cfg.seed, n=n)
+    return engines.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                  batch_size=batch_size, seed=cfg.seed, n=n)
 
 
 def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:
@@ -153,7 +153,7 @@ def free() -> None:
 def main(cfg: Config) -> dict:
     import torch
 
-    from kaggle_utils import decoding, models, sampling
+    from kaggle_utils import decoding, engines, models
 
     rec = common.Recorder(Path(cfg.out), cfg)
     cuda = torch.cuda.is_available()
@@ -215,9 +215,9 @@ def main(cfg: Config) -> dict:
 
     # ---- phase 3: the project's engine, LoRA merged (the user's path: from_preset with an adapter folder)
     t0 = time.perf_counter()
-    engine = sampling.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir), adapter_path=str(adapter_dir),
-                                           merge=True, dtype=cfg.hf_dtype)
-    ids, _ = engine.encode_rows(originals, rewrittens, sampling.SamplingConfig())
+    engine = engines.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir), adapter_path=str(adapter_dir),
+                                          merge=True, options=engines.EngineOptions(dtype=cfg.hf_dtype))
+    ids, _ = engine.encode_rows(originals, rewrittens, engines.SamplingConfig())
     got = [len(i) for i in ids]
     hf_gpus = len({p.device for p in engine.model.parameters()}) if cuda else 0
     rec.put("engine_load", {"seconds": round(time.perf_counter() - t0, 1), "gpus": hf_gpus,
@@ -306,8 +306,8 @@ def main(cfg: Config) -> dict:
         free()
         try:
             t0 = time.perf_counter()
-            q_engine = sampling.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir),
-                                                     adapter_path=str(adapter_dir), load_in_4bit=True)
+            q_engine = engines.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir),
+                                                    adapter_path=str(adapter_dir), load_in_4bit=True)
             load_s = round(time.perf_counter() - t0, 1)
             sub = pick(cfg.quant_every)
             r = timed_engine_run(q_engine, [originals[i] for i in sub], [rewrittens[i] for i in sub],
@@ -351,7 +351,7 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
                     lengths: list[int], vocab: int) -> dict:
     """vLLM started once per phase (the adapter as a LoRARequest; the merged folder with LoRA off); n=1 and n=4 on
     fresh prompts; the start-up and the first-batch warm-up timed apart."""
-    from kaggle_utils import models, sampling
+    from kaggle_utils import engines, models
 
     tokenizer = models.load_tokenizer(base_dir)
     out: dict = {}
@@ -361,11 +361,11 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
         engine = None
         try:
             t0 = time.perf_counter()
-            engine = sampling.VLLMEngine.from_preset("mistral-7b", base_model_path=str(folder), adapter_path=adapter,
-                                                     dtype=cfg.vllm_dtype, max_model_len=cfg.vllm_max_model_len,
-                                                     seed=cfg.seed)
+            options = engines.EngineOptions(dtype=cfg.vllm_dtype, max_model_len=cfg.vllm_max_model_len, seed=cfg.seed)
+            engine = engines.VLLMEngine.from_preset("mistral-7b", base_model_path=str(folder), adapter_path=adapter,
+                                                    options=options)
             start_s = round(time.perf_counter() - t0, 1)
-            gpus = sampling.vllm_llm_kwargs(folder, num_gpus=models.gpu_count(), capability=None)["tensor_parallel_size"]
+            gpus = engines.vllm_llm_kwargs(folder, num_gpus=models.gpu_count(), capability=None)["tensor_parallel_size"]
             seed += 1
             o, w = synthesize_rows(tokenizer, lengths[:16], seed, vocab)  # first batch: Triton JIT, graphs warm
             t0 = time.perf_counter()

@@ -1,8 +1,37 @@
 """kaggle_utils: the support library of the LLM Prompt Recovery notebook bundle.
 
-Modules (one job each): ``models`` presets, ``data`` CSVs and splits, ``prompts`` templates, ``training`` LoRA
-fine-tuning, ``checkpoints`` step selection, ``sampling`` engines, ``budget`` the deadline, ``blending`` the final
-string, ``metric`` SCS, ``kernels`` Kaggle delivery. Importing the package is cheap: heavy libraries load inside the
+One job per module, in pipeline order (each stage is a notebook in ``notebooks/`` whose config dataclass lives in the
+stage's module):
+
+Shared by every stage
+    ``config``       stage configs from notebook parameters or YAML, paths, the saved config.json
+    ``models``       model presets and loading (base path, chat family, dtype, 4-bit, LoRA targets)
+    ``data``         competition-format CSVs: reading, checking, dedup, the split by prompt group
+    ``prompts``      the instruction template, tokenization for training and generation, the answer's extraction
+    ``metric``       the competition metric (sharpened cosine) and the scorer that embeds with a cache
+
+1. Train (``train.ipynb``)
+    ``training``     LoRA / QLoRA fine-tuning: checkpoints, eval loss, data-parallel launch
+    ``experts``      Mixtral's experts in 4 bits for QLoRA
+    ``artifacts``    what a run leaves for later stages: checkpoint folders, selection.json, max_prompt_tokens
+2. Select (``select_checkpoint.ipynb``)
+    ``checkpoints``  each checkpoint step scored by the metric; the chosen adapter exported to selected/
+3. Infer (``inference.ipynb``)
+    ``engines``      the HF and vLLM engines, how they load (EngineOptions), the adapter checks
+    ``decoding``     the HF engine's fast generation on CUDA (static KV cache, CUDA graphs)
+    ``sampling``     the sampling loop and the resumable prediction files
+    ``budget``       the deadline: each model's share of the time, how many predictions still fit
+    ``blending``     the final string, blend.json, the scores table
+    ``inference``    the submission stage: sample, blend, write and check submission.csv, score
+4. Mean prompt and blend (``mean_prompt.ipynb``)
+    ``mean_prompt``  the mean-prompt search against the scorer and the blend chosen on validation
+5. Deliver to Kaggle
+    ``kernels``      the submission plan, rendered kernels, the local dry run
+    ``kaggle_api``   credentials, the datasets, kernel pushes and submissions through the kaggle CLI
+    ``wheels``       inside a kernel: the offline vLLM install, checked, with the HF engine as fallback
+
+The inference stage runs twice in the demo: on the choice rows (predictions the mean-prompt stage chooses the blend
+on), then with the chosen blend on the report rows. Importing the package is cheap: heavy libraries load inside the
 modules that need them.
 """
 from __future__ import annotations

@@ -4,16 +4,23 @@ The winning recipe: each model's n sampled predictions, in plan order, joined, t
 sits close to every possible prompt under the scorer). Joining several guesses moves the embedding toward their
 centre, which the cubed cosine rewards over one confident wrong guess. The mean prompt is a parameter; the default is
 the public 0.63 string.
+
+The recipe the mean-prompt stage chooses on validation travels to the inference stage as ``blend.json``; this module
+reads and writes it (:class:`Blend`).
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import pandas as pd
 
+from .config import resolve_path
 from .metric import SCORE_COLUMNS
 
 logger = logging.getLogger("kaggle_utils")
@@ -22,6 +29,15 @@ DEFAULT_MEAN_PROMPT = ("Please improve this text using the writing style with ma
                        "altering the tone.")
 SPLIT_ORDER = ("report", "choice")  # how a scores table is ordered: rows that chose nothing first
 PUBLIC_MEAN_PROMPT_SYSTEM = "public mean prompt alone (0.63 on the leaderboard)"  # its name in every scores table
+BLEND_FILE = "blend.json"
+
+
+class BlendError(ValueError):
+    """A ``blend.json`` that cannot be read, or that names a model the plan does not have; the message names the file
+    or the models."""
+
+
+# ---------------------------------------------------------------- the final string
 
 
 def blend_row(predictions_by_model: Sequence[Sequence[str]], mean_prompt: str = "", separator: str = " ",
@@ -98,6 +114,9 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     return systems
 
 
+# ---------------------------------------------------------------- scores tables
+
+
 def score_systems(scorer, systems: Mapping[str, Sequence[str]], truths: Sequence[str], split: str = ""
                   ) -> pd.DataFrame:
     """A scores table (:data:`kaggle_utils.metric.SCORE_COLUMNS`), one row per system, with
@@ -133,3 +152,92 @@ def write_scores(path: str | os.PathLike, rows) -> pd.DataFrame:
     file.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(file, index=False)
     return table
+
+
+# ---------------------------------------------------------------- blend.json
+
+
+@dataclass(kw_only=True)
+class Blend:
+    """``blend.json``: the final string's recipe chosen on validation by the mean-prompt stage, and the scores that
+    chose it. Fields are the file's keys, in the order they are written; only ``models``, ``mean_prompt`` and
+    ``separator`` are needed to apply it, so a file that has only those (hand-written, or from before a key existed)
+    still reads."""
+
+    models: list  # [{"model": name, "n": predictions taken}] in join order; [] = the mean prompt alone
+    mean_prompt_kind: str = ""  # none | public | optimized
+    mean_prompt: str  # appended after the predictions; "" = none
+    label: str = ""  # the option's name in blend_options.csv
+    scs: float | None = None  # mean SCS on the rows that chose (the rows the search never saw)
+    cos: float | None = None  # mean cosine on those rows
+    scs_all_rows: float | None = None  # mean SCS on every validation row with predictions
+    separator: str  # between the joined predictions and the mean prompt
+    scorer: str = ""  # the scorer's name: its numbers are not another scorer's
+    rows: int = 0  # rows the blend was chosen on
+    rows_total: int = 0  # validation rows with predictions from every model
+    chosen_from: int = 0  # options scored
+    table: str = ""  # the file of every option's score, beside this one
+    best_by_mean: str = ""  # the option with the highest mean SCS ("" in files written before the rule below)
+    rule: str = ""  # how the option was chosen among the scored ones
+    mean_prompt_objective: str = ""  # the mean-prompt search's objective (alone | blend)
+    best_with_optimized_mean_prompt: dict | None = None  # the best option that appends the optimized mean prompt
+    seconds: float = 0.0  # time the choice took
+    extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Blend":
+        """The blend in ``path`` (the file, or the folder that holds ``blend.json``). A missing file, a file that is
+        not a JSON object, a missing key or a malformed model entry is a :class:`BlendError` naming the file."""
+        file = resolve_path(path)
+        if file.is_dir():
+            file = file / BLEND_FILE
+        if not file.exists():
+            raise BlendError(f"blend file '{file}' does not exist (run `make mean-prompt RUN=<run>` first)")
+        try:
+            values = json.loads(file.read_text())
+        except ValueError as e:
+            raise BlendError(f"{file}: not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise BlendError(f"{file}: expected a JSON object, got {type(values).__name__}")
+        for key in ("models", "mean_prompt", "separator"):
+            if key not in values:
+                raise BlendError(f"{file}: missing key '{key}'")
+        models = values["models"]
+        if not isinstance(models, list):
+            raise BlendError(f"{file}: models must be a list of {{model, n}}, got {models!r}")
+        for i, m in enumerate(models):
+            if not (isinstance(m, dict) and isinstance(m.get("model"), str) and isinstance(m.get("n"), int)
+                    and m["n"] >= 1):
+                raise BlendError(f"{file}: models[{i}] must be {{\"model\": name, \"n\": count >= 1}}, got {m!r}")
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in values.items() if k in known},
+                   extra={k: v for k, v in values.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        """The file's content: every field in order, then the keys this version does not know."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        return {**out, **self.extra}
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write the blend to ``path`` (the file, or a folder that gets ``blend.json``); returns the file."""
+        file = resolve_path(path)
+        if file.is_dir():
+            file = file / BLEND_FILE
+        file.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return file
+
+    def plan_for(self, models: Sequence[dict]) -> dict:
+        """The inference settings this blend implies for a plan of model entries (dicts with ``name`` and ``n``):
+        the models in the blend's order with the blend's ``n`` each (models it leaves out are dropped, so they are
+        not sampled), and ``use_mean_prompt``, ``mean_prompt``, ``separator``.
+
+        ``models`` comes back empty when the blend is the mean prompt alone: then no model needs to run.
+        """
+        by_name = {m["name"]: m for m in models}
+        missing = [m["model"] for m in self.models if m["model"] not in by_name]
+        if missing:
+            raise BlendError(f"the blend names model(s) {missing} that the plan does not have ({list(by_name)}); "
+                             "choose the blend on predictions of this plan's models")
+        mean = str(self.mean_prompt or "")
+        return {"models": [{**by_name[m["model"]], "n": int(m["n"])} for m in self.models],
+                "use_mean_prompt": bool(mean.strip()), "mean_prompt": mean, "separator": self.separator}

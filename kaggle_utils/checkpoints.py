@@ -2,8 +2,8 @@
 
 For every candidate step (step 0 = the base model without an adapter, then every k-th checkpoint and always the last)
 greedy predictions are sampled on held-out validation rows and scored with SCS; the highest mean wins, the earlier
-step on ties, unless a step is forced. The chosen adapter goes to ``runs/<run>/selected/`` with ``selection.json``,
-which the inference stage reads instead of re-declaring the step.
+step on ties, unless a step is forced. The chosen adapter goes to ``runs/<run>/selected/`` with ``selection.json``
+(:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of re-declaring the step.
 
 Usage (headless): ``make select RUN=smollm`` (or ``papermill notebooks/select_checkpoint.ipynb out.ipynb -p run_name
 smollm``).
@@ -33,16 +33,15 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from . import data, metric, models, prompts, training
-from .config import require, resolve_path, save_config
+from . import artifacts, data, metric, models, prompts, training
+from .config import require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
 SELECTION_DIR = "selection"  # per-step cache, inside the run folder
-SELECTED_DIR = "selected"  # the export the next stage reads
-SELECTION_FILE = "selection.json"
+SELECTED_DIR = artifacts.SELECTED_DIR  # the export the next stage reads
 REPORT_BY_STEP = "report_by_step"  # <run>/report_by_step.json and .png: the report rows scored by step, chose nothing
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = artifacts.ADAPTER_FILES
 # What an empty extraction is scored as: the competition rejects blank prompts, and a generic instruction is what a
 # submission would fall back to, so the score stays honest about what would be submitted.
 FALLBACK_PROMPT = prompts.FALLBACK_PROMPT  # the submission's default fallback too
@@ -69,8 +68,7 @@ class SelectConfig:
     force_step: int = 0  # choose this checkpoint step whatever the scores (0 or -1 = no override)
     scorer_path: str = ""  # local sentence-transformers folder (sentence-t5-base = the real metric); "" = MiniLM
     max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
-    max_prompt_tokens: int = 0  # longer validation prompts are cut; 0 = as in training (its max_prompt_tokens, else
-    # its max_seq_length)
+    max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = the run's, from its config.json
     batch_size: int = 24  # rows per generate call
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
     seed: int = 0  # seed of the validation subset draw
@@ -84,7 +82,7 @@ class SelectConfig:
                 f"{self.force_step}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
-                f"must be 0 (as in training) or >= 64, got {self.max_prompt_tokens}")
+                f"must be 0 (the run's) or >= 64, got {self.max_prompt_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         if self.scorer_path:  # fail before minutes of generation, not after
             metric.check_scorer_path(self.scorer_path)
@@ -103,13 +101,8 @@ class SelectConfig:
 # ---------------------------------------------------------------- the run folder
 
 
-def checkpoint_step(path: str | Path) -> int:
-    """The step number of a ``checkpoint-N`` folder."""
-    return int(Path(path).name.rsplit("-", 1)[-1])
-
-
-def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
-    """Step -> folder of every checkpoint that holds an adapter, in numeric step order.
+def run_checkpoints(run_dir: str | Path) -> dict[int, Path]:
+    """Step -> folder of the run's complete checkpoints (:func:`kaggle_utils.artifacts.find_checkpoints`).
 
     A run folder that does not exist, or holds no complete checkpoint, is a :class:`SelectionError` saying how to
     make one.
@@ -118,24 +111,20 @@ def find_checkpoints(run_dir: str | Path) -> dict[int, Path]:
     if not run_dir.is_dir():
         raise SelectionError(f"run folder '{run_dir}' does not exist; train first (make train RUN={run_dir.name}) "
                              "or set run_name / runs_dir")
-    found = training.find_checkpoints(run_dir)
-    complete = {checkpoint_step(p): p for p in found if all((p / f).exists() for f in ADAPTER_FILES)}
-    partial = [p.name for p in found if checkpoint_step(p) not in complete]
-    if partial:
-        logger.warning("%s: ignoring checkpoint folder(s) without %s: %s", run_dir.name, " + ".join(ADAPTER_FILES),
-                       ", ".join(partial))
-    if not complete:
+    found = artifacts.find_checkpoints(run_dir)
+    if not found:
         raise SelectionError(f"run folder '{run_dir}' has no checkpoints (no checkpoint-N/ with {ADAPTER_FILES[1]}); "
                              f"train first (make train RUN={run_dir.name})")
-    return complete
+    return found
 
 
 def read_run_config(run_dir: str | Path) -> dict:
     """The training run's resolved config (``config.json``, written by the train stage)."""
-    path = Path(run_dir) / "config.json"
-    if not path.exists():
-        raise SelectionError(f"{path} is missing: the run folder was not written by the train stage")
-    return json.loads(path.read_text())
+    values = saved_config(run_dir)
+    if values is None:
+        raise SelectionError(f"{Path(run_dir) / 'config.json'} is missing: the run folder was not written by the "
+                             "train stage")
+    return values
 
 
 def checkpoint_metrics(run_dir: str | Path) -> pd.DataFrame:
@@ -145,7 +134,7 @@ def checkpoint_metrics(run_dir: str | Path) -> pd.DataFrame:
     """
     run_dir = Path(run_dir)
     rows = {}
-    for step, folder in find_checkpoints(run_dir).items():
+    for step, folder in run_checkpoints(run_dir).items():
         meta_file = folder / "metrics.json"
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         rows[step] = {"step": step, "train_loss": meta.get("train_loss"), "eval_loss": meta.get("eval_loss")}
@@ -182,7 +171,7 @@ def prepare_selection(cfg: SelectConfig) -> dict:
 
     Everything that can fail cheaply fails here, before any model is loaded.
     """
-    ckpts = find_checkpoints(cfg.run_dir)
+    ckpts = run_checkpoints(cfg.run_dir)
     run_cfg = read_run_config(cfg.run_dir)
     candidate_steps(ckpts, cfg.every_k, cfg.force_step)  # raises on a forced step that does not exist
     preset = models.get_preset(run_cfg.get("preset", models.DEFAULT_PRESET))
@@ -205,14 +194,13 @@ def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
 
 
 def prompt_token_limit(cfg: SelectConfig, run_cfg: dict) -> int:
-    """Prompt tokens kept per validation row: ``max_prompt_tokens``, or by default the run's training cut
-    (``max_prompt_tokens``) or else its ``max_seq_length``.
+    """Prompt tokens kept per validation row: ``max_prompt_tokens``, else the run's limit
+    (:func:`kaggle_utils.artifacts.run_prompt_token_limit`).
 
-    The model never trained on longer rows (training drops them), and prefill of long prompts is what a CPU
-    selection spends its time on (SmolLM2's validation rows average about 580 tokens, its training limit is 384).
+    The model never trained on longer prompts, and prefill of long prompts is what a CPU selection spends its time on
+    (SmolLM2's validation rows average about 580 tokens, its training limit is 384).
     """
-    return cfg.max_prompt_tokens or int(run_cfg.get("max_prompt_tokens") or run_cfg.get("max_seq_length")
-                                        or prompts.DEFAULT_PROMPT_TOKENS)
+    return artifacts.run_prompt_token_limit(run_cfg, cfg.max_prompt_tokens)
 
 
 def plot_losses(cfg: SelectConfig) -> Path:
@@ -327,19 +315,19 @@ class _StepSampler:
     """The base model loaded once; adapters attached one at a time (step 0 runs with none)."""
 
     def __init__(self, cfg: SelectConfig, run_cfg: dict):
-        from . import sampling
+        from . import engines
 
         self.cfg = cfg
-        self.sampling = sampling
+        self.engines = engines
         # Same loading path as inference: bf16 on CPU, the card's dtype on GPU, 4-bit when the run trained 4-bit.
-        self.engine = sampling.HFEngine.from_preset(
+        self.engine = engines.HFEngine.from_preset(
             run_cfg.get("preset", models.DEFAULT_PRESET), _base_model_path(cfg, run_cfg),
             load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
         self.peft = None
-        self.scfg = sampling.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                            batch_size=cfg.batch_size,
-                                            max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
-                                            seed=cfg.seed)
+        self.scfg = engines.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                           batch_size=cfg.batch_size,
+                                           max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
+                                           seed=cfg.seed)
 
     def _attach(self, step: int, ckpt: Path) -> None:
         from peft import PeftModel
@@ -349,15 +337,15 @@ class _StepSampler:
             if self.peft is None:
                 self.peft = PeftModel.from_pretrained(self.engine.model, str(ckpt), adapter_name=name,
                                                       is_trainable=False)
-                self.engine = self.sampling.HFEngine(self.peft, self.engine.tokenizer)
+                self.engine = self.engines.HFEngine(self.peft, self.engine.tokenizer)
             else:
                 old = self.peft.active_adapter
                 self.peft.load_adapter(str(ckpt), adapter_name=name, is_trainable=False)
                 self.peft.set_adapter(name)
                 self.peft.delete_adapter(old)  # one adapter in memory at a time
         except (RuntimeError, ValueError, KeyError) as e:
-            raise self.sampling.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
-                                             ) from e
+            raise self.engines.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
+                                            ) from e
 
     def generate(self, step: int, ckpt: Path | None, validation: pd.DataFrame) -> list[str]:
         """Raw greedy completions for every validation row at ``step``."""
@@ -399,7 +387,7 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     from tqdm.auto import tqdm
 
     run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
-    ckpts = find_checkpoints(cfg.run_dir)
+    ckpts = run_checkpoints(cfg.run_dir)
     steps = candidate_steps(ckpts, cfg.every_k, cfg.force_step)
     (cfg.run_dir / SELECTION_DIR).mkdir(parents=True, exist_ok=True)
     truths = list(validation[data.PROMPT_COLUMN])
@@ -554,7 +542,7 @@ def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int) -> pd.Data
 
 def _clear_export(out: Path) -> None:
     """Remove a previous selection's adapter and merged weights, so the folder never mixes two selections."""
-    for name in ADAPTER_FILES + (SELECTION_FILE,):
+    for name in ADAPTER_FILES + (artifacts.SELECTION_FILE,):
         (out / name).unlink(missing_ok=True)
     if (out / "merged").exists():
         shutil.rmtree(out / "merged")
@@ -582,7 +570,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
                     "chose", cfg.run_dir / f"{REPORT_BY_STEP}.json", out)
         return out
     run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
-    ckpts = find_checkpoints(cfg.run_dir)
+    ckpts = run_checkpoints(cfg.run_dir)
     out.mkdir(parents=True, exist_ok=True)
     _clear_export(out)
     best_ckpt = choose_step({s: v for s, v in table.items() if s > 0}) if len(table) > 1 else None
@@ -605,32 +593,31 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
             float(losses[r["step"]])
     scorer = per_step[0].get("scorer", "unknown")
     own = cfg.run_dir / training.VALIDATION_FILE
-    selection = {
-        "run": cfg.run_name,
-        "preset": run_cfg.get("preset"),
-        "base_model_path": _base_model_path(cfg, run_cfg),
-        "step": step,
-        "adapter": None if base_won else ADAPTER_FILES[1],
-        "base_model_won": base_won,
-        "forced": bool(cfg.forced),
-        "rule": f"forced by force_step={step}" if cfg.forced else "highest mean SCS; the earlier step on ties",
-        "best_checkpoint_step": best_ckpt,
-        "scores": rounded,
-        "per_step": per_step,
-        "scorer": scorer,
-        "scorer_precision": per_step[0].get("precision"),
-        "validation_file": str(resolve_path(cfg.validation_file) if cfg.validation_file else own),
-        "val_rows": cfg.val_rows,
-        "rows_scored": int(per_step[0].get("rows", len(validation) if validation is not None else 0)),
-        "prompt_groups": int(_group_key(validation).nunique()) if validation is not None else None,
-        "max_new_tokens": cfg.max_new_tokens,
-        "max_prompt_tokens": prompt_token_limit(cfg, run_cfg),
-        "merged": "merged" if merged else None,
-        "checkpoint": str(ckpts[step]) if not base_won else None,
-        "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "config": dataclasses.asdict(cfg),
-    }
-    _write_json(out / SELECTION_FILE, selection)
+    artifacts.Selection(
+        run=cfg.run_name,
+        preset=run_cfg.get("preset"),
+        base_model_path=_base_model_path(cfg, run_cfg),
+        step=step,
+        adapter=None if base_won else ADAPTER_FILES[1],
+        base_model_won=base_won,
+        forced=bool(cfg.forced),
+        rule=f"forced by force_step={step}" if cfg.forced else "highest mean SCS; the earlier step on ties",
+        best_checkpoint_step=best_ckpt,
+        scores=rounded,
+        per_step=per_step,
+        scorer=scorer,
+        scorer_precision=per_step[0].get("precision"),
+        validation_file=str(resolve_path(cfg.validation_file) if cfg.validation_file else own),
+        val_rows=cfg.val_rows,
+        rows_scored=int(per_step[0].get("rows", len(validation) if validation is not None else 0)),
+        prompt_groups=int(_group_key(validation).nunique()) if validation is not None else None,
+        max_new_tokens=cfg.max_new_tokens,
+        max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
+        merged="merged" if merged else None,
+        checkpoint=str(ckpts[step]) if not base_won else None,
+        created=datetime.datetime.now().isoformat(timespec="seconds"),
+        config=dataclasses.asdict(cfg),
+    ).write(out)
     base = table.get(0)
     logger.info("selected step %d of %s: mean SCS %.4f vs %s at step 0 (base model), scorer %s -> %s", step,
                 cfg.run_name, table[step], f"{base:.4f}" if base is not None else "n/a", scorer, out)

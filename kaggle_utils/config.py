@@ -16,6 +16,7 @@ from typing import Any
 logger = logging.getLogger("kaggle_utils")
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_FILE = "config.json"  # every stage's resolved config, written into its output folder before any work
 
 
 class ConfigError(ValueError):
@@ -91,13 +92,30 @@ def load_yaml(cls, path: str | os.PathLike, **overrides):
     return cls(**values)
 
 
-def save_config(cfg, folder: str | os.PathLike, name: str = "config.json") -> Path:
+def save_config(cfg, folder: str | os.PathLike, name: str = CONFIG_FILE) -> Path:
     """Write the resolved config as JSON into ``folder`` (created if needed), before the stage works."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     path = out / name
     path.write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str) + "\n")
     return path
+
+
+def saved_config(folder: str | os.PathLike, name: str = CONFIG_FILE) -> dict | None:
+    """The config a stage saved in ``folder`` (:func:`save_config`) as a dict of its fields, or None when there is
+    none. Later stages read a run's settings this way (a training run's preset, train files, prompt-token limit),
+    without rebuilding the dataclass, whose checks (a base model present here) need not hold where they read it. A
+    file that is not a JSON object is a :class:`ConfigError` naming it."""
+    path = Path(folder) / name
+    if not path.exists():
+        return None
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path}: not readable as JSON ({e})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(values).__name__}")
+    return values
 
 
 def setup_logging(level: int = logging.INFO) -> logging.Logger:
@@ -115,7 +133,7 @@ def setup_logging(level: int = logging.INFO) -> logging.Logger:
 def error_summary(error, lines: int = 3, limit: int = 400) -> str:
     """One log-line of an exception or an error text: its first non-empty lines joined. The reason can sit below the
     first line (pydantic: "1 validation error for VllmConfig" / "Total number of attention heads (9) must be
-    divisible by tensor parallel size (2)", seen on the H200), so one line is not enough."""
+    divisible by tensor parallel size (2)"), so one line is not enough."""
     kept = [ln.strip() for ln in str(error).strip().splitlines() if ln.strip()][:lines]
     return " | ".join(kept)[:limit]
 

@@ -179,7 +179,7 @@ def _ops(device, dtype, want_compile: bool, hidden: int, intermediate: int, head
     varies between calls. With torch.compile's automatic dynamic shapes the first call compiles for exact sizes and
     the second, with another token count, compiles once more with just that size symbolic; model sizes stay
     constants. (``dynamic=True`` made every size symbolic, and a batch that happened to equal the head count or the
-    head size recompiled: seen on an H200, 2026-11, about 18 s lost in one 325-row run.) The probe below uses the
+    head size recompiled: about 18 s of a 325-row run on an H200.) The probe below uses the
     model's own sizes, ``nn.Parameter`` weights and distinct cos/sin tensors, because each of those differences
     from the real calls was a guard failure (a recompilation) in the first version.
     """
@@ -580,7 +580,7 @@ class _Decoder:
             eager_logits = net.decode_step(static_tokens, static_positions, caches, key_index)
         torch.cuda.current_stream(net.device).wait_stream(stream)
         # Each graph gets its own memory pool (freed with it). Sharing one pool handle across sub-batches tripped
-        # an internal assert of the caching allocator once the first graph was gone (H100, torch 2.11, 2026-11).
+        # an internal assert of the caching allocator once the first graph was gone (torch 2.11).
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = net.decode_step(static_tokens, static_positions, caches, key_index)
@@ -610,7 +610,7 @@ def generate_ids(model, prompts, *, max_new_tokens: int, eos_token_id=None, pad_
 
     The fast path itself, with no fallback (see :func:`unsupported_reason`). ``cuda_graphs`` and ``compile_ops``
     default to on for CUDA and off elsewhere; ``prefill_tokens`` caps the padded tokens of one prefill chunk (8192:
-    faster than 32768 on an H100 and an H200, 2026-11: fewer rows a chunk span fewer lengths, so less padding);
+    faster than 32768 on an H100 and an H200: fewer rows a chunk span fewer lengths, so less padding);
     ``kv_budget_bytes`` caps one sub-batch's KV cache (default: most of the free GPU memory) and ``max_batch_rows``
     its rows (samples included; default: as many as the budget holds).
     """

@@ -3,7 +3,7 @@
 In transformers 5, Mixtral's experts are two fused 3-D parameters per layer (``experts.gate_up_proj``
 ``[experts, 2*intermediate, hidden]`` and ``experts.down_proj``), not ``nn.Linear`` layers, so bitsandbytes'
 quantizer (which replaces ``nn.Linear`` only) leaves them in 16 bits: 45 of the 46.7 B parameters, 85 GiB after
-loading, and PEFT's k-bit preparation then casts them to fp32 (measured on an H100: see BENCHMARKS.md).
+loading, and PEFT's k-bit preparation then casts them to fp32 (BENCHMARKS.md).
 
 :class:`Experts4bit` takes the experts' place while ``from_pretrained`` builds the model. It exposes the two fused
 names as placeholders, so transformers' own loader still reads, renames and concatenates the checkpoint's

@@ -7,7 +7,6 @@ rendered as a kernel. Each step is one call here, so the notebook stays a list o
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import re
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import blending, budget, data, models, prompts, sampling
+from . import artifacts, blending, budget, data, engines, models, prompts, sampling
 from .config import ConfigError, require, resolve_path, save_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -32,7 +31,7 @@ SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
 SCORES_FILE = "scores.csv"
-DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the adapter's selection says
+DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the model's selection.json says
 SAMPLING_FILE = "sampling.csv"
 
 
@@ -59,8 +58,8 @@ class ModelSpec:
         require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.name))), "name",
                 f"must be a short file-name-safe word, got '{self.name}'")
         preset = models.get_preset(self.preset)
-        sampling.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                                greedy_first=self.greedy_first)  # validates the numbers
+        engines.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
+                               greedy_first=self.greedy_first)  # validates the numbers
         self._preset = preset
 
     def check_paths(self) -> None:
@@ -72,7 +71,7 @@ class ModelSpec:
                                             "config.json and *.safetensors); export it with checkpoint selection")
         else:
             models.check_base_path(self._preset, self.base_model_path)
-            sampling.selected_adapter(self.adapter_path, self.preset)
+            engines.selected_adapter(self.adapter_path, self.preset)
 
     @classmethod
     def from_dict(cls, entry, index: int) -> "ModelSpec":
@@ -92,23 +91,20 @@ class ModelSpec:
             raise ConfigError(f"models[{index}] ({entry.get('name')}): {e}") from None
 
     def trained_prompt_tokens(self) -> int:
-        """The prompt length this model's adapter was selected at (``selection.json``'s ``max_prompt_tokens``, which
-        follows the training cut), so it is shown prompts cut as in training; :data:`DEFAULT_PROMPT_TOKENS` when
-        there is no such file (a base model, an adapter from elsewhere)."""
+        """The prompt-token limit this model's adapter was selected at (``max_prompt_tokens`` of its
+        ``selection.json``, beside the adapter or above a merged folder); 0 when no such file records one (a base
+        model, an adapter from elsewhere). An unreadable file is logged and counts as none."""
         for folder in ([self.adapter_path] if self.adapter_path else []) + (
                 [str(Path(self.merged_path).parent)] if self.merged_path else []):
-            path = resolve_path(folder) / sampling.SELECTION_FILE
-            if not path.exists():
-                continue
             try:
-                value = int(json.loads(path.read_text()).get("max_prompt_tokens") or 0)
-            except (OSError, ValueError, AttributeError) as e:
-                logger.warning("%s: unreadable (%s); %s sees prompts cut to %d tokens, maybe not as in training",
-                               path, e, self.name, DEFAULT_PROMPT_TOKENS)
+                selection = artifacts.Selection.find(folder)
+            except artifacts.ArtifactError as e:
+                logger.warning("%s; %s sees prompts cut to %d tokens, maybe not as in training", e, self.name,
+                               DEFAULT_PROMPT_TOKENS)
                 continue
-            if value:
-                return value
-        return DEFAULT_PROMPT_TOKENS
+            if selection is not None and selection.max_prompt_tokens:
+                return selection.max_prompt_tokens
+        return 0
 
     @property
     def label(self) -> str:
@@ -128,16 +124,15 @@ class InferenceConfig:
     mean_prompt: str = blending.DEFAULT_MEAN_PROMPT  # the string appended to every row
     separator: str = " "  # between joined predictions and the mean prompt
     engine: str = "auto"  # auto | vllm | hf
-    dtype: str = "auto"  # auto (fp16 on T4, bf16 on newer GPUs) | float16 (run as a T4 would) | bfloat16
+    dtype: str = engines.EngineOptions.dtype  # auto (fp16 on T4, bf16 on newer GPUs) | float16 (as a T4) | bfloat16
     deadline_hours: float = budget.DEFAULT_DEADLINE_HOURS  # budget from the notebook's start (Kaggle stops at 9 h)
     scorer_path: str = ""  # local sentence-t5-base folder; "" = the MiniLM stand-in
     fallback_prompt: str = prompts.FALLBACK_PROMPT  # for empty generations, failed rows, rows past the deadline
     identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
     max_new_tokens: int = 32  # a recovered prompt is one sentence
-    max_prompt_tokens: int = 0  # longer prompts are cut (instruction kept, both texts trimmed); 0 = per model, the
-    # length its adapter was selected at (selection.json), else DEFAULT_PROMPT_TOKENS
+    max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = each model's, from selection.json
     batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
-    gpu_memory_utilization: float = 0.9  # vLLM's share of each GPU
+    gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
@@ -157,8 +152,8 @@ class InferenceConfig:
         specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
         names = [s.name for s in specs]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
-        require(self.engine in sampling.ENGINES, "engine", f"must be one of {sampling.ENGINES}, got '{self.engine}'")
-        require(self.dtype in sampling.DTYPES, "dtype", f"must be one of {sampling.DTYPES}, got '{self.dtype}'")
+        require(self.engine in engines.ENGINES, "engine", f"must be one of {engines.ENGINES}, got '{self.engine}'")
+        self.engine_options()  # dtype and gpu_memory_utilization are checked where the engines read them
         require(self.deadline_hours > 0, "deadline_hours", f"must be > 0, got {self.deadline_hours}")
         require(bool(self.fallback_prompt.strip()), "fallback_prompt", "must not be blank (it fills failed rows)")
         require(bool(self.identical_fallback.strip()), "identical_fallback", "must not be blank")
@@ -167,17 +162,16 @@ class InferenceConfig:
         require(self.max_rows >= 0, "max_rows", f"must be >= 0, got {self.max_rows}")
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (each model's training length) or >= 64, got {self.max_prompt_tokens}")
-        require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
-                f"must be in (0, 1], got {self.gpu_memory_utilization}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
         self.sampling_config(specs[0] if specs else ModelSpec.from_dict(DEFAULT_MODELS[0], 0))  # validates the rest
 
     def _apply_blend(self) -> None:
-        """Take models (order, n), mean prompt and separator from the blend chosen on validation (issue 6)."""
-        from . import mean_prompt
-
-        choice = mean_prompt.load_blend(self.blend_file)
-        plan = mean_prompt.plan_from_blend(self.models, choice)
+        """Take models (order, n), mean prompt and separator from the blend chosen on validation (``blend_file``)."""
+        chosen = blending.Blend.read(self.blend_file)
+        try:
+            plan = chosen.plan_for(self.models)
+        except blending.BlendError as e:
+            raise blending.BlendError(f"{self.blend_file}: {e}") from None
         if not plan["models"]:
             logger.warning("%s chose the mean prompt alone: no model runs, every row gets the mean prompt",
                            self.blend_file)
@@ -186,15 +180,15 @@ class InferenceConfig:
         self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
         if plan["mean_prompt"].strip():
             self.mean_prompt = plan["mean_prompt"]
-        logger.info("blend from %s: %s (SCS %s, %s)", self.blend_file, choice.get("label", "?"), choice.get("scs", "?"),
-                    choice.get("scorer", "?"))
+        logger.info("blend from %s: %s (SCS %s, %s)", self.blend_file, chosen.label or "?",
+                    "?" if chosen.scs is None else chosen.scs, chosen.scorer or "?")
 
     def check_paths(self) -> None:
         """Check every model's folders (base, adapter or merged) and the test file exist; errors name the model."""
         for i, spec in enumerate(self.model_specs):
             try:
                 spec.check_paths()
-            except (sampling.AdapterError, models.ModelPathError) as e:
+            except (engines.AdapterError, models.ModelPathError) as e:
                 raise type(e)(f"models[{i}] ({spec.name}): {e}") from None
         if not resolve_path(self.test_file).exists():
             raise data.DataError(f"test_file: {resolve_path(self.test_file)} does not exist")
@@ -210,13 +204,21 @@ class InferenceConfig:
         as references when ``score_base_model`` is on."""
         return [ModelSpec.from_dict(m, i) for i, m in enumerate(getattr(self, "_left_out", []))]
 
-    def sampling_config(self, spec: ModelSpec, n: int | None = None) -> sampling.SamplingConfig:
+    def sampling_config(self, spec: ModelSpec, n: int | None = None) -> engines.SamplingConfig:
         """How to sample ``spec`` (``n`` overrides its n, e.g. 1 for a baseline)."""
-        return sampling.SamplingConfig(n=spec.n if n is None else n, temperature=spec.temperature, top_p=spec.top_p,
-                                       max_new_tokens=self.max_new_tokens, seed=self.seed,
-                                       forced_start=spec.forced_start, batch_size=self.batch_size,
-                                       greedy_first=spec.greedy_first,
-                                       max_prompt_tokens=self.max_prompt_tokens or spec.trained_prompt_tokens())
+        return engines.SamplingConfig(n=spec.n if n is None else n, temperature=spec.temperature, top_p=spec.top_p,
+                                      max_new_tokens=self.max_new_tokens, seed=self.seed,
+                                      forced_start=spec.forced_start, batch_size=self.batch_size,
+                                      greedy_first=spec.greedy_first,
+                                      max_prompt_tokens=artifacts.prompt_token_limit(
+                                          self.max_prompt_tokens, spec.trained_prompt_tokens()))
+
+    def engine_options(self, scfg: engines.SamplingConfig | None = None) -> engines.EngineOptions:
+        """How each model loads: ``dtype``, ``gpu_memory_utilization`` and ``seed`` from this config, and a vLLM
+        context that holds ``scfg``'s longest prompt and answer (the options' default without one)."""
+        context = {} if scfg is None else {"max_model_len": scfg.max_prompt_tokens + scfg.max_new_tokens + 8}
+        return engines.EngineOptions(dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization,
+                                     seed=self.seed, **context)
 
 
 # ---------------------------------------------------------------- phases
@@ -268,7 +270,7 @@ def _to_sample(test: pd.DataFrame) -> pd.DataFrame:
     return test.loc[~(test["_empty"] | test["_identical"])]
 
 
-def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
+def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
            folder: str = PREDICTIONS_DIR) -> sampling.PredictionStore:
     weights = spec.merged_path or spec.adapter_path
     fingerprint = {**{k: getattr(spec, k) for k in ("preset", "base_model_path", "adapter_path", "merged_path",
@@ -278,20 +280,18 @@ def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: sampling.Samp
     return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
 
 
-def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: sampling.SamplingConfig,
+def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share) -> sampling.SamplingReport | None:
     """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
     engine = None
     try:
         # vLLM failing to start (driver, memory, a config it refuses) falls back to the HF engine inside load_engine.
-        engine = sampling.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
-                                      gpu_memory_utilization=cfg.gpu_memory_utilization,
-                                      max_model_len=scfg.max_prompt_tokens + scfg.max_new_tokens + 8, seed=cfg.seed,
-                                      dtype=cfg.dtype)
+        engine = engines.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
+                                     options=cfg.engine_options(scfg))
         return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
                                     rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                     model_name=name)
-    except sampling.PLAN_ERRORS:
+    except engines.PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
         logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())
@@ -315,7 +315,7 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
         table = pd.DataFrame(columns=REPORT_COLUMNS)
         table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
         return {}, table
-    kind = sampling.pick_engine(cfg.engine)
+    kind = engines.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
@@ -351,7 +351,7 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
     left_out = cfg.left_out_specs
     if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not (cfg.models or left_out):
         return {}
-    kind = sampling.pick_engine(cfg.engine)
+    kind = engines.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]

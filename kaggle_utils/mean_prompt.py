@@ -39,8 +39,8 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import blending, data
-from .config import require, resolve_path, save_config
+from . import blending, data, metric, sampling
+from .config import require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -50,7 +50,6 @@ DEFAULT_TARGET_FILES = ["data/selected_prompts.json"]
 # Used when the run folder has no config.json to name its training files (same default as training.TrainConfig).
 FALLBACK_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
 RESULT_FILE = "mean_prompt.json"
-BLEND_FILE = "blend.json"
 OPTIONS_FILE = "blend_options.csv"
 OPTIONS_PLOT = "blend_options.png"
 SCORES_FILE = "scores.csv"
@@ -188,11 +187,9 @@ def run_train_files(cfg: MeanPromptConfig) -> list[str]:
     """The training CSVs: the config's, else those the run's ``config.json`` names, else the training default."""
     if cfg.train_files:
         return list(cfg.train_files)
-    saved = cfg.run_dir / "config.json"
-    if saved.exists():
-        files = json.loads(saved.read_text()).get("train_files")
-        if files:
-            return list(files)
+    files = (saved_config(cfg.run_dir) or {}).get("train_files")
+    if files:
+        return list(files)
     return list(FALLBACK_TRAIN_FILES)
 
 
@@ -282,16 +279,6 @@ def tokenizer_vocabulary(scorer, targets: Sequence[str], size: int) -> list[str]
 # ---------------------------------------------------------------- objectives
 
 
-def scs_matrix(a: np.ndarray, b: np.ndarray, power: int = 3) -> np.ndarray:
-    """SCS of every row of ``a`` against every row of ``b`` (the pairwise twin of ``metric.sharpened_cosine``)."""
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    cos = a @ b.T
-    return np.sign(cos) * np.abs(cos) ** power
-
-
 class AloneObjective:
     """Mean SCS of each candidate string alone against a fixed set of target prompts.
 
@@ -308,7 +295,7 @@ class AloneObjective:
     def __call__(self, candidates: Sequence[str]) -> np.ndarray:
         if not len(candidates):
             return np.zeros(0)
-        return scs_matrix(self.scorer.embed(list(candidates)), self._target_vectors).mean(axis=1)
+        return metric.scs_matrix(self.scorer.embed(list(candidates)), self._target_vectors).mean(axis=1)
 
 
 class BlendObjective:
@@ -479,10 +466,7 @@ def find_prediction_files(cfg: MeanPromptConfig) -> list[Path]:
 
 def _planned_models(folder: Path) -> list[str]:
     """Model names, in plan order, from the ``config.json`` of the inference run that owns ``folder``."""
-    saved = folder.parent / "config.json"
-    if not saved.exists():
-        return []
-    plan = json.loads(saved.read_text()).get("models") or []
+    plan = (saved_config(folder.parent) or {}).get("models") or []
     return [m["name"] for m in plan if isinstance(m, dict) and m.get("name")]
 
 
@@ -500,22 +484,6 @@ def _predictions_dir(cfg: MeanPromptConfig) -> Path | None:
     return None
 
 
-def read_predictions(path: str | os.PathLike) -> dict[str, list[str]]:
-    """``{row id: [prediction, ...]}`` from one model's JSONL file (one object per row: ``id`` + ``predictions``)."""
-    out: dict[str, list[str]] = {}
-    file = Path(path)
-    for k, line in enumerate(file.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            preds = row["predictions"]
-            out[str(row["id"])] = [str(p) for p in (preds if isinstance(preds, list) else [preds])]
-        except (ValueError, KeyError, TypeError) as e:
-            raise MeanPromptError(f"{file}: line {k} is not a prediction row ({e})") from None
-    return out
-
-
 def align_predictions(files: Sequence[Path], ids: Sequence[str]) -> tuple[dict[str, list[list[str]]], list[int]]:
     """Per model, the predictions of each validation row in ``ids`` order; and the row positions every model covers.
 
@@ -524,7 +492,7 @@ def align_predictions(files: Sequence[Path], ids: Sequence[str]) -> tuple[dict[s
     per_model: dict[str, list[list[str]]] = {}
     covered = set(range(len(ids)))
     for f in files:
-        preds = read_predictions(f)
+        preds = sampling.read_predictions(f)
         per_model[f.stem] = [preds.get(str(i), []) for i in ids]
         covered &= {k for k, i in enumerate(ids) if str(i) in preds}
     return per_model, sorted(covered)
@@ -622,8 +590,8 @@ def choose_blend(table: pd.DataFrame, mean_prompt_kind: str | None = None, with_
     """The option with the best mean SCS, with fewer predictions where they do not measurably help; optionally only
     among options with that mean-prompt kind and at least one prediction (None when there is no such option).
 
-    The best option by mean can win by noise on a few dozen rows (seen on the demo's 65 choice rows: x2 beat x1 by
-    0.005 and lost by 0.03 on the report rows). So among the options that differ from it only in how many predictions
+    The best option by mean can win by noise on a few dozen rows (on the demo's 65 choice rows x2 beats x1 by 0.005,
+    and loses by 0.03 on the report rows). So among the options that differ from it only in how many predictions
     each model gives (same models, order and mean prompt), the one with the fewest predictions is taken when it
     scores within one standard error of the best (paired differences over prompt groups): the one-standard-error rule.
     """
@@ -674,9 +642,7 @@ def plot_blend_table(table: pd.DataFrame, path: str | os.PathLike, scorer_name: 
 
 def load_scorer(cfg: MeanPromptConfig):
     """The scorer the config names (MiniLM stand-in when ``scorer_path`` is empty)."""
-    from .metric import Scorer
-
-    return Scorer(cfg.scorer_path, batch_size=cfg.batch_size)
+    return metric.Scorer(cfg.scorer_path, batch_size=cfg.batch_size)
 
 
 @dataclass
@@ -837,9 +803,9 @@ def run_blend_choice(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: di
               "mean_prompt_objective": searched.get("objective", ""),
               "best_with_optimized_mean_prompt": describe(with_optimized) if with_optimized else None,
               "seconds": round(time.perf_counter() - began, 2)}
-    (cfg.run_dir / BLEND_FILE).write_text(json.dumps(choice, indent=2) + "\n")
+    path = blending.Blend(**choice).write(cfg.run_dir / blending.BLEND_FILE)
     logger.info("blend chosen from %d option(s) on %d rows with %s: %s (SCS %.4f) -> %s", len(table), choice["rows"],
-                scorer.name, best.label, choice["scs"], cfg.run_dir / BLEND_FILE)
+                scorer.name, best.label, choice["scs"], path)
     return shown, choice
 
 
@@ -864,32 +830,3 @@ def score_rows(scorer, inputs: Inputs, searched: dict, choice: dict) -> list[dic
             rows.append(scorer.report(system, blend_strings(option, inputs.predictions, range(n), mean_prompts,
                                                             choice["separator"]), truths, split=SPLIT))
     return rows
-
-
-def load_blend(path: str | os.PathLike) -> dict:
-    """A saved ``blend.json``: ``models`` [{model, n}] in join order, ``mean_prompt``, ``separator``, and its score."""
-    file = resolve_path(path)
-    if not file.exists():
-        raise MeanPromptError(f"blend file '{file}' does not exist (run `make mean-prompt RUN=<run>` first)")
-    choice = json.loads(file.read_text())
-    for key in ("models", "mean_prompt", "separator"):
-        if key not in choice:
-            raise MeanPromptError(f"{file}: missing key '{key}'")
-    return choice
-
-
-def plan_from_blend(models: Sequence[dict], choice: dict) -> dict:
-    """The inference settings a saved blend implies for a plan of model entries (dicts with ``name`` and ``n``):
-    the models in the blend's order with the blend's ``n`` each (models it leaves out are dropped, so they are not
-    sampled), and ``use_mean_prompt``, ``mean_prompt``, ``separator``.
-
-    ``models`` comes back empty when the best blend is the mean prompt alone: then no model needs to run.
-    """
-    by_name = {m["name"]: m for m in models}
-    missing = [m["model"] for m in choice["models"] if m["model"] not in by_name]
-    if missing:
-        raise MeanPromptError(f"the blend names model(s) {missing} that the plan does not have ({list(by_name)}); "
-                              "choose the blend on predictions of this plan's models")
-    mean = str(choice.get("mean_prompt", ""))
-    return {"models": [{**by_name[m["model"]], "n": int(m["n"])} for m in choice["models"]],
-            "use_mean_prompt": bool(mean.strip()), "mean_prompt": mean, "separator": choice["separator"]}

@@ -16,15 +16,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import data, models, prompts
-from .config import ConfigError, require, resolve_path, save_config
+from . import artifacts, data, models, prompts
+from .config import ConfigError, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
 # torch.cuda.is_available() asks the CUDA driver by default, and a process that did can no longer fork workers that
 # use CUDA ("Cannot re-initialize CUDA in forked subprocess"): data-parallel training forks its processes from the
 # notebook kernel (launch). Through NVML the same question leaves CUDA untouched (torch falls back to the driver where
-# NVML is missing). Seen on 2 H200s: every 2-GPU launch failed. Set when the training module is imported, which
+# NVML is missing); without it every multi-GPU launch fails. Set when the training module is imported, which
 # train.ipynb does in its first code cell, so no cell before launch can poison the fork.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
@@ -62,7 +62,7 @@ class TrainConfig:
     rows_per_prompt: int = 1  # with dedup_prompts: training rows kept per distinct prompt
     max_train_rows: int = 0  # cap on training rows after filtering (0 = all); small for quick CPU runs
     max_seq_length: int = 0  # longer samples are dropped; 0 = the preset's value
-    max_prompt_tokens: int = 0  # > 0: longer prompts are cut to this (both texts trimmed) instead of dropped
+    max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = none: drop rows over max_seq_length
     load_in_4bit: bool | None = None  # QLoRA; None = the preset's choice
     lora_r: int = 1  # LoRA rank (the original recipe used 1)
     lora_alpha: int = 16  # LoRA scaling numerator
@@ -80,7 +80,7 @@ class TrainConfig:
     logging_steps: int = 0  # train loss logged every this many steps; 0 = save_steps // 5 (at least 1)
     seed: int = 0  # training seed (data order, LoRA init)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
-    num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process, as before
+    num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process alone
     cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (OMP_NUM_THREADS if set, else 1 per
     # GPU process as accelerate launch and torchrun set, the cores shared out on CPUs); one process keeps torch's
     # default unless set
@@ -155,9 +155,9 @@ class TrainConfig:
 def prepare_run(cfg: TrainConfig) -> Path:
     """Create the run folder and write the resolved config before any work; refuse to mix incompatible runs."""
     run_dir = cfg.run_dir
-    old = run_dir / "config.json"
-    if old.exists() and find_last_checkpoint(run_dir):
-        prev, now = _resume_view(json.loads(old.read_text())), _resume_view(dataclasses.asdict(cfg))
+    saved = saved_config(run_dir)
+    if saved is not None and find_last_checkpoint(run_dir):
+        prev, now = _resume_view(saved), _resume_view(dataclasses.asdict(cfg))
         diff = [k for k in _RESUME_KEYS if prev.get(k) != now.get(k)]
         if diff:
             raise ValueError(
@@ -178,7 +178,7 @@ def prepare_run(cfg: TrainConfig) -> Path:
 
 
 def _resume_view(values: dict) -> dict:
-    """The resume keys of a saved or current config as they act: a key an older config.json lacks takes today's
+    """The resume keys of a saved or current config as they act: a key an older config.json lacks takes the current
     default, and LoRA targets are resolved ("" and "attention" are the same layers for an attention preset)."""
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     view = {k: values.get(k, defaults.get(k)) for k in _RESUME_KEYS}
@@ -406,7 +406,7 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         save_steps=cfg.save_steps,
         seed=cfg.seed,
         data_seed=cfg.seed,
-        # On CPU, bf16 autocast is 1.6x faster per training step on these machines (AMX); LoRA weights stay fp32.
+        # On CPU, bf16 autocast is 1.6x faster per training step where the CPU has AMX; LoRA weights stay fp32.
         bf16=dtype == torch.bfloat16 or not torch.cuda.is_available(),
         fp16=torch.cuda.is_available() and dtype == torch.float16,
         completion_only_loss=True,
@@ -459,17 +459,10 @@ def _trainer_class():
     return Trainer
 
 
-def find_checkpoints(run_dir: str | Path) -> list[Path]:
-    """``checkpoint-N`` folders of a run, in numeric step order."""
-    run_dir = Path(run_dir)
-    found = [p for p in run_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
 def find_last_checkpoint(run_dir: str | Path) -> Path | None:
-    """The highest-step checkpoint that was completely written (has its adapter), or None."""
-    done = [p for p in find_checkpoints(run_dir) if (p / "adapter_model.safetensors").exists()
-            and (p / "trainer_state.json").exists()]
+    """The highest-step checkpoint that was completely written (its adapter and the trainer state to resume from),
+    or None."""
+    done = [p for p in artifacts.find_checkpoints(run_dir).values() if (p / "trainer_state.json").exists()]
     return done[-1] if done else None
 
 
@@ -512,7 +505,7 @@ def rank_threads(cfg: TrainConfig, gpus: int, cores: int, env_threads: str = "")
     """torch CPU threads for one of ``cfg.num_processes`` data-parallel processes: ``cpu_threads`` when set, else
     the environment's OMP_NUM_THREADS when the user set one, else 1 per GPU process (what ``accelerate launch`` and
     torchrun set; a GPU process's own CPU work is launching kernels, and idle OpenMP pools of several processes can
-    contend with those launch threads: not measurable on a 32-CPU H200 host, BENCHMARKS.md), else the ``cores``
+    contend with those launch threads: no measurable effect on a 32-CPU host, BENCHMARKS.md), else the ``cores``
     this process may use shared out between CPU (gloo) processes."""
     if cfg.cpu_threads:
         return cfg.cpu_threads

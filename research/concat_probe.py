@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import mean_prompt, metric
+from kaggle_utils import metric, sampling
 
 
 def read_greedy_predictions(run: Path) -> dict[str, str]:
@@ -24,7 +24,7 @@ def read_greedy_predictions(run: Path) -> dict[str, str]:
                    if not f.name.endswith(".stale.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no inference/predictions/*.jsonl (run make demo-blend first)")
-    return {i: preds[0] for i, preds in mean_prompt.read_predictions(files[0]).items() if preds}
+    return {i: preds[0] for i, preds in sampling.read_predictions(files[0]).items() if preds}
 
 
 def probe(runs: list[Path], scorer, max_k: int = 3) -> pd.DataFrame:

@@ -11,14 +11,13 @@ neighbours estimate what training on every group would buy on rows like these (a
 change bins move it; a bin with no scored row counts at the overall mean). The runs must share their report rows. RESULTS.md has what it printed.
 """
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import data, mean_prompt, metric
-from kaggle_utils.config import data_dir, resolve_path
+from kaggle_utils import data, metric, sampling
+from kaggle_utils.config import data_dir, resolve_path, saved_config
 
 EDGES = [-1.0, 0.6, 0.7, 0.8, 0.9, 1.01]
 
@@ -35,7 +34,7 @@ def read_first_predictions(run: Path, ids: list[str]) -> list[str]:
     files = sorted(f for f in (run / "report" / "predictions").glob("*.jsonl") if not f.name.endswith(".stale.jsonl"))
     if not files:
         raise SystemExit(f"{run}: no report/predictions/*.jsonl (run make demo-report first)")
-    first = {i: preds[0] for i, preds in mean_prompt.read_predictions(files[0]).items() if preds}
+    first = {i: preds[0] for i, preds in sampling.read_predictions(files[0]).items() if preds}
     missing = [i for i in ids if i not in first]
     if missing:
         raise SystemExit(f"{files[0]}: no prediction for {len(missing)} report row(s), e.g. id {missing[0]}")
@@ -60,7 +59,7 @@ def find_nearest(scorer, queries: list[str], pool: list[str], exclude_own: bool 
 def probe(runs: list[Path], scorer, data_dir: Path) -> tuple[pd.DataFrame, float, float]:
     """The bins table, the mean score now, and the score reweighted to every-other-group neighbours."""
     report = read_csv_of(runs[0], "report.csv")
-    config = json.loads((runs[0] / "config.json").read_text()) if (runs[0] / "config.json").exists() else {}
+    config = saved_config(runs[0]) or {}
     if not config.get("train_files"):
         raise SystemExit(f"{runs[0] / 'config.json'}: missing, or names no train_files")
     files = [resolve_path(f) if resolve_path(f).exists() else data_dir / Path(f).name for f in config["train_files"]]

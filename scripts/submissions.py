@@ -18,7 +18,8 @@ import argparse
 import subprocess
 import sys
 
-from kaggle_utils import config, kernels
+import kaggle_utils
+from kaggle_utils import config, kaggle_api, kernels
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _run(args)
-    except (config.ConfigError, kernels.CredentialsError, kernels.KaggleCommandError, FileNotFoundError,
+    except (config.ConfigError, kaggle_api.CredentialsError, kaggle_api.KaggleCommandError, FileNotFoundError,
             ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -52,10 +53,10 @@ def _run(args) -> int:
     plan = kernels.load_plan(args.plan)
     # Phase 1: anything that reaches Kaggle checks credentials before it writes a single file.
     if cmd in ("push-lib", "push-adapters", "push-wheels", "push", "status", "submit"):
-        kernels.require_credentials(f"`make {cmd}`")
-        user = kernels.resolve_user(plan, required=True)
+        kaggle_api.require_credentials(f"`make {cmd}`")
+        user = kaggle_api.resolve_user(plan, required=True)
     else:
-        user = kernels.resolve_user(plan)
+        user = kaggle_api.resolve_user(plan)
     if cmd in ("render-local", "submit") and not args.variant:
         raise config.ConfigError(f"variant: {cmd} needs VARIANT=<slug>; planned: "
                                  f"{', '.join(v.slug for v in plan.variants)}")
@@ -64,39 +65,39 @@ def _run(args) -> int:
     if cmd == "render":
         kernels.render(plan, user, slug=args.variant)
     elif cmd == "render-local":
-        path = kernels.run_local(plan, args.variant, kernels.load_local_settings(args.settings))
+        path = kernels.run_local(plan, args.variant, kernels.load_local_settings(args.settings), user=user)
         print(f"dry run ok: {path}")
     elif cmd == "push-lib":
-        folder = kernels.build_library_dataset(user)
-        kernels.push_dataset(folder, f"kaggle_utils {kernels.__version__} at {kernels.commit_stamp()}")
+        folder = kaggle_api.build_library_dataset(user)
+        kaggle_api.push_dataset(folder, f"kaggle_utils {kaggle_utils.__version__} at {kaggle_api.commit_stamp()}")
     elif cmd == "push-adapters":
-        folder = kernels.build_adapters_dataset(plan, user, runs_dir=args.runs, slug=args.variant)
-        kernels.push_dataset(folder, f"adapters at {kernels.commit_stamp()}")
+        folder = kaggle_api.build_adapters_dataset(plan, user, runs_dir=args.runs, slug=args.variant)
+        kaggle_api.push_dataset(folder, f"adapters at {kaggle_api.commit_stamp()}")
     elif cmd == "wheels":
-        subprocess.run(kernels.wheels_download_command(python_version=args.python), check=True)
-        print(f"wheels ready: {kernels.write_wheels_metadata(plan, user)}")
+        subprocess.run(kaggle_api.wheels_download_command(python_version=args.python), check=True)
+        print(f"wheels ready: {kaggle_api.write_wheels_metadata(plan, user)}")
     elif cmd == "push-wheels":
-        folder = config.resolve_path(kernels.WHEELS_DIR)
+        folder = config.resolve_path(kaggle_api.WHEELS_DIR)
         if not (folder / "dataset-metadata.json").exists():
             raise FileNotFoundError(f"{folder} has no wheels yet: run `make wheels` first")
-        kernels.set_dataset_owner(folder, user)
-        kernels.push_dataset(folder, "GPU wheels")
+        kaggle_api.set_dataset_owner(folder, user)
+        kaggle_api.push_dataset(folder, "GPU wheels")
     elif cmd == "push":
         for folder in kernels.render(plan, user, slug=args.variant):
-            version = kernels.push_kernel(folder)
+            version = kaggle_api.push_kernel(folder)
             print(f"pushed {user}/{folder.name} version {version}")
         print("next: `make status`, then `make submit VARIANT=<slug>` once a run has finished")
     elif cmd == "status":
         for v in plan.select(args.variant):
-            kernels.kernel_status(f"{user}/{v.slug}")
+            kaggle_api.kernel_status(f"{user}/{v.slug}")
     elif cmd == "submit":
         variant = plan.variant(args.variant)
-        version = args.version or kernels.pushed_version(variant.slug)
+        version = args.version or kaggle_api.pushed_version(variant.slug)
         if not version:
             raise config.ConfigError(f"version: no recorded push of '{variant.slug}'; pass VERSION=<n> "
                                      "(the number `make push` printed)")
-        kernels.submit_kernel(f"{user}/{variant.slug}", version,
-                              f"{variant.title} v{version} (kaggle_utils {kernels.git_commit()})")
+        kaggle_api.submit_kernel(f"{user}/{variant.slug}", version,
+                                 f"{variant.title} v{version} (kaggle_utils {kaggle_utils.git_commit()})")
     return 0
 
 

@@ -101,7 +101,7 @@ def test_generation_speed_vllm_phases_start_each_engine_once_on_fresh_prompts(tm
     import _common as common
     import generation_speed as gs
 
-    from kaggle_utils import sampling
+    from kaggle_utils import engines
 
     starts, seen = [], []
 
@@ -110,7 +110,7 @@ def test_generation_speed_vllm_phases_start_each_engine_once_on_fresh_prompts(tm
 
         @classmethod
         def from_preset(cls, preset, base_model_path="", adapter_path="", **kwargs):
-            starts.append((Path(base_model_path).name, adapter_path, kwargs["dtype"]))
+            starts.append((Path(base_model_path).name, adapter_path, kwargs["options"].dtype))
             return cls()
 
         def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
@@ -120,7 +120,7 @@ def test_generation_speed_vllm_phases_start_each_engine_once_on_fresh_prompts(tm
         def close(self):
             pass
 
-    monkeypatch.setattr(sampling, "VLLMEngine", FakeVLLM)
+    monkeypatch.setattr(engines, "VLLMEngine", FakeVLLM)
     tok = common.word_tokenizer(500)
     base = common.save_model_folder(common.build_random_model("tiny", device="cpu", vocab_size=500), tok,
                                     tmp_path / "base")

@@ -1,8 +1,10 @@
 """Blending: the final string's order (models in plan order, each model's predictions in order, then the mean
-prompt), the separator, the fallback, and the component systems the scores table compares.
-Run: `pytest tests/test_blending.py`.
+prompt), the separator, the fallback, the component systems the scores table compares, and blend.json (read, write,
+files from before a key existed). Run: `pytest tests/test_blending.py`.
 """
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 import pytest
@@ -104,3 +106,64 @@ def test_score_systems_table_columns():
     assert (table["split"] == "report").all()
     assert table.set_index("system")["scs"].to_dict() == {"one": 1.0, "two": 0.0}
     assert isinstance(table, pd.DataFrame)
+
+
+# ---------------------------------------------------------------- blend.json
+
+# blend.json as the mean-prompt stage wrote it before best_by_mean and rule existed (every other key as now)
+OLD_BLEND = {"models": [{"model": "smollm", "n": 2}], "mean_prompt_kind": "public",
+             "mean_prompt": "Please improve this text using the writing style.",
+             "label": "smollm x2 | mean prompt: public",
+             "scs": 0.41, "cos": 0.74, "scs_all_rows": 0.4, "separator": " ", "scorer": "all-MiniLM-L6-v2 (stand-in)",
+             "rows": 30, "rows_total": 65, "chosen_from": 12, "table": "blend_options.csv",
+             "mean_prompt_objective": "alone", "best_with_optimized_mean_prompt": None, "seconds": 1.5}
+
+
+def test_an_old_blend_file_reads_and_writes_back_unchanged(tmp_path):
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps(OLD_BLEND, indent=2) + "\n")
+    blend = blending.Blend.read(path)
+    assert (blend.models, blend.mean_prompt, blend.separator) == (OLD_BLEND["models"], OLD_BLEND["mean_prompt"], " ")
+    assert (blend.best_by_mean, blend.rule, blend.scs) == ("", "", 0.41)  # the keys it lacks take their defaults
+    assert blending.Blend.read(tmp_path) == blend  # the folder that holds it reads the same
+    again = blend.write(tmp_path / "again.json")
+    assert json.loads(again.read_text()) == {**OLD_BLEND, "best_by_mean": "", "rule": ""}
+
+
+def test_a_blend_file_with_keys_this_version_lacks_keeps_them(tmp_path):
+    path = tmp_path / "blend.json"
+    path.write_text(json.dumps({"models": [], "mean_prompt": "x", "separator": " ", "note": "by hand"}))
+    blend = blending.Blend.read(path)
+    assert blend.extra == {"note": "by hand"}
+    assert json.loads(blend.write(tmp_path / "out.json").read_text())["note"] == "by hand"
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"^blend file '.*missing\.json' does not exist"),
+    ("not json", r"^.*blend\.json: not JSON"),
+    ([1, 2], r"^.*blend\.json: expected a JSON object, got list"),
+    ({"models": [], "separator": " "}, r"^.*blend\.json: missing key 'mean_prompt'$"),
+    ({"models": {"a": 1}, "mean_prompt": "", "separator": " "}, r"^.*blend\.json: models must be a list"),
+    ({"models": [{"model": "a", "n": 0}], "mean_prompt": "", "separator": " "}, r"^.*blend\.json: models\[0\] must be"),
+])
+def test_a_bad_blend_file_is_an_error_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "blend.json"
+    if content is not None:
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(blending.BlendError, match=message):
+        blending.Blend.read(path if content is not None else tmp_path / "missing.json")
+
+
+def test_a_blend_reorders_the_plan_sets_n_and_drops_unused_models():
+    plan = [{"name": "a", "preset": "p", "n": 4}, {"name": "b", "preset": "p", "n": 1}, {"name": "c", "n": 2}]
+    chosen = blending.Blend(models=[{"model": "b", "n": 2}, {"model": "a", "n": 1}], mean_prompt="essay message",
+                            separator=" ")
+    settings = chosen.plan_for(plan)
+    assert settings["models"] == [{"name": "b", "preset": "p", "n": 2}, {"name": "a", "preset": "p", "n": 1}]
+    assert settings["use_mean_prompt"] and settings["mean_prompt"] == "essay message"
+    alone = blending.Blend(models=[], mean_prompt="essay", separator=" ").plan_for(plan)
+    assert alone["models"] == [] and alone["use_mean_prompt"]
+    no_mean = blending.Blend(models=[{"model": "a", "n": 4}], mean_prompt="", separator=" ").plan_for(plan)
+    assert not no_mean["use_mean_prompt"]
+    with pytest.raises(blending.BlendError, match=r"^the blend names model\(s\) \['z'\]"):
+        blending.Blend(models=[{"model": "z", "n": 1}], mean_prompt="", separator=" ").plan_for(plan)

@@ -3,11 +3,14 @@ it (a fake engine whose batches take measured time). Run: `pytest tests/test_bud
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from kaggle_utils import budget, sampling
+from kaggle_utils import budget, engines, sampling
 
 
 class FakeClock:
@@ -59,12 +62,23 @@ def test_default_deadline_is_eight_hours_forty_five():
     assert budget.DEFAULT_DEADLINE_HOURS * 60 == 8 * 60 + 45
 
 
-def test_notebook_start_is_this_process_start():
-    start = budget.notebook_start()
-    assert start <= time.time()
-    assert start > time.time() - 24 * 3600
+def test_notebook_start_is_the_process_start_not_the_import_or_the_call():
+    """A fresh Python waits 2 s before it imports the module and asks: the answer is when the process started (the
+    kernel's start, so imports and model loading count against the deadline), not the import or the call.
+
+    /proc gives the start in clock ticks after boot and the boot time in whole seconds, so it may read up to 1 s early.
+    """
+    script = ("import time; time.sleep(2.0)\n"
+              "from kaggle_utils import budget\n"
+              "print(repr(budget.notebook_start()), repr(time.time()))")
+    launched = time.time()
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    start, asked = map(float, out.stdout.split())
+    assert launched - 1.5 <= start <= launched + 0.5
+    assert asked - start >= 1.5
     d = budget.Deadline.from_notebook_start(2.0)
-    assert d.start == pytest.approx(start, abs=1)
+    assert d.start == pytest.approx(budget.notebook_start(), abs=1e-6) and d.hours == 2.0
 
 
 def test_model_share_and_fit_n():
@@ -88,7 +102,7 @@ def test_model_share_and_fit_n():
     assert not mb.should_stop(1)  # a batch at n=1 takes 5 s
 
 
-class SleepyEngine(sampling.Engine):
+class SleepyEngine(engines.Engine):
     """Each batch of ``batch_size`` rows 'takes' ``seconds`` on a fake clock; predictions are row texts."""
 
     name = "fake"
@@ -119,7 +133,7 @@ def test_sampling_lowers_n_when_the_requested_n_does_not_fit(tmp_path, monkeypat
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=100.0, clock=clock)  # 40 rows x 4 x 1 s = 160 s would not fit
-    cfg = sampling.SamplingConfig(n=4, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=4, temperature=0.7, batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   model_name="m", progress=False)
     assert engine.calls[0] == (4, 40) and engine.calls[1][0] < 4  # restarted with a lower n
@@ -137,7 +151,7 @@ def test_sampling_stops_before_the_deadline_and_leaves_rows_undone(tmp_path, mon
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=10.0, clock=clock)  # time for 2-3 batches of 4 rows at n=1
-    cfg = sampling.SamplingConfig(n=1, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=1, temperature=0.7, batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   progress=False)
     assert 0 < report.sampled < 40 and report.undone == 40 - report.sampled

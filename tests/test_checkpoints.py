@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import checkpoints, config, data, training
+from kaggle_utils import artifacts, checkpoints, config, data, training
 from conftest import GEMMA_CSV
 
 # ---------------------------------------------------------------- the selection rule
@@ -104,7 +104,7 @@ def test_checkpoints_in_numeric_order_and_incomplete_ones_skipped(tmp_path, rewr
     run = make_run(tmp_path, rewrites_csv, steps=(100, 25, 50))
     (run / "checkpoint-125").mkdir()  # interrupted while saving: no adapter yet
     (run / "checkpoint-best").mkdir()  # not a step
-    assert list(checkpoints.find_checkpoints(run)) == [25, 50, 100]
+    assert list(artifacts.find_checkpoints(run)) == [25, 50, 100]
     assert "checkpoint-125" in caplog.text
     table = checkpoints.checkpoint_metrics(run)
     assert list(table["step"]) == [0, 25, 50, 100]  # step 0 = the base model's eval loss from the log
@@ -298,6 +298,34 @@ def test_export_copies_the_chosen_adapter(tmp_path, rewrites_csv):
     assert [r["eval_loss"] for r in sel["per_step"]] == [3.5, pytest.approx(2.92), pytest.approx(2.84)]
 
 
+def test_max_prompt_tokens_travels_from_training_through_selection_to_inference(tmp_path, rewrites_csv,
+                                                                                tiny_model_dir, fake_model):
+    """The prompt-token limit's trip (kaggle_utils.artifacts): set in training, recorded in config.json, used to
+    score every step and written to selection.json, then the limit the inference stage shows that adapter's model."""
+    from kaggle_utils import inference
+
+    run = make_run(tmp_path, rewrites_csv, held_out_groups=(0, 1, 2, 3))
+    trained = training.TrainConfig(run_name="r", runs_dir=str(tmp_path / "runs"), preset="smollm2-135m",
+                                   base_model_path=str(tiny_model_dir("llama")), train_files=[str(rewrites_csv)],
+                                   max_seq_length=384, max_prompt_tokens=192)
+    config.save_config(trained, run)  # the config.json training.prepare_run writes
+    cfg = select_cfg(tmp_path)
+    run_cfg = checkpoints.prepare_selection(cfg)
+    val = checkpoints.load_validation(cfg, run_cfg)
+    scores = checkpoints.score_steps(cfg, val, FakeScorer(), run_cfg)
+    assert {json.loads(f.read_text())["key"]["max_prompt_tokens"] for f in (run / "selection").glob("step-*.json")} \
+        == {192}  # every step was sampled with the training cut
+    out = checkpoints.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
+    assert artifacts.Selection.read(out).max_prompt_tokens == 192
+    infer = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter_path": str(out)}])
+    assert infer.sampling_config(infer.model_specs[0]).max_prompt_tokens == 192
+    # the selection stage's own setting wins over the run's, and travels on the same way
+    cfg = select_cfg(tmp_path, max_prompt_tokens=256)
+    assert checkpoints.prompt_token_limit(cfg, run_cfg) == 256
+    out = checkpoints.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
+    assert artifacts.Selection.read(out).max_prompt_tokens == 256
+
+
 def test_report_rows_scored_by_step_never_replace_the_choice(tmp_path, rewrites_csv):
     # selected/ holds step 8, chosen on the choice rows; scoring the report rows by step, where step 16 is higher,
     # writes their scores beside the run and leaves selected/ (adapter, selection.json, plot) as it was
@@ -376,7 +404,7 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
     cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"), val_rows=4, max_new_tokens=6,
                                    batch_size=4, export_merged=True)
     run_cfg = checkpoints.prepare_selection(cfg)
-    ckpts = checkpoints.find_checkpoints(run)
+    ckpts = artifacts.find_checkpoints(run)
     assert list(ckpts) == [1, 2]
 
     # the adapter really changes the model, step 0 really is the base, one adapter is held at a time
@@ -431,13 +459,13 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
     import torch
     from safetensors.torch import load_file
 
-    from kaggle_utils import sampling
+    from kaggle_utils import engines
 
     base = tiny_model_dir("llama")
     run = train_tiny_run(tmp_path / "runs", base, lora_layers=1)
     cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"))
     run_cfg = checkpoints.prepare_selection(cfg)
-    ckpt = checkpoints.find_checkpoints(run)[2]
+    ckpt = artifacts.find_checkpoints(run)[2]
     merged = checkpoints.export_merged(cfg, run_cfg, ckpt, tmp_path / "merged")
     weights = load_file(str(next(merged.glob("*.safetensors"))))
     original = load_file(str(base / "model.safetensors"))
@@ -446,8 +474,8 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
         key = next(k for k in weights if k.endswith(name.format(layer)))
         same = torch.allclose(weights[key].float(), original[key].float(), atol=1e-3)
         assert same != moved, f"layer {layer}: merged {'equal to' if same else 'unlike'} the base"
-    engine = sampling.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
+    engine = engines.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
     raw = engine.generate(["The cat sat on the mat.", "It rained all day."],
                           ["Upon the mat, a feline rested.", "Rain fell from dawn to dusk."],
-                          sampling.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
+                          engines.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
     assert len(raw) == 2 and all(len(r) == 1 for r in raw)

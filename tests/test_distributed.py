@@ -1,4 +1,4 @@
-"""Data-parallel training through accelerate (issue 13), what can be checked without GPUs: the batch arithmetic, the
+"""Data-parallel training through accelerate, what can be checked without GPUs: the batch arithmetic, the
 launcher's process count, that only the main process writes, and a real 2-process gloo DDP run of the tiny model.
 
 Run: `pytest tests/test_distributed.py` (the DDP run is marked slow: two processes each load a model).
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils import config, training
+from kaggle_utils import artifacts, config, training
 from conftest import EXTRA_CSV, GEMMA_CSV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,8 +71,8 @@ def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_mode
 
 def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, monkeypatch):
     """A process that asked the CUDA driver anything (torch.cuda.is_available() does, by default) forks workers that
-    fail with "Cannot re-initialize CUDA in forked subprocess" (seen on 2 H200s). Importing the training module turns
-    on torch's NVML check, and what train.ipynb runs before the fork (the config, prepare_run, launch) never asks."""
+    fail with "Cannot re-initialize CUDA in forked subprocess". Importing the training module turns on torch's NVML
+    check, and what train.ipynb runs before the fork (the config, prepare_run, launch) never asks."""
     import accelerate
     import torch
 
@@ -101,15 +101,22 @@ def test_each_process_gets_its_cpu_threads(tmp_path, tiny_model_dir, threads, gp
     assert training.rank_threads(cfg, gpus, cores, env) == expected
 
 
-def test_usable_cores_are_this_process_s_share():
-    assert 1 <= training.usable_cores() <= (os.cpu_count() or 1)
+def test_usable_cores_are_this_process_s_share(monkeypatch):
+    """The CPUs this process may run on (its affinity), not the host's count; the host's count where there is no
+    affinity (not Linux)."""
+    assert training.usable_cores() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})  # a job given 3 of the host's 64 CPUs
+    assert training.usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert training.usable_cores() == 64
 
 
 def test_make_passes_gpus_to_the_notebook():
     out = subprocess.run(["make", "-n", "train-mistral", "GPUS=2"], cwd=REPO, capture_output=True, text=True)
     assert "-p num_processes 2" in out.stdout
     out = subprocess.run(["make", "-n", "train-mistral"], cwd=REPO, capture_output=True, text=True)
-    assert "num_processes" not in out.stdout  # no GPUS: exactly as before
+    assert "num_processes" not in out.stdout  # no GPUS: the notebook's own default (one process)
 
 
 def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
@@ -171,7 +178,7 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     result = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("RESULT "))[7:])
     assert result["global_step"] == 6 and result["num_processes"] == 2 and result["eval_loss"] > 0
     run = tmp_path / "ddp"
-    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6"]
+    assert list(artifacts.find_checkpoints(run)) == [3, 6]
     steps = [json.loads(ln)["step"] for ln in (run / training.METRICS_FILE).read_text().splitlines()
              if "eval_loss" in ln]
     assert steps == [0, 3, 6]  # one process logged, once per evaluation
@@ -183,7 +190,7 @@ def test_two_cpu_processes_train_data_parallel_through_accelerate(tmp_path, tiny
     # Resume: the same run asked for 9 steps goes on from checkpoint-6 in both processes.
     again = _launch_in_a_child(tmp_path, base, "ddp", 2, max_steps=9)
     assert (again.stdout + again.stderr).count("resuming from checkpoint-6") == 2
-    assert [c.name for c in training.find_checkpoints(run)] == ["checkpoint-3", "checkpoint-6", "checkpoint-9"]
+    assert list(artifacts.find_checkpoints(run)) == [3, 6, 9]
     assert json.loads(next(ln for ln in again.stdout.splitlines() if ln.startswith("RESULT "))[7:])["global_step"] == 9
 
     # One process, the same recipe (4 rows x 1 process x 4 accumulation): the same rows in each optimizer step (the

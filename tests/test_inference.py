@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -14,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import budget, data, inference, models, sampling
+from kaggle_utils import budget, data, engines, inference, models
 from kaggle_utils.config import ConfigError
 from conftest import GEMMA_CSV
 
@@ -79,8 +80,29 @@ def test_second_entry_is_named_and_names_are_unique():
 
 def test_dtype_is_one_of_the_engines_dtypes():
     assert inference.InferenceConfig(dtype="float16").dtype == "float16"
-    with pytest.raises(ConfigError, match=r"dtype: must be one of \('auto', 'float16', 'bfloat16'\), got 'fp8'"):
+    with pytest.raises(ConfigError, match=r"^dtype: must be one of \('auto', 'float16', 'bfloat16'\), got 'fp8'"):
         inference.InferenceConfig(dtype="fp8")
+    with pytest.raises(ConfigError, match=r"^gpu_memory_utilization: must be in \(0, 1\]"):
+        inference.InferenceConfig(gpu_memory_utilization=1.2)
+
+
+def test_engine_options_carry_the_config_to_the_engine(tmp_path, monkeypatch, tiny_model_dir):
+    """dtype, vLLM's GPU share and seed from the config, and a context that holds the longest prompt plus the answer,
+    reach load_engine as one EngineOptions."""
+    seen = []
+
+    def no_model(*args, options=None, **kwargs):
+        seen.append(options)
+        raise RuntimeError("no model in this test")
+
+    monkeypatch.setattr(engines, "load_engine", no_model)
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))],
+                   dtype="float16", gpu_memory_utilization=0.8,
+                   seed=5, max_prompt_tokens=300, max_new_tokens=20)
+    inference.prepare_run(cfg)
+    inference.sample_models(cfg, inference.read_test(cfg), budget.Deadline(start=time.time(), hours=1))
+    assert seen == [engines.EngineOptions(dtype="float16", gpu_memory_utilization=0.8, max_model_len=328, seed=5)]
+    assert inference.InferenceConfig().engine_options() == engines.EngineOptions()  # the defaults are the engines'
 
 
 def test_optional_model_keys_take_defaults(tmp_path):
@@ -109,6 +131,36 @@ def test_prompt_length_follows_the_adapters_training(tmp_path):
         inference.InferenceConfig(models=[model_entry(), model_entry()])
 
 
+def test_a_selected_folder_written_before_the_selection_dataclass_still_drives_inference(tmp_path):
+    """runs/<run>/selected/ of an older run: its selection.json gives the prompt limit and guards the preset."""
+    from test_artifacts import OLD_SELECTION
+
+    selected = tmp_path / "selected"
+    selected.mkdir()
+    (selected / "selection.json").write_text(json.dumps(OLD_SELECTION, indent=1) + "\n")
+    (selected / "adapter_config.json").write_text("{}")
+    (selected / "adapter_model.safetensors").write_bytes(b"weights")
+    entry = {"name": "m", "preset": "smollm2-135m", "adapter_path": str(selected)}
+    cfg = inference.InferenceConfig(models=[entry])
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == OLD_SELECTION["max_prompt_tokens"] == 384
+    assert engines.selected_adapter(str(selected), "smollm2-135m") == str(selected)
+    with pytest.raises(engines.AdapterError, match=r"trained on preset 'smollm2-135m' \(selection\.json\), but the "
+                                                   r"model entry uses preset 'mistral-7b'$"):
+        engines.selected_adapter(str(selected), "mistral-7b")
+
+
+def test_prompt_length_of_an_adapter_whose_selection_predates_the_field(tmp_path, caplog):
+    """An older selection.json without max_prompt_tokens, or one that does not read: the default limit (logged)."""
+    adapter = tmp_path / "selected"
+    adapter.mkdir()
+    (adapter / "selection.json").write_text(json.dumps({"run": "old", "preset": "smollm2-135m", "step": 8}))
+    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter_path": str(adapter)}])
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    (adapter / "selection.json").write_text("{torn")
+    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    assert f"{adapter / 'selection.json'}: not readable as JSON" in caplog.text
+
+
 @pytest.mark.parametrize("kw,field", [(dict(engine="fast"), "engine"), (dict(deadline_hours=0), "deadline_hours"),
                                       (dict(fallback_prompt=" "), "fallback_prompt"),
                                       (dict(models=[], use_mean_prompt=False), "models"),
@@ -122,7 +174,7 @@ def test_missing_paths_fail_before_any_model_loads(tmp_path, tiny_model_dir):
     test = small_test(tmp_path)
     cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tiny_model_dir("mistral")),
                                                 adapter_path=str(tmp_path / "no-adapter"))])
-    with pytest.raises(sampling.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
+    with pytest.raises(engines.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
         inference.prepare_run(cfg)
     cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tmp_path / "no-base"))])
     with pytest.raises(models.ModelPathError, match=r"models\[0\] \(tiny\): preset 'mistral-7b'"):
@@ -219,7 +271,7 @@ def test_validate_submission_catches_bad_files(tmp_path, rows, message):
 # ---------------------------------------------------------------- sampling the plan (fake and tiny engines)
 
 
-class SlowEngine(sampling.Engine):
+class SlowEngine(engines.Engine):
     """Takes ``seconds`` of real time per batch."""
 
     name = "slow"
@@ -240,7 +292,7 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     base = str(tiny_model_dir("mistral"))
     cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base), model_entry(name="two", base_model_path=base)],
                    batch_size=2)
-    monkeypatch.setattr(sampling, "load_engine", lambda *a, **k: SlowEngine(0.3))
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: SlowEngine(0.3))
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     # 1.2 s in all: the first model's share (half) covers a few 0.3 s batches of its 6; the second gets the rest.
@@ -251,7 +303,7 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     inference.validate_submission(inference.write_submission(cfg, sub), test)
     assert sub["rewrite_prompt"].str.startswith(cfg.fallback_prompt).any()
     # the deadline already passed: no model is even loaded, and every row gets the fallback
-    monkeypatch.setattr(sampling, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
+    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
     cfg2 = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base)], run_dir=str(tmp_path / "run2"))
     late = budget.Deadline(start=time.time() - 10, hours=1 / 3600, reserve_s=0)
     predictions, _ = inference.sample_models(cfg2, test, late)
@@ -266,7 +318,7 @@ def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tin
     def out_of_memory(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(sampling, "load_engine", out_of_memory)
+    monkeypatch.setattr(engines, "load_engine", out_of_memory)
     test = inference.read_test(cfg)
     predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
     assert list(pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE).columns)[:2] == ["model", "engine"]
@@ -372,9 +424,9 @@ def test_make_infer_killed_mid_run_then_rerun_has_every_id_once(tmp_path, tiny_m
 def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     import json
 
+    from kaggle_utils import blending
     from kaggle_utils import config as kconfig
     from kaggle_utils import inference as inf
-    from kaggle_utils.mean_prompt import MeanPromptError
 
     two = [dict(inf.DEFAULT_MODELS[0], name="a", n=4), dict(inf.DEFAULT_MODELS[0], name="b", n=4)]
     blend = tmp_path / "blend.json"
@@ -384,7 +436,7 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     assert [(m["name"], m["n"]) for m in cfg.models] == [("b", 2), ("a", 1)]
     assert cfg.use_mean_prompt and cfg.mean_prompt == "optimized words" and cfg.separator == " | "
     blend.write_text(json.dumps({"models": [{"model": "zzz", "n": 2}], "mean_prompt": "", "separator": " "}))
-    with pytest.raises(MeanPromptError, match="zzz"):
+    with pytest.raises(blending.BlendError, match=rf"^{re.escape(str(blend))}: the blend names model\(s\) \['zzz'\]"):
         inf.InferenceConfig(models=two, blend_file=str(blend))
     blend.write_text(json.dumps({"models": [], "mean_prompt": "only this", "separator": " "}))
     cfg = inf.InferenceConfig(models=two, blend_file=str(blend))  # the mean prompt alone won: no model runs
@@ -394,13 +446,24 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
         inf.InferenceConfig(models=two, blend_file=str(blend))
 
 
+def test_a_blend_file_written_before_the_rule_existed_still_applies(tmp_path):
+    """blend.json of an older run (no best_by_mean, no rule) sets the plan as a new one does."""
+    from test_blending import OLD_BLEND
+
+    blend = tmp_path / "blend.json"
+    blend.write_text(json.dumps(OLD_BLEND))
+    cfg = inference.InferenceConfig(models=[dict(inference.DEFAULT_MODELS[0], n=4)], blend_file=str(blend))
+    assert [(m["name"], m["n"]) for m in cfg.models] == [("smollm", 2)]
+    assert cfg.use_mean_prompt and cfg.mean_prompt == OLD_BLEND["mean_prompt"]
+
+
 def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(tmp_path, monkeypatch):
-    from kaggle_utils import budget, sampling
+    from kaggle_utils import budget
 
     def no_engine(*a, **k):
         raise AssertionError("no model may load for a mean-prompt-only plan")
 
-    monkeypatch.setattr(sampling, "load_engine", no_engine)
+    monkeypatch.setattr(engines, "load_engine", no_engine)
     path = write_test_csv(tmp_path / "t.csv", [["a", "one", "uno", "Translate into Spanish."],
                                                ["b", "same", "same", "Fix the grammar."],
                                                ["c", "", "vacío", "Make it shorter."]], with_prompt=True)

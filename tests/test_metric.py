@@ -39,6 +39,17 @@ def test_sharpened_cosine_is_row_wise_and_power_is_a_parameter():
         metric.sharpened_cosine(a, b[:2])
 
 
+def test_scs_matrix_is_the_row_wise_metric_for_every_pair():
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 5)), rng.normal(size=(4, 5))
+    a[1] = 0.0  # a zero row scores 0, as in sharpened_cosine
+    full = metric.scs_matrix(a, b)
+    assert full.shape == (3, 4)
+    for i in range(3):
+        np.testing.assert_allclose(full[i], metric.sharpened_cosine(np.repeat(a[i:i + 1], 4, axis=0), b), atol=1e-12)
+    assert not full[1].any() and full[0].any()
+
+
 @pytest.fixture(scope="module")
 def scorer():
     return metric.Scorer(device="cpu")

@@ -4,6 +4,7 @@ and a headless papermill run of train.ipynb on a tiny model. Run: `pytest tests/
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import subprocess
 import time
@@ -13,18 +14,13 @@ import nbformat
 import papermill
 import pytest
 
-from kaggle_utils import config, training
-from kaggle_utils import mean_prompt
-from kaggle_utils import checkpoints
+from kaggle_utils import blending, checkpoints, config, inference, mean_prompt, training
 from conftest import GEMMA_CSV
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-STAGE_CONFIGS = {"train.ipynb": training.TrainConfig}
-STAGE_CONFIGS["mean_prompt.ipynb"] = mean_prompt.MeanPromptConfig
-from kaggle_utils import inference  # noqa: E402
-STAGE_CONFIGS["inference.ipynb"] = inference.InferenceConfig
-STAGE_CONFIGS["select_checkpoint.ipynb"] = checkpoints.SelectConfig
+STAGE_CONFIGS = {"train.ipynb": training.TrainConfig, "select_checkpoint.ipynb": checkpoints.SelectConfig,
+                 "inference.ipynb": inference.InferenceConfig, "mean_prompt.ipynb": mean_prompt.MeanPromptConfig}
 
 
 def _stage_config(nb_path: Path):
@@ -47,11 +43,12 @@ def test_one_parameters_cell_equal_to_config_fields(nb_path):
     for node in ast.parse(tagged[0].source).body:
         assert isinstance(node, ast.Assign)
         ast.literal_eval(node.value)
-    # the defaults in the notebook are the config's defaults
-    defaults = _stage_config(nb_path)()
+    # the defaults in the notebook are the config's declared defaults, of the same type (0 is not False, nor None)
+    declared = {f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+                for f in dataclasses.fields(_stage_config(nb_path))}
     for name, p in params.items():
-        assert ast.literal_eval(p["default"]) == getattr(defaults, name) or getattr(defaults, name) in (None, 0) \
-            or name in {"max_seq_length", "load_in_4bit"}, name
+        value = ast.literal_eval(p["default"])
+        assert (value, type(value)) == (declared[name], type(declared[name])), name
 
 
 @pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.name)
@@ -153,10 +150,16 @@ def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
                         target_files=[], vocab_size=40, max_length=3, max_targets=200, n_choices=[0, 1, 2]),
     )
     searched = json.loads((run / mean_prompt.RESULT_FILE).read_text())
-    blend = json.loads((run / mean_prompt.BLEND_FILE).read_text())
+    blend = json.loads((run / blending.BLEND_FILE).read_text())
     assert searched["string"] and searched["history"] and searched["scorer"] == blend["scorer"]
-    table = pd.read_csv(run / mean_prompt.OPTIONS_FILE)
-    assert blend["scs"] >= table["scs"].max() - 1e-9 and len(table) == blend["chosen_from"]
+    table = pd.read_csv(run / mean_prompt.OPTIONS_FILE, keep_default_na=False)
+    assert len(table) == blend["chosen_from"]
+    # the rule: the best mean SCS, or an option with fewer predictions of the same models, order and mean prompt
+    best = table.iloc[0]  # the table is written best first
+    assert best["option"] == blend["best_by_mean"] and best["scs"] == table["scs"].max()
+    chosen = table.loc[table["option"] == blend["label"]].iloc[0]
+    assert chosen["scs"] == pytest.approx(blend["scs"]) and chosen["predictions"] <= best["predictions"]
+    assert (chosen["models"], chosen["mean_prompt"]) == (best["models"], best["mean_prompt"])
     assert (run / mean_prompt.OPTIONS_PLOT).exists()
     scores = pd.read_csv(run / "scores.csv")
     assert any(s.startswith("mean prompt alone (optimized)") for s in scores["system"])

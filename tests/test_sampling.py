@@ -1,35 +1,17 @@
-"""Sampling: both engines' configuration, vLLM's contract against the real vLLM types (where vllm imports; `make setup`
-installs its pure-Python part), engine choice, adapter checks, post-processing, resumable prediction files, and the
-HF engine generating for real on tiny random models (and on SmolLM2, marked slow).
-Run: `pytest tests/test_sampling.py` (fast part: `pytest tests/test_sampling.py -m "not slow"`).
+"""The sampling loop: post-processing, resumable prediction files (and reading them back), the loop's resume and its
+retry of rows that got no answer, on stand-in engines. Run: `pytest tests/test_sampling.py`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 
 import pytest
-import torch
 
-from conftest import save_adapter
-from kaggle_utils import prompts, sampling
-from kaggle_utils.config import ConfigError
-
-ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
-        ("Short.", "A much longer rewritten text, full of flourish and ornament, about something short."),
-        ("Meeting at noon tomorrow.", "Hear ye! The assembly convenes when the sun stands highest on the morrow.")]
+from kaggle_utils import engines, sampling
 
 
-# ---------------------------------------------------------------- configuration
-
-
-@pytest.mark.parametrize("kwargs,field", [
-    (dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_size=0), "batch_size"), (dict(n=4, temperature=0), "n"),
-])
-def test_sampling_config_refuses_bad_values(kwargs, field):
-    with pytest.raises(ConfigError, match=f"^{field}:"):
-        sampling.SamplingConfig(**kwargs)
+# ---------------------------------------------------------------- post-processing
 
 
 @pytest.mark.parametrize("raw,expected", [
@@ -48,216 +30,6 @@ def test_postprocess_extracts_the_prompt(raw, expected):
 def test_postprocess_counts_every_empty():
     preds, empty = sampling.postprocess(["ok then.", "", "  ", "Fine."], fallback="Improve this text.")
     assert preds == ["ok then.", "Improve this text.", "Improve this text.", "Fine."] and empty == 2
-
-
-@pytest.mark.parametrize("capability,dtype", [(None, "half"), ((7, 5), "half"), ((8, 0), "bfloat16"),
-                                              ((9, 0), "bfloat16")])
-def test_vllm_dtype_half_on_t4(capability, dtype):
-    assert sampling.vllm_dtype(capability) == dtype
-
-
-@pytest.mark.parametrize("rank,expected", [(1, 8), (4, 8), (8, 8), (9, 16), (64, 64), (300, 320)])
-def test_vllm_max_lora_rank_at_least_8(rank, expected):
-    assert sampling.vllm_max_lora_rank(rank) == expected
-
-
-def test_vllm_max_lora_rank_too_big():
-    with pytest.raises(sampling.AdapterError, match="above"):
-        sampling.vllm_max_lora_rank(1024)
-
-
-def test_vllm_llm_kwargs_with_adapter_on_two_t4():
-    kw = sampling.vllm_llm_kwargs("/m/mistral", num_gpus=2, capability=(7, 5), lora_rank=1,
-                                  gpu_memory_utilization=0.85, max_model_len=1064, seed=3)
-    assert kw == dict(model="/m/mistral", tokenizer="/m/mistral", dtype="half", tensor_parallel_size=2,
-                      gpu_memory_utilization=0.85, max_model_len=1064, seed=3, trust_remote_code=False,
-                      enable_lora=True, max_lora_rank=8, max_loras=1)
-
-
-def test_vllm_llm_kwargs_merged_folder_has_no_lora():
-    kw = sampling.vllm_llm_kwargs("/m/merged", num_gpus=1, capability=(9, 0))
-    assert "enable_lora" not in kw and kw["dtype"] == "bfloat16" and kw["tensor_parallel_size"] == 1
-    assert sampling.vllm_llm_kwargs("/m/merged", num_gpus=1, capability=(9, 0), dtype="float16")["dtype"] == "half"
-
-
-@pytest.mark.parametrize("gpus,heads,kv,expected", [(2, 32, 8, 2), (2, 9, 3, 1), (4, 12, 4, 4), (4, 6, 2, 2),
-                                                    (3, 32, 8, 2), (1, 9, 3, 1), (2, 0, 0, 2)])
-def test_tensor_parallel_splits_the_heads_evenly(gpus, heads, kv, expected):
-    """vLLM refuses a split that leaves uneven heads (seen on the H200 with SmolLM2's 9 heads over 2 GPUs)."""
-    assert sampling.vllm_tensor_parallel_size(gpus, heads, kv) == expected
-
-
-def test_vllm_kwargs_read_the_heads_from_the_model_folder(tiny_model_dir, caplog):
-    folder = tiny_model_dir("mistral")  # 4 attention heads, 2 KV heads
-    assert sampling.vllm_llm_kwargs(folder, num_gpus=2, capability=(7, 5))["tensor_parallel_size"] == 2
-    assert sampling.vllm_llm_kwargs(folder, num_gpus=3, capability=(7, 5))["tensor_parallel_size"] == 2
-    assert "vLLM on 2 of 3 GPUs" in caplog.text
-
-
-def test_vllm_sampling_and_lora_kwargs():
-    cfg = sampling.SamplingConfig(n=4, temperature=0.7, top_p=0.95, max_new_tokens=32, seed=5)
-    assert sampling.vllm_sampling_kwargs(cfg, seed=12) == dict(n=4, temperature=0.7, top_p=0.95, max_tokens=32,
-                                                               seed=12)
-    assert sampling.vllm_lora_kwargs("/a/runs/x/selected") == dict(lora_name="selected", lora_int_id=1,
-                                                                   lora_path="/a/runs/x/selected")
-
-
-# ---------------------------------------------------------------- vLLM's own types (skipped where vllm is absent)
-
-
-@pytest.fixture(scope="module")
-def vllm():
-    return pytest.importorskip("vllm", reason="vllm's pure-Python types are not installed (make setup installs them)")
-
-
-def test_vllm_contract_sampling_params_and_lora_request(vllm):
-    from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
-
-    cfg = sampling.SamplingConfig(n=4, temperature=0.7, top_p=0.95, max_new_tokens=32)
-    sp = SamplingParams(**sampling.vllm_sampling_kwargs(cfg, seed=7))
-    assert (sp.n, sp.temperature, sp.top_p, sp.max_tokens, sp.seed) == (4, 0.7, 0.95, 32, 7)
-    lora = LoRARequest(**sampling.vllm_lora_kwargs("/x/selected"))
-    assert (lora.lora_name, lora.lora_int_id, lora.lora_path) == ("selected", 1, "/x/selected")
-
-
-@pytest.mark.parametrize("lora_rank,capability,gpus", [(1, (7, 5), 2), (16, (9, 0), 1), (0, (7, 5), 2)])
-def test_vllm_contract_llm_kwargs_are_engine_args(vllm, tiny_model_dir, lora_rank, capability, gpus):
-    """``LLM(**kwargs)`` hands every keyword to ``EngineArgs``; build that (it validates without a GPU, given a real
-    model folder) and the LoRAConfig it would make. Building the engine itself needs CUDA: not tested here."""
-    import dataclasses as dc
-    import typing
-
-    from vllm.config.lora import LoRAConfig, MaxLoRARanks
-    from vllm.engine.arg_utils import EngineArgs
-
-    kw = sampling.vllm_llm_kwargs(tiny_model_dir("mistral"), num_gpus=gpus, capability=capability, lora_rank=lora_rank,
-                                  max_model_len=1064)
-    fields = {f.name for f in dc.fields(EngineArgs)}
-    assert set(kw) <= fields, set(kw) - fields
-    args = EngineArgs(**kw)
-    assert args.dtype == kw["dtype"] and args.tensor_parallel_size == gpus
-    if lora_rank:
-        assert args.enable_lora and args.max_lora_rank in typing.get_args(MaxLoRARanks)
-        LoRAConfig(max_lora_rank=kw["max_lora_rank"], max_loras=kw["max_loras"])  # pydantic-validated
-
-
-def test_vllm_contract_generate_batches_with_real_request_types(vllm, tokenizer, tmp_path):
-    """VLLMEngine against a stand-in ``LLM`` that checks the real input types and answers with real outputs."""
-    from vllm import SamplingParams
-    from vllm.lora.request import LoRARequest
-    from vllm.outputs import CompletionOutput, RequestOutput
-
-    calls = []
-
-    class StandInLLM:
-        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
-            assert isinstance(lora_request, LoRARequest) and len(prompts_) == len(params)
-            calls.append([len(p["prompt_token_ids"]) for p in prompts_])
-            outs = []
-            for i, (p, sp) in enumerate(zip(prompts_, params)):
-                assert isinstance(sp, SamplingParams) and sp.n == 2 and sp.max_tokens == 16
-                completions = [CompletionOutput(index=k, text=f" this text as style {k}.", token_ids=[1],
-                                                cumulative_logprob=None, logprobs=None) for k in range(sp.n)]
-                outs.append(RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=p["prompt_token_ids"],
-                                          prompt_logprobs=None, outputs=completions, finished=True))
-            return outs
-
-    engine = sampling.VLLMEngine(StandInLLM(), tokenizer, adapter_path=str(tmp_path), rows_per_call=2)
-    cfg = sampling.SamplingConfig(n=2, temperature=0.7, max_new_tokens=16, forced_start="Rewrite")
-    got = engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg)
-    assert got[0] == ["Rewrite this text as style 0.", "Rewrite this text as style 1."]
-    assert len(calls) == 2 and sorted(calls[0] + calls[1], reverse=True) == calls[0] + calls[1]  # longest first
-    preds, empty = sampling.postprocess(got[1], engine.marker)
-    assert preds[0] == "Rewrite this text as style 0." and empty == 0
-
-
-def test_vllm_engine_from_preset_builds_llm_from_the_folders(vllm, monkeypatch, tmp_path, tiny_model_dir):
-    """from_preset / load_engine with a stand-in ``vllm.LLM`` (the real one needs CUDA): the adapter's rank, the base
-    folder, LoRA off for a merged folder, and a LoRARequest on every generate call."""
-    from vllm.lora.request import LoRARequest
-
-    built = []
-
-    class StandInLLM:
-        def __init__(self, **kwargs):
-            built.append(kwargs)
-
-        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
-            built.append({"lora_request": lora_request})
-            return [type("Out", (), {"outputs": [type("C", (), {"text": " it."})()] * sp.n})() for sp in params]
-
-    monkeypatch.setitem(vllm.__dict__, "LLM", StandInLLM)  # setattr would first import the real (CUDA) LLM
-    base = tiny_model_dir("mistral")
-    adapter = save_adapter(base, tmp_path / "selected")
-    engine = sampling.load_engine("vllm", "mistral-7b", str(base), str(adapter), max_model_len=1064, seed=2)
-    assert isinstance(engine, sampling.VLLMEngine)
-    assert built[0]["model"] == str(base) and built[0]["enable_lora"] and built[0]["max_lora_rank"] == 8
-    assert built[0]["tensor_parallel_size"] == 1 and built[0]["max_model_len"] == 1064
-    out = engine.generate([ROWS[0][0]], [ROWS[0][1]], sampling.SamplingConfig(n=2, temperature=0.5))
-    assert out == [[" it.", " it."]] and isinstance(built[1]["lora_request"], LoRARequest)
-    assert built[1]["lora_request"].lora_path == str(adapter)
-    sampling.load_engine("vllm", "mistral-7b", "", str(adapter), merged_path=str(base))
-    assert "enable_lora" not in built[-1] and built[-1]["model"] == str(base)
-
-
-# ---------------------------------------------------------------- choosing the engine
-
-
-def test_pick_engine_on_cpu(caplog):
-    assert sampling.pick_engine("hf") == "hf"
-    assert sampling.pick_engine("auto") == "hf"
-    assert "engine: hf (auto; vLLM not used: no CUDA device)" in caplog.text
-    assert sampling.pick_engine("vllm") == "hf"  # never a lost submission: logged as an error, HF runs
-    assert "engine: 'vllm' was asked for but cannot run here (no CUDA device)" in caplog.text
-    with pytest.raises(ConfigError, match="engine"):
-        sampling.pick_engine("fastest")
-
-
-def test_pick_engine_auto_takes_vllm_when_cuda_and_vllm(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "")
-    assert sampling.pick_engine("auto") == "vllm"
-    assert "engine: vllm (auto" in caplog.text
-    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
-    assert sampling.pick_engine("auto") == "hf"
-    assert "No module named 'vllm'" in caplog.text
-
-
-# ---------------------------------------------------------------- adapters
-
-
-def test_missing_adapter_is_a_clear_error(tmp_path):
-    with pytest.raises(sampling.AdapterError, match="does not exist"):
-        sampling.check_adapter(str(tmp_path / "nowhere"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(sampling.AdapterError, match="adapter_config.json"):
-        sampling.check_adapter(str(tmp_path / "empty"))
-
-
-def test_adapter_of_another_preset_is_refused(tmp_path, tiny_model_dir):
-    adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "sel")
-    (adapter / "selection.json").write_text(json.dumps({"run": "x", "preset": "llama2-13b", "step": 2}))
-    assert sampling.check_adapter(str(adapter), "llama2-13b") == adapter
-    with pytest.raises(sampling.AdapterError, match="trained on preset 'llama2-13b'.*uses preset 'mistral-7b'"):
-        sampling.check_adapter(str(adapter), "mistral-7b")
-
-
-def test_adapter_of_another_shape_is_refused_before_loading(tmp_path, tiny_model_dir):
-    adapter = save_adapter(tiny_model_dir("mistral"), tmp_path / "other", hidden=32)
-    with pytest.raises(sampling.AdapterError, match="hidden_size is 64"):
-        sampling.check_adapter_fits(str(adapter), tiny_model_dir("mistral"))
-    with pytest.raises(sampling.AdapterError, match="does not fit"):
-        sampling.HFEngine.from_preset("mistral-7b", str(tiny_model_dir("mistral")), str(adapter))
-
-
-def test_attach_adapter_shape_mismatch_is_an_adapter_error(tmp_path, tiny_model_dir):
-    from transformers import AutoModelForCausalLM
-
-    adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "other", hidden=32)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
-    with pytest.raises(sampling.AdapterError, match="does not fit base model"):
-        sampling.attach_adapter(model, str(adapter))
 
 
 # ---------------------------------------------------------------- resumable prediction files
@@ -305,7 +77,20 @@ def test_store_starts_afresh_when_the_model_changed(tmp_path, caplog):
     assert list(tmp_path.glob("m.*.stale.jsonl")) and "adapter" in caplog.text
 
 
-class ListEngine(sampling.Engine):
+def test_prediction_files_read_back_as_written_and_a_bad_line_is_named(tmp_path):
+    store = sampling.PredictionStore(tmp_path, "m", {"a": 1})
+    store.append([_rec(0), {"id": 7, "key": "k", "predictions": "one string"}])
+    assert sampling.read_predictions(store.path) == {"r0": ["p0.0", "p0.1"], "7": ["one string"]}
+    (tmp_path / "broken.jsonl").write_text(json.dumps(_rec(0)) + "\n\n{not json\n")
+    broken = re.escape(str(tmp_path / "broken.jsonl"))
+    with pytest.raises(sampling.PredictionFileError, match=rf"^{broken}: line 3 is not a prediction row"):
+        sampling.read_predictions(tmp_path / "broken.jsonl")
+    (tmp_path / "no-id.jsonl").write_text(json.dumps({"predictions": ["x"]}) + "\n")
+    with pytest.raises(sampling.PredictionFileError, match=r"no-id\.jsonl: line 1 is not a prediction row \('id'\)"):
+        sampling.read_predictions(tmp_path / "no-id.jsonl")
+
+
+class ListEngine(engines.Engine):
     """Answers each row with its index; records which rows it was asked for."""
 
     name = "list"
@@ -325,7 +110,7 @@ def test_sample_rows_skips_done_rows_and_logs_empties(tmp_path, caplog):
     ids = [f"r{i}" for i in range(5)]
     orig = [f"o{i}" for i in range(5)]
     rewr = [f"w{i}" for i in range(5)]
-    cfg = sampling.SamplingConfig(n=2, temperature=0.5, batch_size=2)
+    cfg = engines.SamplingConfig(n=2, temperature=0.5, batch_size=2)
     store = sampling.PredictionStore(tmp_path, "m", {})
     store.append([{"id": "r1", "key": sampling.text_key("o1", "w1"), "predictions": ["kept"]}])
     engine = ListEngine()
@@ -339,7 +124,7 @@ def test_sample_rows_skips_done_rows_and_logs_empties(tmp_path, caplog):
     assert report.retried == 0  # every row had one real answer: nothing to ask again
 
 
-class SilentOnLongPrompts(sampling.Engine):
+class SilentOnLongPrompts(engines.Engine):
     """Answers nothing at all for row 1 unless the prompt was cut below 100 tokens (as a model can on a huge text)."""
 
     name = "silent"
@@ -356,7 +141,7 @@ class SilentOnLongPrompts(sampling.Engine):
 
 def test_a_row_with_only_empty_generations_is_asked_again_on_a_shorter_prompt(tmp_path, caplog):
     engine = SilentOnLongPrompts()
-    cfg = sampling.SamplingConfig(n=3, temperature=0.5, max_prompt_tokens=192)
+    cfg = engines.SamplingConfig(n=3, temperature=0.5, max_prompt_tokens=192)
     store = sampling.PredictionStore(tmp_path, "m", {})
     report = sampling.sample_rows(engine, ["a", "b"], ["small", "huge"], ["x", "y"], cfg, store, "Improve this text.",
                                   progress=False)
@@ -367,139 +152,3 @@ def test_a_row_with_only_empty_generations_is_asked_again_on_a_shorter_prompt(tm
     assert (retry.n, retry.temperature, retry.max_prompt_tokens) == (1, 0.0, 96)
     assert "row b: all 3 generation(s) were empty; a greedy retry on a prompt cut to 96 tokens" in caplog.text
 
-
-# ---------------------------------------------------------------- the HF engine, for real
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_model_dir):
-    """An fp32 tiny Llama with SmolLM2's tokenizer (fp32: the prefill comparison must not hinge on bf16 ties)."""
-    from transformers import AutoModelForCausalLM
-
-    from kaggle_utils import models
-
-    folder = tiny_model_dir("llama")
-    tok = models.load_tokenizer(folder)
-    prompts.ensure_pad_token(tok)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    return sampling.HFEngine(model, tok)
-
-
-def test_hf_engine_generates_n_per_row_with_forced_start(tiny_engine):
-    cfg = sampling.SamplingConfig(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, batch_size=2,
-                                  forced_start="Rewrite")
-    batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False))
-    assert [len(rows) for rows, _ in batches] == [2, 1]
-    lengths = [len(prompts.generation_ids(tiny_engine.tokenizer, o, r, 1024)[0]) for o, r in ROWS]
-    first = batches[0][0]
-    assert min(lengths[i] for i in first) >= max(lengths[i] for i in batches[1][0])  # longest rows first
-    out = tiny_engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False)
-    assert all(len(c) == 3 and all(t.startswith("Rewrite") for t in c) for c in out)
-
-
-def test_hf_engine_skips_done_rows(tiny_engine):
-    cfg = sampling.SamplingConfig(n=1, max_new_tokens=3, batch_size=4)
-    batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, skip={0, 2},
-                                                progress=False))
-    assert [rows for rows, _ in batches] == [[1]]
-
-
-def test_shared_prefill_gives_what_plain_generate_gives(tiny_engine, monkeypatch):
-    """n samples from one prefill (KV cache copied n times) equal greedy decoding row by row: top_p this small keeps
-    only the most likely token, so every sample must be the greedy answer."""
-    origs, rewrs = [o for o, _ in ROWS], [r for _, r in ROWS]
-    greedy = tiny_engine.generate(origs, rewrs, sampling.SamplingConfig(n=1, max_new_tokens=8, batch_size=3),
-                                  progress=False)
-    seen = []
-    real_generate = tiny_engine.model.generate
-
-    def spy(**kwargs):
-        seen.append(sorted(k for k in kwargs if k in ("cache", "past_key_values")))
-        return real_generate(**kwargs)
-
-    monkeypatch.setattr(tiny_engine.model, "generate", spy)
-    cfg = sampling.SamplingConfig(n=3, temperature=1.0, top_p=1e-9, max_new_tokens=8, batch_size=3)
-    shared = tiny_engine.generate(origs, rewrs, cfg, progress=False)
-    assert seen and seen[0], "the shared-prefill path was not taken"
-    assert shared == [[g[0]] * 3 for g in greedy]
-
-
-@pytest.mark.slow
-def test_smollm_engine_with_adapter_recovers_prompt_sentences(tmp_path, smollm_dir):
-    """The real embedded model with a fresh adapter of its own shape: parsed, non-empty prompts, EOS respected."""
-    adapter = save_adapter(smollm_dir, tmp_path / "adapter")
-    engine = sampling.HFEngine.from_preset("smollm2-135m", adapter_path=str(adapter))
-    cfg = sampling.SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_new_tokens=24, batch_size=2)
-    raw = engine.generate([o for o, _ in ROWS[:2]], [r for _, r in ROWS[:2]], cfg, progress=False)
-    parsed = [sampling.postprocess(r, engine.marker, "FALLBACK")[0] for r in raw]
-    assert all(len(p) == 2 for p in parsed)
-    assert sum(p != "FALLBACK" for row in parsed for p in row) >= 3
-    assert dataclasses.asdict(cfg)["n"] == 2
-
-
-def test_selection_won_by_the_base_model_runs_without_adapter(tmp_path, caplog):
-    (tmp_path / "selection.json").write_text(json.dumps({"preset": "smollm2-135m", "step": 0, "adapter": None,
-                                                         "base_model_won": True}))
-    assert sampling.selected_adapter(str(tmp_path), "smollm2-135m") == ""
-    assert "base model won" in caplog.text
-    with pytest.raises(sampling.AdapterError, match="preset 'smollm2-135m'"):
-        sampling.selected_adapter(str(tmp_path), "mistral-7b")
-    assert sampling.selected_adapter("", "mistral-7b") == ""
-    with pytest.raises(sampling.AdapterError, match="does not exist"):
-        sampling.selected_adapter(str(tmp_path / "missing"))
-
-
-def test_text_far_over_the_context_is_truncated_and_logged(tiny_engine, caplog):
-    long_text = "word " * 5000
-    cfg = sampling.SamplingConfig(n=1, max_new_tokens=2, max_prompt_tokens=256)
-    out = tiny_engine.generate([ROWS[0][0], long_text], [ROWS[0][1], long_text], cfg, progress=False)
-    assert len(out) == 2 and all(len(c) == 1 for c in out)
-    assert "truncated 1 row(s) to 256 prompt tokens (rows [1])" in caplog.text
-
-
-# ---------------------------------------------------------------- greedy first
-
-
-def test_greedy_first_splits_into_a_greedy_and_a_sampled_pass():
-    cfg = sampling.SamplingConfig(n=4, temperature=0.5, greedy_first=True)
-    greedy, rest = cfg.passes()
-    assert (greedy.n, greedy.temperature, rest.n, rest.temperature) == (1, 0.0, 3, 0.5)
-    assert [p.n for p in sampling.SamplingConfig(n=1, temperature=0.5, greedy_first=True).passes()] == [1]
-    assert sampling.SamplingConfig(n=3, temperature=0.5).passes() == [sampling.SamplingConfig(n=3, temperature=0.5)]
-
-
-def test_hf_greedy_first_prediction_is_the_greedy_one(tiny_engine):
-    """The first of n predictions equals a plain greedy generation; the others are samples."""
-    originals, rewrittens = [o for o, _ in ROWS], [r for _, r in ROWS]
-    greedy = tiny_engine.generate(originals, rewrittens, sampling.SamplingConfig(n=1, max_new_tokens=6),
-                                  progress=False)
-    cfg = sampling.SamplingConfig(n=3, temperature=1.5, max_new_tokens=6, greedy_first=True, batch_size=2)
-    got = tiny_engine.generate(originals, rewrittens, cfg, progress=False)
-    assert all(len(c) == 3 for c in got)
-    assert [c[0] for c in got] == [g[0] for g in greedy]
-    assert any(c[1] != c[0] or c[2] != c[0] for c in got)  # random weights at temperature 1.5: samples differ
-
-
-def test_vllm_greedy_first_sends_a_greedy_and_a_sampled_request_per_row(vllm, tokenizer):
-    from vllm.outputs import CompletionOutput, RequestOutput
-
-    seen = []
-
-    class StandInLLM:
-        def generate(self, prompts_, params, *, use_tqdm=True, lora_request=None):
-            outs = []
-            for i, (p, sp) in enumerate(zip(prompts_, params)):
-                seen.append((tuple(p["prompt_token_ids"]), sp.n, sp.temperature))
-                tag = "greedy" if sp.temperature == 0 else "sampled"
-                completions = [CompletionOutput(index=k, text=f" {tag} {k}", token_ids=[1], cumulative_logprob=None,
-                                                logprobs=None) for k in range(sp.n)]
-                outs.append(RequestOutput(request_id=str(i), prompt=None, prompt_token_ids=p["prompt_token_ids"],
-                                          prompt_logprobs=None, outputs=completions, finished=True))
-            return outs
-
-    engine = sampling.VLLMEngine(StandInLLM(), tokenizer)
-    cfg = sampling.SamplingConfig(n=3, temperature=0.7, max_new_tokens=8, greedy_first=True)
-    got = engine.generate([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False)
-    assert got == [[" greedy 0", " sampled 0", " sampled 1"]] * len(ROWS)
-    assert sorted((n, t) for _, n, t in seen) == sorted([(1, 0.0), (2, 0.7)] * len(ROWS))
-    assert len({p for p, _, _ in seen}) == len(ROWS)  # both requests of a row carry the same prompt

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from kaggle_utils import config, training
+from kaggle_utils import artifacts, config, training
 from conftest import GEMMA_CSV
 
 
@@ -79,9 +79,9 @@ def test_run_folder_outputs_and_resume(tmp_path, tiny_model_dir):
     training.train(cfg, trainer)
     run = cfg.run_dir
     assert json.loads((run / "config.json").read_text())["preset"] == "mistral-7b"
-    ckpts = training.find_checkpoints(run)
-    assert [c.name for c in ckpts] == ["checkpoint-1", "checkpoint-2"]
-    for c in ckpts:
+    ckpts = artifacts.find_checkpoints(run)
+    assert [c.name for c in ckpts.values()] == ["checkpoint-1", "checkpoint-2"] and list(ckpts) == [1, 2]
+    for c in ckpts.values():
         assert (c / "adapter_model.safetensors").exists() and (c / "adapter_config.json").exists()
         assert not list(c.glob("model*.safetensors"))  # adapter only, never the base weights
         meta = json.loads((c / "metrics.json").read_text())
@@ -95,7 +95,7 @@ def test_run_folder_outputs_and_resume(tmp_path, tiny_model_dir):
     _, _, trainer3 = _train(cfg3)
     training.train(cfg3, trainer3)
     assert trainer3.state.global_step == 3
-    assert [c.name for c in training.find_checkpoints(run)][-1] == "checkpoint-3"
+    assert list(artifacts.find_checkpoints(run))[-1] == 3
 
 
 def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
@@ -221,6 +221,24 @@ def test_choice_and_report_rows_are_disjoint_groups_kept_out_of_training(tmp_pat
     dropped = tiny_cfg(tmp_path / "c", base, val_rows=6, report_rows=10, max_train_rows=0, max_seq_length=400)
     training.prepare_run(dropped)
     assert len(training.build_datasets(dropped, tok)[0]) < len(train_ds) / 2
+
+
+def test_max_prompt_tokens_cuts_every_prompt_and_is_recorded_for_the_later_stages(tmp_path, tiny_model_dir):
+    """The first stop of the prompt-token limit (kaggle_utils.artifacts): no trained prompt is longer, and config.json
+    records it for checkpoint selection; without it nothing is cut and the run's limit is its max_seq_length."""
+    base = tiny_model_dir("llama")
+    cut = tiny_cfg(tmp_path / "cut", base, max_prompt_tokens=128, max_seq_length=400)
+    training.prepare_run(cut)
+    saved = config.saved_config(cut.run_dir)
+    assert saved["max_prompt_tokens"] == 128 and artifacts.run_prompt_token_limit(saved) == 128
+    _, tok = training.load_model_and_tokenizer(cut)
+    train_ds, eval_ds = training.build_datasets(cut, tok)
+    prompt_lengths = [list(m).index(1) for ds in (train_ds, eval_ds) for m in ds["completion_mask"]]
+    assert 100 < max(prompt_lengths) <= 128  # gemma's texts run to hundreds of tokens: they were cut, not dropped
+    whole = tiny_cfg(tmp_path / "whole", base, max_seq_length=400)
+    training.prepare_run(whole)
+    saved = config.saved_config(whole.run_dir)
+    assert saved["max_prompt_tokens"] == 0 and artifacts.run_prompt_token_limit(saved) == 400
 
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "mistral-7b", "llama2-13b", "mistral-22b", "mixtral-8x7b"])

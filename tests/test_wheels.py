@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import inference, kernels, sampling, wheels
+from kaggle_utils import engines, inference, kaggle_api, kernels, wheels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,11 +88,11 @@ def test_activate_puts_the_folder_first_for_this_process_and_its_children(tmp_pa
 
 def test_the_engine_choice_honours_the_install_check(monkeypatch, caplog):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(sampling, "vllm_import_error", lambda: "")
-    assert sampling.pick_engine("auto") == "vllm"
+    monkeypatch.setattr(engines, "vllm_import_error", lambda: "")
+    assert engines.pick_engine("auto") == "vllm"
     monkeypatch.setenv(wheels.NO_VLLM_ENV, "pip install failed (exit 1): bad wheel")
-    assert sampling.pick_engine("auto") == "hf"
-    assert sampling.pick_engine("vllm") == "hf"  # asked for, but a submission is never lost to the engine choice
+    assert engines.pick_engine("auto") == "hf"
+    assert engines.pick_engine("vllm") == "hf"  # asked for, but a submission is never lost to the engine choice
     assert "cannot run here (pip install failed" in caplog.text
 
 
@@ -111,8 +111,8 @@ def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tm
         raise RuntimeError("1 validation error for VllmConfig\n  Value error, Total number of attention heads (9) must "
                            "be divisible by tensor parallel size (2).")
 
-    monkeypatch.setattr(sampling, "pick_engine", lambda requested: "vllm")  # as on a GPU box where vLLM imports
-    monkeypatch.setattr(sampling.VLLMEngine, "from_preset", classmethod(no_start))
+    monkeypatch.setattr(engines, "pick_engine", lambda requested: "vllm")  # as on a GPU box where vLLM imports
+    monkeypatch.setattr(engines.VLLMEngine, "from_preset", classmethod(no_start))
     from kaggle_utils import budget
 
     inference.prepare_run(cfg)
@@ -133,7 +133,7 @@ def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_pa
     folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
     nb = json.loads((folder / "inference.ipynb").read_text())
     source = "".join(nb["cells"][0]["source"])
-    library = kernels.build_library_dataset("fakeuser", tmp_path / "library")
+    library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
     broken = wheels_dir(tmp_path, "broken")
     source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
               .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(broken))
