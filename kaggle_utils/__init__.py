@@ -4,7 +4,8 @@ One job per module, in pipeline order (each stage is a notebook in ``notebooks/`
 stage's module):
 
 Shared by every stage
-    ``config``       stage configs from notebook parameters or YAML, paths, the saved config.json
+    ``config``       stage configs from notebook parameters or YAML, paths (data/... is the data folder), config.json
+    ``sources``      the training data's public sources: pinned files, checksums, the builder behind `make data`
     ``models``       model presets and loading (base path, chat family, dtype, 4-bit, LoRA targets)
     ``data``         competition-format CSVs: reading, checking, dedup, the split by prompt group
     ``prompts``      the instruction template, tokenization for training and generation, the answer's extraction
