@@ -106,7 +106,11 @@ def find_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
 _SELECTION_TYPES = {"run": (str,), "preset": (str, type(None)), "base_model_path": (str,), "step": (int,),
                     "adapter": (str, type(None)), "base_model_won": (bool,), "forced": (bool,),
                     "max_prompt_tokens": (int,), "merged": (str, type(None)), "scores": (dict,),
-                    "per_step": (list,), "config": (dict,)}
+                    "per_step": (list,), "config": (dict,), "averaged_steps": (list,)}
+
+
+# Written only when set: a single step's selection reads and writes as it did before averaging existed.
+_OPTIONAL_FIELDS = ("averaged_steps", "selected_scs")
 
 
 @dataclass
@@ -141,6 +145,8 @@ class Selection:
     checkpoint: str | None = None  # the checkpoint folder the adapter was copied from
     created: str = ""  # when the file was written (ISO time)
     config: dict = field(default_factory=dict)  # the SelectConfig that chose
+    averaged_steps: list = field(default_factory=list)  # the checkpoints averaged into the adapter ([] = one step's)
+    selected_scs: float | None = None  # the exported adapter's mean SCS on the same rows (an average is scored anew)
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
 
     @classmethod
@@ -185,8 +191,10 @@ class Selection:
         return found
 
     def to_dict(self) -> dict:
-        """The file's content: every field in order, then the keys this version does not know."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        """The file's content: every field in order (the optional ones only when set), then the keys this version
+        does not know."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"
+               and not (f.name in _OPTIONAL_FIELDS and getattr(self, f.name) in (None, []))}
         return {**out, **self.extra}
 
     def write(self, folder: str | os.PathLike) -> Path:

@@ -70,6 +70,8 @@ class SelectConfig:
     max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = the run's, from its config.json
     batch_size: int = 24  # rows per generate call
+    average_checkpoints: int = 5  # export the mean of this many checkpoints around the smoothed peak of the scores;
+    # 1 = the best step alone, as do runs with fewer than twice as many checkpoints (a curve still rising has no plateau)
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
     seed: int = 0  # seed of the validation subset draw
 
@@ -84,6 +86,8 @@ class SelectConfig:
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (the run's) or >= 64, got {self.max_prompt_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.average_checkpoints >= 1, "average_checkpoints",
+                f"must be >= 1 (1 = the best step alone), got {self.average_checkpoints}")
         if self.scorer_path:  # fail before minutes of generation, not after
             metric.check_scorer_path(self.scorer_path)
 
@@ -306,9 +310,11 @@ def _write_json(path: Path, obj) -> None:
     tmp.replace(path)  # atomic: an interrupted write never leaves a half cache file
 
 
-def step_cache_file(cfg: SelectConfig, step: int) -> Path:
-    """Where one step's predictions and scores are cached."""
-    return cfg.run_dir / SELECTION_DIR / f"step-{step}.json"
+def step_cache_file(cfg: SelectConfig, step: int | str) -> Path:
+    """Where one step's predictions and scores are cached (``step`` "selected": the exported adapter). The report
+    rows' scores live in a folder of their own, so scoring them never replaces the choice rows' cache."""
+    folder = cfg.run_dir / SELECTION_DIR / ("report" if scores_report_rows(cfg) else "")
+    return folder / f"step-{step}.json"
 
 
 class _StepSampler:
@@ -389,49 +395,59 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
     ckpts = run_checkpoints(cfg.run_dir)
     steps = candidate_steps(ckpts, cfg.every_k, cfg.force_step)
-    (cfg.run_dir / SELECTION_DIR).mkdir(parents=True, exist_ok=True)
-    truths = list(validation[data.PROMPT_COLUMN])
-    sampler: _StepSampler | None = None
-    rows = []
+    sampler: list = []  # the model, loaded by the first step that needs generating
     try:
-        for step in tqdm(steps, desc="candidate steps", unit="step"):
-            ckpt = ckpts.get(step)  # None for step 0
-            key = _sampling_key(cfg, run_cfg, validation, ckpt)
-            cache = step_cache_file(cfg, step)
-            entry = json.loads(cache.read_text()) if cache.exists() else {}
-            seconds = 0.0
-            if entry.get("key") != key:
-                if sampler is None:
-                    sampler = _StepSampler(cfg, run_cfg)
-                start = time.time()
-                raw = sampler.generate(step, ckpt, validation)
-                seconds = time.time() - start
-                predictions, empty = extract_predictions(raw, sampler.marker)
-                entry = {"step": step, "key": key, "ids": list(map(str, validation["id"])), "raw": raw,
-                         "predictions": predictions, "fallbacks": empty, "seconds": round(seconds, 2)}
-                _write_json(cache, entry)  # predictions are the expensive part: keep them even if scoring fails
-            precision = getattr(scorer, "precision", None)
-            if (entry.get("scorer_path"), entry.get("scorer_precision")) != (scorer.path, precision):
-                scs = scorer.scs(entry["predictions"], truths)
-                entry.update(scorer=scorer.name, scorer_path=scorer.path, scorer_precision=precision,
-                             scs=[round(float(s), 6) for s in scs],
-                             cos=[round(float(c), 6) for c in scorer.cosine(entry["predictions"], truths)])
-                _write_json(cache, entry)
-            if entry["fallbacks"]:
-                logger.warning("step %d: %d of %d prediction(s) were empty and were scored as %r", step,
-                               entry["fallbacks"], len(truths), FALLBACK_PROMPT)
-            row = {"step": step, "scs": float(np.mean(entry["scs"])), "cos": float(np.mean(entry["cos"])),
-                   "rows": len(entry["scs"]), "fallbacks": entry["fallbacks"], "seconds": round(seconds, 1),
-                   "scorer": entry["scorer"], "precision": precision}
-            logger.info("step %d: mean SCS %.4f (cos %.4f) on %d rows, %s%s", step, row["scs"], row["cos"], row["rows"],
-                        entry["scorer"], f", generated in {seconds:.0f} s" if seconds else ", cached")
-            rows.append(row)
+        rows = [_score_one(cfg, run_cfg, validation, scorer, step, ckpts.get(step), sampler)
+                for step in tqdm(steps, desc="candidate steps", unit="step")]
     finally:
-        if sampler is not None:  # free the model before a merged export loads another copy
-            del sampler
-            gc.collect()
-            _empty_cuda_cache()
+        _free(sampler)
     return pd.DataFrame(rows)
+
+
+def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, scorer: metric.Scorer, step: int | str,
+               adapter: Path | None, sampler: list) -> dict:
+    """One step's (or the exported adapter's) greedy predictions, generated unless cached, scored unless scored by
+    this scorer: its row of the scores table. ``sampler`` holds the loaded model, loaded here on first need."""
+    truths = list(validation[data.PROMPT_COLUMN])
+    key = _sampling_key(cfg, run_cfg, validation, adapter)
+    cache = step_cache_file(cfg, step)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    entry = json.loads(cache.read_text()) if cache.exists() else {}
+    seconds = 0.0
+    if entry.get("key") != key:
+        if not sampler:
+            sampler.append(_StepSampler(cfg, run_cfg))
+        start = time.time()
+        raw = sampler[0].generate(step, adapter, validation)
+        seconds = time.time() - start
+        predictions, empty = extract_predictions(raw, sampler[0].marker)
+        entry = {"step": step, "key": key, "ids": list(map(str, validation["id"])), "raw": raw,
+                 "predictions": predictions, "fallbacks": empty, "seconds": round(seconds, 2)}
+        _write_json(cache, entry)  # predictions are the expensive part: keep them even if scoring fails
+    precision = getattr(scorer, "precision", None)
+    if (entry.get("scorer_path"), entry.get("scorer_precision")) != (scorer.path, precision):
+        scs = scorer.scs(entry["predictions"], truths)
+        entry.update(scorer=scorer.name, scorer_path=scorer.path, scorer_precision=precision,
+                     scs=[round(float(s), 6) for s in scs],
+                     cos=[round(float(c), 6) for c in scorer.cosine(entry["predictions"], truths)])
+        _write_json(cache, entry)
+    if entry["fallbacks"]:
+        logger.warning("step %s: %d of %d prediction(s) were empty and were scored as %r", step,
+                       entry["fallbacks"], len(truths), FALLBACK_PROMPT)
+    row = {"step": step, "scs": float(np.mean(entry["scs"])), "cos": float(np.mean(entry["cos"])),
+           "rows": len(entry["scs"]), "fallbacks": entry["fallbacks"], "seconds": round(seconds, 1),
+           "scorer": entry["scorer"], "precision": precision}
+    logger.info("step %s: mean SCS %.4f (cos %.4f) on %d rows, %s%s", step, row["scs"], row["cos"], row["rows"],
+                entry["scorer"], f", generated in {seconds:.0f} s" if seconds else ", cached")
+    return row
+
+
+def _free(sampler: list) -> None:
+    """Drop a loaded model, so a merged export that follows can load another copy."""
+    if sampler:
+        sampler.clear()
+        gc.collect()
+        _empty_cuda_cache()
 
 
 def _empty_cuda_cache() -> None:
@@ -478,12 +494,93 @@ def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0)
     return min(s for s, v in finite.items() if v >= best - TIE_TOLERANCE)
 
 
-def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = None) -> Path:
+def smoothed(scores: Mapping[int, float] | pd.DataFrame, width: int) -> dict[int, float]:
+    """Each checkpoint's mean SCS averaged with its ``width`` scored neighbours on either side (fewer at the ends).
+    Step 0, the base model, is neither smoothed nor a neighbour."""
+    table = {s: v for s, v in _as_scores(scores).items() if s > 0 and math.isfinite(v)}
+    steps = sorted(table)
+    return {s: float(np.mean([table[t] for t in steps[max(0, i - width):i + width + 1]])) for i, s in enumerate(steps)}
+
+
+def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_step: int = 0) -> list[int]:
+    """The checkpoint steps whose adapters are exported, averaged into one when there are several.
+
+    ``k`` checkpoints centred on the peak of the ``k``-checkpoint moving average of the mean SCS (shifted inward at
+    the ends): a single checkpoint's score on a few dozen rows swings by more than the curve moves on its plateau, so
+    the peak of the smoothed curve, and the mean of the adapters around it, are what the rows can tell apart. Only the
+    best step itself (the highest mean, the earlier on ties) when ``k`` is 1, when a step is forced, when the run has
+    fewer than ``2 * k`` scored checkpoints (its curve is still rising: the last step is best), and [0] when the base
+    model scores best of all.
+    """
+    best = choose_step(scores, force_step)
+    ckpts = sorted(smoothed(scores, 0))
+    if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < 2 * k:
+        return [best]
+    center = choose_step(smoothed(scores, k // 2))
+    i = ckpts.index(center)
+    lo = min(max(0, i - k // 2), len(ckpts) - k)
+    return ckpts[lo:lo + k]
+
+
+def average_adapters(folders: list[Path], out: Path) -> Path:
+    """One LoRA adapter in ``out`` whose weight update is exactly the mean of the updates of the adapters in
+    ``folders``: their factors concatenated along the rank (the A matrices stacked, the B matrices side by side and
+    divided by their count) with ``r`` and ``lora_alpha`` multiplied by the count, so the scaling alpha / r stays.
+    Merged, it costs what one adapter costs; unmerged, its rank is the count times the rank."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    k = len(folders)
+    tensors = [load_file(str(Path(f) / ADAPTER_FILES[1])) for f in folders]
+    names = set(tensors[0])
+    for f, t in zip(folders, tensors):
+        require(set(t) == names, "average_checkpoints", f"{f} holds other LoRA tensors than {folders[0]}")
+    averaged = {}
+    for name in tensors[0]:
+        parts = [t[name] for t in tensors]
+        if ".lora_A." in name:
+            averaged[name] = torch.cat(parts, dim=0).contiguous()
+        elif ".lora_B." in name:
+            averaged[name] = (torch.cat(parts, dim=1) / k).contiguous()
+        else:  # anything else trained beside the factors (modules_to_save, biases): their plain mean
+            averaged[name] = torch.stack(parts).mean(0)
+    config = json.loads((Path(folders[0]) / ADAPTER_FILES[0]).read_text())
+    require(not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora"),
+            "average_checkpoints", f"{folders[0]}: per-module ranks or rsLoRA scaling cannot be averaged this way")
+    config.update(r=config["r"] * k, lora_alpha=config["lora_alpha"] * k)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(averaged, str(out / ADAPTER_FILES[1]))
+    (out / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def _window(chosen: int | list[int] | None, scores, cfg: SelectConfig) -> list[int]:
+    """The exported steps: as given, else as the rule chooses them. On the report rows, which choose nothing, the
+    steps the choice rows exported (``selection.json``), whatever was given."""
+    if scores_report_rows(cfg):
+        sel = artifacts.Selection.find(cfg.run_dir / SELECTED_DIR)
+        return (sel.averaged_steps or [sel.step]) if sel is not None else []
+    if chosen is None:
+        return choose_window(scores, cfg.average_checkpoints, cfg.force_step)
+    return [int(c) for c in chosen] if isinstance(chosen, (list, tuple)) else [int(chosen)]
+
+
+def _selected_score(cfg: SelectConfig) -> float | None:
+    """The exported adapter's score that :func:`score_selected` recorded for these rows, if any."""
+    if scores_report_rows(cfg):
+        path = cfg.run_dir / f"{REPORT_BY_STEP}.json"
+        return json.loads(path.read_text()).get("selected", {}).get("scs") if path.exists() else None
+    sel = artifacts.Selection.find(cfg.run_dir / SELECTED_DIR)
+    return sel.selected_scs if sel is not None else None
+
+
+def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | list[int] | None = None) -> Path:
     """Mean SCS against step (step 0 = base model) with the eval loss on a second axis, as ``selected/scores.png``.
 
-    The chosen step is starred. The best-scoring step is where training stopped helping on these rows: the steps
-    after it are shaded, so a curve that is still rising at the last step (train longer) reads differently from one
-    that peaked early (over-fitting, or a learning rate too high).
+    The chosen step is starred; checkpoints averaged into the export are shaded, with the averaged adapter's own
+    score (a diamond) once :func:`score_selected` has it. The best-scoring step is where training stopped helping on
+    these rows: the steps after it are shaded, so a curve that is still rising at the last step (train longer) reads
+    differently from one that peaked early (over-fitting, or a learning rate too high).
     """
     import matplotlib
 
@@ -491,7 +588,9 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
     import matplotlib.pyplot as plt
 
     scores = scores.sort_values("step")
-    chosen = choose_step(scores, cfg.force_step) if chosen is None else chosen
+    report = scores_report_rows(cfg)
+    window = _window(chosen, scores, cfg)
+    chosen = choose_step(scores) if report or not window else window[len(window) // 2]
     best = choose_step(scores)
     last = int(scores["step"].max())
     fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -507,7 +606,13 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
                     textcoords="offset points", xytext=(-150, -40), fontsize=8,
                     arrowprops=dict(arrowstyle="->", color="grey"))
     pick = scores.loc[scores["step"] == chosen]
-    report = scores_report_rows(cfg)
+    if len(window) > 1:
+        ax.axvspan(window[0], window[-1], color="tab:purple", alpha=0.15,
+                   label=f"averaged into the export: steps {window[0]}-{window[-1]}")
+        averaged = _selected_score(cfg)
+        if averaged is not None:
+            ax.plot([window[len(window) // 2]], [averaged], "D", ms=9, color="tab:purple",
+                    label=f"the averaged adapter: {averaged:.4f}")
     ax.plot(pick["step"], pick["scs"], "*", ms=16, color="tab:red",
             label=f"highest here: step {chosen} (not exported)" if report else
             f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
@@ -531,11 +636,11 @@ def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | None = No
     return path
 
 
-def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int) -> pd.DataFrame:
-    """Scores per step beside the losses, the chosen step marked: the notebook's summary table."""
+def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | list[int]) -> pd.DataFrame:
+    """Scores per step beside the losses, the exported step(s) marked: the notebook's summary table."""
     losses = checkpoint_metrics(cfg.run_dir)
     table = scores.merge(losses, on="step", how="left")
-    table["chosen"] = table["step"] == chosen
+    table["chosen"] = table["step"].isin(_window(chosen, scores, cfg))
     cols = ["step", "scs", "cos", "eval_loss", "train_loss", "rows", "fallbacks", "seconds", "scorer", "chosen"]
     return table[cols].round({"scs": 4, "cos": 4, "eval_loss": 4, "train_loss": 4})
 
@@ -548,16 +653,21 @@ def _clear_export(out: Path) -> None:
         shutil.rmtree(out / "merged")
 
 
-def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validation: pd.DataFrame | None = None,
-                     run_cfg: dict | None = None) -> Path:
+def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[int],
+                     validation: pd.DataFrame | None = None, run_cfg: dict | None = None) -> Path:
     """Write ``selected/``: the chosen adapter, ``selection.json`` and (with ``export_merged``) ``merged/``.
 
-    When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model worse on validation, and
-    shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter": null`` and names
-    the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
+    ``step`` is one step, or the steps of :func:`choose_window`: several are averaged into one adapter
+    (:func:`average_adapters`), and ``selection.json`` names the middle one as its ``step`` and all of them as
+    ``averaged_steps``. When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model worse on
+    validation, and shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter":
+    null`` and names the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
     """
     table = _as_scores(scores)
-    require(step in table, "step", f"{step} was not scored; scored: {sorted(table)}")
+    window = [int(x) for x in step] if isinstance(step, (list, tuple)) else [int(step)]
+    step = window[len(window) // 2]
+    for s_ in window:
+        require(s_ in table, "step", f"{s_} was not scored; scored: {sorted(table)}")
     out = cfg.run_dir / SELECTED_DIR
     per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
         {"step": s, "scs": v} for s, v in sorted(table.items())]
@@ -579,12 +689,16 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
         logger.warning("step 0 (the base model, no adapter) scored best (%.4f vs %.4f at step %s): no adapter is "
                        "exported. Train longer or differently, or set force_step=%s to export that checkpoint anyway",
                        table[0], table.get(best_ckpt, float("nan")), best_ckpt, best_ckpt)
+    elif len(window) > 1:
+        average_adapters([ckpts[w] for w in window], out)
+        logger.info("exported the mean of the adapters of steps %s (the peak of the %d-checkpoint moving average)",
+                    ", ".join(map(str, window)), len(window))
     else:
         for name in ADAPTER_FILES:
             shutil.copy2(ckpts[step] / name, out / name)
     merged = None
     if cfg.export_merged and not base_won:
-        merged = export_merged(cfg, run_cfg, ckpts[step], out / "merged")
+        merged = export_merged(cfg, run_cfg, out if len(window) > 1 else ckpts[step], out / "merged")
     elif cfg.export_merged:
         logger.warning("export_merged: step 0 won, so there is nothing to merge (the base model is unchanged)")
     losses = checkpoint_metrics(cfg.run_dir).set_index("step")["eval_loss"].to_dict()
@@ -601,7 +715,10 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
         adapter=None if base_won else ADAPTER_FILES[1],
         base_model_won=base_won,
         forced=bool(cfg.forced),
-        rule=f"forced by force_step={step}" if cfg.forced else "highest mean SCS; the earlier step on ties",
+        averaged_steps=window if len(window) > 1 else [],
+        rule=f"forced by force_step={step}" if cfg.forced else (
+            f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving average"
+            " of mean SCS" if len(window) > 1 else "highest mean SCS; the earlier step on ties"),
         best_checkpoint_step=best_ckpt,
         scores=rounded,
         per_step=per_step,
@@ -614,14 +731,54 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int, validat
         max_new_tokens=cfg.max_new_tokens,
         max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
         merged="merged" if merged else None,
-        checkpoint=str(ckpts[step]) if not base_won else None,
+        checkpoint=str(ckpts[step]) if not base_won and len(window) == 1 else None,
         created=datetime.datetime.now().isoformat(timespec="seconds"),
         config=dataclasses.asdict(cfg),
     ).write(out)
     base = table.get(0)
-    logger.info("selected step %d of %s: mean SCS %.4f vs %s at step 0 (base model), scorer %s -> %s", step,
-                cfg.run_name, table[step], f"{base:.4f}" if base is not None else "n/a", scorer, out)
+    logger.info("selected step %d of %s%s: mean SCS %.4f vs %s at step 0 (base model), scorer %s -> %s", step,
+                cfg.run_name, f" (averaged over steps {window[0]}-{window[-1]})" if len(window) > 1 else "",
+                table[step], f"{base:.4f}" if base is not None else "n/a", scorer, out)
     return out
+
+
+def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scorer,
+                   run_cfg: dict | None = None) -> float | None:
+    """The exported adapter's mean SCS on ``validation``, recorded beside the per-step scores; None when no adapter
+    was exported (the base model won).
+
+    An average of checkpoints is a model no step held, so it gets greedy predictions of its own (cached in
+    ``selection/step-selected.json``); a single step's export is that step's cached score. On the choice rows the
+    score goes into ``selection.json`` (``selected_scs``); on the run's report rows into ``report_by_step.json``
+    (``selected``), which is what the export scores on rows that chose nothing.
+    """
+    out = cfg.run_dir / SELECTED_DIR
+    sel = artifacts.Selection.find(out)
+    if sel is None or sel.base_model_won or not artifacts.has_adapter(out):
+        return None
+    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
+    if sel.averaged_steps:
+        label, adapter = "selected", out
+    else:
+        label, adapter = sel.step, run_checkpoints(cfg.run_dir)[sel.step]
+    sampler: list = []
+    try:
+        row = _score_one(cfg, run_cfg, validation, scorer, label, adapter, sampler)
+    finally:
+        _free(sampler)
+    what = f"steps {sel.averaged_steps[0]}-{sel.averaged_steps[-1]} averaged" if sel.averaged_steps else \
+        f"step {sel.step}"
+    logger.info("selected adapter (%s): mean SCS %.4f on %d rows", what, row["scs"], row["rows"])
+    if scores_report_rows(cfg):
+        path = cfg.run_dir / f"{REPORT_BY_STEP}.json"
+        record = json.loads(path.read_text()) if path.exists() else {}
+        record["selected"] = {"steps": sel.averaged_steps or [sel.step], "scs": round(row["scs"], 4),
+                              "rows": row["rows"]}
+        _write_json(path, record)
+    else:
+        sel.selected_scs = round(row["scs"], 4)
+        sel.write(out)
+    return row["scs"]
 
 
 def export_merged(cfg: SelectConfig, run_cfg: dict, checkpoint: Path, out: Path) -> Path:

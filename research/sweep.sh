@@ -37,8 +37,9 @@ one() {  # NAME GPU ARGS...: one run; its summary lands in OUT_DIR/NAME.txt when
   if ! grep -qE "$by_step" "$out/$name-report.log" || ! grep -qE "selected step" "$out/$name-choice.log"; then
     echo "$name: no scores in its select logs"; return
   fi
-  { echo "args: $*"; echo "choice rows:"; grep -hoE "$by_step|selected step [0-9]+" "$out/$name-choice.log"
-    echo "report rows:"; grep -hoE "$by_step" "$out/$name-report.log"; } > "$out/$name.txt"
+  local export="selected adapter \([^)]*\): mean SCS [0-9.]+"
+  { echo "args: $*"; echo "choice rows:"; grep -hoE "$by_step|selected step [0-9]+|$export" "$out/$name-choice.log"
+    echo "report rows:"; grep -hoE "$by_step|$export" "$out/$name-report.log"; } > "$out/$name.txt"
   echo "$name done"
 }
 export -f one; export out config

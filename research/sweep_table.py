@@ -3,7 +3,8 @@
 Usage: python research/sweep_table.py OUT_DIR|RUNS.csv [--baseline x3] [--png FILE] [--save RUNS.csv]
 
 Every run's ``NAME.txt`` (``ARM-sSEED``) holds its per-step SCS on the choice rows, the step they selected, and the
-same checkpoints on the report rows. Per arm: the mean over seeds of the choice rows at the selected step (what the
+same checkpoints on the report rows; where the export is an average of checkpoints, its own score on both row sets
+stands for the selected step's. Per arm: the mean over seeds of the choice rows at the selected step (what the
 choice is made on) and of the report rows at that same step, and both paired by seed against the baseline arm with a
 90% interval of the mean paired difference (t over seeds). The scorer is whatever the runs used (MiniLM stand-in
 unless a scorer_path was given).
@@ -17,6 +18,7 @@ import pandas as pd
 from scipy import stats
 
 STEP = re.compile(r"step (\d+): mean SCS ([0-9.]+) \(cos [0-9.]+\) on (\d+) rows")
+EXPORT = re.compile(r"selected adapter \([^)]*\): mean SCS ([0-9.]+)")
 
 
 def read_run(path: Path) -> dict:
@@ -33,8 +35,12 @@ def read_run(path: Path) -> dict:
                          "among them")
     choice, report = splits
     step, last = int(selected.group(1)), max(choice)
-    return {"arm": named.group(1), "seed": int(named.group(2)), "step": step, "choice": choice[step],
-            "report": report[step], "choice_last": choice[last], "report_last": report[last]}
+    # the exported adapter's own scores, where the select stage recorded them (an average of checkpoints)
+    export = [float(v) for v in EXPORT.findall(text)]
+    return {"arm": named.group(1), "seed": int(named.group(2)), "step": step,
+            "choice": export[0] if len(export) == 2 else choice[step],
+            "report": export[1] if len(export) == 2 else report[step], "choice_last": choice[last],
+            "report_last": report[last]}
 
 
 def describe_paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:

@@ -202,7 +202,8 @@ class FakeScorer:
 
 
 class FakeSampler:
-    """Step N gets the first N // 8 rows right; the last row is always an empty generation."""
+    """Step N gets the first N // 8 rows right (the exported adapter: one); the last row is always an empty
+    generation."""
 
     generated: list[int] = []
 
@@ -212,7 +213,8 @@ class FakeSampler:
     def generate(self, step, ckpt, validation):
         FakeSampler.generated.append(step)
         truths = list(validation["rewrite_prompt"])
-        out = [t if i < step // 8 else "Something else." for i, t in enumerate(truths)]
+        right = step // 8 if isinstance(step, int) else 1  # "selected": the exported adapter gets one row right
+        out = [t if i < right else "Something else." for i, t in enumerate(truths)]
         out[-1] = "   "
         return out
 
@@ -479,3 +481,81 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
                           ["Upon the mat, a feline rested.", "Rain fell from dawn to dusk."],
                           engines.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
     assert len(raw) == 2 and all(len(r) == 1 for r in raw)
+
+
+# ---------------------------------------------------------------- averaging the plateau
+
+
+@pytest.mark.parametrize("table, k, force, expected", [
+    # a lone spike at 8, a plateau at 40-56: the window sits on the plateau, not on the spike
+    ({0: 0.0, 8: 0.30, 16: 0.1, 24: 0.1, 32: 0.2, 40: 0.25, 48: 0.26, 56: 0.25, 64: 0.2, 72: 0.1, 80: 0.1}, 3, 0,
+     [40, 48, 56]),
+    # the smoothed peak at the last checkpoint: the window shifts inward
+    ({0: 0.0, **{s: s / 1000 for s in range(8, 88, 8)}}, 3, 0, [64, 72, 80]),
+    ({0: 0.0, 8: 0.3, 16: 0.1, 24: 0.2}, 3, 0, [8]),  # fewer than 2k checkpoints: the best step alone
+    ({0: 0.0, **{s: 0.1 for s in range(8, 88, 8)}, 40: 0.3}, 1, 0, [40]),  # k = 1: the best step alone
+    ({0: 0.0, **{s: 0.1 for s in range(8, 88, 8)}}, 3, 16, [16]),  # forced
+    ({0: 0.9, **{s: 0.1 for s in range(8, 88, 8)}}, 3, 0, [0]),  # the base model wins: no adapter
+])
+def test_choose_window(table, k, force, expected):
+    assert checkpoints.choose_window(table, k, force) == expected
+
+
+def _lora_checkpoint(folder: Path, a, b, r=4, alpha=8):
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    save_file({key.format("A"): a, key.format("B"): b}, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha, "peft_type": "LORA"}))
+    return key
+
+
+def test_averaged_adapter_applies_the_mean_of_the_checkpoints_updates(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    updates, folders = [], []
+    for i in range(3):
+        a, b = torch.randn(4, 8), torch.randn(6, 4)
+        key = _lora_checkpoint(tmp_path / f"checkpoint-{i}", a, b)
+        folders.append(tmp_path / f"checkpoint-{i}")
+        updates.append(b @ a * (8 / 4))
+    out = checkpoints.average_adapters(folders, tmp_path / "avg")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    t = load_file(str(out / "adapter_model.safetensors"))
+    assert (cfg["r"], cfg["lora_alpha"]) == (12, 24)
+    got = t[key.format("B")] @ t[key.format("A")] * (cfg["lora_alpha"] / cfg["r"])
+    assert torch.allclose(got, torch.stack(updates).mean(0), atol=1e-5)
+    assert not torch.allclose(got, updates[1], atol=1e-3)  # not one checkpoint's update
+
+
+def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_model):
+    import torch
+
+    steps = tuple(range(8, 88, 8))
+    run = make_run(tmp_path, rewrites_csv, steps=steps)
+    for s in steps:  # real LoRA tensors in place of the stand-in bytes
+        folder = run / f"checkpoint-{s}"
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_config.json").unlink()
+        folder.rename(tmp_path / "tmp")
+        _lora_checkpoint(folder, torch.full((1, 8), float(s)), torch.ones(6, 1), r=1, alpha=2)
+        (tmp_path / "tmp" / "metrics.json").rename(folder / "metrics.json")
+        (tmp_path / "tmp").rmdir()
+    cfg = select_cfg(tmp_path, average_checkpoints=3)
+    val = checkpoints.load_validation(cfg)
+    table = {0: 0.0, 8: 0.30, 16: 0.1, 24: 0.1, 32: 0.2, 40: 0.25, 48: 0.26, 56: 0.25, 64: 0.2, 72: 0.1, 80: 0.1}
+    window = checkpoints.choose_window(table, cfg.average_checkpoints)
+    out = checkpoints.export_selection(cfg, _scores(table), window, val)
+    sel = artifacts.Selection.read(out)
+    assert (sel.step, sel.averaged_steps, sel.checkpoint) == (48, [40, 48, 56], None)
+    assert sel.rule.startswith("the mean of the 3 checkpoints around the peak")
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    # the averaged adapter is scored on the same rows as a model of its own, and the score is recorded
+    scs = checkpoints.score_selected(cfg, val, FakeScorer(), {"preset": "smollm2-135m"})
+    assert fake_model.generated == ["selected"]
+    assert artifacts.Selection.read(out).selected_scs == pytest.approx(scs, abs=1e-4)
+    # a single step's export reads as before averaging existed: no averaged_steps key at all
+    out = checkpoints.export_selection(cfg, _scores(table), 8, val)
+    assert "averaged_steps" not in json.loads((out / "selection.json").read_text())
