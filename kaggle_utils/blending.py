@@ -114,6 +114,71 @@ def component_systems(ids: Sequence[str], predictions: Mapping[str, Mapping[str,
     return systems
 
 
+# ---------------------------------------------------------------- how many predictions to join
+
+
+N_CURVE_FILE = "n_curve"  # <folder>/n_curve.csv and .png
+
+
+def n_curve(scorer, per_row: Mapping[str, Sequence[Sequence[str]]], truths: Sequence[str], mean_prompt: str = "",
+            separator: str = " ", fallback: str = "", labels: Mapping[str, str] | None = None, max_n: int = 8,
+            split: str = "") -> pd.DataFrame:
+    """SCS against the number of predictions joined: how many to combine, with or without the mean prompt.
+
+    ``per_row`` maps each model, in plan order, to its predictions of every row (aligned with ``truths``). For each
+    model, and for all of them together when there are several (each model's first k, in plan order), the first k
+    predictions are joined for k = 1 .. ``max_n`` (as many as there are), once alone and once followed by
+    ``mean_prompt`` (when given). Columns: system, n, mean_prompt (bool), scs, scs_lo, scs_hi, rows, scorer, split.
+    """
+    labels = dict(labels or {})
+    models = list(per_row)
+    systems = [(labels.get(m, m), [m]) for m in models]
+    if len(models) > 1:
+        systems.append((f"all {len(models)} models", models))
+    rows = []
+    for label, members in systems:
+        most = min(max_n, max((len(p) for m in members for p in per_row[m]), default=0))
+        for k in range(1, most + 1):
+            for mean in ([""] + ([mean_prompt] if mean_prompt.strip() else [])):
+                strings = [blend_row([per_row[m][i][:k] for m in members], mean, separator, fallback)
+                           for i in range(len(truths))]
+                r = scorer.report(label, strings, list(truths), split=split)
+                rows.append({"system": label, "n": k, "mean_prompt": bool(mean),
+                             **{c: r[c] for c in ("scs", "scs_lo", "scs_hi", "rows", "scorer", "split")}})
+    return pd.DataFrame(rows, columns=["system", "n", "mean_prompt", "scs", "scs_lo", "scs_hi", "rows", "scorer",
+                                       "split"])
+
+
+def plot_n_curve(table: pd.DataFrame, path: str | os.PathLike, title: str = "") -> Path:
+    """SCS against n, one colour per system, solid without and dashed with the mean prompt, the 90% interval shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    colours = dict(zip(dict.fromkeys(table["system"]), plt.rcParams["axes.prop_cycle"].by_key()["color"] * 4))
+    for (system, mean), g in table.groupby(["system", "mean_prompt"], sort=False):
+        g = g.sort_values("n")
+        style = "--" if mean else "-"
+        ax.plot(g["n"], g["scs"], style, marker="o", ms=4, color=colours[system],
+                label=f"{system}{' + mean prompt' if mean else ''}")
+        ax.fill_between(g["n"], g["scs_lo"], g["scs_hi"], color=colours[system], alpha=0.08)
+    ax.set_xlabel("predictions per model and row (n)")
+    ax.set_ylabel(f"mean SCS ({table['scorer'].iloc[0]})" if len(table) else "mean SCS")
+    ax.set_xticks(sorted(table["n"].unique()))
+    rows = int(table["rows"].iloc[0]) if len(table) else 0
+    ax.set_title(title or f"how many predictions to join ({rows} rows)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
 # ---------------------------------------------------------------- scores tables
 
 

@@ -471,6 +471,31 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
     return table
 
 
+def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -> Path | None:
+    """When the test CSV has ``rewrite_prompt``: SCS against the number of predictions joined, for each model and for
+    all of them, without and with the mean prompt (``blending.n_curve``), as ``<run_dir>/n_curve.csv`` and ``.png``;
+    returns the plot, or None when nothing was scored."""
+    if data.PROMPT_COLUMN not in test.columns:
+        return None
+    from . import metric
+
+    scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
+    specs = cfg.model_specs
+    if not specs or scored.empty:
+        return None
+    filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
+    ids = scored["id"].tolist()
+    per_row = {s.name: [list(filled.get(s.name, {}).get(i, [])) for i in ids] for s in specs}
+    table = blending.n_curve(metric.Scorer(cfg.scorer_path), per_row, scored[data.PROMPT_COLUMN].tolist(),
+                             cfg.mean_prompt, cfg.separator, cfg.fallback_prompt, {s.name: s.label for s in specs},
+                             split=cfg.score_split)
+    folder = resolve_path(cfg.run_dir)
+    table.to_csv(folder / f"{blending.N_CURVE_FILE}.csv", index=False)
+    logger.info("SCS against n (%s): %s", table["scorer"].iloc[0] if len(table) else "?", folder / "n_curve.csv")
+    return blending.plot_n_curve(table, folder / f"{blending.N_CURVE_FILE}.png",
+                                 f"how many predictions to join ({len(ids)} {cfg.score_split or 'test'} rows)")
+
+
 def plot_scores(cfg: InferenceConfig, scores: pd.DataFrame | None) -> Path | None:
     """A horizontal bar chart of SCS per system, ``<run_dir>/scores.png``; None when nothing was scored."""
     if scores is None or scores.empty:

@@ -809,6 +809,18 @@ def run_blend_choice(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: di
     return shown, choice
 
 
+def n_curve(cfg: MeanPromptConfig, scorer, inputs: Inputs, searched: dict) -> Path | None:
+    """SCS against the number of predictions joined on the choice rows, without and with the searched mean prompt
+    (``blending.n_curve``), as ``<run>/n_curve.csv`` and ``.png``; None without predictions."""
+    if not inputs.predictions:
+        return None
+    table = blending.n_curve(scorer, inputs.predictions, inputs.truths, searched["string"], cfg.separator,
+                             split="choice")
+    table.to_csv(cfg.run_dir / f"{blending.N_CURVE_FILE}.csv", index=False)
+    return blending.plot_n_curve(table, cfg.run_dir / f"{blending.N_CURVE_FILE}.png",
+                                 f"how many predictions to join ({len(inputs.truths)} choice rows)")
+
+
 def score_rows(scorer, inputs: Inputs, searched: dict, choice: dict) -> list[dict]:
     """The ``scores.csv`` rows this stage adds, on all validation rows: the public and the optimized mean prompt
     alone, the best blend that appends the optimized mean prompt (when there are predictions), and the chosen blend.

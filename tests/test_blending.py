@@ -108,6 +108,26 @@ def test_score_systems_table_columns():
     assert isinstance(table, pd.DataFrame)
 
 
+def test_n_curve_joins_the_first_n_of_each_model_with_and_without_the_mean_prompt(tmp_path):
+    """FakeScorer counts a row a hit when its truth is among the joined words: the first prediction is right for
+    model a, the second for model b, so a peaks at n=1, b at n=2, and both joined at n=1 already."""
+    per_row = {"a": [["x", "q", "r"], ["y", "q", "r"]], "b": [["q", "x"], ["q", "y"]]}
+    table = blending.n_curve(FakeScorer(), per_row, ["x", "y"], mean_prompt="m", labels={"a": "model a"},
+                             split="report")
+    assert list(table.columns) == ["system", "n", "mean_prompt", "scs", "scs_lo", "scs_hi", "rows", "scorer", "split"]
+    got = {(r.system, r.n, r.mean_prompt): r.scs for r in table.itertuples()}
+    assert set(table["system"]) == {"model a", "b", "all 2 models"}
+    assert max(n for s, n, _ in got if s == "model a") == 3 and max(n for s, n, _ in got if s == "b") == 2
+    assert got[("model a", 1, False)] == 1.0 and got[("model a", 1, True)] == 1.0
+    assert got[("b", 1, False)] == 0.0 and got[("b", 2, False)] == 1.0
+    assert got[("all 2 models", 1, False)] == 1.0  # a's first prediction is in the join
+    assert (table["split"] == "report").all() and (table["rows"] == 2).all()
+    plot = blending.plot_n_curve(table, tmp_path / "n_curve.png")
+    assert plot.stat().st_size > 5000
+    # no mean prompt given: one curve per system
+    assert not blending.n_curve(FakeScorer(), per_row, ["x", "y"])["mean_prompt"].any()
+
+
 # ---------------------------------------------------------------- blend.json
 
 # blend.json as the mean-prompt stage wrote it before best_by_mean and rule existed (every other key as now)

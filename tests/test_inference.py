@@ -367,6 +367,12 @@ def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_mod
     assert ((scores["scs_lo"] <= scores["scs"]) & (scores["scs"] <= scores["scs_hi"])).all()
     assert pd.read_csv(tmp_path / "run" / "scores.csv", keep_default_na=False).equals(scores)
     assert inference.plot_scores(cfg, scores).exists()
+    # SCS against n: 1 and 2 predictions, without and with the mean prompt, the same 1-prediction score as above
+    assert inference.score_n_curve(cfg, test, predictions).exists()
+    curve = pd.read_csv(tmp_path / "run" / "n_curve.csv")
+    assert curve[["n", "mean_prompt"]].values.tolist() == [[1, False], [1, True], [2, False], [2, True]]
+    one = scores.set_index("system").loc["tiny fine-tuned, 1 prediction", "scs"]
+    assert curve.loc[(curve["n"] == 1) & ~curve["mean_prompt"], "scs"].item() == pytest.approx(one, abs=1e-4)
 
 
 def test_no_rewrite_prompt_means_no_scores(tmp_path, tiny_model_dir):

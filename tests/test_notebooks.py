@@ -161,6 +161,10 @@ def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
     assert chosen["scs"] == pytest.approx(blend["scs"]) and chosen["predictions"] <= best["predictions"]
     assert (chosen["models"], chosen["mean_prompt"]) == (best["models"], best["mean_prompt"])
     assert (run / mean_prompt.OPTIONS_PLOT).exists()
+    curve = pd.read_csv(run / "n_curve.csv")  # the echo model's 2 predictions, without and with the mean prompt
+    assert sorted(map(tuple, curve[["n", "mean_prompt"]].values.tolist())) == [(1, False), (1, True), (2, False),
+                                                                               (2, True)]
+    assert (curve["split"] == "choice").all() and (run / "n_curve.png").exists()
     scores = pd.read_csv(run / "scores.csv")
     assert any(s.startswith("mean prompt alone (optimized)") for s in scores["system"])
     executed = nbformat.read(out, as_version=4)
