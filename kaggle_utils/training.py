@@ -31,6 +31,7 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 DEFAULT_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
 DEFAULT_VALIDATION_FILE = "data/gemma_rewrites.csv"
 METRICS_FILE = "metrics.jsonl"
+BUDGET_FILE = "budget.json"  # what the time budget measured and chose (time_budget_minutes)
 VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
 REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
@@ -79,6 +80,8 @@ class TrainConfig:
     save_steps: int = 8  # checkpoint + eval loss every this many steps
     logging_steps: int = 0  # train loss logged every this many steps; 0 = save_steps // 5 (at least 1)
     seed: int = 0  # training seed (data order, LoRA init)
+    time_budget_minutes: float = 0  # > 0: the first steps are timed and max_steps, save_steps and the schedule shrink
+    # so the training loop ends within this many minutes (slower machine, fewer steps; budget.json says what it chose)
     gradient_checkpointing: bool = False  # trade compute for memory on big models
     num_processes: int = 1  # data-parallel processes (one per GPU) through accelerate; 1 = this process alone
     cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (OMP_NUM_THREADS if set, else 1 per
@@ -93,6 +96,10 @@ class TrainConfig:
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
         require(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0 (0 = auto), got {self.cpu_threads}")
+        require(self.time_budget_minutes >= 0, "time_budget_minutes",
+                f"must be >= 0 (0 = no budget), got {self.time_budget_minutes}")
+        require(not (self.time_budget_minutes and self.num_processes > 1), "time_budget_minutes",
+                "needs num_processes 1: data-parallel processes would time their steps apart and stop at other steps")
         per_step = self.micro_batch_size * self.num_processes
         require(self.batch_size >= per_step and self.batch_size % per_step == 0, "batch_size",
                 f"must be a multiple of micro_batch_size x num_processes = {self.micro_batch_size} x "
@@ -354,6 +361,86 @@ def _metrics_callback(run_dir: Path):
     return MetricsWriter()
 
 
+# How many optimizer steps the time budget times before it decides (the first step, with its warm-up, not counted).
+BUDGET_PROBE_STEPS = 3
+_clock = time.monotonic  # the time budget's clock (tests run it on a fake one)
+
+
+def _budget_callback(cfg: TrainConfig):
+    """A callback that fits the training loop into ``cfg.time_budget_minutes`` on the machine it runs on.
+
+    It times optimizer steps 2 to ``1 + BUDGET_PROBE_STEPS`` (the first carries one-time warm-up), then projects the
+    whole loop: the time spent so far, the remaining steps at the measured pace, and one evaluation per checkpoint
+    at the cost the start-of-training evaluation showed. When the recipe does not fit, ``max_steps`` becomes what
+    fits, the checkpoints keep their count (``save_steps`` shrinks with it), and the learning-rate schedule is
+    stretched to end at the new last step, as if the recipe had asked for it. The decision goes to ``budget.json``
+    and the log; a resumed run reads it back instead of measuring again.
+    """
+    from transformers import TrainerCallback
+
+    path = cfg.run_dir / BUDGET_FILE
+    checkpoints = max(1, cfg.max_steps // cfg.save_steps)
+
+    def apply(state, scheduler, max_steps: int, save_steps: int) -> None:
+        state.max_steps = max_steps
+        state.save_steps = state.eval_steps = save_steps
+        sched = getattr(scheduler, "scheduler", scheduler)  # accelerate may wrap it
+        lambdas = getattr(sched, "lr_lambdas", [])
+        if all(hasattr(f, "keywords") and "num_training_steps" in f.keywords for f in lambdas) and lambdas:
+            sched.lr_lambdas = [type(f)(f.func, *f.args, **{**f.keywords, "num_training_steps": max_steps})
+                                for f in lambdas]
+        elif cfg.lr_scheduler != "constant_with_warmup":
+            logger.warning("time budget: the %s schedule could not be stretched to step %d", cfg.lr_scheduler,
+                           max_steps)
+
+    class TimeBudget(TrainerCallback):
+        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
+            self.start, self.times, self.decided = _clock(), {}, False
+            if path.exists():  # a resumed run keeps the steps the first one could afford
+                chosen = json.loads(path.read_text())
+                if chosen.get("planned_steps") == cfg.max_steps and chosen.get("budget_minutes") == \
+                        cfg.time_budget_minutes:
+                    apply(state, lr_scheduler, chosen["max_steps"], chosen["save_steps"])
+                    self.decided = True
+                    logger.info("time budget: %d steps, as budget.json recorded", chosen["max_steps"])
+
+        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
+            if self.decided:
+                return
+            self.times[state.global_step] = _clock()
+            first, last = min(self.times), max(self.times)
+            if last - first < BUDGET_PROBE_STEPS:
+                return
+            self.decided = True
+            pace = (self.times[last] - self.times[first]) / (last - first)
+            spent = self.times[last] - self.start
+            evaluation = max(0.0, self.times[first] - self.start - pace)  # the start-of-training evaluation
+            budget = cfg.time_budget_minutes * 60
+            need = spent + (cfg.max_steps - last) * pace + checkpoints * evaluation
+            record = {"budget_minutes": cfg.time_budget_minutes, "planned_steps": cfg.max_steps,
+                      "seconds_per_step": round(pace, 3), "timed_steps": [first + 1, last],
+                      "evaluation_seconds": round(evaluation, 1), "projected_minutes": round(need / 60, 1)}
+            if need <= budget:
+                record.update(max_steps=cfg.max_steps, save_steps=cfg.save_steps)
+                logger.info("time budget %.1f min: %.2f s a step, so the %d planned steps take about %.1f min: kept",
+                            cfg.time_budget_minutes, pace, cfg.max_steps, need / 60)
+            else:
+                fit = last + int((budget - spent - checkpoints * evaluation) // pace)
+                max_steps = max(last + 1, min(cfg.max_steps, fit))
+                save_steps = max(1, math.ceil(max_steps / checkpoints))
+                apply(state, lr_scheduler, max_steps, save_steps)
+                record.update(max_steps=max_steps, save_steps=save_steps)
+                logger.warning("time budget %.1f min: %.2f s a step on this machine, so the %d planned steps would take "
+                               "%.1f min: training stops at step %d (a checkpoint every %d steps, the %s schedule "
+                               "ending there). Fewer steps usually score lower; time_budget_minutes=0 trains them all",
+                               cfg.time_budget_minutes, pace, cfg.max_steps, need / 60, max_steps, save_steps,
+                               cfg.lr_scheduler)
+            if state.is_world_process_zero:
+                path.write_text(json.dumps(record, indent=2) + "\n")
+
+    return TimeBudget()
+
+
 def _compact_lm_head_everywhere() -> None:
     """Let TRL's fused LM head score only the answer positions on CPU too.
 
@@ -424,8 +511,9 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight gets a gradient every step
     )
     logger.info("effective batch %d = %d rows x %d accumulation", per_step * accumulation, per_step, accumulation)
+    callbacks = [_metrics_callback(cfg.run_dir)] + ([_budget_callback(cfg)] if cfg.time_budget_minutes else [])
     return _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, callbacks=[_metrics_callback(cfg.run_dir)])
+                            processing_class=tokenizer, callbacks=callbacks)
 
 
 def _trainer_class():

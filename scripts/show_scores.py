@@ -2,7 +2,9 @@
 
 Usage: python scripts/show_scores.py runs/demo/scores.csv
 """
+import json
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -18,6 +20,14 @@ def main(path: str) -> None:
           "prompt groups.\nsplit 'report': rows that chose nothing (not the step, the blend or the mean prompt); "
           "'choice': the rows that chose them.\nThe scorer column names the embedder: the MiniLM stand-in and the "
           "135M demo model make these practice numbers, not leaderboard numbers.")
+    budget = Path(path).parent / "budget.json"  # what the training run's time budget chose, if it had one
+    if budget.exists():
+        b = json.loads(budget.read_text())
+        kept = b["max_steps"] >= b["planned_steps"]
+        print(f"\ntraining: {b['max_steps']} of the {b['planned_steps']} planned steps in the "
+              f"{b['budget_minutes']:g}-minute budget ({b['seconds_per_step']:.1f} s a step on this machine)"
+              + ("" if kept else "; fewer steps than the recipe's usually score lower: a faster machine trains "
+                                 "them all"))
 
 
 if __name__ == "__main__":

@@ -213,3 +213,22 @@ def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_pat
     bad = subprocess.run(["bash", "scripts/seed_runs.sh", "gpu", "configs/none.yaml", "2"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no recipe configs/none.yaml" in bad.stderr
+
+
+def test_show_scores_prints_the_table_and_what_the_time_budget_chose(tmp_path):
+    import subprocess
+    import sys
+
+    run = tmp_path / "demo"
+    run.mkdir()
+    pd.DataFrame([{"system": "smollm fine-tuned, 1 prediction (submission)", "scorer": "all-MiniLM-L6-v2 (stand-in)",
+                   "split": "report", "rows": 129, "scs": 0.2, "scs_lo": 0.15, "scs_hi": 0.25, "cos": 0.5}]).to_csv(
+        run / "scores.csv", index=False)
+    show = [sys.executable, str(ROOT / "scripts" / "show_scores.py"), str(run / "scores.csv")]
+    out = subprocess.run(show, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0 and "(submission)" in out.stdout and "training:" not in out.stdout
+    (run / "budget.json").write_text(json.dumps({"budget_minutes": 8.5, "planned_steps": 150, "max_steps": 41,
+                                                 "save_steps": 14, "seconds_per_step": 11.8}))
+    out = subprocess.run(show, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert "training: 41 of the 150 planned steps in the 8.5-minute budget (11.8 s a step on this machine); fewer" \
+        in out.stdout

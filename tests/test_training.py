@@ -254,3 +254,47 @@ def test_recipe_unknown_key(tmp_path):
     bad.write_text("preset: smollm2-135m\nlearning_rat: 0.1\n")
     with pytest.raises(config.ConfigError, match="unknown keys \\['learning_rat'\\]"):
         config.load_yaml(training.TrainConfig, bad)
+
+
+class _FakeClock:
+    """10 s between any two readings: every step takes 10 s, the start-of-training evaluation nothing."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        self.now += 10.0
+        return self.now
+
+
+def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch, caplog):
+    """12 planned steps (a checkpoint every 4) at 10 s a step do not fit 1 minute: timed over steps 2-4, the loop
+    stops at step 6 with checkpoints every 2 steps, and the cosine schedule reaches 0 there."""
+    monkeypatch.setattr(training, "_clock", _FakeClock())
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
+                   lr_scheduler="cosine", time_budget_minutes=1.0)
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    assert trainer.state.global_step == 6
+    assert list(artifacts.find_checkpoints(cfg.run_dir)) == [4, 6]  # 4 as planned before the decision, then every 2
+    chosen = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())
+    assert (chosen["max_steps"], chosen["save_steps"], chosen["planned_steps"]) == (6, 2, 12)
+    assert chosen["seconds_per_step"] == 10.0 and chosen["timed_steps"] == [2, 4]
+    assert "training stops at step 6" in caplog.text
+    lrs = training.read_metrics(cfg.run_dir).set_index("step")["learning_rate"]
+    # stretched to end at 6: at its last step the rate is a 6-step cosine's (0.07 of the peak), where the planned
+    # 12-step cosine would still be at 0.63 of it
+    assert lrs[6] < 0.1 * cfg.learning_rate and lrs[3] > 0.4 * cfg.learning_rate
+
+
+def test_time_budget_keeps_a_recipe_that_fits(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    monkeypatch.setattr(training, "_clock", _FakeClock())
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=5, save_steps=5, time_budget_minutes=10.0)
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    assert trainer.state.global_step == 5
+    assert json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["max_steps"] == 5
+    assert "kept" in caplog.text
+    with pytest.raises(config.ConfigError, match="^time_budget_minutes: needs num_processes 1"):
+        tiny_cfg(tmp_path, tiny_model_dir("mistral"), time_budget_minutes=5.0, num_processes=2)
