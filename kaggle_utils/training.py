@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from . import artifacts, data, models, prompts
@@ -361,32 +362,36 @@ def _metrics_callback(run_dir: Path):
     return MetricsWriter()
 
 
-# How many optimizer steps the time budget times before it decides (the first step, with its warm-up, not counted).
+# The time budget decides after timing this many optimizer steps (the first, with its warm-up, not counted), then
+# looks again every BUDGET_RECHECK_STEPS with everything timed so far: early steps on a CPU run slower than later
+# ones (new shapes), so the first estimate errs long and the rechecks give steps back.
 BUDGET_PROBE_STEPS = 3
+BUDGET_RECHECK_STEPS = 5
 _clock = time.monotonic  # the time budget's clock (tests run it on a fake one)
 
 
 def _budget_callback(cfg: TrainConfig):
     """A callback that fits the training loop into ``cfg.time_budget_minutes`` on the machine it runs on.
 
-    It times optimizer steps 2 to ``1 + BUDGET_PROBE_STEPS`` (the first carries one-time warm-up), then projects the
-    whole loop: the time spent so far, the remaining steps at the measured pace, and one evaluation per checkpoint
-    at the cost the start-of-training evaluation showed. When the recipe does not fit, ``max_steps`` becomes what
-    fits, the checkpoints keep their count (``save_steps`` shrinks with it), and the learning-rate schedule is
-    stretched to end at the new last step, as if the recipe had asked for it. The decision goes to ``budget.json``
-    and the log; a resumed run reads it back instead of measuring again.
+    It times the optimizer steps after the first and the evaluations, then projects the whole loop: the time spent,
+    the remaining steps at the measured pace, and the remaining checkpoints' evaluations. When the recipe does not
+    fit, ``max_steps`` becomes the most that does, the checkpoints keep their count (``save_steps`` shrinks with it),
+    and the learning-rate schedule is stretched to end at the new last step, as if the recipe had asked for it; later
+    checks move that step as the pace estimate firms up, never past the recipe's. Each decision goes to
+    ``budget.json`` and the log; a resumed run reads it back instead of measuring again.
     """
     from transformers import TrainerCallback
 
     path = cfg.run_dir / BUDGET_FILE
     checkpoints = max(1, cfg.max_steps // cfg.save_steps)
+    budget = cfg.time_budget_minutes * 60
 
     def apply(state, scheduler, max_steps: int, save_steps: int) -> None:
         state.max_steps = max_steps
         state.save_steps = state.eval_steps = save_steps
         sched = getattr(scheduler, "scheduler", scheduler)  # accelerate may wrap it
         lambdas = getattr(sched, "lr_lambdas", [])
-        if all(hasattr(f, "keywords") and "num_training_steps" in f.keywords for f in lambdas) and lambdas:
+        if lambdas and all(hasattr(f, "keywords") and "num_training_steps" in f.keywords for f in lambdas):
             sched.lr_lambdas = [type(f)(f.func, *f.args, **{**f.keywords, "num_training_steps": max_steps})
                                 for f in lambdas]
         elif cfg.lr_scheduler != "constant_with_warmup":
@@ -395,46 +400,62 @@ def _budget_callback(cfg: TrainConfig):
 
     class TimeBudget(TrainerCallback):
         def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-            self.start, self.times, self.decided = _clock(), {}, False
+            self.start, self.first, self.last, self.evals, self.done = _clock(), None, None, [], False
+            self.chosen = cfg.max_steps
             if path.exists():  # a resumed run keeps the steps the first one could afford
-                chosen = json.loads(path.read_text())
-                if chosen.get("planned_steps") == cfg.max_steps and chosen.get("budget_minutes") == \
-                        cfg.time_budget_minutes:
-                    apply(state, lr_scheduler, chosen["max_steps"], chosen["save_steps"])
-                    self.decided = True
-                    logger.info("time budget: %d steps, as budget.json recorded", chosen["max_steps"])
+                record = json.loads(path.read_text())
+                if (record.get("planned_steps"), record.get("budget_minutes")) == (cfg.max_steps,
+                                                                                    cfg.time_budget_minutes):
+                    apply(state, lr_scheduler, record["max_steps"], record["save_steps"])
+                    self.done = True
+                    logger.info("time budget: %d steps, as budget.json recorded", record["max_steps"])
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if not self.done and self.last is not None and self.last[0] == state.global_step:
+                self.evals.append(_clock() - self.last[1])
 
         def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-            if self.decided:
+            if self.done:
                 return
-            self.times[state.global_step] = _clock()
-            first, last = min(self.times), max(self.times)
-            if last - first < BUDGET_PROBE_STEPS:
+            step, now = state.global_step, _clock()
+            self.last = (step, now)
+            if self.first is None:
+                self.first = (step, now)
+            timed = step - self.first[0]
+            if timed < BUDGET_PROBE_STEPS or (timed - BUDGET_PROBE_STEPS) % BUDGET_RECHECK_STEPS:
                 return
-            self.decided = True
-            pace = (self.times[last] - self.times[first]) / (last - first)
-            spent = self.times[last] - self.start
-            evaluation = max(0.0, self.times[first] - self.start - pace)  # the start-of-training evaluation
-            budget = cfg.time_budget_minutes * 60
-            need = spent + (cfg.max_steps - last) * pace + checkpoints * evaluation
+            pace = (now - self.first[1] - sum(self.evals)) / timed
+            # an evaluation's cost: as timed at the checkpoints so far, else from the one before the first step
+            evaluation = float(np.mean(self.evals)) if self.evals else max(0.0, self.first[1] - self.start - pace)
+            spent = now - self.start
+
+            def projected(steps: int) -> float:
+                return spent + (steps - step) * pace + checkpoints * (steps - step) / steps * evaluation
+
+            fit = next((m for m in range(cfg.max_steps, step, -1) if projected(m) <= budget), step + 1)
+            if timed > BUDGET_PROBE_STEPS and fit == self.chosen:  # a recheck that changes nothing says nothing
+                return
+            save_steps = cfg.save_steps if fit == cfg.max_steps else max(1, math.ceil(fit / checkpoints))
+            if fit != state.max_steps:
+                apply(state, lr_scheduler, fit, save_steps)
+                # the default flow ran first: it may have stopped the loop at the old last step
+                control.should_training_stop = step >= fit
             record = {"budget_minutes": cfg.time_budget_minutes, "planned_steps": cfg.max_steps,
-                      "seconds_per_step": round(pace, 3), "timed_steps": [first + 1, last],
-                      "evaluation_seconds": round(evaluation, 1), "projected_minutes": round(need / 60, 1)}
-            if need <= budget:
-                record.update(max_steps=cfg.max_steps, save_steps=cfg.save_steps)
-                logger.info("time budget %.1f min: %.2f s a step, so the %d planned steps take about %.1f min: kept",
-                            cfg.time_budget_minutes, pace, cfg.max_steps, need / 60)
+                      "seconds_per_step": round(pace, 3), "timed_steps": [self.first[0] + 1, step],
+                      "evaluation_seconds": round(evaluation, 1),
+                      "planned_minutes": round(projected(cfg.max_steps) / 60, 1), "max_steps": fit,
+                      "save_steps": save_steps}
+            if fit == cfg.max_steps:
+                logger.info("time budget %.1f min: %.2f s a step over steps %d-%d, so the %d planned steps take about "
+                            "%.1f min: kept", cfg.time_budget_minutes, pace, self.first[0] + 1, step, cfg.max_steps,
+                            projected(cfg.max_steps) / 60)
             else:
-                fit = last + int((budget - spent - checkpoints * evaluation) // pace)
-                max_steps = max(last + 1, min(cfg.max_steps, fit))
-                save_steps = max(1, math.ceil(max_steps / checkpoints))
-                apply(state, lr_scheduler, max_steps, save_steps)
-                record.update(max_steps=max_steps, save_steps=save_steps)
-                logger.warning("time budget %.1f min: %.2f s a step on this machine, so the %d planned steps would take "
-                               "%.1f min: training stops at step %d (a checkpoint every %d steps, the %s schedule "
-                               "ending there). Fewer steps usually score lower; time_budget_minutes=0 trains them all",
-                               cfg.time_budget_minutes, pace, cfg.max_steps, need / 60, max_steps, save_steps,
-                               cfg.lr_scheduler)
+                logger.warning("time budget %.1f min: %.2f s a step over steps %d-%d on this machine, so the %d planned "
+                               "steps would take %.1f min: training stops at step %d (a checkpoint every %d steps, the "
+                               "%s schedule ending there). Fewer steps usually score lower; time_budget_minutes=0 "
+                               "trains them all", cfg.time_budget_minutes, pace, self.first[0] + 1, step,
+                               cfg.max_steps, projected(cfg.max_steps) / 60, fit, save_steps, cfg.lr_scheduler)
+            self.chosen = fit
             if state.is_world_process_zero:
                 path.write_text(json.dumps(record, indent=2) + "\n")
 

@@ -298,3 +298,26 @@ def test_time_budget_keeps_a_recipe_that_fits(tmp_path, tiny_model_dir, monkeypa
     assert "kept" in caplog.text
     with pytest.raises(config.ConfigError, match="^time_budget_minutes: needs num_processes 1"):
         tiny_cfg(tmp_path, tiny_model_dir("mistral"), time_budget_minutes=5.0, num_processes=2)
+
+
+def test_time_budget_gives_steps_back_when_the_pace_picks_up(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """Early steps slow (20 s), later ones fast (2 s): the first decision cuts hard, a later check gives steps back."""
+    ticks = iter([20.0] * 6 + [2.0] * 500)
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self):
+            self.now += next(ticks)
+            return self.now
+
+    monkeypatch.setattr(training, "_clock", Clock())
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=30, save_steps=10, lr_scheduler="cosine",
+                   time_budget_minutes=3.0)
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    decisions = [int(r.getMessage().split("training stops at step ")[1].split(" ")[0]) for r in caplog.records
+                 if "training stops at step" in r.getMessage()]
+    assert len(decisions) >= 2 and decisions == sorted(decisions) and decisions[-1] > decisions[0], decisions
+    final = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["max_steps"]
+    assert trainer.state.global_step == final >= decisions[-1]  # at 2 s a step the whole recipe fits again
