@@ -30,7 +30,8 @@ from .config import ConfigError, error_summary, require, resolve_path
 logger = logging.getLogger("kaggle_utils")
 
 ENGINES = ("auto", "vllm", "hf")
-DTYPES = ("auto", "float16", "bfloat16")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
+DTYPES = ("auto", "float16", "bfloat16")
+EAGER_CHOICES = ("auto", "on", "off")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
 # vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -80,9 +81,16 @@ class EngineOptions:
     gpu_memory_utilization: float = 0.9  # vLLM's share of each GPU's memory (weights, KV cache, activations)
     max_model_len: int = 2048  # vLLM's longest sequence: prompt + answer tokens (sizes its KV cache)
     seed: int = 0  # vLLM's engine seed (each row's sampling seed is SamplingConfig.seed + its index)
+    attention_backend: str = "auto"  # vLLM's attention: auto = TRITON_ATTN below compute capability 8.0 (a T4 has no
+    # FlashAttention), vLLM's own choice above; or a backend name, e.g. TRITON_ATTN to run as on a T4
+    enforce_eager: str = "auto"  # vLLM without CUDA graphs or torch.compile: auto = on below compute capability 8.0
 
     def __post_init__(self):
         require(self.dtype in DTYPES, "dtype", f"must be one of {DTYPES}, got '{self.dtype}'")
+        require(self.enforce_eager in EAGER_CHOICES, "enforce_eager",
+                f"must be one of {EAGER_CHOICES}, got '{self.enforce_eager}'")
+        require(self.attention_backend == "auto" or self.attention_backend.isupper(), "attention_backend",
+                f"must be auto or a vLLM backend name such as TRITON_ATTN, got '{self.attention_backend}'")
         require(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization",
                 f"must be in (0, 1], got {self.gpu_memory_utilization}")
         require(self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
@@ -418,6 +426,18 @@ def vllm_llm_kwargs(model_path: str | os.PathLike, *, num_gpus: int, capability:
                   max_model_len=options.max_model_len, seed=options.seed, trust_remote_code=False)
     if lora_rank:
         kwargs.update(enable_lora=True, max_lora_rank=vllm_max_lora_rank(lora_rank), max_loras=1)
+    # Turing (a T4, compute capability 7.5): no FlashAttention and no bf16. vLLM would try FlashInfer there (it
+    # compiles at start); its Triton attention runs on every card. Eager mode skips torch.compile and CUDA-graph
+    # capture, the least-tried paths on Turing, and the minutes they take at start; this workload is mostly prefill,
+    # which graphs do not speed up. Two T4s talk over PCIe, where vLLM's custom all-reduce has nothing to offer.
+    turing = capability is None or capability[0] < 8
+    backend = options.attention_backend if options.attention_backend != "auto" else "TRITON_ATTN" if turing else ""
+    if backend:
+        kwargs["attention_backend"] = backend
+    if options.enforce_eager == "on" or (options.enforce_eager == "auto" and turing):
+        kwargs["enforce_eager"] = True
+    if turing and tp > 1:
+        kwargs["disable_custom_all_reduce"] = True
     return kwargs
 
 
@@ -471,7 +491,8 @@ class VLLMEngine(Engine):
         n_gpus = models.gpu_count()
         capability = torch.cuda.get_device_capability(0) if n_gpus else None
         kwargs = vllm_llm_kwargs(base, num_gpus=n_gpus, capability=capability, lora_rank=rank, options=options)
-        logger.info("starting vLLM: %s", kwargs)
+        logger.info("starting vLLM on %d GPU(s) of compute capability %s: %s", n_gpus,
+                    ".".join(map(str, capability)) if capability else "?", kwargs)
         return cls(LLM(**kwargs), tokenizer, adapter_path=str(resolve_path(adapter_path)) if adapter_path else "")
 
     def generate_batches(self, originals, rewrittens, cfg: SamplingConfig, skip=frozenset(),

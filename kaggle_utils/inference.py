@@ -133,6 +133,8 @@ class InferenceConfig:
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = each model's, from selection.json
     batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
     gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
+    attention_backend: str = engines.EngineOptions.attention_backend  # vLLM: auto (TRITON_ATTN on a T4) | a name
+    enforce_eager: str = engines.EngineOptions.enforce_eager  # vLLM without CUDA graphs: auto (on a T4) | on | off
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
@@ -218,7 +220,8 @@ class InferenceConfig:
         context that holds ``scfg``'s longest prompt and answer (the options' default without one)."""
         context = {} if scfg is None else {"max_model_len": scfg.max_prompt_tokens + scfg.max_new_tokens + 8}
         return engines.EngineOptions(dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization,
-                                     seed=self.seed, **context)
+                                     seed=self.seed, attention_backend=self.attention_backend,
+                                     enforce_eager=self.enforce_eager, **context)
 
 
 # ---------------------------------------------------------------- phases

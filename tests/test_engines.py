@@ -64,7 +64,8 @@ def test_vllm_llm_kwargs_with_adapter_on_two_t4():
     kw = engines.vllm_llm_kwargs("/m/mistral", num_gpus=2, capability=(7, 5), lora_rank=1, options=options)
     assert kw == dict(model="/m/mistral", tokenizer="/m/mistral", dtype="half", tensor_parallel_size=2,
                       gpu_memory_utilization=0.85, max_model_len=1064, seed=3, trust_remote_code=False,
-                      enable_lora=True, max_lora_rank=8, max_loras=1)
+                      enable_lora=True, max_lora_rank=8, max_loras=1, attention_backend="TRITON_ATTN",
+                      enforce_eager=True, disable_custom_all_reduce=True)
 
 
 def test_vllm_llm_kwargs_merged_folder_has_no_lora():
@@ -87,6 +88,33 @@ def test_vllm_kwargs_read_the_heads_from_the_model_folder(tiny_model_dir, caplog
     assert engines.vllm_llm_kwargs(folder, num_gpus=2, capability=(7, 5))["tensor_parallel_size"] == 2
     assert engines.vllm_llm_kwargs(folder, num_gpus=3, capability=(7, 5))["tensor_parallel_size"] == 2
     assert "vLLM on 2 of 3 GPUs" in caplog.text
+
+
+@pytest.mark.parametrize("capability,options,expected", [
+    # a T4: fp16, Triton attention, eager, no custom all-reduce over PCIe
+    ((7, 5), {}, dict(dtype="half", attention_backend="TRITON_ATTN", enforce_eager=True,
+                      disable_custom_all_reduce=True)),
+    # an A100 / H200: bf16 and vLLM's own choices
+    ((9, 0), {}, dict(dtype="bfloat16")),
+    # an H200 forced down the T4's path
+    ((9, 0), dict(dtype="float16", attention_backend="TRITON_ATTN", enforce_eager="on"),
+     dict(dtype="half", attention_backend="TRITON_ATTN", enforce_eager=True)),
+    # a T4 told to capture graphs anyway
+    ((7, 5), dict(enforce_eager="off"), dict(dtype="half", attention_backend="TRITON_ATTN",
+                                             disable_custom_all_reduce=True)),
+])
+def test_vllm_kwargs_follow_the_card(tiny_model_dir, capability, options, expected):
+    kw = engines.vllm_llm_kwargs(tiny_model_dir("mistral"), num_gpus=2, capability=capability,
+                                 options=engines.EngineOptions(**options))
+    card = {k: kw[k] for k in ("dtype", "attention_backend", "enforce_eager", "disable_custom_all_reduce") if k in kw}
+    assert card == expected
+
+
+def test_vllm_kwargs_refuse_unknown_settings():
+    with pytest.raises(ConfigError, match="^enforce_eager: must be one of"):
+        engines.EngineOptions(enforce_eager="yes")
+    with pytest.raises(ConfigError, match="^attention_backend: must be auto or a vLLM backend name"):
+        engines.EngineOptions(attention_backend="triton")
 
 
 def test_vllm_sampling_and_lora_kwargs():
@@ -116,7 +144,8 @@ def test_vllm_contract_sampling_params_and_lora_request(vllm):
     assert (lora.lora_name, lora.lora_int_id, lora.lora_path) == ("selected", 1, "/x/selected")
 
 
-@pytest.mark.parametrize("lora_rank,capability,gpus", [(1, (7, 5), 2), (16, (9, 0), 1), (0, (7, 5), 2)])
+@pytest.mark.parametrize("lora_rank,capability,gpus", [(1, (7, 5), 2), (16, (9, 0), 1), (0, (7, 5), 2),
+                                                      (80, (7, 5), 2)])
 def test_vllm_contract_llm_kwargs_are_engine_args(vllm, tiny_model_dir, lora_rank, capability, gpus):
     """``LLM(**kwargs)`` hands every keyword to ``EngineArgs``; build that (it validates without a GPU, given a real
     model folder) and the LoRAConfig it would make. Building the engine itself needs CUDA: not tested here."""
@@ -132,6 +161,9 @@ def test_vllm_contract_llm_kwargs_are_engine_args(vllm, tiny_model_dir, lora_ran
     assert set(kw) <= fields, set(kw) - fields
     args = EngineArgs(**kw)
     assert args.dtype == kw["dtype"] and args.tensor_parallel_size == gpus
+    if capability < (8, 0):  # the T4 settings reach the engine's arguments as vLLM names them
+        assert args.enforce_eager and args.disable_custom_all_reduce
+        assert str(getattr(args.attention_backend, "name", args.attention_backend)) == "TRITON_ATTN"
     if lora_rank:
         assert args.enable_lora and args.max_lora_rank in typing.get_args(MaxLoRARanks)
         LoRAConfig(max_lora_rank=kw["max_lora_rank"], max_loras=kw["max_loras"])  # pydantic-validated
