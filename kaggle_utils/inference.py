@@ -238,11 +238,13 @@ def prepare_run(cfg: InferenceConfig) -> Path:
 def read_test(cfg: InferenceConfig) -> pd.DataFrame:
     """The test rows: ``id``, both texts (+ ``rewrite_prompt`` when present); other columns are ignored.
 
-    A missing column or a duplicated id is a clear error (:class:`kaggle_utils.data.DataError`); invalid UTF-8 is
-    replaced and logged. Adds ``_empty`` (a blank text: it gets the fallback, logged) and ``_identical`` (the texts
+    A missing column, a duplicated id or a file with no rows is a clear error (:class:`kaggle_utils.data.DataError`)
+    before any model loads; invalid UTF-8 is replaced and logged. Adds ``_empty`` (a blank text: it gets the fallback, logged) and ``_identical`` (the texts
     are the same: it gets ``identical_fallback``).
     """
     df = data.read_rewrites(cfg.test_file, require_prompt=False, require_id=True)
+    if df.empty:  # a header and nothing else: a wrong file, not a test set (Kaggle's has ~1300 rows)
+        raise data.DataError(f"{resolve_path(cfg.test_file)}: a header and no rows: nothing to predict")
     keep = ["id", *data.TEXT_COLUMNS] + ([data.PROMPT_COLUMN] if data.PROMPT_COLUMN in df.columns else [])
     extra = [c for c in df.columns if c not in keep and not c.startswith("_")]
     if extra:

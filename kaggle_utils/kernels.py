@@ -336,7 +336,14 @@ LIBRARY_DIR = "{library}"  # the kaggle_utils wheel + COMMIT (make push-lib)
 WHEELS_DIR = "{wheels}"  # vLLM and its dependencies for Kaggle's Python (make wheels)
 if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--disable-pip-version-check"]
-    subprocess.run(pip + ["--no-deps", "--force-reinstall", "--find-links", LIBRARY_DIR, "{PACKAGE}"], check=True)
+    done = subprocess.run(pip + ["--no-deps", "--force-reinstall", "--find-links", LIBRARY_DIR, "{PACKAGE}"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:  # a pure-Python wheel imports as a zip archive: the kernel goes on without pip
+        import glob
+        found = sorted(glob.glob(os.path.join(LIBRARY_DIR, "*.whl"))) or [LIBRARY_DIR]
+        reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        print(f"kaggle_utils did not install ({{reason[0][:300]}}): importing it from {{found[-1]}}")
+        sys.path.insert(0, found[-1])
 import kaggle_utils
 from kaggle_utils import config, wheels
 config.setup_logging()

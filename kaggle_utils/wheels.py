@@ -28,6 +28,11 @@ from pathlib import Path
 logger = logging.getLogger("kaggle_utils")
 
 NO_VLLM_ENV = "KAGGLE_UTILS_NO_VLLM"  # set to the reason when the wheels' vLLM must not be used
+CARD_CHECK_ENV = "KAGGLE_UTILS_CARD_CHECK"  # "0": skip the look at the GPUs before installing (tests, dry runs)
+# The wheel set (requirements-kaggle.txt) is built for CUDA 12 (torch 2.10 cu128, vLLM 0.19.1 cu129): under NVIDIA's
+# minor-version compatibility any CUDA 12 build runs on a driver of 525 or newer; CUDA 13 builds need 580.
+MIN_DRIVER = 525
+MIN_CAPABILITY = (7, 0)  # vLLM's oldest supported GPUs (Volta); a T4 is 7.5
 DEFAULT_TARGET = "/tmp/gpu-wheels"  # scratch space, not part of the kernel's output
 REQUIREMENTS = "requirements-kaggle.txt"  # beside the wheels (kernels.write_wheels_metadata puts it there)
 
@@ -73,12 +78,61 @@ class StackReport:
     why: str = ""  # why not usable ("" when usable)
     seconds: float = 0.0  # install + check
     versions: dict = field(default_factory=dict)  # vllm, torch, torch_cuda, driver, gpus (what the check saw)
+    card: dict = field(default_factory=dict)  # what nvidia-smi said before anything was installed
 
 
 def _tail(text: str, lines: int = 3) -> str:
     """The last lines of a tool's output (pip puts its reason last)."""
     kept = [ln.strip() for ln in (text or "").strip().splitlines() if ln.strip()]
     return " | ".join(kept[-lines:])
+
+
+def read_card(timeout: float = 60) -> dict:
+    """The GPUs as ``nvidia-smi`` lists them, without importing torch or CUDA: {gpus, name, compute_capability,
+    driver}; {} when there is no nvidia-smi or it lists nothing."""
+    import shutil
+
+    if not shutil.which("nvidia-smi"):
+        return {}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    rows = [[x.strip() for x in line.split(",")] for line in out.stdout.splitlines() if line.count(",") == 2]
+    if not rows:
+        return {}
+    name, capability, driver = rows[0]
+    return {"gpus": len(rows), "name": name, "compute_capability": capability, "driver": driver}
+
+
+def card_problem(card: dict) -> str:
+    """Why the wheels' vLLM cannot run on ``card`` (:func:`read_card`), or "" when it can, as far as a look tells."""
+    if not card:
+        return "no NVIDIA GPU visible (nvidia-smi lists none)"
+    try:
+        major, minor = (int(x) for x in card["compute_capability"].split(".")[:2])
+        driver = int(card["driver"].split(".")[0])
+    except (KeyError, ValueError):
+        return ""  # an unexpected answer: let the install and the child-process check decide
+    if (major, minor) < MIN_CAPABILITY:
+        return (f"{card['name']} has compute capability {major}.{minor}; vLLM needs "
+                f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or more")
+    if driver < MIN_DRIVER:
+        return f"driver {card['driver']} is older than {MIN_DRIVER}, which the wheels' CUDA 12 needs"
+    return ""
+
+
+def gpu_path(card: dict) -> str:
+    """In words, what vLLM will do on ``card``: the settings ``engines.vllm_llm_kwargs`` chooses for it."""
+    try:
+        turing = int(card["compute_capability"].split(".")[0]) < 8
+    except (KeyError, ValueError):
+        turing = True
+    how = ("fp16, Triton attention, eager mode (no FlashAttention or bf16 below compute capability 8.0)" if turing
+           else "bf16, vLLM's own attention backend, CUDA graphs")
+    return (f"{card['gpus']} x {card['name']} (compute capability {card['compute_capability']}, driver "
+            f"{card['driver']}): vLLM with {how}, tensor parallel over the GPUs that split the model's heads")
 
 
 def install(wheels_dir: str | os.PathLike, target: str | os.PathLike, requirements: str = REQUIREMENTS,
@@ -130,12 +184,22 @@ def activate(target: str | os.PathLike) -> None:
 def setup_gpu_stack(wheels_dir: str | os.PathLike, target: str | os.PathLike = DEFAULT_TARGET,
                     requirements: str = REQUIREMENTS, install_timeout: float = 1800,
                     probe_timeout: float = 600) -> StackReport:
-    """Install, check and (if it passed) activate the GPU wheels; never raises. The report says what happened; on
-    any failure ``KAGGLE_UTILS_NO_VLLM`` holds the reason and the HF engine runs on Kaggle's own packages."""
+    """Look at the GPUs, then install, check and (if it passed) activate the GPU wheels; never raises.
+
+    A card vLLM cannot use (none, compute capability below 7.0, a driver older than the wheels' CUDA needs) is ruled
+    out before the minutes of installing; otherwise the log says which path vLLM will take there. The report says
+    what happened; on any failure ``KAGGLE_UTILS_NO_VLLM`` holds the reason and the HF engine runs on Kaggle's own
+    packages."""
     start = time.time()
     report = StackReport(wheels_dir=str(wheels_dir), target=str(target))
     try:
-        report.installed, report.why = install(wheels_dir, target, requirements, install_timeout)
+        if os.environ.get(CARD_CHECK_ENV, "1") != "0":  # nothing to install where vLLM cannot run
+            report.card = read_card()
+            report.why = card_problem(report.card)
+            if not report.why:
+                logger.info("GPU path: %s", gpu_path(report.card))
+        if not report.why:
+            report.installed, report.why = install(wheels_dir, target, requirements, install_timeout)
         if report.installed:
             report.usable, report.why, report.versions = probe(target, probe_timeout)
         if report.usable:

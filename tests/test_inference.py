@@ -200,6 +200,15 @@ def test_missing_column_and_duplicated_id_are_clear_errors(tmp_path):
         inference.read_test(make_cfg(tmp_path, bad))
 
 
+def test_a_test_file_with_a_header_and_no_rows_is_a_clear_error(tmp_path):
+    empty = tmp_path / "test.csv"
+    empty.write_text("id,original_text,rewritten_text\n")
+    cfg = make_cfg(tmp_path, empty, [model_entry()])
+    with pytest.raises(data.DataError, match=f"^{re.escape(str(empty))}: a header and no rows: nothing to predict$"):
+        inference.read_test(cfg)
+    assert not (tmp_path / "submission.csv").exists()
+
+
 def test_read_test_flags_empty_identical_and_ignores_extra_columns(tmp_path, caplog):
     path = write_test_csv(tmp_path / "t.csv", [["a", "Some text.", "Other text."], ["b", "", "Only rewritten."],
                                                ["c", "Same text.", " Same text. "], ["d", "x", None]], extra=True)

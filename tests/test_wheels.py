@@ -46,11 +46,49 @@ def wheels_dir(tmp_path: Path, kind: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _clean_env():
-    """setup_gpu_stack sets KAGGLE_UTILS_NO_VLLM in os.environ, as in a kernel; no test may leave it to the next."""
+def _clean_env(monkeypatch):
+    """setup_gpu_stack sets KAGGLE_UTILS_NO_VLLM in os.environ, as in a kernel; no test may leave it to the next.
+    This machine has no GPU: the look at the card is off unless a test fakes nvidia-smi."""
     os.environ.pop(wheels.NO_VLLM_ENV, None)
+    monkeypatch.setenv(wheels.CARD_CHECK_ENV, "0")
     yield
     os.environ.pop(wheels.NO_VLLM_ENV, None)
+
+
+def fake_nvidia_smi(folder: Path, lines: list[str]) -> Path:
+    """A stand-in ``nvidia-smi`` on PATH that answers the card query with ``lines`` (name, capability, driver)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tool = folder / "nvidia-smi"
+    tool.write_text("#!/bin/sh\n" + "".join(f"echo '{line}'\n" for line in lines))
+    tool.chmod(0o755)
+    return folder
+
+
+@pytest.mark.parametrize("lines,problem", [
+    (["Tesla T4, 7.5, 550.54.15", "Tesla T4, 7.5, 550.54.15"], ""),
+    (["Tesla T4, 7.5, 470.82.01"], "driver 470.82.01 is older than 525, which the wheels' CUDA 12 needs"),
+    (["Tesla P100-PCIE-16GB, 6.0, 550.54.15"], "Tesla P100-PCIE-16GB has compute capability 6.0; vLLM needs 7.0 or more"),
+    ([], "no NVIDIA GPU visible (nvidia-smi lists none)"),
+])
+def test_the_card_is_read_without_cuda_and_ruled_out_when_vllm_cannot_run(tmp_path, monkeypatch, lines, problem):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', lines)}{os.pathsep}{os.environ['PATH']}")
+    card = wheels.read_card()
+    assert wheels.card_problem(card) == problem
+    if len(lines) == 2:
+        assert card == {"gpus": 2, "name": "Tesla T4", "compute_capability": "7.5", "driver": "550.54.15"}
+        assert wheels.gpu_path(card).startswith("2 x Tesla T4 (compute capability 7.5, driver 550.54.15): vLLM with "
+                                                "fp16, Triton attention, eager mode")
+
+
+def test_a_card_vllm_cannot_use_is_ruled_out_before_installing(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', ['Tesla T4, 7.5, 470.82.01'])}{os.pathsep}"
+                               f"{os.environ['PATH']}")
+    monkeypatch.setenv(wheels.CARD_CHECK_ENV, "1")
+    report = wheels.setup_gpu_stack(wheels_dir(tmp_path, "no-import"), tmp_path / "site")
+    assert not report.installed and not report.usable and report.card["driver"] == "470.82.01"
+    assert report.why.startswith("driver 470.82.01 is older than 525")
+    assert not (tmp_path / "site").exists()  # nothing was installed
+    assert os.environ[wheels.NO_VLLM_ENV] == report.why and "GPU wheels not used (driver 470" in caplog.text
 
 
 def test_a_broken_wheel_is_logged_and_vllm_ruled_out(tmp_path, caplog):
@@ -142,11 +180,11 @@ def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_pa
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["KAGGLE_KERNEL_RUN_TYPE"] = "Batch"
+    env["KAGGLE_KERNEL_RUN_TYPE"] = "Batch"  # (the card check is off: this machine has no GPU)
     out = subprocess.run([str(venv / "bin" / "python"), "-c", source], capture_output=True, text=True, env=env,
                          cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "kaggle_utils 0.1.0, commit" in out.stdout
+    assert "kaggle_utils 0.1.0, commit" in out.stdout and "did not install" not in out.stdout
     summary = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))
     assert summary["installed"] is False and summary["usable"] is False and "pip install failed" in summary["why"]
     assert "NO_VLLM=pip install failed" in out.stdout
@@ -154,3 +192,34 @@ def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_pa
     installed = subprocess.run([str(venv / "bin" / "python"), "-c", "import kaggle_utils, sys; print(kaggle_utils.__file__)"],
                                capture_output=True, text=True, env=env, cwd=tmp_path)
     assert str(venv) in installed.stdout  # the library came from its dataset's wheel, not from the checkout
+
+
+def test_a_library_wheel_pip_refuses_is_imported_from_the_dataset_folder(tmp_path):
+    """The rendered install cell when pip refuses the library's wheel (here: a wheel format pip does not know): the
+    kernel says so and imports kaggle_utils from the wheel as a zip archive, and goes on."""
+    plan = kernels.load_plan()
+    folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
+    source = "".join(json.loads((folder / "inference.ipynb").read_text())["cells"][0]["source"])
+    library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
+    wheel = next(library.glob("*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    info = next(n for n in files if n.endswith(".dist-info/WHEEL"))
+    files[info] = files[info].replace(b"Wheel-Version: 1.0", b"Wheel-Version: 9.0")
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
+              .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(tmp_path / "no-wheels"))
+              .replace(kernels.GPU_WHEELS_TARGET, str(tmp_path / "gpu-site")))
+    source += "\nprint('FROM=' + kaggle_utils.__file__)\n"
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env["KAGGLE_KERNEL_RUN_TYPE"] = "Batch"
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", source], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "kaggle_utils did not install (" in out.stdout and f"importing it from {wheel}" in out.stdout
+    assert f"FROM={wheel}{os.sep}kaggle_utils{os.sep}__init__.py" in out.stdout
+    assert "kaggle_utils 0.1.0, commit" in out.stdout
