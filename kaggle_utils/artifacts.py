@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from .config import resolve_path
+from .config import read_json_object, resolve_path
 from .prompts import DEFAULT_PROMPT_TOKENS
 
 logger = logging.getLogger("kaggle_utils")
@@ -159,12 +159,7 @@ class Selection:
             file = file / SELECTION_FILE
         if not file.exists():
             return None
-        try:
-            values = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise ArtifactError(f"{file}: not readable as JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise ArtifactError(f"{file}: expected a JSON object, got {type(values).__name__}")
+        values = read_json_object(file, ArtifactError)
         for key, types in _SELECTION_TYPES.items():
             value = values.get(key)
             if key in values and (not isinstance(value, types) or (bool not in types and isinstance(value, bool))):

@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from .config import resolve_path
+from .config import read_json_object, resolve_path
 from .metric import SCORE_COLUMNS
 
 logger = logging.getLogger("kaggle_utils")
@@ -258,12 +258,7 @@ class Blend:
             file = file / BLEND_FILE
         if not file.exists():
             raise BlendError(f"blend file '{file}' does not exist (run `make mean-prompt RUN=<run>` first)")
-        try:
-            values = json.loads(file.read_text())
-        except ValueError as e:
-            raise BlendError(f"{file}: not JSON ({e})") from None
-        if not isinstance(values, dict):
-            raise BlendError(f"{file}: expected a JSON object, got {type(values).__name__}")
+        values = read_json_object(file, BlendError)
         for key in ("models", "mean_prompt", "separator"):
             if key not in values:
                 raise BlendError(f"{file}: missing key '{key}'")

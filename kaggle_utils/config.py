@@ -107,14 +107,18 @@ def saved_config(folder: str | os.PathLike, name: str = CONFIG_FILE) -> dict | N
     without rebuilding the dataclass, whose checks (a base model present here) need not hold where they read it. A
     file that is not a JSON object is a :class:`ConfigError` naming it."""
     path = Path(folder) / name
-    if not path.exists():
-        return None
+    return read_json_object(path, ConfigError) if path.exists() else None
+
+
+def read_json_object(path: Path, error: type[Exception] = ConfigError) -> dict:
+    """The JSON object in ``path``; a file that is not JSON, or JSON but not an object, is ``error`` naming it (each
+    stage's file raises its own error type)."""
     try:
-        values = json.loads(path.read_text())
-    except ValueError as e:
-        raise ConfigError(f"{path}: not readable as JSON ({e})") from None
+        values = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise error(f"{path}: not readable as JSON ({e})") from None
     if not isinstance(values, dict):
-        raise ConfigError(f"{path}: expected a JSON object of config fields, got {type(values).__name__}")
+        raise error(f"{path}: expected a JSON object, got {type(values).__name__}")
     return values
 
 

@@ -160,7 +160,7 @@ def test_a_blend_file_with_keys_this_version_lacks_keeps_them(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     (None, r"^blend file '.*missing\.json' does not exist"),
-    ("not json", r"^.*blend\.json: not JSON"),
+    ("not json", r"^.*blend\.json: not readable as JSON"),
     ([1, 2], r"^.*blend\.json: expected a JSON object, got list"),
     ({"models": [], "separator": " "}, r"^.*blend\.json: missing key 'mean_prompt'$"),
     ({"models": {"a": 1}, "mean_prompt": "", "separator": " "}, r"^.*blend\.json: models must be a list"),
