@@ -42,7 +42,7 @@ test-fast: setup ## run the fast tests only (no real model, no notebook runs)
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 # The data: ../shared/data when it exists, else data/ (built once by `make data`; KAGGLE_UTILS_DATA=/path overrides).
-HAVE_DATA := $(or $(KAGGLE_UTILS_DATA),$(wildcard ../shared/data/gemma_rewrites.csv),$(wildcard data/gemma_rewrites.csv))
+HAVE_DATA := $(or $(KAGGLE_UTILS_DATA),$(wildcard ../shared/data),$(wildcard data/gemma_rewrites.csv))
 
 .PHONY: box-wheels
 box-wheels: setup ## wheels of the GPU stack for an offline GPU box into build/box-wheels (BOX_PYTHON=3.12; GBs)

@@ -195,11 +195,17 @@ class Selection:
     def write(self, folder: str | os.PathLike) -> Path:
         """Write ``selection.json`` into ``folder`` atomically (an interrupted write never leaves half a file);
         returns the file."""
-        file = Path(folder) / SELECTION_FILE
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=_jsonable) + "\n")
-        tmp.replace(file)
-        return file
+        return write_json(Path(folder) / SELECTION_FILE, self.to_dict())
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as JSON atomically (an interrupted write never leaves half a file; numpy scalars become
+    numbers); returns the file."""
+    file = Path(path)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
+    tmp.replace(file)
+    return file
 
 
 def _jsonable(value):

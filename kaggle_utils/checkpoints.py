@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts, data, metric, models, prompts, training
-from .config import require, resolve_path, save_config, saved_config
+from .config import read_json_object, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -70,8 +70,8 @@ class SelectConfig:
     max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = the run's, from its config.json
     batch_size: int = 24  # rows per generate call
-    average_checkpoints: int = 5  # export the mean of this many checkpoints around the smoothed peak of the scores;
-    # 1 = the best step alone, as do runs with fewer than twice as many checkpoints (a curve still rising has no plateau)
+    average_checkpoints: int = 5  # export the mean of this many (odd) checkpoints around the smoothed peak of the
+    # scores; 1 = the best step alone, as do runs with fewer than twice as many checkpoints (a rising curve: no plateau)
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
     seed: int = 0  # seed of the validation subset draw
 
@@ -86,8 +86,9 @@ class SelectConfig:
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (the run's) or >= 64, got {self.max_prompt_tokens}")
         require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        require(self.average_checkpoints >= 1, "average_checkpoints",
-                f"must be >= 1 (1 = the best step alone), got {self.average_checkpoints}")
+        require(self.average_checkpoints >= 1 and self.average_checkpoints % 2 == 1, "average_checkpoints",
+                f"must be odd (the window is centred on a step; 1 = the best step alone), got "
+                f"{self.average_checkpoints}")
         if self.scorer_path:  # fail before minutes of generation, not after
             metric.check_scorer_path(self.scorer_path)
 
@@ -298,18 +299,6 @@ def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ck
             "fallback": FALLBACK_PROMPT}
 
 
-def _jsonable(value):
-    if isinstance(value, np.generic):  # numpy scalars from pandas tables
-        return value.item()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_jsonable) + "\n")
-    tmp.replace(path)  # atomic: an interrupted write never leaves a half cache file
-
-
 def step_cache_file(cfg: SelectConfig, step: int | str) -> Path:
     """Where one step's predictions and scores are cached (``step`` "selected": the exported adapter). The report
     rows' scores live in a folder of their own, so scoring them never replaces the choice rows' cache."""
@@ -395,13 +384,27 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
     ckpts = run_checkpoints(cfg.run_dir)
     steps = candidate_steps(ckpts, cfg.every_k, cfg.force_step)
-    sampler: list = []  # the model, loaded by the first step that needs generating
+    sampler = _held_sampler(cfg)  # the model, loaded by the first step that needs generating
     try:
         rows = [_score_one(cfg, run_cfg, validation, scorer, step, ckpts.get(step), sampler)
                 for step in tqdm(steps, desc="candidate steps", unit="step")]
-    finally:
+    except BaseException:
         _free(sampler)
+        raise
     return pd.DataFrame(rows)
+
+
+# The model score_steps loaded stays for score_selected (an averaged adapter is scored on the same base: a 7B model
+# loads in minutes); a merged export, and the end of score_selected, free it.
+_HELD: dict = {}
+
+
+def _held_sampler(cfg: SelectConfig) -> list:
+    """The holder of the loaded model for this selection (the same config); another config's model is freed."""
+    key = repr(cfg)
+    for other in [k for k in _HELD if k != key]:
+        _free(_HELD.pop(other))
+    return _HELD.setdefault(key, [])
 
 
 def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, scorer: metric.Scorer, step: int | str,
@@ -423,14 +426,14 @@ def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, score
         predictions, empty = extract_predictions(raw, sampler[0].marker)
         entry = {"step": step, "key": key, "ids": list(map(str, validation["id"])), "raw": raw,
                  "predictions": predictions, "fallbacks": empty, "seconds": round(seconds, 2)}
-        _write_json(cache, entry)  # predictions are the expensive part: keep them even if scoring fails
+        artifacts.write_json(cache, entry)  # predictions are the expensive part: keep them even if scoring fails
     precision = getattr(scorer, "precision", None)
     if (entry.get("scorer_path"), entry.get("scorer_precision")) != (scorer.path, precision):
         scs = scorer.scs(entry["predictions"], truths)
         entry.update(scorer=scorer.name, scorer_path=scorer.path, scorer_precision=precision,
                      scs=[round(float(s), 6) for s in scs],
                      cos=[round(float(c), 6) for c in scorer.cosine(entry["predictions"], truths)])
-        _write_json(cache, entry)
+        artifacts.write_json(cache, entry)
     if entry["fallbacks"]:
         logger.warning("step %s: %d of %d prediction(s) were empty and were scored as %r", step,
                        entry["fallbacks"], len(truths), FALLBACK_PROMPT)
@@ -463,6 +466,14 @@ def step_predictions(cfg: SelectConfig, step: int, validation: pd.DataFrame) -> 
     out = pd.DataFrame({"id": entry["ids"], "truth": list(validation[data.PROMPT_COLUMN]),
                         "prediction": entry["predictions"], "scs": entry["scs"]})
     return out.sort_values("scs").reset_index(drop=True)
+
+
+def selected_predictions(cfg: SelectConfig, validation: pd.DataFrame) -> pd.DataFrame:
+    """:func:`step_predictions` of what was exported: the averaged adapter's own (after :func:`score_selected`), or
+    the chosen step's."""
+    sel = artifacts.Selection.read(cfg.run_dir / SELECTED_DIR)
+    averaged = sel.averaged_steps and step_cache_file(cfg, "selected").exists()
+    return step_predictions(cfg, "selected" if averaged else sel.step, validation)
 
 
 # ---------------------------------------------------------------- choosing and exporting
@@ -512,8 +523,9 @@ def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_
     fewer than ``2 * k`` scored checkpoints (its curve is still rising: the last step is best), and [0] when the base
     model scores best of all.
     """
+    require(k >= 1 and k % 2 == 1, "average_checkpoints", f"must be odd (the window is centred on a step), got {k}")
     best = choose_step(scores, force_step)
-    ckpts = sorted(smoothed(scores, 0))
+    ckpts = sorted(s for s, v in _as_scores(scores).items() if s > 0 and math.isfinite(v))
     if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < 2 * k:
         return [best]
     center = choose_step(smoothed(scores, k // 2))
@@ -538,15 +550,16 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     averaged = {}
     for name in tensors[0]:
         parts = [t[name] for t in tensors]
-        if ".lora_A." in name:
+        if ".lora_A." in name or ".lora_embedding_A" in name:  # (rank, in)
             averaged[name] = torch.cat(parts, dim=0).contiguous()
-        elif ".lora_B." in name:
+        elif ".lora_B." in name or ".lora_embedding_B" in name:  # (out, rank)
             averaged[name] = (torch.cat(parts, dim=1) / k).contiguous()
         else:  # anything else trained beside the factors (modules_to_save, biases): their plain mean
             averaged[name] = torch.stack(parts).mean(0)
     config = json.loads((Path(folders[0]) / ADAPTER_FILES[0]).read_text())
-    require(not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora"),
-            "average_checkpoints", f"{folders[0]}: per-module ranks or rsLoRA scaling cannot be averaged this way")
+    require(not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora")
+            and not config.get("use_dora"), "average_checkpoints",
+            f"{folders[0]}: per-module ranks, rsLoRA scaling or DoRA cannot be averaged this way")
     config.update(r=config["r"] * k, lora_alpha=config["lora_alpha"] * k)
     out.mkdir(parents=True, exist_ok=True)
     save_file(averaged, str(out / ADAPTER_FILES[1]))
@@ -569,7 +582,7 @@ def _selected_score(cfg: SelectConfig) -> float | None:
     """The exported adapter's score that :func:`score_selected` recorded for these rows, if any."""
     if scores_report_rows(cfg):
         path = cfg.run_dir / f"{REPORT_BY_STEP}.json"
-        return json.loads(path.read_text()).get("selected", {}).get("scs") if path.exists() else None
+        return read_json_object(path, SelectionError).get("selected", {}).get("scs") if path.exists() else None
     sel = artifacts.Selection.find(cfg.run_dir / SELECTED_DIR)
     return sel.selected_scs if sel is not None else None
 
@@ -673,7 +686,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[i
         {"step": s, "scs": v} for s, v in sorted(table.items())]
     rounded = {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}
     if scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
-        _write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
+        artifacts.write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
             "run": cfg.run_name, "validation_file": str(cfg.run_dir / training.REPORT_FILE), "scores": rounded,
             "per_step": per_step, "created": datetime.datetime.now().isoformat(timespec="seconds")})
         logger.info("report rows scored by step -> %s; they choose nothing, so %s keeps the step the choice rows "
@@ -697,6 +710,8 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[i
         for name in ADAPTER_FILES:
             shutil.copy2(ckpts[step] / name, out / name)
     merged = None
+    if cfg.export_merged:  # the merge loads another copy of the base: the scoring model goes first
+        _free(_held_sampler(cfg))
     if cfg.export_merged and not base_won:
         merged = export_merged(cfg, run_cfg, out if len(window) > 1 else ckpts[step], out / "merged")
     elif cfg.export_merged:
@@ -761,7 +776,7 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
         label, adapter = "selected", out
     else:
         label, adapter = sel.step, run_checkpoints(cfg.run_dir)[sel.step]
-    sampler: list = []
+    sampler = _held_sampler(cfg)
     try:
         row = _score_one(cfg, run_cfg, validation, scorer, label, adapter, sampler)
     finally:
@@ -771,10 +786,10 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
     logger.info("selected adapter (%s): mean SCS %.4f on %d rows", what, row["scs"], row["rows"])
     if scores_report_rows(cfg):
         path = cfg.run_dir / f"{REPORT_BY_STEP}.json"
-        record = json.loads(path.read_text()) if path.exists() else {}
+        record = read_json_object(path, SelectionError) if path.exists() else {}
         record["selected"] = {"steps": sel.averaged_steps or [sel.step], "scs": round(row["scs"], 4),
                               "rows": row["rows"]}
-        _write_json(path, record)
+        artifacts.write_json(path, record)
     else:
         sel.selected_scs = round(row["scs"], 4)
         sel.write(out)

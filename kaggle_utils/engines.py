@@ -30,8 +30,8 @@ from .config import ConfigError, error_summary, require, resolve_path
 logger = logging.getLogger("kaggle_utils")
 
 ENGINES = ("auto", "vllm", "hf")
-DTYPES = ("auto", "float16", "bfloat16")
-EAGER_CHOICES = ("auto", "on", "off")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
+DTYPES = ("auto", "float16", "bfloat16")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
+EAGER_CHOICES = ("auto", "on", "off")  # vLLM's eager mode; "auto": on below compute capability 8.0
 # vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 

@@ -7,6 +7,7 @@ rendered as a kernel. Each step is one call here, so the notebook stays a list o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import re
@@ -239,7 +240,8 @@ def read_test(cfg: InferenceConfig) -> pd.DataFrame:
     """The test rows: ``id``, both texts (+ ``rewrite_prompt`` when present); other columns are ignored.
 
     A missing column, a duplicated id or a file with no rows is a clear error (:class:`kaggle_utils.data.DataError`)
-    before any model loads; invalid UTF-8 is replaced and logged. Adds ``_empty`` (a blank text: it gets the fallback, logged) and ``_identical`` (the texts
+    before any model loads; invalid UTF-8 is replaced and logged. Adds ``_empty`` (a blank text: it gets the
+    fallback, logged) and ``_identical`` (the texts
     are the same: it gets ``identical_fallback``).
     """
     df = data.read_rewrites(cfg.test_file, require_prompt=False, require_id=True)
@@ -455,8 +457,6 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
     if data.PROMPT_COLUMN not in test.columns:
         logger.info("no rewrite_prompt column: nothing to score")
         return None
-    from . import metric
-
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
     if len(scored) < len(test):
         logger.warning("scoring %d of %d row(s): the others have a blank rewrite_prompt", len(scored), len(test))
@@ -467,7 +467,7 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
                                          cfg.mean_prompt if cfg.use_mean_prompt else "", cfg.separator,
                                          cfg.fallback_prompt, baselines=filled_base,
                                          labels={s.name: s.label for s in specs})
-    table = blending.score_systems(metric.Scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist(),
+    table = blending.score_systems(_scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist(),
                                    split=cfg.score_split)
     path = resolve_path(cfg.scores_path) if cfg.scores_path else resolve_path(cfg.run_dir) / SCORES_FILE
     blending.write_scores(path, table)
@@ -476,14 +476,20 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
     return table
 
 
+@functools.lru_cache(maxsize=2)
+def _scorer(path: str):
+    """The scorer of ``path``, loaded once for every table of this run (and its embedding cache shared)."""
+    from . import metric
+
+    return metric.Scorer(path)
+
+
 def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -> Path | None:
     """When the test CSV has ``rewrite_prompt``: SCS against the number of predictions joined, for each model and for
     all of them, without and with the mean prompt (``blending.n_curve``), as ``<run_dir>/n_curve.csv`` and ``.png``;
     returns the plot, or None when nothing was scored."""
     if data.PROMPT_COLUMN not in test.columns:
         return None
-    from . import metric
-
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
     specs = cfg.model_specs
     if not specs or scored.empty:
@@ -491,7 +497,7 @@ def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -
     filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
     ids = scored["id"].tolist()
     per_row = {s.name: [list(filled.get(s.name, {}).get(i, [])) for i in ids] for s in specs}
-    table = blending.n_curve(metric.Scorer(cfg.scorer_path), per_row, scored[data.PROMPT_COLUMN].tolist(),
+    table = blending.n_curve(_scorer(cfg.scorer_path), per_row, scored[data.PROMPT_COLUMN].tolist(),
                              cfg.mean_prompt, cfg.separator, cfg.fallback_prompt, {s.name: s.label for s in specs},
                              split=cfg.score_split)
     folder = resolve_path(cfg.run_dir)

@@ -343,7 +343,8 @@ if "KAGGLE_KERNEL_RUN_TYPE" in os.environ:
         found = sorted(glob.glob(os.path.join(LIBRARY_DIR, "*.whl"))) or [LIBRARY_DIR]
         reason = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
         print(f"kaggle_utils did not install ({{reason[0][:300]}}): importing it from {{found[-1]}}")
-        sys.path.insert(0, found[-1])
+        sys.path.insert(0, found[-1])  # and for child processes (the GPU wheels' check, vLLM's workers):
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (found[-1], os.environ.get("PYTHONPATH", "")) if p)
 import kaggle_utils
 from kaggle_utils import config, wheels
 config.setup_logging()

@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,7 +140,7 @@ def fetch_upstream(files=UPSTREAM, data_dir: str | os.PathLike = DATA_DIR, base_
             continue
         try:
             _download(url, dest, timeout)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+        except (OSError, ValueError) as e:  # URLError is an OSError
             problems.append(f"{url}\n    could not be downloaded ({getattr(e, 'reason', e)});\n"
                             f"    put the file at {dest}")
             continue

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts, data, models, prompts
-from .config import ConfigError, require, resolve_path, save_config, saved_config
+from .config import ConfigError, read_json_object, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -383,7 +383,7 @@ def _budget_callback(cfg: TrainConfig):
     from transformers import TrainerCallback
 
     path = cfg.run_dir / BUDGET_FILE
-    checkpoints = max(1, cfg.max_steps // cfg.save_steps)
+    n_checkpoints = max(1, cfg.max_steps // cfg.save_steps)
     budget = cfg.time_budget_minutes * 60
 
     def apply(state, scheduler, max_steps: int, save_steps: int) -> None:
@@ -403,7 +403,7 @@ def _budget_callback(cfg: TrainConfig):
             self.start, self.first, self.last, self.evals, self.done = _clock(), None, None, [], False
             self.chosen = cfg.max_steps
             if path.exists():  # a resumed run keeps the steps the first one could afford
-                record = json.loads(path.read_text())
+                record = read_json_object(path)
                 if (record.get("planned_steps"), record.get("budget_minutes")) == (cfg.max_steps,
                                                                                     cfg.time_budget_minutes):
                     apply(state, lr_scheduler, record["max_steps"], record["save_steps"])
@@ -430,16 +430,16 @@ def _budget_callback(cfg: TrainConfig):
             spent = now - self.start
 
             def projected(steps: int) -> float:
-                return spent + (steps - step) * pace + checkpoints * (steps - step) / steps * evaluation
+                return spent + (steps - step) * pace + n_checkpoints * (steps - step) / steps * evaluation
 
             fit = next((m for m in range(cfg.max_steps, step, -1) if projected(m) <= budget), step + 1)
             if timed > BUDGET_PROBE_STEPS and fit == self.chosen:  # a recheck that changes nothing says nothing
                 return
-            save_steps = cfg.save_steps if fit == cfg.max_steps else max(1, math.ceil(fit / checkpoints))
+            save_steps = cfg.save_steps if fit == cfg.max_steps else max(1, math.ceil(fit / n_checkpoints))
             if fit != state.max_steps:
                 apply(state, lr_scheduler, fit, save_steps)
-                # the default flow ran first: it may have stopped the loop at the old last step
-                control.should_training_stop = step >= fit
+                # the default flow ran first: it may have stopped the loop at the old last step (fit > step always)
+                control.should_training_stop = False
             record = {"budget_minutes": cfg.time_budget_minutes, "planned_steps": cfg.max_steps,
                       "seconds_per_step": round(pace, 3), "timed_steps": [self.first[0] + 1, step],
                       "evaluation_seconds": round(evaluation, 1),
@@ -450,10 +450,10 @@ def _budget_callback(cfg: TrainConfig):
                             "%.1f min: kept", cfg.time_budget_minutes, pace, self.first[0] + 1, step, cfg.max_steps,
                             projected(cfg.max_steps) / 60)
             else:
-                logger.warning("time budget %.1f min: %.2f s a step over steps %d-%d on this machine, so the %d planned "
-                               "steps would take %.1f min: training stops at step %d (a checkpoint every %d steps, the "
-                               "%s schedule ending there). Fewer steps usually score lower; time_budget_minutes=0 "
-                               "trains them all", cfg.time_budget_minutes, pace, self.first[0] + 1, step,
+                logger.warning("time budget %.1f min: %.2f s a step over steps %d-%d on this machine, so the %d "
+                               "planned steps would take %.1f min: training stops at step %d (a checkpoint every %d "
+                               "steps, the %s schedule ending there). Fewer steps usually score lower; "
+                               "time_budget_minutes=0 trains them all", cfg.time_budget_minutes, pace, self.first[0] + 1, step,
                                cfg.max_steps, projected(cfg.max_steps) / 60, fit, save_steps, cfg.lr_scheduler)
             self.chosen = fit
             if state.is_world_process_zero:

@@ -34,7 +34,7 @@ CARD_CHECK_ENV = "KAGGLE_UTILS_CARD_CHECK"  # "0": skip the look at the GPUs bef
 MIN_DRIVER = 525
 MIN_CAPABILITY = (7, 0)  # vLLM's oldest supported GPUs (Volta); a T4 is 7.5
 DEFAULT_TARGET = "/tmp/gpu-wheels"  # scratch space, not part of the kernel's output
-REQUIREMENTS = "requirements-kaggle.txt"  # beside the wheels (kernels.write_wheels_metadata puts it there)
+REQUIREMENTS = "requirements-kaggle.txt"  # beside the wheels (kaggle_api.write_wheels_metadata puts it there)
 
 # Run by the checking child process, with the wheels' folder first on its path. The driver version comes from
 # nvidia-smi when there is one, so a log shows it beside the CUDA version torch was built for.
@@ -94,16 +94,21 @@ def read_card(timeout: float = 60) -> dict:
 
     if not shutil.which("nvidia-smi"):
         return {}
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    rows = [[x.strip() for x in line.split(",")] for line in out.stdout.splitlines() if line.count(",") == 2]
-    if not rows:
-        return {}
-    name, capability, driver = rows[0]
-    return {"gpus": len(rows), "name": name, "compute_capability": capability, "driver": driver}
+    # Drivers older than about 510 do not know compute_cap: then the name and the driver alone (which rule them out)
+    for fields in ("name,compute_cap,driver_version", "name,driver_version"):
+        try:
+            out = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.SubprocessError):
+            return {}
+        width = fields.count(",") + 1
+        rows = [[x.strip() for x in line.split(",")] for line in out.stdout.splitlines()
+                if out.returncode == 0 and line.count(",") == width - 1]
+        if rows:
+            name, *rest = rows[0]
+            capability, driver = rest if width == 3 else ("?", rest[0])
+            return {"gpus": len(rows), "name": name, "compute_capability": capability, "driver": driver}
+    return {}
 
 
 def card_problem(card: dict) -> str:
@@ -111,15 +116,18 @@ def card_problem(card: dict) -> str:
     if not card:
         return "no NVIDIA GPU visible (nvidia-smi lists none)"
     try:
-        major, minor = (int(x) for x in card["compute_capability"].split(".")[:2])
         driver = int(card["driver"].split(".")[0])
     except (KeyError, ValueError):
         return ""  # an unexpected answer: let the install and the child-process check decide
+    if driver < MIN_DRIVER:
+        return f"driver {card['driver']} is older than {MIN_DRIVER}, which the wheels' CUDA 12 needs"
+    try:
+        major, minor = (int(x) for x in card["compute_capability"].split(".")[:2])
+    except (KeyError, ValueError):
+        return ""
     if (major, minor) < MIN_CAPABILITY:
         return (f"{card['name']} has compute capability {major}.{minor}; vLLM needs "
                 f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or more")
-    if driver < MIN_DRIVER:
-        return f"driver {card['driver']} is older than {MIN_DRIVER}, which the wheels' CUDA 12 needs"
     return ""
 
 

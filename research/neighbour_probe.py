@@ -8,7 +8,8 @@ prediction (``RUN/report/predictions/*.jsonl``). The rows are binned by that cos
 row. Then, as a what-if, each report row's nearest prompt among *every other* prompt of the same files (every prompt
 group but its own, the held-out ones included, as when nothing is held out): the bins' scores reweighted to those
 neighbours estimate what training on every group would buy on rows like these (a point estimate: only the rows that
-change bins move it; a bin with no scored row counts at the overall mean). The runs must share their report rows. RESULTS.md has what it printed.
+change bins move it; a bin with no scored row counts at the overall mean). The runs must share their report rows.
+RESULTS.md has what it printed.
 """
 import argparse
 from pathlib import Path

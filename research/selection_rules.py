@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from kaggle_utils import checkpoints, data, metric
+from kaggle_utils.config import read_json_object
 
 
 def read_split(run: Path, folder: str, csv: str) -> tuple[dict[int, np.ndarray], np.ndarray]:
@@ -81,7 +82,7 @@ def main() -> None:
                            "report": round(float(report[step].mean()), 4), "report_lo": round(lo, 4),
                            "report_hi": round(hi, 4)}
         exported = run / checkpoints.SELECTION_DIR / "report" / "step-selected.json"
-        summary = json.loads((run / f"{checkpoints.REPORT_BY_STEP}.json").read_text()).get("selected")
+        summary = read_json_object(run / f"{checkpoints.REPORT_BY_STEP}.json", SystemExit).get("selected")
         if summary:
             scs = np.asarray(json.loads(exported.read_text())["scs"]) if exported.exists() else report.get(
                 summary["steps"][0])

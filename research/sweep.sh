@@ -8,8 +8,8 @@
 #   usage: research/sweep.sh CONFIG ARMS OUT_DIR [SEEDS] [JOBS]
 #     CONFIG  a training recipe, e.g. configs/smollm2-135m.yaml
 #     ARMS    a file of lines NAME|train.ipynb arguments (research/arms/cpu_mix.txt); # starts a comment
-#     OUT_DIR per run NAME-sSEED.txt (its scores by step) and the stage logs; a run with its .txt is skipped,
-#             so an interrupted sweep resumes
+#     OUT_DIR per run NAME-sSEED/ (its selection.json and report_by_step.json) and the stage logs; a finished
+#             run is skipped, so an interrupted sweep resumes; the runs train in runs/<OUT_DIR's name>-NAME-sSEED
 #     SEEDS   training seeds 0..SEEDS-1 (default 4); JOBS runs at once (default: 1, or 6 per visible GPU),
 #             spread over the visible GPUs
 #
@@ -24,23 +24,19 @@ config=$1; arms_file=$2; out=$3; seeds=${4:-4}
 gpus=$(nvidia-smi -L 2>/dev/null | wc -l)
 jobs=${5:-$([ "$gpus" -ge 1 ] && echo $((6 * gpus)) || echo 1)}
 mkdir -p "$out"
-one() {  # NAME GPU ARGS...: one run; its summary lands in OUT_DIR/NAME.txt when it is done
+one() {  # NAME GPU ARGS...: one run; its select stage's files land in OUT_DIR/NAME/ when it is done
   local name=$1 gpu=$2; shift 2
-  [ -f "$out/$name.txt" ] && return
+  local run; run="$(basename "$out")-$name"  # one sweep's runs never resume another's checkpoints
+  [ -f "$out/$name/report_by_step.json" ] && return
   if [ "$gpu" -ge 0 ]; then export CUDA_VISIBLE_DEVICES=$gpu OMP_NUM_THREADS=3; fi
-  make train RUN="$name" CONFIG="$config" TRAIN_ARGS="$*" > "$out/$name-train.log" 2>&1 \
+  make train RUN="$run" CONFIG="$config" TRAIN_ARGS="$*" > "$out/$name-train.log" 2>&1 \
     || { echo "$name: train failed (log: $out/$name-train.log)"; return; }
-  make select RUN="$name" > "$out/$name-choice.log" 2>&1 || { echo "$name: select failed"; return; }
-  make select RUN="$name" SELECT_ARGS="-r validation_file runs/$name/report.csv" > "$out/$name-report.log" 2>&1 \
+  make select RUN="$run" > "$out/$name-choice.log" 2>&1 || { echo "$name: select failed"; return; }
+  make select RUN="$run" SELECT_ARGS="-r validation_file runs/$run/report.csv" > "$out/$name-report.log" 2>&1 \
     || { echo "$name: select on the report rows failed"; return; }
-  local by_step="step [0-9]+: mean SCS [0-9.]+ \(cos [0-9.]+\) on [0-9]+ rows"
-  if ! grep -qE "$by_step" "$out/$name-report.log" || ! grep -qE "selected step" "$out/$name-choice.log"; then
-    echo "$name: no scores in its select logs"; return
-  fi
-  local export="selected adapter \([^)]*\): mean SCS [0-9.]+"
-  { echo "args: $*"; echo "choice rows:"; grep -hoE "$by_step|selected step [0-9]+|$export" "$out/$name-choice.log"
-    echo "report rows:"; grep -hoE "$by_step|$export" "$out/$name-report.log"; } > "$out/$name.txt"
-  echo "$name done"
+  mkdir -p "$out/$name" && echo "$*" > "$out/$name/args.txt"
+  cp "runs/$run/selected/selection.json" "$out/$name/" && cp "runs/$run/report_by_step.json" "$out/$name/" \
+    && echo "$name done"
 }
 export -f one; export out config
 i=0

@@ -2,12 +2,12 @@
 
 Usage: python research/sweep_table.py OUT_DIR|RUNS.csv [--baseline x3] [--png FILE] [--save RUNS.csv]
 
-Every run's ``NAME.txt`` (``ARM-sSEED``) holds its per-step SCS on the choice rows, the step they selected, and the
-same checkpoints on the report rows; where the export is an average of checkpoints, its own score on both row sets
-stands for the selected step's. Per arm: the mean over seeds of the choice rows at the selected step (what the
-choice is made on) and of the report rows at that same step, and both paired by seed against the baseline arm with a
-90% interval of the mean paired difference (t over seeds). The scorer is whatever the runs used (MiniLM stand-in
-unless a scorer_path was given).
+Every run's folder ``OUT_DIR/ARM-sSEED/`` holds the files its select stage wrote: ``selection.json`` (the choice rows
+by step, the exported step and, for an average of checkpoints, its own score) and ``report_by_step.json`` (the same
+checkpoints on the report rows, and the export's own report score). Per arm: the mean over seeds of the export's
+score on the choice rows (what the choice is made on) and on the report rows, and both paired by seed against the
+baseline arm with a 90% interval of the mean paired difference (t over seeds). The scorer is whatever the runs used
+(MiniLM stand-in unless a scorer_path was given).
 """
 import argparse
 import re
@@ -17,30 +17,29 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-STEP = re.compile(r"step (\d+): mean SCS ([0-9.]+) \(cos [0-9.]+\) on (\d+) rows")
-EXPORT = re.compile(r"selected adapter \([^)]*\): mean SCS ([0-9.]+)")
+from kaggle_utils import artifacts, checkpoints
+from kaggle_utils.config import read_json_object
 
 
-def read_run(path: Path) -> dict:
-    """One run's summary: arm, seed, selected step and the two splits' SCS at it and at the last step."""
-    named = re.fullmatch(r"(.+)-s(\d+)", path.stem)
-    text = path.read_text()
-    selected = re.search(r"selected step (\d+)", text)
-    if named is None or selected is None:
-        raise SystemExit(f"{path}: not a sweep summary (ARM-sSEED.txt with a 'selected step N' line)")
-    parts = text.split("report rows:")  # the line sweep.sh writes between the two splits
-    splits = [{int(step): float(scs) for step, scs, _ in STEP.findall(part)} for part in parts]
-    if len(splits) != 2 or not all(splits) or int(selected.group(1)) not in splits[0]:
-        raise SystemExit(f"{path}: needs the choice rows' and the report rows' scores by step, the selected step "
-                         "among them")
-    choice, report = splits
-    step, last = int(selected.group(1)), max(choice)
-    # the exported adapter's own scores, where the select stage recorded them (an average of checkpoints)
-    export = [float(v) for v in EXPORT.findall(text)]
-    return {"arm": named.group(1), "seed": int(named.group(2)), "step": step,
-            "choice": export[0] if len(export) == 2 else choice[step],
-            "report": export[1] if len(export) == 2 else report[step], "choice_last": choice[last],
-            "report_last": report[last]}
+def read_run(folder: Path) -> dict:
+    """One run: arm, seed, exported step, and the export's SCS on both row sets (and the last step's)."""
+    named = re.fullmatch(r"(.+)-s(\d+)", folder.name)
+    report_file = folder / f"{checkpoints.REPORT_BY_STEP}.json"
+    if named is None or not (folder / artifacts.SELECTION_FILE).exists() or not report_file.exists():
+        raise SystemExit(f"{folder}: not a sweep run (ARM-sSEED/ with {artifacts.SELECTION_FILE} and "
+                         f"{report_file.name})")
+    sel = artifacts.Selection.read(folder)
+    report = read_json_object(report_file, SystemExit)
+    choice_by = {int(s): v for s, v in sel.scores.items()}
+    report_by = {int(s): v for s, v in report.get("scores", {}).items()}
+    if sel.step not in choice_by or sel.step not in report_by:
+        raise SystemExit(f"{folder}: step {sel.step} is not among the scored steps of both row sets")
+    last = max(choice_by)
+    exported = report.get("selected") or {}
+    return {"arm": named.group(1), "seed": int(named.group(2)), "step": sel.step,
+            "choice": sel.selected_scs if sel.selected_scs is not None else choice_by[sel.step],
+            "report": exported.get("scs", report_by[sel.step]), "choice_last": choice_by[last],
+            "report_last": report_by[last]}
 
 
 def describe_paired(df: pd.DataFrame, arm: str, baseline: str, column: str) -> str:
@@ -65,15 +64,15 @@ def read_runs(source: Path) -> pd.DataFrame:
         if missing:
             raise SystemExit(f"{source}: not a --save CSV of this script (missing columns {sorted(missing)})")
     else:
-        runs = pd.DataFrame([read_run(p) for p in sorted(source.glob("*.txt"))])
+        runs = pd.DataFrame([read_run(p) for p in sorted(source.iterdir()) if p.is_dir()])
     if runs.empty:
-        raise SystemExit(f"{source}: no run summaries (NAME.txt, or rows) found")
+        raise SystemExit(f"{source}: no sweep runs (ARM-sSEED/ folders, or rows) found")
     return runs
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", help="the sweep's folder of NAME.txt, or a CSV --save wrote")
+    parser.add_argument("out_dir", help="the sweep's folder of ARM-sSEED/ runs, or a CSV --save wrote")
     parser.add_argument("--baseline", default="x3", help="the arm the others are paired against")
     parser.add_argument("--png", default="", help="also plot each arm's seeds (report rows against choice rows)")
     parser.add_argument("--save", default="", help="also write one row per run to this CSV")

@@ -2,13 +2,13 @@
 
 Usage: python scripts/show_scores.py runs/demo/scores.csv
 """
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
-from kaggle_utils import metric
+from kaggle_utils import metric, training
+from kaggle_utils.config import read_json_object
 
 
 def main(path: str) -> None:
@@ -20,9 +20,9 @@ def main(path: str) -> None:
           "prompt groups.\nsplit 'report': rows that chose nothing (not the step, the blend or the mean prompt); "
           "'choice': the rows that chose them.\nThe scorer column names the embedder: the MiniLM stand-in and the "
           "135M demo model make these practice numbers, not leaderboard numbers.")
-    budget = Path(path).parent / "budget.json"  # what the training run's time budget chose, if it had one
+    budget = Path(path).parent / training.BUDGET_FILE  # what the training run's time budget chose, if it had one
     if budget.exists():
-        b = json.loads(budget.read_text())
+        b = read_json_object(budget)
         kept = b["max_steps"] >= b["planned_steps"]
         print(f"\ntraining: {b['max_steps']} of the {b['planned_steps']} planned steps in the "
               f"{b['budget_minutes']:g}-minute budget ({b['seconds_per_step']:.1f} s a step on this machine)"

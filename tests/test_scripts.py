@@ -22,41 +22,40 @@ def _script(name: str):
     return module
 
 
-def _mix_summary(steps_choice: dict, selected: int, steps_report: dict) -> str:
-    lines = ["args: -p seed 0", "choice rows:"]
-    lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 65 rows" for s, v in steps_choice.items()]
-    lines.append(f"selected step {selected}")
-    lines += ["report rows:"]
-    lines += [f"step {s}: mean SCS {v:.4f} (cos 0.4000) on 129 rows" for s, v in steps_report.items()]
-    return "\n".join(lines) + "\n"
+def _sweep_run(folder, choice: dict, step: int, report: dict, averaged=None):
+    """A sweep run as research/sweep.sh leaves it: the select stage's selection.json and report_by_step.json."""
+    folder.mkdir(parents=True)
+    selection = {"run": folder.name, "step": step, "scores": {str(k): v for k, v in choice.items()}}
+    by_step = {"scores": {str(k): v for k, v in report.items()}}
+    if averaged:  # (choice score, report score) of an average of checkpoints around ``step``
+        selection.update(averaged_steps=[step - 50, step, step + 50], selected_scs=averaged[0])
+        by_step["selected"] = {"steps": selection["averaged_steps"], "scs": averaged[1], "rows": 129}
+    (folder / "selection.json").write_text(json.dumps(selection))
+    (folder / "report_by_step.json").write_text(json.dumps(by_step))
 
 
-def test_sweep_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tmp_path, capsys, monkeypatch):
+def test_sweep_table_reads_the_exported_step_of_both_splits_and_pairs_by_seed(tmp_path, capsys, monkeypatch):
     table = _script("sweep_table")
-    (tmp_path / "x3-s0.txt").write_text(_mix_summary({0: 0.02, 50: 0.15, 100: 0.12}, 50,
-                                                     {0: 0.01, 50: 0.17, 100: 0.19}))
-    (tmp_path / "x3-s1.txt").write_text(_mix_summary({0: 0.02, 50: 0.10, 100: 0.14}, 100,
-                                                     {0: 0.01, 50: 0.12, 100: 0.16}))
-    (tmp_path / "x10-s0.txt").write_text(_mix_summary({0: 0.02, 100: 0.18}, 100, {0: 0.01, 100: 0.20}))
-    (tmp_path / "x10-s1.txt").write_text(_mix_summary({0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15}))
-    run = table.read_run(tmp_path / "x3-s0.txt")
-    # the report rows are read at the step the choice rows selected (50), not at their own best (100)
+    sweep = tmp_path / "sweep"
+    _sweep_run(sweep / "x3-s0", {0: 0.02, 50: 0.15, 100: 0.12}, 50, {0: 0.01, 50: 0.17, 100: 0.19})
+    _sweep_run(sweep / "x3-s1", {0: 0.02, 50: 0.10, 100: 0.14}, 100, {0: 0.01, 50: 0.12, 100: 0.16})
+    _sweep_run(sweep / "x10-s0", {0: 0.02, 100: 0.18}, 100, {0: 0.01, 100: 0.20})
+    _sweep_run(sweep / "x10-s1", {0: 0.02, 100: 0.17}, 100, {0: 0.01, 100: 0.15})
+    run = table.read_run(sweep / "x3-s0")
+    # the report rows are read at the step the choice rows exported (50), not at their own best (100)
     assert run == {"arm": "x3", "seed": 0, "step": 50, "choice": 0.15, "report": 0.17, "choice_last": 0.12,
                    "report_last": 0.19}
-    assert table.read_run(tmp_path / "x10-s1.txt")["report"] == 0.15
-    # an averaged export's own scores stand for the selected step's
-    averaged = _mix_summary({0: 0.02, 50: 0.15, 100: 0.12}, 50, {0: 0.01, 50: 0.17, 100: 0.19}).replace(
-        "report rows:", "selected adapter (steps 50-100 averaged): mean SCS 0.1600 on 65 rows\nreport rows:")
-    (tmp_path / "avg-s0.txt").write_text(averaged + "selected adapter (steps 50-100 averaged): mean SCS 0.1800 on "
-                                                    "129 rows\n")
-    run = table.read_run(tmp_path / "avg-s0.txt")
+    assert table.read_run(sweep / "x10-s1")["report"] == 0.15
+    # an averaged export's own scores stand for the exported step's
+    _sweep_run(tmp_path / "avg" / "a-s0", {0: 0.02, 50: 0.15, 100: 0.12}, 50, {0: 0.01, 50: 0.17, 100: 0.19},
+               averaged=(0.16, 0.18))
+    run = table.read_run(tmp_path / "avg" / "a-s0")
     assert (run["choice"], run["report"]) == (0.16, 0.18)
-    (tmp_path / "avg-s0.txt").unlink()
-    runs = table.read_runs(tmp_path)
+    runs = table.read_runs(sweep)
     # x10 - x3 by seed on the choice rows: 0.18 - 0.15 and 0.17 - 0.14, both +0.03
     assert table.describe_paired(runs, "x10", "x3", "choice").startswith("+0.030 [+0.030, +0.030] (2/2)")
     saved = tmp_path / "runs.csv"
-    monkeypatch.setattr("sys.argv", ["sweep_table.py", str(tmp_path), "--save", str(saved)])
+    monkeypatch.setattr("sys.argv", ["sweep_table.py", str(sweep), "--save", str(saved)])
     table.main()
     assert "x10" in capsys.readouterr().out
     assert table.read_runs(saved).sort_values(["arm", "seed"]).reset_index(drop=True).equals(
@@ -68,16 +67,16 @@ def test_sweep_table_reads_the_selected_step_of_both_splits_and_pairs_by_seed(tm
 
 def test_sweep_table_names_what_it_cannot_read(tmp_path):
     table = _script("sweep_table")
-    with pytest.raises(SystemExit, match="no run summaries"):
+    with pytest.raises(SystemExit, match="no sweep runs"):
         table.read_runs(tmp_path)
     with pytest.raises(SystemExit, match="no such folder or file"):
         table.read_runs(tmp_path / "absent")
-    (tmp_path / "x3-s0.txt").write_text("args: -p seed 0\nchoice rows:\nselected step 50\nreport rows:\n")
-    with pytest.raises(SystemExit, match="x3-s0.txt: needs the choice rows' and the report rows' scores"):
+    (tmp_path / "x3-s0").mkdir()
+    with pytest.raises(SystemExit, match="x3-s0: not a sweep run"):
         table.read_runs(tmp_path)
-    (tmp_path / "x3-s0.txt").write_text("")
-    with pytest.raises(SystemExit, match="x3-s0.txt: not a sweep summary"):
-        table.read_runs(tmp_path)
+    _sweep_run(tmp_path / "other" / "x3-s0", {0: 0.02, 50: 0.15}, 100, {0: 0.01, 50: 0.17})
+    with pytest.raises(SystemExit, match="step 100 is not among the scored steps"):
+        table.read_run(tmp_path / "other" / "x3-s0")
 
 
 class _BagOfWords:

@@ -67,7 +67,8 @@ def fake_nvidia_smi(folder: Path, lines: list[str]) -> Path:
 @pytest.mark.parametrize("lines,problem", [
     (["Tesla T4, 7.5, 550.54.15", "Tesla T4, 7.5, 550.54.15"], ""),
     (["Tesla T4, 7.5, 470.82.01"], "driver 470.82.01 is older than 525, which the wheels' CUDA 12 needs"),
-    (["Tesla P100-PCIE-16GB, 6.0, 550.54.15"], "Tesla P100-PCIE-16GB has compute capability 6.0; vLLM needs 7.0 or more"),
+    (["Tesla P100-PCIE-16GB, 6.0, 550.54.15"],
+     "Tesla P100-PCIE-16GB has compute capability 6.0; vLLM needs 7.0 or more"),
     ([], "no NVIDIA GPU visible (nvidia-smi lists none)"),
 ])
 def test_the_card_is_read_without_cuda_and_ruled_out_when_vllm_cannot_run(tmp_path, monkeypatch, lines, problem):
@@ -212,7 +213,10 @@ def test_a_library_wheel_pip_refuses_is_imported_from_the_dataset_folder(tmp_pat
     source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
               .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(tmp_path / "no-wheels"))
               .replace(kernels.GPU_WHEELS_TARGET, str(tmp_path / "gpu-site")))
-    source += "\nprint('FROM=' + kaggle_utils.__file__)\n"
+    source += ("\nprint('FROM=' + kaggle_utils.__file__)\n"
+               "import subprocess\nchild = subprocess.run([sys.executable, '-c', 'import kaggle_utils.engines; "
+               "print(kaggle_utils.__file__)'], capture_output=True, text=True)\n"
+               "print('CHILD=' + child.stdout.strip())\n")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
@@ -222,4 +226,20 @@ def test_a_library_wheel_pip_refuses_is_imported_from_the_dataset_folder(tmp_pat
     assert out.returncode == 0, out.stderr[-2000:]
     assert "kaggle_utils did not install (" in out.stdout and f"importing it from {wheel}" in out.stdout
     assert f"FROM={wheel}{os.sep}kaggle_utils{os.sep}__init__.py" in out.stdout
+    # a child process (the GPU wheels' check imports kaggle_utils there) finds it the same way
+    assert f"CHILD={wheel}{os.sep}kaggle_utils{os.sep}__init__.py" in out.stdout
     assert "kaggle_utils 0.1.0, commit" in out.stdout
+
+
+def test_a_driver_too_old_to_know_compute_cap_is_still_ruled_out(tmp_path, monkeypatch):
+    """nvidia-smi of an old driver refuses the compute_cap field: the name and the driver alone still tell."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    tool = folder / "nvidia-smi"
+    tool.write_text('#!/bin/sh\ncase "$1" in *compute_cap*) echo "Field compute_cap is not a valid field" >&2; '
+                    'exit 2;; esac\necho "Tesla T4, 470.82.01"\n')
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    card = wheels.read_card()
+    assert card == {"gpus": 1, "name": "Tesla T4", "compute_capability": "?", "driver": "470.82.01"}
+    assert wheels.card_problem(card).startswith("driver 470.82.01 is older than 525")
