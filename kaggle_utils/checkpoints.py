@@ -797,38 +797,11 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
 
 
 def export_merged(cfg: SelectConfig, run_cfg: dict, checkpoint: Path, out: Path) -> Path:
-    """Merge the adapter into the base weights and save fp16 weights + tokenizer as a full HF folder.
+    """Merge the adapter into the base weights and save fp16 weights + tokenizer as a full HF folder
+    (:func:`kaggle_utils.engines.merge_adapter`): faster to serve with vLLM, which then needs no LoRA kernels."""
+    from . import engines
 
-    The maintainers' workaround for vLLM LoRA on Kaggle's T4, and faster to serve. The base is loaded unquantized
-    even for a QLoRA run (merging into 4-bit weights would requantize them); on CPU the merge runs in fp32 and the
-    result is cast to fp16, because CPU half-precision matmuls are slow and lose precision in the merge.
-    """
-    import torch
-    from peft import PeftModel
-
-    preset = models.get_preset(run_cfg.get("preset", models.DEFAULT_PRESET))
-    base = models.resolve_base_path(preset, _base_model_path(cfg, run_cfg))
-    tokenizer = models.load_tokenizer(base)
-    prompts.ensure_chat_template(tokenizer, preset.family)
-    resized = prompts.ensure_pad_token(tokenizer)
-    dtype = torch.float16 if torch.cuda.is_available() else torch.float32
-    model = models.load_model(preset, base, load_in_4bit=False, dtype=dtype)
-    if resized:
-        model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(model, str(checkpoint), is_trainable=False).merge_and_unload()
-    model = model.to(torch.float16)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a half-written merged folder never looks complete
-    del model
-    gc.collect()
-    _empty_cuda_cache()
+    preset = run_cfg.get("preset", models.DEFAULT_PRESET)
+    engines.merge_adapter(preset, _base_model_path(cfg, run_cfg), str(checkpoint), out)
     logger.info("merged fp16 weights of %s -> %s", checkpoint.name, out)
     return out

@@ -556,12 +556,57 @@ def vllm_import_error() -> str:
     return ""
 
 
-def pick_engine(requested: str = "auto") -> str:
-    """"vllm" or "hf", and the log says which and why.
+# auto's rule for a model whose engines can both run (the numbers: BENCHMARKS.md, "Which engine, on which card"):
+ONE_CARD_SHARE = 0.6  # 16-bit weights up to this share of one card's memory: the HF engine's fast path, on one card
+ALL_CARDS_SHARE = 0.8  # up to this share of all the cards' memory: vLLM, tensor parallel; above it the HF engine
 
-    ``auto`` takes vLLM when CUDA is present, ``vllm.LLM`` imports and no earlier check ruled it out (the Kaggle
-    install check sets ``KAGGLE_UTILS_NO_VLLM``, :mod:`kaggle_utils.wheels`). ``vllm`` asked for where it cannot run
-    is logged as an error and runs the HF engine: a submission must never be lost to the engine choice.
+
+def auto_choice(weights_gib: float, cards_gib: list[float], fast_path: bool, four_bit: bool) -> tuple[str, str]:
+    """``auto``'s engine for one model where both engines can run, and why.
+
+    - The 16-bit weights fit one card with room to spare (``ONE_CARD_SHARE``), the HF engine's fast path takes the
+      model (a plain Llama/Mistral) and the preset is not 4-bit: the HF engine. On one H200 it sampled Mistral-7B at
+      60.1 rows/s (n=1) against vLLM's 66.4 on a merged folder, and it starts in seconds where vLLM took 35-210 s.
+    - Else the weights fit all the cards (``ALL_CARDS_SHARE``): vLLM, tensor parallel where the heads split (Mistral-7B
+      on Kaggle's two 15 GB T4s). The HF engine would split the layers over the cards: 7.4 rows/s on two H200s.
+    - Else: the HF engine, which loads a 4-bit preset in 4 bits (vLLM would load the 16-bit weights).
+    """
+    one, total = min(cards_gib), sum(cards_gib)
+    size = f"{weights_gib:.1f} GiB of 16-bit weights"
+    if fast_path and not four_bit and weights_gib <= ONE_CARD_SHARE * one:
+        return "hf", (f"{size} fit one {one:.0f} GiB card: the HF engine's fast path samples as fast as vLLM there and "
+                      "starts in seconds")
+    if weights_gib <= ALL_CARDS_SHARE * total:
+        if len(cards_gib) > 1 and weights_gib > ALL_CARDS_SHARE * one:
+            return "vllm", f"{size} need vLLM's tensor parallel over {len(cards_gib)} cards of {one:.0f} GiB"
+        hf_why = "would run this preset in 4 bits" if four_bit else (
+            "has no fast path for this model type" if not fast_path else "would not leave room to batch")
+        return "vllm", f"{size} on a {one:.0f} GiB card, where the HF engine {hf_why}"
+    return "hf", (f"{size} do not fit {len(cards_gib)} card(s) of {one:.0f} GiB" +
+                  (": the HF engine loads them in 4 bits" if four_bit else ": the HF engine spreads the layers"))
+
+
+def card_capability() -> tuple[int, int] | None:
+    """The first GPU's compute capability, or None without CUDA."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+
+
+def _cards_gib() -> list[float]:
+    import torch
+
+    return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
+
+
+def pick_engine(requested: str = "auto", preset: str = "", base_model_path: str = "") -> str:
+    """"vllm" or "hf" for one model, and the log says which and why.
+
+    ``auto`` takes the HF engine when there is no CUDA, ``vllm.LLM`` does not import, or an earlier check ruled vLLM
+    out (the Kaggle install check sets ``KAGGLE_UTILS_NO_VLLM``, :mod:`kaggle_utils.wheels`); otherwise, given the
+    model (``preset`` and its weights), :func:`auto_choice` picks by the cards and the weights' size, and without one
+    it takes vLLM. ``vllm`` asked for where it cannot run is logged as an error and runs the HF engine: a submission
+    must never be lost to the engine choice.
     """
     import torch
 
@@ -583,8 +628,141 @@ def pick_engine(requested: str = "auto") -> str:
     if why_not:
         logger.info("engine: hf (auto; vLLM not used: %s)", why_not)
         return "hf"
-    logger.info("engine: vllm (auto; CUDA and vLLM available)")
-    return "vllm"
+    if not preset:
+        logger.info("engine: vllm (auto; CUDA and vLLM available)")
+        return "vllm"
+    spec = models.get_preset(preset)
+    base = models.resolve_base_path(spec, base_model_path)
+    model_type = str(models._config_json(base).get("model_type", ""))
+    kind, why = auto_choice(weights_bytes(base) / 2**30, _cards_gib(), model_type in decoding.SUPPORTED_MODEL_TYPES,
+                            spec.load_in_4bit)
+    logger.info("engine: %s (auto, %s: %s)", kind, preset, why)
+    return kind
+
+
+# ---------------------------------------------------------------- merging an adapter at kernel start
+
+MERGE_CHOICES = ("auto", "on", "off")
+MERGE_MARKER = "merge.json"  # in a merged folder: which base and adapter it holds (a later run reuses it)
+# auto merges for vLLM on a card below compute capability 8.0 (a T4), or when the model samples at least this many
+# rows. Measured end to end with the T4's settings on one H200 (BENCHMARKS.md, "Merging at kernel start"): the merge
+# of Mistral-7B took 26 s, and the merged model sampled 1300 rows at 35.1 rows/s (n=4) against the LoRARequest's
+# 20.3, so it pays back from about 900 rows there; a T4 samples about 15x slower while its merge is bound by the disk,
+# so it pays back sooner, and the merged model needs no LoRA kernels, the least-tried part of vLLM on Turing.
+MERGE_MIN_ROWS = 1000
+
+
+def weights_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the model's weights as a 16-bit folder would hold them (``*.safetensors`` or ``*.bin``; fp32 files
+    count half)."""
+    folder = Path(folder)
+    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
+    size = sum(f.stat().st_size for f in files)
+    stored = str(models._config_json(folder).get("torch_dtype") or models._config_json(folder).get("dtype") or "")
+    return size // 2 if stored == "float32" else size
+
+
+def _free_disk(folder: Path) -> int:
+    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
+    import shutil
+
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path: str, rows: int,
+                   merge_dir: str | os.PathLike, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
+    """Whether vLLM should serve this model merged (the adapter folded into a 16-bit copy of the base, written to
+    ``merge_dir``) rather than as a ``LoRARequest``, and why (the caller logs it).
+
+    ``choice`` "off" never merges and "on" always does where it can; "auto" merges on a card of compute capability
+    below 8.0 (``capability`` of the first GPU; a T4) or when the model samples at least :data:`MERGE_MIN_ROWS` rows.
+    None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy.
+    """
+    require(choice in MERGE_CHOICES, "merge_adapters", f"must be one of {MERGE_CHOICES}, got '{choice}'")
+    if choice == "off":
+        return False, "merge_adapters is off"
+    if not adapter_path:
+        return False, "no adapter"
+    spec = models.get_preset(preset)
+    if spec.load_in_4bit:
+        return False, f"preset {preset} runs 4-bit; a merged copy would be 16-bit"
+    base = models.resolve_base_path(spec, base_model_path)
+    need, free = weights_bytes(base), _free_disk(Path(merge_dir))
+    if need * 1.05 > free:
+        return False, (f"{need / 2**30:.1f} GiB of merged weights do not fit the {free / 2**30:.1f} GiB free at "
+                       f"{merge_dir}")
+    disk = f"{need / 2**30:.1f} GiB to write, {free / 2**30:.1f} GiB free at {merge_dir}"
+    if choice == "on":
+        return True, f"merge_adapters is on; {disk}"
+    if capability is not None and capability[0] < 8:
+        return True, (f"compute capability {capability[0]}.{capability[1]}: a merged model needs no LoRA kernels and "
+                      f"samples faster; {disk}")
+    if rows < MERGE_MIN_ROWS:
+        return False, (f"{rows} rows to sample, fewer than the {MERGE_MIN_ROWS} from which a merge pays back "
+                       "(merge_adapters=on forces it)")
+    return True, f"{rows} rows to sample (a merge pays back from {MERGE_MIN_ROWS}); {disk}"
+
+
+def _merge_key(base: Path, adapter: Path) -> dict:
+    import hashlib
+
+    weights = adapter / artifacts.ADAPTER_FILES[1]
+    return {"base": str(base), "adapter": str(adapter),
+            "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
+def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str | os.PathLike) -> Path:
+    """Fold the adapter into a 16-bit copy of the base and save it, with the tokenizer, as a model folder at ``out``.
+
+    The base loads unquantized (merging into 4-bit weights would requantize them), on the GPUs when there are any
+    (fp16; layers spread over every card), else on CPU in fp32 (CPU half-precision matmuls are slow and lose
+    precision in the merge) and saved as fp16. The folder is written under a ``.partial`` name and renamed when
+    complete, with ``merge.json`` naming its base and adapter: a folder that already holds this merge is reused.
+    """
+    import shutil
+    import time
+
+    import torch
+    from peft import PeftModel
+
+    spec = models.get_preset(preset)
+    base = models.resolve_base_path(spec, base_model_path)
+    adapter = check_adapter(adapter_path, preset)
+    out = Path(out)
+    key = _merge_key(base, adapter)
+    marker = out / MERGE_MARKER
+    if marker.exists() and json.loads(marker.read_text()).get("adapter_sha256") == key["adapter_sha256"] \
+            and json.loads(marker.read_text()).get("base") == key["base"]:
+        logger.info("merge: %s already holds %s merged into %s; reused", out, adapter, base.name)
+        return out
+    start = time.time()
+    tokenizer = models.load_tokenizer(base)
+    prompts.ensure_chat_template(tokenizer, spec.family)
+    resized = prompts.ensure_pad_token(tokenizer)
+    on_gpu = models.gpu_count() > 0
+    model = models.load_model(spec, base, load_in_4bit=False, dtype=torch.float16 if on_gpu else torch.float32)
+    if resized:
+        model.resize_token_embeddings(len(tokenizer))
+    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+    model = model.to(torch.float16)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / MERGE_MARKER).write_text(json.dumps({**key, "seconds": round(time.time() - start, 1)}, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)  # a half-written merged folder never looks complete
+    del model
+    free_gpu_memory()
+    logger.info("merge: %s merged into %s -> %s (fp16) in %.0f s", adapter, base.name, out, time.time() - start)
+    return out
 
 
 # Errors of the plan itself (a missing folder, an adapter of another model, a bad setting): the user's to fix, never

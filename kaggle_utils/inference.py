@@ -136,6 +136,9 @@ class InferenceConfig:
     gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
     attention_backend: str = engines.EngineOptions.attention_backend  # vLLM: auto (TRITON_ATTN on a T4) | a name
     enforce_eager: str = engines.EngineOptions.enforce_eager  # vLLM without CUDA graphs: auto (on a T4) | on | off
+    merge_adapters: str = "auto"  # vLLM: serve each adapter merged into a copy of its base, written at start to
+    # merge_dir: auto (on a T4, or from 1000 rows to sample; where the disk holds the copy) | on | off
+    merge_dir: str = ""  # where merged copies go; "" = <temp dir>/kaggle_utils_merged (local disk, not the output)
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
@@ -156,6 +159,8 @@ class InferenceConfig:
         names = [s.name for s in specs]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
         require(self.engine in engines.ENGINES, "engine", f"must be one of {engines.ENGINES}, got '{self.engine}'")
+        require(self.merge_adapters in engines.MERGE_CHOICES, "merge_adapters",
+                f"must be one of {engines.MERGE_CHOICES}, got '{self.merge_adapters}'")
         self.engine_options()  # dtype and gpu_memory_utilization are checked where the engines read them
         require(self.deadline_hours > 0, "deadline_hours", f"must be > 0, got {self.deadline_hours}")
         require(bool(self.fallback_prompt.strip()), "fallback_prompt", "must not be blank (it fills failed rows)")
@@ -287,17 +292,64 @@ def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: engines.Sampl
     return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
 
 
+def merge_dir(cfg: InferenceConfig) -> Path:
+    """Where merged copies of the plan's models are written (``merge_dir``, else the temp dir's
+    ``kaggle_utils_merged``: on Kaggle the local disk, not the 20 GB output)."""
+    import tempfile
+
+    return resolve_path(cfg.merge_dir) if cfg.merge_dir else Path(tempfile.gettempdir()) / "kaggle_utils_merged"
+
+
+def _merged_for_vllm(cfg: InferenceConfig, spec: ModelSpec, rows: int) -> str:
+    """The merged folder vLLM should serve for ``spec`` ("" = serve the adapter as a LoRARequest), merged here
+    when :func:`engines.merge_decision` says so. A merge that fails is logged, and the adapter is served as is."""
+    if spec.merged_path or not spec.adapter_path:
+        return spec.merged_path
+    folder = merge_dir(cfg)
+    adapter = engines.selected_adapter(spec.adapter_path, spec.preset)
+    merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model_path, adapter, rows, folder,
+                                        engines.card_capability())
+    logger.info("%s: %s (%s)", spec.name, "merging the adapter into a copy of the base" if merge
+                else "the adapter served as a LoRARequest", why)
+    if not merge:
+        return ""
+    try:
+        # One folder per base and adapter: plan entries that share an adapter (other n or temperature) share it.
+        import hashlib
+
+        tag = hashlib.sha1(f"{spec.base_model_path}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
+        return str(engines.merge_adapter(spec.preset, spec.base_model_path, adapter, folder / f"{spec.preset}-{tag}"))
+    except engines.PLAN_ERRORS:
+        raise
+    except Exception as e:  # out of memory or disk: the LoRARequest still serves the model
+        logger.error("%s: merging failed (%s: %s); serving the adapter as a LoRARequest", spec.name,
+                     type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
+        engines.free_gpu_memory()
+        return ""
+
+
 def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
-               store: sampling.PredictionStore, rows: pd.DataFrame, share) -> sampling.SamplingReport | None:
-    """Load one model and sample what is not done yet; a failure is logged and its rows fall back."""
+               store: sampling.PredictionStore, rows: pd.DataFrame, share, undone: int = 0
+               ) -> sampling.SamplingReport | None:
+    """Load one model (for vLLM merged first, when that pays: :func:`_merged_for_vllm`) and sample what is not done
+    yet (``undone`` rows); a failure is logged and its rows fall back."""
     engine = None
     try:
+        import time
+
+        start = time.time()
+        merged = _merged_for_vllm(cfg, spec, undone) if kind == "vllm" else spec.merged_path
+        merge_s = time.time() - start
         # vLLM failing to start (driver, memory, a config it refuses) falls back to the HF engine inside load_engine.
-        engine = engines.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, spec.merged_path,
+        engine = engines.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, merged,
                                      options=cfg.engine_options(scfg))
-        return sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
-                                    rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
-                                    model_name=name)
+        load_s = time.time() - start - merge_s
+        logger.info("%s: ready in %.0f s (merge %.0f s, engine start %.0f s)", name, merge_s + load_s, merge_s, load_s)
+        report = sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
+                                      rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
+                                      model_name=name)
+        report.merge_s, report.load_s = round(merge_s, 1), round(load_s, 1)
+        return report
     except engines.PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
@@ -322,7 +374,6 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
         table = pd.DataFrame(columns=REPORT_COLUMNS)
         table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
         return {}, table
-    kind = engines.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
@@ -340,7 +391,8 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
         else:
             share = deadline.for_model(left[m], sum(left[m + 1:]))
             logger.info("%s: %.0f s of the remaining %.0f s", spec.name, share.remaining(), deadline.remaining())
-            report = _run_model(cfg, kind, spec, spec.name, scfg, store, rows, share)
+            kind = engines.pick_engine(cfg.engine, spec.preset, spec.merged_path or spec.base_model_path)
+            report = _run_model(cfg, kind, spec, spec.name, scfg, store, rows, share, left[m] // max(scfg.n, 1))
             if report is not None:
                 reports.append(dataclasses.asdict(report))
     predictions = {s.name: st.predictions(ids, keys) for s, st in zip(specs, stores)}
@@ -358,7 +410,6 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
     left_out = cfg.left_out_specs
     if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not (cfg.models or left_out):
         return {}
-    kind = engines.pick_engine(cfg.engine)
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
@@ -375,7 +426,8 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
             logger.warning("%s: skipped, the deadline has passed", model.name)
             continue
         if any(not store.is_done(i, k) for i, k in zip(ids, keys)):
-            _run_model(cfg, kind, model, model.name, scfg, store, rows, deadline.for_model(1, 0))
+            kind = engines.pick_engine(cfg.engine, model.preset, model.merged_path or model.base_model_path)
+            _run_model(cfg, kind, model, model.name, scfg, store, rows, deadline.for_model(1, 0), len(rows))
         out[system] = store.predictions(ids, keys)
     return out
 

@@ -180,6 +180,8 @@ class SamplingReport:
     retried: int  # rows whose n generations were all empty, asked again greedily on a shorter prompt
     seconds: float  # wall time of sampling
     rows_per_s: float  # sampled rows per second
+    merge_s: float = 0.0  # seconds merging the adapter into a copy of the base before start (vLLM)
+    load_s: float = 0.0  # seconds starting the engine (model load, vLLM's start)
 
 
 def _retry_empty_rows(engine: Engine, records: list[dict], empty: list[int], rows, originals, rewrittens,

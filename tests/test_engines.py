@@ -252,6 +252,21 @@ def test_pick_engine_auto_takes_vllm_when_cuda_and_vllm(monkeypatch, caplog):
     assert "No module named 'vllm'" in caplog.text
 
 
+def test_pick_engine_auto_weighs_the_model_against_the_cards(monkeypatch, caplog, tiny_model_dir):
+    """With a model given, auto reads its weights' size and the cards' memory: a small model on two T4-sized cards
+    takes the HF engine; the same model on cards too small for one copy takes vLLM's tensor parallel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(engines, "vllm_import_error", lambda: "")
+    folder = tiny_model_dir("mistral")
+    monkeypatch.setattr(engines, "_cards_gib", lambda: [15.0, 15.0])
+    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "hf"
+    assert "engine: hf (auto, mistral-7b: 0.0 GiB of 16-bit weights fit one 15 GiB card" in caplog.text
+    tiny = engines.weights_bytes(folder) / 2**30
+    monkeypatch.setattr(engines, "_cards_gib", lambda: [tiny, tiny])
+    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "vllm"
+    assert "need vLLM's tensor parallel over 2 cards" in caplog.text
+
+
 # ---------------------------------------------------------------- adapters
 
 

@@ -150,7 +150,7 @@ def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tm
         raise RuntimeError("1 validation error for VllmConfig\n  Value error, Total number of attention heads (9) must "
                            "be divisible by tensor parallel size (2).")
 
-    monkeypatch.setattr(engines, "pick_engine", lambda requested: "vllm")  # as on a GPU box where vLLM imports
+    monkeypatch.setattr(engines, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU box where vLLM imports
     monkeypatch.setattr(engines.VLLMEngine, "from_preset", classmethod(no_start))
     from kaggle_utils import budget
 
