@@ -566,7 +566,8 @@ def auto_choice(weights_gib: float, cards_gib: list[float], fast_path: bool, fou
 
     - The 16-bit weights fit one card with room to spare (``ONE_CARD_SHARE``), the HF engine's fast path takes the
       model (a plain Llama/Mistral) and the preset is not 4-bit: the HF engine. On one H200 it sampled Mistral-7B at
-      60.1 rows/s (n=1) against vLLM's 66.4 on a merged folder, and it starts in seconds where vLLM took 35-210 s.
+      60.1 rows/s (n=1) against vLLM's 66.4 on a merged folder, and it starts in seconds where vLLM took 35-210 s
+      (and a merge 26 s): at a plan's 1300 rows it finishes first.
     - Else the weights fit all the cards (``ALL_CARDS_SHARE``): vLLM, tensor parallel where the heads split (Mistral-7B
       on Kaggle's two 15 GB T4s). The HF engine would split the layers over the cards: 7.4 rows/s on two H200s.
     - Else: the HF engine, which loads a 4-bit preset in 4 bits (vLLM would load the 16-bit weights).
@@ -574,8 +575,8 @@ def auto_choice(weights_gib: float, cards_gib: list[float], fast_path: bool, fou
     one, total = min(cards_gib), sum(cards_gib)
     size = f"{weights_gib:.1f} GiB of 16-bit weights"
     if fast_path and not four_bit and weights_gib <= ONE_CARD_SHARE * one:
-        return "hf", (f"{size} fit one {one:.0f} GiB card: the HF engine's fast path samples as fast as vLLM there and "
-                      "starts in seconds")
+        return "hf", (f"{size} fit one {one:.0f} GiB card: the HF engine's fast path, which starts in seconds "
+                      "where vLLM takes minutes")
     if weights_gib <= ALL_CARDS_SHARE * total:
         if len(cards_gib) > 1 and weights_gib > ALL_CARDS_SHARE * one:
             return "vllm", f"{size} need vLLM's tensor parallel over {len(cards_gib)} cards of {one:.0f} GiB"

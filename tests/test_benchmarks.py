@@ -155,3 +155,17 @@ def test_training_speed_reads_the_cards_clocks_under_load(tmp_path):
     assert got == {0: {"samples": 2, "sm_mhz": 1940.0, "watts": 645.25}, 1: {"samples": 1, "sm_mhz": 1500.0,
                                                                           "watts": 700.0}}
     assert ts.gpu_load_summary(tmp_path / "missing.csv") == {}
+
+
+@pytest.mark.slow
+def test_kernel_e2e_tiny_runs_the_submission_notebook_and_times_its_parts(tmp_path):
+    """The end-to-end kernel benchmark on CPU: the workload is built, the notebook runs headless through papermill,
+    and every test id gets a prediction; the table has the engine start and sampling seconds of the run."""
+    results = _run(["benchmarks/kernel_e2e.py", "--model", "tiny", "--rows", "6", "--engine", "hf", "--arms", "lora",
+                    "--n", "2", "--max_new_tokens", "4", "--work_dir", str(tmp_path / "work")], tmp_path / "out")
+    arm = results["steps"]["arm_0_lora"]
+    assert arm["rc"] == 0 and arm["submission_ok"], arm.get("error")
+    (line,) = results["steps"]["end_to_end"]
+    assert line["engine"] == "hf" and line["rows"] == 6 and line["n"] == 2
+    assert line["start_s"] > 0 and line["sampling_s"] > 0 and line["end_to_end_s"] >= line["sampling_s"]
+    assert "| lora (hf) | 2 |" in (tmp_path / "out" / "results.md").read_text()
