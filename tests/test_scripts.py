@@ -179,6 +179,20 @@ def test_selection_rules_pick_from_the_curve_as_documented():
     assert rules.latest_within_se(noisy, groups) >= rules.choose(noisy, groups)["best"]
 
 
+def test_average_windows_centres_each_window_on_the_smoothed_peak_and_keeps_it_inside_the_run():
+    windows = _script("average_windows").windows
+    # a lone spike at 100, a plateau at 500-700, the base model (step 0) and an unscored step left out
+    means = {0: 0.3, 50: 0.1, 100: 0.4, 150: 0.1, 200: 0.15, 250: 0.18, 300: 0.2, 350: 0.22, 400: 0.24, 450: 0.26,
+             500: 0.3, 550: 0.31, 600: 0.32, 650: 0.31, 700: 0.3, 750: 0.2, 800: float("nan")}
+    got = windows(means, ks=[5, 9, 21], tails=[3, 40])
+    assert got["best"] == [100]  # the spike wins alone; the base model's 0.3 never counts
+    assert got["peak5"] == [500, 550, 600, 650, 700]  # centred on the plateau, not on the spike
+    # the 9-checkpoint average peaks at 700 (fewer neighbours at the end); the window is shifted inward to fit
+    assert got["peak9"] == [350, 400, 450, 500, 550, 600, 650, 700, 750]
+    assert got["last3"] == [650, 700, 750]
+    assert "peak21" not in got and "last40" not in got  # wider than the 15 scored checkpoints
+
+
 def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_path):
     """scripts/seed_runs.sh with a stand-in `make` that records its calls: the plan names each seed's selection."""
     import os
