@@ -16,7 +16,7 @@ choice rows' curve only:
 - ``pick``: of the rules above, the one with the best choice-row score (what a select stage could do per run).
 
 With ``--soup``, runs of one arm (the same recipe and rows, other training seeds) are also averaged together: the
-adapters of each seed's ``best`` / ``peak5`` window, all of them in one adapter (``soup-best``, ``soup-peak5``: a
+adapters of each seed's ``best`` (or ``peakK``) window, all of them in one adapter (``soup-best``, ``soup-peakK``: a
 "model soup" of the seeds, one model at inference), scored on the first run's rows.
 
 Writes ``RUN/average_windows.json``; prints each run's rules (choice and report means, the report's 90% interval over
@@ -67,13 +67,11 @@ def score(run: Path, label: str, adapter: Path, report: bool, scorer, samplers: 
     return np.asarray(entry["scs"], dtype=float), validation
 
 
-def both_sets(run: Path, label: str, adapter: Path, scorer, val_rows: int = 0) -> dict:
-    """``adapter`` scored on ``run``'s choice rows and report rows (the report's 90% interval over prompt groups)."""
-    samplers: dict = {}
+def both_sets(run: Path, label: str, adapter: Path, scorer, samplers: dict, val_rows: int = 0) -> dict:
+    """``adapter`` scored on ``run``'s choice rows and report rows (the report's 90% interval over prompt groups);
+    ``samplers`` keeps the loaded models from one adapter to the next."""
     choice, _ = score(run, label, adapter, False, scorer, samplers, val_rows)
     rep, validation = score(run, label, adapter, True, scorer, samplers, val_rows)
-    for sampler in samplers.values():
-        checkpoints._free(sampler)
     groups = validation[data.PROMPT_COLUMN].map(data.normalize_prompt).to_numpy()
     lo, hi = metric.bootstrap_interval(rep, groups)
     return {"choice": round(float(choice.mean()), 4), "report": round(float(rep.mean()), 4),
@@ -93,10 +91,12 @@ def one_run(run: Path, ks: list[int], tails: list[int], scorer, val_rows: int = 
             means[int(f.stem.split("-")[1])] = float(np.mean(json.loads(f.read_text())["scs"]))
     if not means:
         raise SystemExit(f"{run / checkpoints.SELECTION_DIR}: no step-N.json (run make select RUN={run.name} first)")
-    ckpts, found = checkpoints.run_checkpoints(run), {}
+    ckpts, found, samplers = checkpoints.run_checkpoints(run), {}, {}
     for rule, steps in windows(means, ks, tails).items():
         adapter = averaged([ckpts[s] for s in steps], run / "windows" / rule)
-        found[rule] = {"steps": steps, **both_sets(run, rule, adapter, scorer, val_rows)}
+        found[rule] = {"steps": steps, **both_sets(run, rule, adapter, scorer, samplers, val_rows)}
+    for sampler in samplers.values():
+        checkpoints._free(sampler)
     pick = max(found, key=lambda r: (found[r]["choice"], -len(found[r]["steps"])))
     found["pick"] = {**found[pick], "picked": pick}
     (run / "average_windows.json").write_text(json.dumps(found, indent=2) + "\n")
@@ -108,8 +108,12 @@ def soup(runs: list[Path], found: dict[str, dict], rule: str, scorer, val_rows: 
     first = runs[0]
     folders = [checkpoints.run_checkpoints(r)[s] for r in runs for s in found[r.name][rule]["steps"]]
     adapter = averaged(folders, first / "windows" / f"soup-{rule}")
-    return {"steps": [f"{r.name}:{s}" for r in runs for s in found[r.name][rule]["steps"]],
-            **both_sets(first, f"soup-{rule}", adapter, scorer, val_rows)}
+    samplers: dict = {}
+    out = {"steps": [f"{r.name}:{s}" for r in runs for s in found[r.name][rule]["steps"]],
+           **both_sets(first, f"soup-{rule}", adapter, scorer, samplers, val_rows)}
+    for sampler in samplers.values():
+        checkpoints._free(sampler)
+    return out
 
 
 def paired(table: pd.DataFrame, rule: str, against: str) -> str:
@@ -145,7 +149,7 @@ def main() -> None:
     soups = []
     for arm, runs in by_arm.items():
         if args.soup and len(runs) > 1:
-            for rule in ("best", "peak5"):
+            for rule in ["best"] + [f"peak{k}" for k in args.k]:
                 if all(rule in found[r.name] for r in runs):
                     soups.append({"arm": arm, "rule": f"soup-{rule}", **soup(runs, found, rule, scorer, args.val_rows)})
     if soups:
