@@ -273,7 +273,11 @@ class HFEngine(Engine):
         torch_dtype = models.compute_dtype() if torch.cuda.is_available() else torch.bfloat16
         if options.dtype != "auto":
             torch_dtype = getattr(torch, options.dtype)
-        model = models.load_model(spec, base, load_in_4bit=load_in_4bit, dtype=torch_dtype,
+        num_gpus = None
+        if not load_in_4bit and models.gpu_count() > 1 and _fits_one_card(base):
+            num_gpus = 1  # the fast path needs the model on one device; split, it would run plain generate
+            logger.info("HF engine: %s fits one card; loaded on GPU 0 alone", base.name)
+        model = models.load_model(spec, base, load_in_4bit=load_in_4bit, dtype=torch_dtype, num_gpus=num_gpus,
                                   max_memory_gib=max_gpu_memory_gib)
         if resized:
             model.resize_token_embeddings(len(tokenizer))
@@ -561,20 +565,32 @@ ONE_CARD_SHARE = 0.6  # 16-bit weights up to this share of one card's memory: th
 ALL_CARDS_SHARE = 0.8  # up to this share of all the cards' memory: vLLM, tensor parallel; above it the HF engine
 
 
+def fits_one_card(weights_gib: float, cards_gib: list[float]) -> bool:
+    """Whether 16-bit weights leave one card (the smallest) room to batch: ``ONE_CARD_SHARE`` of its memory."""
+    return bool(cards_gib) and weights_gib <= ONE_CARD_SHARE * min(cards_gib)
+
+
+def _fits_one_card(base: Path) -> bool:
+    try:
+        return fits_one_card(weights_bytes(base) / 2**30, _cards_gib())
+    except Exception:  # an unreadable folder: leave the layout to accelerate
+        return False
+
+
 def auto_choice(weights_gib: float, cards_gib: list[float], fast_path: bool, four_bit: bool) -> tuple[str, str]:
     """``auto``'s engine for one model where both engines can run, and why.
 
-    - The 16-bit weights fit one card with room to spare (``ONE_CARD_SHARE``), the HF engine's fast path takes the
-      model (a plain Llama/Mistral) and the preset is not 4-bit: the HF engine. On one H200 it sampled Mistral-7B at
-      60.1 rows/s (n=1) against vLLM's 66.4 on a merged folder, and it starts in seconds where vLLM took 35-210 s
-      (and a merge 26 s): at a plan's 1300 rows it finishes first.
+    - The 16-bit weights fit one card with room to spare (:func:`fits_one_card`), the HF engine's fast path takes the
+      model (a plain Llama/Mistral) and the preset is not 4-bit: the HF engine, on one card. On one H200 it sampled
+      Mistral-7B's 1300 rows in 20.8 s (62.4 rows/s, n=1; 40.6 at n=4) after seconds of loading and 16 s of compile,
+      while vLLM starts in 31-213 s, and merged needs a 26 s merge first: the HF engine is done first.
     - Else the weights fit all the cards (``ALL_CARDS_SHARE``): vLLM, tensor parallel where the heads split (Mistral-7B
       on Kaggle's two 15 GB T4s). The HF engine would split the layers over the cards: 7.4 rows/s on two H200s.
     - Else: the HF engine, which loads a 4-bit preset in 4 bits (vLLM would load the 16-bit weights).
     """
     one, total = min(cards_gib), sum(cards_gib)
     size = f"{weights_gib:.1f} GiB of 16-bit weights"
-    if fast_path and not four_bit and weights_gib <= ONE_CARD_SHARE * one:
+    if fast_path and not four_bit and fits_one_card(weights_gib, cards_gib):
         return "hf", (f"{size} fit one {one:.0f} GiB card: the HF engine's fast path, which starts in seconds "
                       "where vLLM takes minutes")
     if weights_gib <= ALL_CARDS_SHARE * total:
@@ -633,10 +649,13 @@ def pick_engine(requested: str = "auto", preset: str = "", base_model_path: str 
         logger.info("engine: vllm (auto; CUDA and vLLM available)")
         return "vllm"
     spec = models.get_preset(preset)
-    base = models.resolve_base_path(spec, base_model_path)
-    model_type = str(models._config_json(base).get("model_type", ""))
-    kind, why = auto_choice(weights_bytes(base) / 2**30, _cards_gib(), model_type in decoding.SUPPORTED_MODEL_TYPES,
-                            spec.load_in_4bit)
+    base = models.resolve_base_path(spec, base_model_path)  # a missing folder is the plan's error: raised
+    try:
+        model_type = str(models._config_json(base).get("model_type", ""))
+        kind, why = auto_choice(weights_bytes(base) / 2**30, _cards_gib(),
+                                model_type in decoding.SUPPORTED_MODEL_TYPES, spec.load_in_4bit)
+    except Exception as e:  # an unreadable folder or card: vLLM, which falls back to the HF engine if it must
+        kind, why = "vllm", f"the model's size could not be weighed ({type(e).__name__}: {e})"
     logger.info("engine: %s (auto, %s: %s)", kind, preset, why)
     return kind
 
@@ -648,19 +667,24 @@ MERGE_MARKER = "merge.json"  # in a merged folder: which base and adapter it hol
 # auto merges for vLLM on a card below compute capability 8.0 (a T4), or when the model samples at least this many
 # rows. Measured end to end with the T4's settings on one H200 (BENCHMARKS.md, "Merging at kernel start"): the merge
 # of Mistral-7B took 26 s, and the merged model sampled 1300 rows at 35.1 rows/s (n=4) against the LoRARequest's
-# 20.3, so it pays back from about 900 rows there; a T4 samples about 15x slower while its merge is bound by the disk,
+# 20.3, so it pays back from about 870 rows there; a T4 samples about 15x slower while its merge is bound by the disk,
 # so it pays back sooner, and the merged model needs no LoRA kernels, the least-tried part of vLLM on Turing.
 MERGE_MIN_ROWS = 1000
 
 
 def weights_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the model's weights as a 16-bit folder would hold them (``*.safetensors`` or ``*.bin``; fp32 files
-    count half)."""
+    """Bytes of the model's weights as a 16-bit folder would hold them: the safetensors index's ``total_size``, else
+    the ``model*.safetensors`` files (not a ``consolidated.safetensors`` copy beside them), else the
+    ``pytorch_model*.bin`` shards; fp32 weights count half."""
     folder = Path(folder)
-    files = list(folder.glob("*.safetensors")) or list(folder.glob("*.bin"))
-    size = sum(f.stat().st_size for f in files)
-    stored = str(models._config_json(folder).get("torch_dtype") or models._config_json(folder).get("dtype") or "")
-    return size // 2 if stored == "float32" else size
+    index = folder / "model.safetensors.index.json"
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.exists() else None
+    if total is None:
+        files = list(folder.glob("model*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
+        total = sum(f.stat().st_size for f in files)
+    config = models._config_json(folder)
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "")
+    return int(total) // 2 if stored == "float32" else int(total)
 
 
 def _free_disk(folder: Path) -> int:
@@ -674,13 +698,15 @@ def _free_disk(folder: Path) -> int:
 
 
 def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path: str, rows: int,
-                   merge_dir: str | os.PathLike, capability: tuple[int, int] | None = None) -> tuple[bool, str]:
+                   merge_dir: str | os.PathLike, capability: tuple[int, int] | None = None,
+                   ready: bool = False) -> tuple[bool, str]:
     """Whether vLLM should serve this model merged (the adapter folded into a 16-bit copy of the base, written to
     ``merge_dir``) rather than as a ``LoRARequest``, and why (the caller logs it).
 
     ``choice`` "off" never merges and "on" always does where it can; "auto" merges on a card of compute capability
     below 8.0 (``capability`` of the first GPU; a T4) or when the model samples at least :data:`MERGE_MIN_ROWS` rows.
-    None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy.
+    None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy (weights + 5%).
+    A copy that is ``ready`` (:func:`holds_merge`) costs nothing: any choice but "off" serves it.
     """
     require(choice in MERGE_CHOICES, "merge_adapters", f"must be one of {MERGE_CHOICES}, got '{choice}'")
     if choice == "off":
@@ -690,6 +716,8 @@ def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path:
     spec = models.get_preset(preset)
     if spec.load_in_4bit:
         return False, f"preset {preset} runs 4-bit; a merged copy would be 16-bit"
+    if ready:
+        return True, f"a copy with this adapter merged is already in {merge_dir}"
     base = models.resolve_base_path(spec, base_model_path)
     need, free = weights_bytes(base), _free_disk(Path(merge_dir))
     if need * 1.05 > free:
@@ -711,8 +739,24 @@ def _merge_key(base: Path, adapter: Path) -> dict:
     import hashlib
 
     weights = adapter / artifacts.ADAPTER_FILES[1]
+    if not weights.exists():
+        weights = adapter / "adapter_model.bin"  # an older adapter's weights
     return {"base": str(base), "adapter": str(adapter),
             "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+
+
+def holds_merge(out: str | os.PathLike, preset: str, base_model_path: str, adapter_path: str) -> bool:
+    """Whether ``out`` is a finished merge of this adapter into this base (its ``merge.json``)."""
+    marker = Path(out) / MERGE_MARKER
+    if not marker.exists():
+        return False
+    try:
+        held = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    base = models.resolve_base_path(models.get_preset(preset), base_model_path)
+    key = _merge_key(base, check_adapter(adapter_path, preset))
+    return held.get("adapter_sha256") == key["adapter_sha256"] and held.get("base") == key["base"]
 
 
 def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str | os.PathLike) -> Path:
@@ -733,35 +777,38 @@ def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str
     base = models.resolve_base_path(spec, base_model_path)
     adapter = check_adapter(adapter_path, preset)
     out = Path(out)
-    key = _merge_key(base, adapter)
-    marker = out / MERGE_MARKER
-    if marker.exists() and json.loads(marker.read_text()).get("adapter_sha256") == key["adapter_sha256"] \
-            and json.loads(marker.read_text()).get("base") == key["base"]:
+    if holds_merge(out, preset, base_model_path, adapter_path):
         logger.info("merge: %s already holds %s merged into %s; reused", out, adapter, base.name)
         return out
+    key = _merge_key(base, adapter)
     start = time.time()
-    tokenizer = models.load_tokenizer(base)
-    prompts.ensure_chat_template(tokenizer, spec.family)
-    resized = prompts.ensure_pad_token(tokenizer)
-    on_gpu = models.gpu_count() > 0
-    model = models.load_model(spec, base, load_in_4bit=False, dtype=torch.float16 if on_gpu else torch.float32)
-    if resized:
-        model.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
-    model = model.to(torch.float16)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / MERGE_MARKER).write_text(json.dumps({**key, "seconds": round(time.time() - start, 1)}, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a half-written merged folder never looks complete
-    del model
-    free_gpu_memory()
+    model = None
+    try:
+        tokenizer = models.load_tokenizer(base)
+        prompts.ensure_chat_template(tokenizer, spec.family)
+        resized = prompts.ensure_pad_token(tokenizer)
+        on_gpu = models.gpu_count() > 0
+        model = models.load_model(spec, base, load_in_4bit=False, dtype=torch.float16 if on_gpu else torch.float32)
+        if resized:
+            model.resize_token_embeddings(len(tokenizer))
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
+        model = model.to(torch.float16)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / MERGE_MARKER).write_text(json.dumps({**key, "seconds": round(time.time() - start, 1)}, indent=2)
+                                        + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)  # a half-written merged folder never looks complete
+    finally:  # also on failure: the weights leave the GPUs and a half-written copy leaves the disk
+        del model
+        shutil.rmtree(tmp, ignore_errors=True)
+        free_gpu_memory()
     logger.info("merge: %s merged into %s -> %s (fp16) in %.0f s", adapter, base.name, out, time.time() - start)
     return out
 

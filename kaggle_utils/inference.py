@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import os
 import re
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,8 +138,7 @@ class InferenceConfig:
     gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
     attention_backend: str = engines.EngineOptions.attention_backend  # vLLM: auto (TRITON_ATTN on a T4) | a name
     enforce_eager: str = engines.EngineOptions.enforce_eager  # vLLM without CUDA graphs: auto (on a T4) | on | off
-    merge_adapters: str = "auto"  # vLLM: serve each adapter merged into a copy of its base, written at start to
-    # merge_dir: auto (on a T4, or from 1000 rows to sample; where the disk holds the copy) | on | off
+    merge_adapters: str = "auto"  # vLLM serves adapters merged into a base copy: auto (T4; 1000+ rows) | on | off
     merge_dir: str = ""  # where merged copies go; "" = <temp dir>/kaggle_utils_merged (local disk, not the output)
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
@@ -307,25 +308,28 @@ def _merged_for_vllm(cfg: InferenceConfig, spec: ModelSpec, rows: int) -> str:
         return spec.merged_path
     folder = merge_dir(cfg)
     adapter = engines.selected_adapter(spec.adapter_path, spec.preset)
-    merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model_path, adapter, rows, folder,
-                                        engines.card_capability())
-    logger.info("%s: %s (%s)", spec.name, "merging the adapter into a copy of the base" if merge
-                else "the adapter served as a LoRARequest", why)
-    if not merge:
+    if not adapter:  # the base model won the selection: nothing to merge
         return ""
+    # One folder per base and adapter: plan entries that share an adapter (other n or temperature) share it.
+    tag = hashlib.sha1(f"{spec.base_model_path}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
+    out = folder / f"{spec.preset}-{tag}"
     try:
-        # One folder per base and adapter: plan entries that share an adapter (other n or temperature) share it.
-        import hashlib
-
-        tag = hashlib.sha1(f"{spec.base_model_path}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
-        return str(engines.merge_adapter(spec.preset, spec.base_model_path, adapter, folder / f"{spec.preset}-{tag}"))
+        ready = engines.holds_merge(out, spec.preset, spec.base_model_path, adapter)
+        merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model_path, adapter, rows,
+                                            folder, engines.card_capability(), ready=ready)
+        logger.info("%s: %s (%s)", spec.name, "served merged into a copy of the base" if merge
+                    else "the adapter served as a LoRARequest", why)
+        if merge:
+            return str(engines.merge_adapter(spec.preset, spec.base_model_path, adapter, out))
+        return ""
     except engines.PLAN_ERRORS:
         raise
     except Exception as e:  # out of memory or disk: the LoRARequest still serves the model
-        logger.error("%s: merging failed (%s: %s); serving the adapter as a LoRARequest", spec.name,
-                     type(e).__name__, str(e).splitlines()[0][:300] if str(e) else "")
-        engines.free_gpu_memory()
-        return ""
+        failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+    # Out of the except block, so the traceback no longer holds the half-merged model's memory.
+    logger.error("%s: merging failed (%s); serving the adapter as a LoRARequest", spec.name, failure)
+    engines.free_gpu_memory()
+    return ""
 
 
 def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
@@ -335,8 +339,6 @@ def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg
     yet (``undone`` rows); a failure is logged and its rows fall back."""
     engine = None
     try:
-        import time
-
         start = time.time()
         merged = _merged_for_vllm(cfg, spec, undone) if kind == "vllm" else spec.merged_path
         merge_s = time.time() - start
@@ -349,6 +351,7 @@ def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg
                                       rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                       model_name=name)
         report.merge_s, report.load_s = round(merge_s, 1), round(load_s, 1)
+        report.merged = bool(merged) and isinstance(engine, engines.VLLMEngine)
         return report
     except engines.PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over

@@ -19,8 +19,12 @@ With ``--soup``, runs of one arm (the same recipe and rows, other training seeds
 adapters of each seed's ``best`` (or ``peakK``) window, all of them in one adapter (``soup-best``, ``soup-peakK``: a
 "model soup" of the seeds, one model at inference), scored on the first run's rows.
 
-Writes ``RUN/average_windows.json``; prints each run's rules (choice and report means, the report's 90% interval over
-prompt groups), then, over the runs, each rule's mean and its paired difference with ``best`` and ``peak5``.
+The windows are chosen from the scores ``make select`` cached (its scorer); every window is then scored with
+``--scorer_path`` (the MiniLM stand-in by default): give the select stage's scorer to keep them alike.
+
+Writes ``RUN/average_windows.json`` (and, with ``--soup``, ``average_windows_soups.json`` in the first run); prints
+each run's rules (choice and report means, the report's 90% interval over prompt groups), then, over the runs, each
+rule's mean and its paired difference with ``best`` and ``peak5``.
 Runs named ``<sweep>-<arm>-s<seed>`` (``research/sweep.sh``) are grouped by arm.
 """
 from __future__ import annotations
@@ -136,6 +140,8 @@ def main() -> None:
     parser.add_argument("--soup", action="store_true", help="also average each arm's seeds into one adapter")
     parser.add_argument("--val_rows", type=int, default=0, help="rows of each set, as whole prompt groups (0: all)")
     args = parser.parse_args()
+    if any(k < 1 or k % 2 == 0 for k in args.k):
+        parser.error(f"--k: window sizes must be odd (a window is centred on a step), got {args.k}")
     setup_logging()
     scorer = metric.Scorer(args.scorer_path)
     rows, by_arm, found = [], {}, {}

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import save_adapter
-from kaggle_utils import engines, prompts, sampling
+from kaggle_utils import engines, models, prompts, sampling
 from kaggle_utils.config import ConfigError
 
 ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
@@ -265,6 +265,48 @@ def test_pick_engine_auto_weighs_the_model_against_the_cards(monkeypatch, caplog
     monkeypatch.setattr(engines, "_cards_gib", lambda: [tiny, tiny])
     assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "vllm"
     assert "need vLLM's tensor parallel over 2 cards" in caplog.text
+
+    def unreadable():
+        raise RuntimeError("CUDA error: unknown error")
+
+    monkeypatch.setattr(engines, "_cards_gib", unreadable)  # weighing fails: vLLM, which can still fall back
+    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "vllm"
+    assert "the model's size could not be weighed (RuntimeError: CUDA error: unknown error)" in caplog.text
+
+
+def test_the_hf_engine_keeps_a_model_that_fits_one_card_on_one_card(monkeypatch, tiny_model_dir):
+    """On two GPUs the HF engine loads a model that fits one card on GPU 0 alone (its fast path needs one device);
+    a model too big for one card is left to accelerate's split."""
+    folder = tiny_model_dir("mistral")
+    asked = []
+
+    def load_model(spec, base, **kwargs):
+        asked.append(kwargs["num_gpus"])
+        raise InterruptedError("stop before any weights load")
+
+    monkeypatch.setattr(models, "gpu_count", lambda: 2)
+    monkeypatch.setattr(models, "load_model", load_model)
+    tiny = engines.weights_bytes(folder) / 2**30
+    for cards, expected in (([15.0, 15.0], 1), ([tiny, tiny], None)):
+        monkeypatch.setattr(engines, "_cards_gib", lambda cards=cards: cards)
+        with pytest.raises(InterruptedError):
+            engines.HFEngine.from_preset("mistral-7b", str(folder))
+    assert asked == [1, None]
+
+
+def test_weights_bytes_counts_the_model_files_once(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "torch_dtype": "bfloat16"}))
+    (folder / "model-00001-of-00002.safetensors").write_bytes(b"x" * 300)
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"x" * 200)
+    (folder / "consolidated.safetensors").write_bytes(b"x" * 500)  # Mistral's own copy of the same weights
+    (folder / "training_args.bin").write_bytes(b"x" * 50)
+    assert engines.weights_bytes(folder) == 500
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 480}}))
+    assert engines.weights_bytes(folder) == 480  # the index's count of the tensors, without file headers
+    (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "torch_dtype": "float32"}))
+    assert engines.weights_bytes(folder) == 240  # fp32 on disk: half as much in 16 bits
 
 
 # ---------------------------------------------------------------- adapters

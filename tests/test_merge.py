@@ -52,6 +52,9 @@ def test_merge_decision_follows_the_choice_the_card_the_rows_and_the_disk(folder
     monkeypatch.setattr(engines, "_free_disk", lambda folder: 10)
     merge, why = decide("on")
     assert not merge and "do not fit" in why and str(tmp_path / "merged") in why
+    ready = engines.merge_decision("auto", "smollm2-135m", str(base), str(adapter), 10, tmp_path, (9, 0), ready=True)
+    assert ready == (True, f"a copy with this adapter merged is already in {tmp_path}")  # a finished copy: no disk
+    assert engines.merge_decision("off", "smollm2-135m", str(base), str(adapter), 10, tmp_path, ready=True)[0] is False
     with pytest.raises(ConfigError, match="^merge_adapters: must be one of"):
         decide("yes")
 
@@ -95,26 +98,54 @@ def test_the_kernel_merges_for_vllm_once_per_adapter_and_logs_why(folders, tmp_p
     base, adapter = folders
     cfg = _plan(base, adapter, tmp_path, merge_adapters="auto")
     spec = cfg.model_specs[0]
+    assert inference._merged_for_vllm(cfg, spec, 10) == ""  # a small plan on a newer card: the LoRARequest
+    assert "the adapter served as a LoRARequest" in caplog.text and "10 rows to sample" in caplog.text
+    caplog.clear()
     folder = inference._merged_for_vllm(cfg, spec, engines.MERGE_MIN_ROWS * 2)
     assert folder and Path(folder).parent == tmp_path / "merged" and (Path(folder) / "config.json").exists()
-    assert "merging the adapter into a copy of the base" in caplog.text
+    assert "served merged into a copy of the base" in caplog.text and "merged into" in caplog.text
     caplog.clear()
-    assert inference._merged_for_vllm(cfg, spec, 10) == ""  # a small plan: the LoRARequest
-    assert "the adapter served as a LoRARequest" in caplog.text and "10 rows to sample" in caplog.text
+    assert inference._merged_for_vllm(cfg, spec, 10) == folder  # the finished copy serves a small plan too
+    assert "already in" in caplog.text and "reused" in caplog.text
 
 
-def test_a_failed_merge_is_logged_and_the_adapter_is_served_as_is(folders, tmp_path, caplog, monkeypatch):
+def test_a_failed_merge_is_logged_cleaned_up_and_the_adapter_is_served_as_is(folders, tmp_path, caplog,
+                                                                             monkeypatch):
+    """The disk fills while the copy is written: the half-written folder is removed, the memory is freed once the
+    error is handled, and the adapter is served as a LoRARequest."""
+    from transformers import PreTrainedModel
+
     base, adapter = folders
     cfg = _plan(base, adapter, tmp_path, merge_adapters="on")
 
-    def out_of_memory(*args, **kwargs):
-        raise MemoryError("no room for the merged copy")
+    def disk_full(self, folder, **kwargs):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(engines, "merge_adapter", out_of_memory)
+    freed = []
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
+    monkeypatch.setattr(engines, "free_gpu_memory", lambda: freed.append(True))
     with caplog.at_level(logging.ERROR, logger="kaggle_utils"):
         assert inference._merged_for_vllm(cfg, cfg.model_specs[0], 10**6) == ""
-    assert "merging failed (MemoryError: no room for the merged copy); serving the adapter as a LoRARequest" \
+    assert "merging failed (OSError: [Errno 28] No space left on device); serving the adapter as a LoRARequest" \
         in caplog.text
+    assert list((tmp_path / "merged").glob("*")) == []  # no .partial folder left to eat the next model's disk
+    assert len(freed) >= 2  # in the merge's own clean-up, and again once the error is handled
+
+
+def test_an_older_adapter_with_bin_weights_merges(folders, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    base, adapter = folders
+    bin_adapter = tmp_path / "bin_adapter"
+    bin_adapter.mkdir()
+    (bin_adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
+    torch.save(load_file(str(adapter / "adapter_model.safetensors")), bin_adapter / "adapter_model.bin")
+    out = engines.merge_adapter("smollm2-135m", str(base), str(bin_adapter), tmp_path / "merged")
+    assert engines.holds_merge(out, "smollm2-135m", str(base), str(bin_adapter))
+    assert not engines.holds_merge(out, "smollm2-135m", str(base), str(adapter))  # other bytes: another merge
 
 
 def test_a_bad_merge_choice_names_the_parameter(folders, tmp_path):
