@@ -211,6 +211,14 @@ def test_the_install_cell_compiles_and_skips_itself_off_kaggle(plan, monkeypatch
     assert "kaggle_utils 0.1.0, commit" in capsys.readouterr().out
 
 
+def test_a_variants_params_reach_the_kernel(plan, tmp_path):
+    """The docs' way to turn the merge at start off for one kernel: params in the variant."""
+    plan.variants[0].params = {"merge_adapters": "off", "batch_size": 32}
+    folder = kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
+    values = kernels.notebook_parameters(nbformat.read(folder / kernels.CODE_FILE, as_version=4))
+    assert values["merge_adapters"] == "off" and values["batch_size"] == 32
+
+
 def test_render_refuses_parameters_the_notebook_lacks_or_paths_outside_kaggle(plan, tmp_path):
     plan.variants[0].params = {"not_a_parameter": 1}
     with pytest.raises(ConfigError, match=r"^variant 'mistral-v3-x10': \['not_a_parameter'\] are not parameters of "):
