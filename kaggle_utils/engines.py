@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -689,8 +692,6 @@ def weights_bytes(folder: str | os.PathLike) -> int:
 
 def _free_disk(folder: Path) -> int:
     """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
-    import shutil
-
     probe = folder
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
@@ -736,8 +737,7 @@ def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path:
 
 
 def _merge_key(base: Path, adapter: Path) -> dict:
-    import hashlib
-
+    """What ``merge.json`` records of a merge: the base folder and the adapter, with its weights' sha256."""
     weights = adapter / artifacts.ADAPTER_FILES[1]
     if not weights.exists():
         weights = adapter / "adapter_model.bin"  # an older adapter's weights
@@ -745,18 +745,21 @@ def _merge_key(base: Path, adapter: Path) -> dict:
             "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
 
 
-def holds_merge(out: str | os.PathLike, preset: str, base_model_path: str, adapter_path: str) -> bool:
-    """Whether ``out`` is a finished merge of this adapter into this base (its ``merge.json``)."""
-    marker = Path(out) / MERGE_MARKER
-    if not marker.exists():
-        return False
+def _holds(out: Path, key: dict) -> bool:
+    """Whether ``out``'s ``merge.json`` records the merge ``key`` describes (a finished merge: it is written last)."""
     try:
-        held = json.loads(marker.read_text())
+        held = json.loads((out / MERGE_MARKER).read_text())
     except (OSError, ValueError):
         return False
-    base = models.resolve_base_path(models.get_preset(preset), base_model_path)
-    key = _merge_key(base, check_adapter(adapter_path, preset))
     return held.get("adapter_sha256") == key["adapter_sha256"] and held.get("base") == key["base"]
+
+
+def holds_merge(out: str | os.PathLike, preset: str, base_model_path: str, adapter_path: str) -> bool:
+    """Whether ``out`` is a finished merge of this adapter into this base (its ``merge.json``)."""
+    if not (Path(out) / MERGE_MARKER).exists():
+        return False
+    base = models.resolve_base_path(models.get_preset(preset), base_model_path)
+    return _holds(Path(out), _merge_key(base, check_adapter(adapter_path, preset)))
 
 
 def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str | os.PathLike) -> Path:
@@ -767,9 +770,6 @@ def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str
     precision in the merge) and saved as fp16. The folder is written under a ``.partial`` name and renamed when
     complete, with ``merge.json`` naming its base and adapter: a folder that already holds this merge is reused.
     """
-    import shutil
-    import time
-
     import torch
     from peft import PeftModel
 
@@ -777,10 +777,10 @@ def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str
     base = models.resolve_base_path(spec, base_model_path)
     adapter = check_adapter(adapter_path, preset)
     out = Path(out)
-    if holds_merge(out, preset, base_model_path, adapter_path):
+    key = _merge_key(base, adapter)
+    if _holds(out, key):
         logger.info("merge: %s already holds %s merged into %s; reused", out, adapter, base.name)
         return out
-    key = _merge_key(base, adapter)
     start = time.time()
     tmp = out.with_name(out.name + ".partial")
     model = None

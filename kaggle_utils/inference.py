@@ -247,8 +247,7 @@ def read_test(cfg: InferenceConfig) -> pd.DataFrame:
 
     A missing column, a duplicated id or a file with no rows is a clear error (:class:`kaggle_utils.data.DataError`)
     before any model loads; invalid UTF-8 is replaced and logged. Adds ``_empty`` (a blank text: it gets the
-    fallback, logged) and ``_identical`` (the texts
-    are the same: it gets ``identical_fallback``).
+    fallback, logged) and ``_identical`` (the texts are the same: it gets ``identical_fallback``).
     """
     df = data.read_rewrites(cfg.test_file, require_prompt=False, require_id=True)
     if df.empty:  # a header and nothing else: a wrong file, not a test set (Kaggle's has ~1300 rows)

@@ -453,8 +453,9 @@ def _budget_callback(cfg: TrainConfig):
                 logger.warning("time budget %.1f min: %.2f s a step over steps %d-%d on this machine, so the %d "
                                "planned steps would take %.1f min: training stops at step %d (a checkpoint every %d "
                                "steps, the %s schedule ending there). Fewer steps usually score lower; "
-                               "time_budget_minutes=0 trains them all", cfg.time_budget_minutes, pace, self.first[0] + 1, step,
-                               cfg.max_steps, projected(cfg.max_steps) / 60, fit, save_steps, cfg.lr_scheduler)
+                               "time_budget_minutes=0 trains them all", cfg.time_budget_minutes, pace,
+                               self.first[0] + 1, step, cfg.max_steps, projected(cfg.max_steps) / 60, fit, save_steps,
+                               cfg.lr_scheduler)
             self.chosen = fit
             if state.is_world_process_zero:
                 path.write_text(json.dumps(record, indent=2) + "\n")
