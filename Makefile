@@ -25,20 +25,26 @@ help: ## list the targets
 
 GPU ?=
 WHEELS ?=
-setup: $(STAMP) ## create .venv: the CPU stack; GPU=1 the GPU stack with vLLM (docs/gpu.md); WHEELS=dir offline
+TORCH_INDEX ?=
+TEST_STAMP := .venv/.test-installed
+setup: $(STAMP) ## create .venv: the CPU stack (TORCH_INDEX=url: torch from there); GPU=1 the GPU stack with vLLM; WHEELS=dir offline
 # A .venv that is not a GPU one yet, asked for GPU=1, is installed again.
 ifeq ($(GPU),1)
 ifneq ($(shell cat $(STAMP) 2>/dev/null),gpu)
 .PHONY: $(STAMP)
 endif
 endif
-$(STAMP): requirements.txt requirements-gpu.txt requirements-vllm-types.txt pyproject.toml scripts/setup.sh
-	GPU=$(GPU) WHEELS=$(WHEELS) bash scripts/setup.sh
+$(STAMP): requirements.txt requirements-gpu.txt pyproject.toml scripts/setup.sh
+	GPU=$(GPU) WHEELS=$(WHEELS) TORCH_INDEX=$(TORCH_INDEX) bash scripts/setup.sh
 
-test: setup ## run every test (fast + slow); CI runs this
+# The test extras (pytest; vLLM's types in a CPU .venv) on top of the stack `make demo` uses.
+$(TEST_STAMP): $(STAMP) requirements-test.txt requirements-vllm-types.txt
+	WHEELS=$(WHEELS) bash scripts/setup.sh test
+
+test: $(TEST_STAMP) ## run every test (fast + slow); CI runs this
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
 
-test-fast: setup ## run the fast tests only (no real model, no notebook runs)
+test-fast: $(TEST_STAMP) ## run the fast tests only (no real model, no notebook runs)
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
 # The data: ../shared/data when it exists, else data/ (built once by `make data`; KAGGLE_UTILS_DATA=/path overrides).

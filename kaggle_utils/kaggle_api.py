@@ -169,13 +169,7 @@ def build_adapters_dataset(plan: kernels.Plan, user: str, runs_dir: str | os.Pat
     where = f"variant '{slug}'" if slug else "the plan"
     require(bool(wanted), "adapter", f"{where} reads no adapter from its own adapters dataset")
     runs = resolve_path(runs_dir)
-    missing = []
-    for name, merged in wanted.items():
-        sel = runs / name / artifacts.SELECTED_DIR
-        if not artifacts.has_adapter(sel):
-            missing.append(f"{sel} (select a checkpoint of run '{name}')")
-        elif merged and not (sel / "merged" / "config.json").exists():
-            missing.append(f"{sel / 'merged'} (a model uses_merged; export the merged weights)")
+    missing = kernels.missing_adapters(plan, slug, runs_dir)
     if missing:
         hint = "" if slug else " (VARIANT=<slug> pushes one variant's adapters only)"
         raise FileNotFoundError(f"adapters {where} needs are missing{hint}:\n  " + "\n  ".join(missing))

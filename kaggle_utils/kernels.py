@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, git_commit, wheels
+from . import __version__, artifacts, git_commit, wheels
 from .config import ConfigError, project_root, require, resolve_path
 from .models import PRESETS, get_preset
 
@@ -465,14 +465,20 @@ def render_variant(plan: Plan, variant: Variant, user: str, out_dir: str | os.Pa
     return folder
 
 
-def render(plan: Plan, user: str, out_dir: str | os.PathLike = KERNELS_DIR, slug: str = "") -> list[Path]:
-    """Render every variant (or the one called ``slug``) into ``out_dir``; returns the kernel folders."""
+def render(plan: Plan, user: str, out_dir: str | os.PathLike = KERNELS_DIR, slug: str = "",
+           runs_dir: str | os.PathLike = "runs") -> list[Path]:
+    """Render every variant (or the one called ``slug``) into ``out_dir``; returns the kernel folders. Each adapter
+    folder of the plan's own dataset that ``runs_dir`` does not hold yet is named, with the commands that make it."""
     if user == PLACEHOLDER_USER:
         logger.warning("no Kaggle user (KAGGLE_USERNAME, ~/.kaggle/kaggle.json or the plan's `user`): ids read "
                        "'%s/...'; `make push` renders again with yours", PLACEHOLDER_USER)
     folders = [render_variant(plan, v, user, out_dir) for v in plan.select(slug)]
     for f in folders:
         logger.info("rendered %s", f)
+    missing = missing_adapters(plan, slug, runs_dir)
+    if missing:  # the kernels are rendered; their adapters dataset cannot be built here until these exist
+        logger.warning("adapter folders not in runs/ yet (`make push-adapters` needs each):\n  %s",
+                       "\n  ".join(missing))
     return folders
 
 
@@ -611,3 +617,34 @@ def own_adapters(plan: Plan, slug: str = "") -> dict[str, bool]:
             if m.adapter and "/" not in m.adapter:
                 wanted[m.adapter] = wanted.get(m.adapter, False) or m.use_merged
     return wanted
+
+
+def train_commands(preset: str, run: str) -> str:
+    """The two make commands that leave ``runs/<run>/selected/``: train the preset as that run, then select."""
+    return f"`make {get_preset(preset).make_target} RUN={run}`, then `make select RUN={run}`"
+
+
+def missing_adapters(plan: Plan, slug: str = "", runs_dir: str | os.PathLike = "runs") -> list[str]:
+    """One line for each adapter folder the plan (or its variant ``slug``) reads from its own adapters dataset that
+    ``runs_dir/<adapter>/selected/`` does not hold yet: the folder, the variants that need it and the commands that
+    make it. Empty when `make push-adapters` has everything."""
+    runs = resolve_path(runs_dir)
+    needed: dict[str, list[str]] = {}
+    presets: dict[str, str] = {}
+    merged: dict[str, bool] = {}
+    for v in plan.select(slug):
+        for m in v.models:
+            if m.adapter and "/" not in m.adapter:
+                needed.setdefault(m.adapter, []).append(v.slug)
+                presets.setdefault(m.adapter, m.preset)
+                merged[m.adapter] = merged.get(m.adapter, False) or m.use_merged
+    lines = []
+    for name, slugs in needed.items():
+        sel = runs / name / artifacts.SELECTED_DIR
+        who = ", ".join(dict.fromkeys(slugs))
+        if not artifacts.has_adapter(sel):
+            lines.append(f"{sel} (needed by {who}): {train_commands(presets[name], name)}")
+        elif merged[name] and not (sel / "merged" / "config.json").exists():
+            lines.append(f"{sel / 'merged'} (needed by {who}: a model serves use_merged): export the merged weights "
+                         f"with `make select RUN={name} SELECT_ARGS=\"-p export_merged True\"`")
+    return lines

@@ -1,6 +1,11 @@
 """Shared fixtures: the prepared SmolLM2 tokenizer, tiny random models in the real architectures, small CSVs.
 
 Run all tests: `make test`; only the fast ones: `make test-fast` (`pytest -m "not slow"`).
+
+The tests carry their own data: ``tests/fixtures/`` holds made-up rows in the data folder's three files
+(``tests/fixtures/make_rows.py`` writes them), and every ``data/...`` path a test or a notebook run resolves points
+there (``KAGGLE_UTILS_DATA``), so no test reads ``../shared/data`` or ``data/``. The checks of the real files
+(tests/test_real_data.py) look up the folder the Makefile would use themselves, from :data:`USER_DATA_ENV`.
 """
 from __future__ import annotations
 
@@ -13,9 +18,13 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-GEMMA_CSV = SHARED_DATA / "gemma_rewrites.csv"
-EXTRA_CSV = SHARED_DATA / "extra_rewrites.csv"
+FIXTURE_DATA = Path(__file__).resolve().parent / "fixtures"
+GEMMA_CSV = FIXTURE_DATA / "gemma_rewrites.csv"
+EXTRA_CSV = FIXTURE_DATA / "extra_rewrites.csv"
+SELECTED_PROMPTS = FIXTURE_DATA / "selected_prompts.json"
+# The caller's own data override, kept for the real-file checks before the tests point data/ at the fixtures.
+USER_DATA_ENV = os.environ.get("KAGGLE_UTILS_DATA")
+os.environ["KAGGLE_UTILS_DATA"] = str(FIXTURE_DATA)
 
 
 @pytest.fixture(scope="session")

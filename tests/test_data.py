@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 
 from kaggle_utils import data
-from conftest import GEMMA_CSV
+from conftest import EXTRA_CSV, GEMMA_CSV
 
 
-def test_reads_real_gemma_rows():
+def test_reads_every_row_of_a_competition_file():
     df = data.read_rewrites(GEMMA_CSV)
-    assert len(df) == 998
+    assert len(df) == len(pd.read_csv(GEMMA_CSV)) > 100
     assert {"id", "original_text", "rewritten_text", "rewrite_prompt", "_file", "_row"} <= set(df.columns)
     assert df["_row"].iloc[0] == 2  # line 1 is the header
 
@@ -72,10 +72,10 @@ def test_dedup_keeps_one_row_per_prompt(prompts, kept):
 @pytest.mark.parametrize("seed", [0, 1, 7])
 def test_split_never_shares_a_prompt(seed):
     df = data.read_rewrites(GEMMA_CSV)
-    train, val = data.split_by_prompt(df, val_rows=100, seed=seed)
+    train, val = data.split_by_prompt(df, val_rows=60, seed=seed)
     key = lambda d: set(d["rewrite_prompt"].map(data.normalize_prompt))  # noqa: E731
     assert not key(train) & key(val)
-    assert len(val) >= 100 and len(train) + len(val) == len(df)
+    assert len(val) >= 60 and len(train) + len(val) == len(df)
 
 
 def test_split_caps_rows_per_group():
@@ -100,7 +100,7 @@ def test_length_filter_drops_and_logs(caplog):
 
 
 def test_train_sources_keep_only_the_named_rewriters():
-    extra = GEMMA_CSV.parent / "extra_rewrites.csv"
+    extra = EXTRA_CSV
     every = data.load_training_rows([GEMMA_CSV, extra], dedup=False)
     gemma = data.load_training_rows([GEMMA_CSV, extra], dedup=False,
                                     sources=["pedromb-gemma7b-eval", " getorca-gemma-filtered"])
@@ -133,7 +133,7 @@ def test_train_sources_from_a_yaml_list_and_checked_before_any_model_loads(tmp_p
 
 
 def test_source_weights_repeat_and_subsample_whole_sources(caplog):
-    extra = GEMMA_CSV.parent / "extra_rewrites.csv"
+    extra = EXTRA_CSV
     rows = data.load_training_rows([GEMMA_CSV, extra], dedup=False)
     counts = rows["source"].value_counts()
     out = data.weight_sources(rows, "pedromb-gemma7b-eval:3, getorca-gemini-dolly=0.5,alexsaavedraa-gpt35:0", seed=1)

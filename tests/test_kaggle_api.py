@@ -85,8 +85,9 @@ def test_library_dataset_holds_a_wheel_stamped_with_the_commit(tmp_path):
 def test_adapters_dataset_copies_every_planned_adapter_or_names_the_missing(tmp_path):
     plan = kernels.load_plan()
     with pytest.raises(FileNotFoundError, match=r"^adapters the plan needs are missing \(VARIANT=<slug> .*\n  .*"
-                                                r"/runs/mistral-7b-v3/selected \(select a checkpoint of run "
-                                                r"'mistral-7b-v3'\)"):
+                                                r"/runs/mistral-7b-v3/selected \(needed by mistral-v3-x10, mmml-v1, "
+                                                r"mmml-v1-with-mean-prompt\): `make train-mistral RUN=mistral-7b-v3`, "
+                                                r"then `make select RUN=mistral-7b-v3`"):
         kaggle_api.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
     for name in kernels.own_adapters(plan):

@@ -17,6 +17,7 @@ import nbformat
 import pandas as pd
 import pytest
 
+from conftest import GEMMA_CSV
 from kaggle_utils import kernels, models
 from kaggle_utils.config import ConfigError, resolve_path
 
@@ -153,6 +154,42 @@ def test_sources_resolve_the_user_and_other_owners():
     with pytest.raises(ConfigError,
                        match=r"^variant: no variant 'nope' in the plan; planned: mistral-v3-x10, mmml-v1, "):
         plan.variant("nope")
+
+def test_the_plan_says_which_run_makes_each_adapter_it_names():
+    """Every adapter folder of the plan's own dataset has its make commands written in the plan file, so a user who
+    trains the presets can push every variant without editing it."""
+    plan = kernels.load_plan()
+    text = (REPO / "configs" / "submissions.yaml").read_text()
+    for v in plan.variants:
+        for m in v.models:
+            if m.adapter and "/" not in m.adapter:
+                wanted = f"make {models.get_preset(m.preset).make_target} RUN={m.adapter}"
+                assert wanted in text, f"{v.slug}: the plan does not say `{wanted}`"
+
+
+def test_missing_adapter_folders_are_named_with_the_commands_that_make_them(tmp_path, caplog):
+    plan = kernels.load_plan()
+    runs = tmp_path / "runs"
+    lines = kernels.missing_adapters(plan, "mmml-v2", runs_dir=runs)
+    assert len(lines) == 4
+    assert lines[0] == (f"{runs / 'mistral-7b' / 'selected'} (needed by mmml-v2): `make train-mistral RUN=mistral-7b`, "
+                        "then `make select RUN=mistral-7b`")
+    assert any("make train-mixtral RUN=mixtral-8x7b" in line for line in lines)
+    for name in ("mistral-7b", "llama2-13b", "mistral-22b"):  # the files that make a folder an adapter
+        (runs / name / "selected").mkdir(parents=True)
+        (runs / name / "selected" / "adapter_config.json").write_text("{}")
+        (runs / name / "selected" / "adapter_model.safetensors").write_bytes(b"")
+    assert [line.split(" ")[0] for line in kernels.missing_adapters(plan, "mmml-v2", runs_dir=runs)] == [
+        str(runs / "mixtral-8x7b" / "selected")]
+    # the whole plan: a folder two variants read is named once, with both
+    every = kernels.missing_adapters(plan, runs_dir=runs)
+    assert sum("mixtral-8x7b/selected " in line for line in every) == 1
+    assert any("(needed by mmml-v2, mmml-v2-with-mean-prompt)" in line for line in every)
+    # make render renders anyway (no weights needed) and names what `make push-adapters` will lack
+    kernels.render(plan, USER, out_dir=tmp_path / "kernels", slug="mmml-v2", runs_dir=runs)
+    assert (tmp_path / "kernels" / "mmml-v2" / "kernel-metadata.json").exists()
+    assert "make train-mixtral RUN=mixtral-8x7b" in caplog.text
+
 
 # ---------------------------------------------------------------- rendered kernels
 
@@ -326,7 +363,7 @@ def test_run_local_executes_the_rendered_kernel_with_local_paths(tmp_path):
 def test_render_local_dry_run_writes_a_valid_submission(tmp_path):
     demo_adapter = REPO / "runs" / "demo" / "selected"
     adapter = demo_adapter if (demo_adapter / "adapter_config.json").exists() else _tiny_adapter(tmp_path / "adapter")
-    test = pd.read_csv(REPO.parent / "shared" / "data" / "gemma_rewrites.csv").head(6)
+    test = pd.read_csv(GEMMA_CSV).head(6)
     test[["id", "original_text", "rewritten_text"]].to_csv(tmp_path / "test.csv", index=False)
     settings = kernels.LocalSettings(
         paths={"/kaggle/input/llm-prompt-recovery/test.csv": str(tmp_path / "test.csv"),
