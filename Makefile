@@ -146,9 +146,10 @@ train-mixtral: RUN = mixtral-8x7b
 train-mixtral: CONFIG = configs/mixtral-8x7b.yaml
 train-mixtral: train ## Mixtral-8x7B-Instruct-v0.1, QLoRA, router kept in 16 bit (BASE_MODEL=...)
 
+MEAN_PROMPT_ARGS ?=
 .PHONY: mean-prompt
-mean-prompt: setup ## search the mean prompt against the scorer and choose the blend on RUN's validation rows
-	$(call notebook,mean_prompt,runs/$(RUN),-r run_name $(RUN))
+mean-prompt: setup ## search the mean prompt and choose the blend on RUN's choice rows (MEAN_PROMPT_ARGS: more -p/-r)
+	$(call notebook,mean_prompt,runs/$(RUN),-r run_name $(RUN) $(MEAN_PROMPT_ARGS))
 
 clean-notebooks: setup ## strip outputs and execution counts from notebooks/ before committing
 	$(PY) scripts/nbtool.py clean notebooks/*.ipynb

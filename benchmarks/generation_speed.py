@@ -4,6 +4,9 @@ Usage (on a GPU box; writes results.json, results.md and cfg.json to --out):
     python benchmarks/generation_speed.py --out runs/bench/generation_speed
 CPU smoke test of the whole script (tiny model, a few rows, no 4-bit):
     python benchmarks/generation_speed.py --model tiny --rows 24 --out runs/bench/tiny
+The project's decoder against transformers' static cache + torch.compile only (no vLLM needed; below):
+    python benchmarks/generation_speed.py --out runs/bench/static \
+        --skip one_row baseline fast_repeat ablations quant tests vllm_lora vllm_merged
 
 Workload: the Mistral-7B shape with random bf16 weights, a rank-1 LoRA adapter on the preset's modules merged by the
 project's loader (``HFEngine.from_preset``), ``rows`` prompts whose token lengths are drawn from the real
@@ -20,9 +23,39 @@ lengths, other words), so its prefix cache (on, as in the submission) never hold
 vLLM runs on every visible GPU (tensor parallel when the heads split): on a 2-GPU box, the Kaggle 2xT4 setting is
 ``--vllm_dtype float16 --hf_dtype float16`` with the HF engine's layers split over both cards
 (``--baseline_every 5`` keeps that slow path short).
+
+Is the project's decoder worth keeping? ``hf_static`` / ``hf_static_n4`` against ``fast`` / ``fast_n4``, one run,
+one card (``--skip one_row baseline fast_repeat ablations quant tests vllm_lora vllm_merged`` runs only these four;
+vLLM need not be installed). Both arms get the same rows, the same merged model in the same dtype, the same engine
+batches (``fast_batch_size`` rows; at n=4 a quarter of that, so both hold about as many sequences), the same sampling
+(temperature, top-p, no top-k, ``max_new_tokens`` new tokens: EOS lies outside the vocabulary, so never sampled) and
+the same ``HFEngine.generate_batches`` loop around the generate call: tokenizing with the chat template, length
+sorting, left padding, the per-batch seed, moving ids to the GPU, decoding the text. Only the call differs:
+
+- ``fast``: ``kaggle_utils.decoding`` (static KV cache, CUDA graphs, compiled element-wise ops, length-sorted prefill
+  chunks, n samples from one prefill). Its rows/s exclude its one-time warm-up (``warmup_s``: compiling the ops,
+  capturing on 8 rows), as before; the comparison adds that warm-up back for its end-to-end figure, at n=4 too (a
+  fresh process pays it once).
+- ``hf_static``: ``model.generate(..., cache_implementation="static")`` with transformers' automatic compilation of
+  the decoding forward (``torch.compile``, its default ``CompileConfig``: inductor, mode "reduce-overhead" = CUDA
+  graphs; the prefill runs eagerly, as transformers runs it); at n=4 ``num_return_sequences=4`` (the prompt is
+  prefilled 4 times: transformers' own way). The static cache is sized by the first (longest-prompt) batch and kept
+  for the later ones, as transformers does to avoid recompiling. Timed from the first batch on, compilation
+  INCLUDED (each phase starts from a reset compiler, as a fresh process would; inductor's on-disk cache may still hold
+  kernels of an earlier phase). A CUDA out-of-memory error in a batch restarts the phase at half the batch (said in
+  the results and the table): on an 80 GB H100 325 rows do not fit (the static cache for the longest prompts is
+  42 GiB, the eager prefill's MLP activations ~27 GiB more), so there it ran batches of 162 rows (40 at n=4); on a
+  141 GB H200 they should fit.
+
+The comparison gives each arm's end-to-end rows/s (compile included) and their ratio, the steady-state rows/s of both
+over the full-size batches after the first (the first holds the longest prompts and the compilation; a smaller last
+batch, a new shape, is left out) and that ratio, and each phase's peak GPU memory. Off CUDA (the CPU smoke test) the
+fast path is forced on (eager ops, no graphs) and ``hf_static`` compiles through
+``CompileConfig._compile_all_devices`` unless ``--hf_static_compile cuda``.
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import random
@@ -59,8 +92,10 @@ class Config:
     vllm_dtype: str = "auto"  # vLLM's dtype: auto | float16 (Kaggle's T4) | bfloat16
     vllm_max_model_len: int = 2048  # vLLM context (prompts + new tokens)
     vllm_one_call: bool = False  # also time the LoRA engine with every row in one generate call (not chunks of 128)
-    # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4 (runs only with fast), ablations, quant, tests,
-    # vllm_lora, vllm_merged
+    hf_static_batch_size: int = 0  # rows per generate call of hf_static (0: fast_batch_size; n=4 takes 1/n_extra)
+    hf_static_compile: str = "on"  # on: compile on any device | cuda: only on CUDA (eager static cache elsewhere) | off
+    # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4 (runs only with fast), ablations, hf_static,
+    # hf_static_n4, quant, tests, vllm_lora, vllm_merged
     skip: list = field(default_factory=list)
 
 
@@ -96,7 +131,8 @@ def sampling_config(cfg: Config, batch_size: int = 16, n: int = 1):
 
 
 def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:
-    """Seconds, rows/s and peak GPU memory of one full ``generate_batches`` pass."""
+    """Seconds, rows/s and peak GPU memory of one full ``generate_batches`` pass, and when each batch was done
+    (``batch_s``: seconds since the start; a batch's texts are decoded on the host, so its GPU work is over)."""
     import torch
 
     from kaggle_utils import decoding
@@ -108,16 +144,50 @@ def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:
     before = dict(decoding.counters)
     t0 = time.perf_counter()
     n_out = empty = 0
+    batch_rows, batch_s = [], []
     for rows, texts in engine.generate_batches(originals, rewrittens, scfg, progress=False):
         n_out += sum(len(t) for t in texts)
         empty += sum(1 for t in texts for x in t if not x.strip())
+        batch_rows.append(len(rows))
+        batch_s.append(round(time.perf_counter() - t0, 3))
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     used = {k: round(v - before[k], 3) for k, v in decoding.counters.items() if v != before[k]}
     return {"rows": len(originals), "completions": n_out, "empty_completions": empty, "seconds": round(seconds, 3),
             "rows_per_s": len(originals) / seconds,
-            "peak_gib": common.gib(torch.cuda.max_memory_allocated()) if cuda else None, "decoding": used}
+            "peak_gib": common.gib(torch.cuda.max_memory_allocated()) if cuda else None, "decoding": used,
+            "batch_rows": batch_rows, "batch_s": batch_s}
+
+
+def steady_rate(r: dict) -> dict | None:
+    """Rows/s over the full-size batches after the first (steady state: no compilation, no warm-up; a smaller last
+    batch is left out, as a new batch shape recompiles a compiled forward), or None when there are none."""
+    rows, ends = r.get("batch_rows") or [], r.get("batch_s") or []
+    took = [b - a for a, b in zip([0.0] + ends, ends)]
+    keep = [i for i in range(1, len(rows)) if rows[i] == rows[0]]
+    seconds = sum(took[i] for i in keep)
+    if not keep or seconds <= 0:
+        return None
+    return {"rows": sum(rows[i] for i in keep), "batches": len(keep), "seconds": round(seconds, 3),
+            "rows_per_s": sum(rows[i] for i in keep) / seconds}
+
+
+@contextlib.contextmanager
+def fast_path_forced(on: bool):
+    """Within this block the HF engine takes ``kaggle_utils.decoding``'s fast path off CUDA too (as the decoding
+    tests force it on CPU), so the CPU smoke test runs the fast phases; on CUDA it changes nothing."""
+    from kaggle_utils import decoding
+
+    if not on:
+        yield
+        return
+    check = decoding.unsupported_reason
+    decoding.unsupported_reason = lambda model, kwargs=None, force=False: check(model, kwargs, force=True)
+    try:
+        yield
+    finally:
+        decoding.unsupported_reason = check
 
 
 def timed_fast(model, ids, cfg: Config, **options) -> dict:
@@ -139,6 +209,111 @@ def timed_fast(model, ids, cfg: Config, **options) -> dict:
     return {"rows": len(ids), "seconds": round(seconds, 3), "rows_per_s": len(ids) / seconds,
             "new_tokens": list(out.shape), "distinct_tokens": int(out.unique().numel()),
             "peak_gib": common.gib(torch.cuda.max_memory_allocated()), **stats}
+
+
+def static_cache_engine(engine, compile_config):
+    """The engine's model and tokenizer behind the same ``generate_batches`` loop, whose generate call is
+    transformers' ``model.generate(cache_implementation="static", ...)`` with its automatic compilation."""
+    from kaggle_utils import engines
+
+    class StaticCacheEngine(engines.HFEngine):
+        name = "hf_static"
+
+        def __init__(self, model, tokenizer):
+            super().__init__(model, tokenizer)
+            self.calls = 0
+            self.new_tokens: set[int] = set()
+
+        def _generate(self, input_ids, attention_mask, cfg):
+            """The arguments ``HFEngine._generate`` passes (same sampling, EOS and pad), plus the static cache."""
+            sample = cfg.temperature > 0
+            kwargs = dict(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=cfg.max_new_tokens,
+                          do_sample=sample, temperature=cfg.temperature if sample else None,
+                          top_p=cfg.top_p if sample else None, top_k=None, num_return_sequences=cfg.n,
+                          eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
+                          cache_implementation="static")
+            if compile_config is not None:
+                kwargs["compile_config"] = compile_config
+            out = self.model.generate(**kwargs)  # generate runs under no_grad itself
+            self.calls += 1
+            self.new_tokens.add(int(out.shape[1] - input_ids.shape[1]))
+            return out
+
+    return StaticCacheEngine(engine.model, engine.tokenizer)
+
+
+def reset_compiled(model) -> None:
+    """Forget every compiled graph (dynamo's caches, CUDA graph trees) and the model's compiled forward and static
+    cache size, so the next phase compiles and sizes from scratch, as a fresh process would."""
+    import torch
+
+    torch._dynamo.reset()
+    try:
+        torch._dynamo.utils.counters.clear()  # reset() keeps them; dynamo_counts() reports per phase
+    except AttributeError:
+        pass
+    for attr in ("_compiled_call", "_last_compile_config", "_previous_max_cache_length"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+
+
+def dynamo_counts() -> dict:
+    """What was compiled since the last :func:`reset_compiled`: graphs, frames compiled (recompilations
+    included), graph breaks, and the graphs inductor ran without CUDA graphs ("reduce-overhead" skipped)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                "frames_compiled": counters["frames"].get("ok", 0),
+                "graph_breaks": sum(counters["graph_break"].values()),
+                "cudagraph_skips": counters["inductor"].get("cudagraph_skips", 0)}
+    except Exception as e:  # counters are internal; their layout may change
+        return {"error": f"{type(e).__name__}: {e}"[:200]}
+
+
+def timed_static(cfg: Config, engine, originals, rewrittens, n: int) -> dict:
+    """One ``hf_static`` phase: the rows through transformers' static cache + compiled decoding, compilation timed
+    in (see the module docstring). A CUDA out-of-memory error restarts it at half the batch (recorded)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    compile_on = cfg.hf_static_compile == "on" or (cfg.hf_static_compile == "cuda" and cuda)
+    compile_config = None  # on CUDA: transformers' own default CompileConfig (inductor, "reduce-overhead")
+    if compile_on and not cuda:
+        from transformers import CompileConfig  # exported by transformers 5.17 and 5.24 alike
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers' switch for compiling off CUDA (tests use it)
+    gen = engine.model.generation_config
+    rows = cfg.hf_static_batch_size or cfg.fast_batch_size
+    tried = []
+    while True:
+        batch = max(1, rows // n)
+        reset_compiled(engine.model)
+        free()  # the earlier phases' cached blocks back to the card, so the static cache starts from the same place
+        static = static_cache_engine(engine, compile_config)
+        gen.disable_compile = None if compile_on else True  # generate's own switch: a static cache, eager
+        try:
+            r = timed_engine_run(static, originals, rewrittens, sampling_config(cfg, batch, n))
+            r.update(generate_calls=static.calls, new_tokens_per_row=sorted(static.new_tokens))
+            break
+        except Exception as e:
+            if not (isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()):
+                raise
+            tried.append({"batch_rows": batch, "error": str(e).splitlines()[0][:300]})
+            if not cuda or batch <= 8:
+                raise
+            rows //= 2
+        finally:
+            gen.disable_compile = None
+            static = None
+            free()
+    r.update(batch_rows_per_call=batch, sequences_per_call=batch * n, compile=compile_on,
+             compiled_forward_built=hasattr(engine.model, "_compiled_call"), dynamo=dynamo_counts())
+    if tried:
+        r["oom_restarts"] = tried
+    reset_compiled(engine.model)  # later phases see the model as it was loaded
+    return r
 
 
 def free() -> None:
@@ -230,26 +405,28 @@ def main(cfg: Config) -> dict:
     pick = lambda every: sorted(order[::every])  # noqa: E731  (every k-th row by length: the same length mix)
     results: dict = {}
 
-    if cuda and "fast" not in cfg.skip:
+    if "fast" not in cfg.skip:  # off CUDA forced on (eager ops, no graphs): the CPU smoke test runs it too
         try:
-            t0 = time.perf_counter()  # one-time: compiling the element-wise ops (excluded from rows/s, reported)
-            few = order[:4] + order[-4:]
-            timed_engine_run(engine, [originals[i] for i in few], [rewrittens[i] for i in few], scfg(8))
-            warm = round(time.perf_counter() - t0, 1)
-            for key in ("fast", "fast_repeat"):  # twice: the spread between equal runs is the noise
-                if key in cfg.skip:
-                    continue
-                r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size))
-                r["how"] = f"engine + kaggle_utils.decoding, engine batches of {cfg.fast_batch_size}"
-                r["warmup_s"] = warm
-                results[key] = r
-                rec.put(key, r)
-            if "fast_n4" not in cfg.skip:  # n rows' worth of sequences per batch: batches of a quarter the rows
-                r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size // cfg.n_extra,
-                                                                         cfg.n_extra))
-                r["how"] = f"the same at n={cfg.n_extra}"
-                results["fast_n4"] = r
-                rec.put("fast_n4", r)
+            with fast_path_forced(not cuda):
+                t0 = time.perf_counter()  # one-time: compiling the element-wise ops (excluded from rows/s, reported)
+                few = order[:4] + order[-4:]
+                timed_engine_run(engine, [originals[i] for i in few], [rewrittens[i] for i in few], scfg(8))
+                warm = round(time.perf_counter() - t0, 1)
+                for key in ("fast", "fast_repeat"):  # twice: the spread between equal runs is the noise
+                    if key in cfg.skip:
+                        continue
+                    r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size))
+                    r["how"] = f"engine + kaggle_utils.decoding, engine batches of {cfg.fast_batch_size}"
+                    r["warmup_s"] = warm
+                    results[key] = r
+                    rec.put(key, r)
+                if "fast_n4" not in cfg.skip:  # n rows' worth of sequences per batch: batches of a quarter the rows
+                    r = timed_engine_run(engine, originals, rewrittens, scfg(cfg.fast_batch_size // cfg.n_extra,
+                                                                             cfg.n_extra))
+                    r["how"] = f"the same at n={cfg.n_extra}"
+                    r["warmup_s"] = warm  # paid once per process, before the first call (here: before "fast")
+                    results["fast_n4"] = r
+                    rec.put("fast_n4", r)
         except Exception as e:
             import traceback
 
@@ -298,6 +475,26 @@ def main(cfg: Config) -> dict:
                 abl[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             rec.put(f"ablation_{name}", abl[name])
         results["ablations"] = abl
+
+    # ---- phase 3b: transformers' own fast generation (static cache + torch.compile), after everything that uses
+    # the fast path's compiled ops (each phase resets the compiler)
+    for key, n in (("hf_static", 1), ("hf_static_n4", cfg.n_extra)):
+        if key in cfg.skip:
+            continue
+        try:
+            r = timed_static(cfg, engine, originals, rewrittens, n)
+            r["how"] = (f"transformers generate, static cache, {'compiled' if r['compile'] else 'eager'}, "
+                        f"engine batches of {r['batch_rows_per_call']}" + (f" at n={n}" if n > 1 else ""))
+            results[key] = r
+            rec.put(key, r)
+        except Exception as e:  # one failing phase must not cost the other
+            import traceback
+
+            rec.put(key, {"error": f"{type(e).__name__}: {str(e)[:500]}", "traceback": traceback.format_exc()[-3000:]})
+            free()
+        fast_key = "fast" if n == 1 else "fast_n4"
+        if key in results and fast_key in results:  # the pair's verdict now, in case the run is cut short later
+            rec.put(f"{key}_vs_{fast_key}", compare_static(results[fast_key], results[key]))
 
     # ---- phase 4: the project's 4-bit path (QLoRA base, adapter unmerged: transformers generate)
     q_engine = None
@@ -398,6 +595,35 @@ def vllm_phases_run(cfg: Config, rec, phases: list[str], base_dir: Path, adapter
     return out
 
 
+KEEP_RATIO = 1.25  # the project's decoder stays only if it is at least this much faster end to end
+
+
+def compare_static(fast: dict, hf: dict) -> dict:
+    """The project's fast path against transformers' static cache + compile on the same rows: end to end (each
+    arm's one-time compilation included: the fast path's warm-up added to its pass, hf_static's inside its first
+    batch) and steady (:func:`steady_rate`, both warm)."""
+    warm = fast.get("warmup_s") or 0.0
+    fast_e2e = fast["rows"] / (fast["seconds"] + warm)
+    hf_e2e = hf["rows"] / hf["seconds"]
+    fs, hs = steady_rate(fast), steady_rate(hf)
+    out = {"rows": fast["rows"], "completions": [fast["completions"], hf["completions"]],
+           "fast_rows_per_s": fast["rows_per_s"], "fast_warmup_s": warm,
+           "fast_rows_per_s_end_to_end": fast_e2e, "hf_static_rows_per_s_end_to_end": hf_e2e,
+           "ratio_end_to_end": fast_e2e / hf_e2e,
+           "fast_first_batch_s": (fast.get("batch_s") or [None])[0],
+           "hf_static_first_batch_s": (hf.get("batch_s") or [None])[0],
+           "fast_rows_per_s_steady": fs["rows_per_s"] if fs else None,
+           "hf_static_rows_per_s_steady": hs["rows_per_s"] if hs else None,
+           "ratio_steady": fs["rows_per_s"] / hs["rows_per_s"] if fs and hs else None,
+           "steady_batches": [fs["batches"] if fs else 0, hs["batches"] if hs else 0],
+           "same_batches": fast.get("batch_rows") == hf.get("batch_rows"),
+           "fast_peak_gib": fast.get("peak_gib"), "hf_static_peak_gib": hf.get("peak_gib"),
+           "hf_static_batch_rows": hf.get("batch_rows_per_call"), "hf_static_compiled": hf.get("compile"),
+           "hf_static_new_tokens_per_row": hf.get("new_tokens_per_row")}
+    out[f"fast_at_least_{KEEP_RATIO}x_end_to_end"] = out["ratio_end_to_end"] >= KEEP_RATIO
+    return out
+
+
 def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
     """rows/s of each way, its ratio to one row at a time and its share of the roofline."""
     base = results.get("one_row", {}).get("rows_per_s")
@@ -412,6 +638,12 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
         for n in (1, cfg.n_extra):
             names[f"{phase}_n{n}"] = f"{what}, n={n}"
     names["vllm_lora_n1_one_call"] = "vLLM, adapter as a LoRARequest, n=1, every row in one generate call"
+    for key, n in (("hf_static", 1), ("hf_static_n4", cfg.n_extra)):
+        r = results.get(key) or {}
+        compiled = "torch.compile" if r.get("compile", True) else "eager (not compiled)"
+        names[key] = (f"transformers generate, static cache + {compiled}, batches of "
+                      f"{r.get('batch_rows_per_call', '?')} rows" + (f", n={n}" if n > 1 else "")
+                      + " (LoRA merged; compilation included)")
     for key, label in names.items():
         r = results.get(key)
         if not r or "rows_per_s" not in r:
@@ -439,7 +671,12 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
                          "compiled_ops": r.get("compiled_ops")}
         else:
             abl[name] = r
-    return {"card": card["device"], "roofline_rows_per_s": roof["rows_per_s"], "rows": rows, "ablations": abl}
+    versus = {}
+    for label, fast_key, hf_key in (("n1", "fast", "hf_static"), (f"n{cfg.n_extra}", "fast_n4", "hf_static_n4")):
+        if "rows_per_s" in results.get(fast_key, {}) and "rows_per_s" in results.get(hf_key, {}):
+            versus[label] = compare_static(results[fast_key], results[hf_key])
+    return {"card": card["device"], "roofline_rows_per_s": roof["rows_per_s"], "rows": rows, "ablations": abl,
+            "static_vs_fast": versus}
 
 
 def render_table(cfg: Config, card: dict, roof: dict, summary: dict) -> str:
@@ -473,6 +710,27 @@ def render_table(cfg: Config, card: dict, roof: dict, summary: dict) -> str:
                              f"{r['sub_batches']} |")
             else:
                 lines.append(f"| {name} | error: {r.get('error', '')[:120]} | | |")
+    if summary.get("static_vs_fast"):
+        lines += ["", f"The project's fast path (`fast`) against transformers' static cache + torch.compile "
+                      f"(`hf_static`) on {card['device']}: the same rows and engine batches. End to end = each arm's "
+                      f"one-time compilation included (fast: + its warm-up; hf_static: in its first batch); steady = "
+                      f"the full-size batches after the first, both warm. The fast path stays if it is at least "
+                      f"{KEEP_RATIO}x faster end to end.", "",
+                  "| n | fast rows/s (warm-up excluded) | fast warm-up s | fast end to end | hf_static end to end | "
+                  "**fast / hf_static, end to end** | fast steady | hf_static steady | fast / hf_static steady | "
+                  "1st batch s, fast / hf_static | hf_static rows per call | peak GiB, fast / hf_static |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        rate = lambda x: "-" if x is None else common.fmt_rate(x)  # noqa: E731
+        ratio = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
+        for label, v in summary["static_vs_fast"].items():
+            other = "" if v["same_batches"] else " (other batches: steady spans other rows)"
+            lines.append(f"| {label[1:]} | {rate(v['fast_rows_per_s'])} | {v['fast_warmup_s']:.1f} | "
+                         f"{rate(v['fast_rows_per_s_end_to_end'])} | {rate(v['hf_static_rows_per_s_end_to_end'])} | "
+                         f"**{ratio(v['ratio_end_to_end'])}** | {rate(v['fast_rows_per_s_steady'])} | "
+                         f"{rate(v['hf_static_rows_per_s_steady'])} | {ratio(v['ratio_steady'])} | "
+                         f"{v['fast_first_batch_s']} / {v['hf_static_first_batch_s']} | "
+                         f"{v['hf_static_batch_rows']}{other} | "
+                         f"{v['fast_peak_gib']} / {v['hf_static_peak_gib']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -36,12 +36,36 @@ def test_check_architectures_tiny_mixtral_trains_and_loads_a_real_checkpoint(tmp
 
 
 def test_generation_speed_tiny_times_every_cpu_method(tmp_path):
-    results = _run(["benchmarks/generation_speed.py", "--model", "tiny", "--rows", "24"], tmp_path / "out")
+    """Every phase that runs on CPU, on short prompts (60-160 tokens) so the CPU keeps up: one row at a time,
+    generate in batches, the fast path (forced on CPU) at n=1 and n=4, and transformers' static cache with its
+    forward compiled (``hf_static``, ``hf_static_n4``) in the fast path's engine batches; the comparison's ratios."""
+    lengths = tmp_path / "lengths.json"
+    lengths.write_text(json.dumps({"prompt_tokens": [60, 80, 100, 120, 140, 160]}))
+    results = _run(["benchmarks/generation_speed.py", "--model", "tiny", "--rows", "16", "--fast_batch_size", "8",
+                    "--max_new_tokens", "8", "--lengths_file", str(lengths), "--work_dir", str(tmp_path / "work"),
+                    "--skip", "fast_repeat", "ablations", "quant", "tests", "vllm_lora", "vllm_merged"],
+                   tmp_path / "out")
     text = (tmp_path / "out" / "results.md").read_text()
     assert "one row at a time" in text and "roofline" in text
-    rows = results["steps"]["summary"]["rows"]
-    assert {"one_row", "hf_batches"} <= set(rows)
+    steps = results["steps"]
+    rows = steps["summary"]["rows"]
+    assert set(rows) == {"one_row", "hf_batches", "fast", "fast_n4", "hf_static", "hf_static_n4"}
     assert all(r["rows_per_s"] > 0 and r["rows"] > 0 for r in rows.values())
+    for key, n, per_call in (("hf_static", 1, 8), ("hf_static_n4", 4, 2)):
+        r = steps[key]
+        assert "error" not in r, r.get("traceback")
+        assert r["completions"] == 16 * n and r["new_tokens_per_row"] == [8]  # EOS never sampled: all 8 tokens
+        assert r["batch_rows_per_call"] == per_call and r["batch_rows"] == [per_call] * (16 // per_call)
+        assert r["compile"] and r["compiled_forward_built"] and r["dynamo"]["unique_graphs"] >= 1
+    versus = steps["summary"]["static_vs_fast"]
+    assert set(versus) == {"n1", "n4"}
+    for v in versus.values():
+        assert v["same_batches"] and v["ratio_end_to_end"] > 0 and v["ratio_steady"] > 0
+        assert v["ratio_end_to_end"] == pytest.approx(v["fast_rows_per_s_end_to_end"]
+                                                      / v["hf_static_rows_per_s_end_to_end"])
+    assert steps["hf_static_vs_fast"]["ratio_end_to_end"] == versus["n1"]["ratio_end_to_end"]
+    assert steps["hf_static_n4_vs_fast_n4"]["ratio_end_to_end"] == versus["n4"]["ratio_end_to_end"]
+    assert "fast / hf_static, end to end" in text and "static cache + torch.compile" in text
 
 
 def test_host_dispatch_counts_the_ops_and_times_pinned_processes_together(tmp_path):
