@@ -22,18 +22,19 @@ DEFAULT_DEADLINE_HOURS = 8.75
 _IMPORTED_AT = time.time()
 
 
-def notebook_start() -> float:
+def notebook_start(clock: Callable[[], float] = time.time, proc: str | os.PathLike = "/proc") -> float:
     """When this process (the notebook's kernel) started, as a Unix time; the module's import time where
-    ``/proc`` cannot tell (not Linux)."""
+    ``/proc`` cannot tell (not Linux), or tells a start after ``clock``'s now (tests pass a fake clock and a fake
+    ``proc`` folder)."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
-        with open("/proc/self/stat") as fh:
+        with open(os.path.join(proc, "self", "stat")) as fh:
             # field 22 (starttime, in clock ticks since boot); the command name (field 2) may hold spaces
             start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as fh:
+        with open(os.path.join(proc, "stat")) as fh:
             boot = next(int(line.split()[1]) for line in fh if line.startswith("btime"))
         started = boot + start_ticks / ticks
-        return started if started <= time.time() + 1 else _IMPORTED_AT
+        return started if started <= clock() + 1 else _IMPORTED_AT
     except (OSError, ValueError, IndexError, StopIteration):
         return _IMPORTED_AT
 
@@ -124,7 +125,7 @@ class Deadline:
     @classmethod
     def from_notebook_start(cls, hours: float = DEFAULT_DEADLINE_HOURS, **kwargs) -> "Deadline":
         """The deadline counted from this kernel's start (see :func:`notebook_start`)."""
-        deadline = cls(start=notebook_start(), hours=hours, **kwargs)
+        deadline = cls(start=notebook_start(kwargs.get("clock", time.time)), hours=hours, **kwargs)
         logger.info("deadline: %.2f h from the notebook's start; %.0f s left for sampling", hours, deadline.remaining())
         return deadline
 

@@ -513,20 +513,23 @@ def smoothed(scores: Mapping[int, float] | pd.DataFrame, width: int) -> dict[int
     return {s: float(np.mean([table[t] for t in steps[max(0, i - width):i + width + 1]])) for i, s in enumerate(steps)}
 
 
-def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_step: int = 0) -> list[int]:
+def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_step: int = 0,
+                  min_checkpoints: int | None = None) -> list[int]:
     """The checkpoint steps whose adapters are exported, averaged into one when there are several.
 
     ``k`` checkpoints centred on the peak of the ``k``-checkpoint moving average of the mean SCS (shifted inward at
     the ends): a single checkpoint's score on a few dozen rows swings by more than the curve moves on its plateau, so
     the peak of the smoothed curve, and the mean of the adapters around it, are what the rows can tell apart. Only the
     best step itself (the highest mean, the earlier on ties) when ``k`` is 1, when a step is forced, when the run has
-    fewer than ``2 * k`` scored checkpoints (its curve is still rising: the last step is best), and [0] when the base
-    model scores best of all.
+    fewer than ``min_checkpoints`` scored checkpoints (``2 * k`` by default: a shorter curve is still rising, the last
+    step is best; research/average_windows.py asks for any window that fits, ``k``), and [0] when the base model
+    scores best of all.
     """
     require(k >= 1 and k % 2 == 1, "average_checkpoints", f"must be odd (the window is centred on a step), got {k}")
     best = choose_step(scores, force_step)
     ckpts = sorted(s for s, v in _as_scores(scores).items() if s > 0 and math.isfinite(v))
-    if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < 2 * k:
+    fewest = 2 * k if min_checkpoints is None else max(k, min_checkpoints)
+    if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < fewest:
         return [best]
     center = choose_step(smoothed(scores, k // 2))
     i = ckpts.index(center)
@@ -538,15 +541,31 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     """One LoRA adapter in ``out`` whose weight update is exactly the mean of the updates of the adapters in
     ``folders``: their factors concatenated along the rank (the A matrices stacked, the B matrices side by side and
     divided by their count) with ``r`` and ``lora_alpha`` multiplied by the count, so the scaling alpha / r stays.
-    Merged, it costs what one adapter costs; unmerged, its rank is the count times the rank."""
+    Merged, it costs what one adapter costs; unmerged, its rank is the count times the rank.
+
+    Any count works (an odd one is the window rule's, :func:`choose_window`; a soup of two seeds' best steps is two).
+    Refused, naming the folder: per-module ranks or alphas, rsLoRA, DoRA, adapters of another ``r`` or ``lora_alpha``
+    than the first, and adapters whose tensors differ in name or shape."""
     import torch
     from safetensors.torch import load_file, save_file
 
     k = len(folders)
+    configs = [json.loads((Path(f) / ADAPTER_FILES[0]).read_text()) for f in folders]
+    for f, c in zip(folders, configs):
+        require(not c.get("rank_pattern") and not c.get("alpha_pattern") and not c.get("use_rslora")
+                and not c.get("use_dora"), "average_checkpoints",
+                f"{f}: per-module ranks, rsLoRA scaling or DoRA cannot be averaged this way")
+        # the factors are joined under the first adapter's scaling: another r or alpha would weigh its update wrongly
+        require((c.get("r"), c.get("lora_alpha")) == (configs[0].get("r"), configs[0].get("lora_alpha")),
+                "average_checkpoints", f"{f} has r={c.get('r')}, lora_alpha={c.get('lora_alpha')}; {folders[0]} has "
+                f"r={configs[0].get('r')}, lora_alpha={configs[0].get('lora_alpha')}")
     tensors = [load_file(str(Path(f) / ADAPTER_FILES[1])) for f in folders]
     names = set(tensors[0])
     for f, t in zip(folders, tensors):
         require(set(t) == names, "average_checkpoints", f"{f} holds other LoRA tensors than {folders[0]}")
+        for n in sorted(names):
+            require(t[n].shape == tensors[0][n].shape, "average_checkpoints",
+                    f"{f}: {n} has shape {tuple(t[n].shape)}, in {folders[0]} {tuple(tensors[0][n].shape)}")
     averaged = {}
     for name in tensors[0]:
         parts = [t[name] for t in tensors]
@@ -556,10 +575,7 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
             averaged[name] = (torch.cat(parts, dim=1) / k).contiguous()
         else:  # anything else trained beside the factors (modules_to_save, biases): their plain mean
             averaged[name] = torch.stack(parts).mean(0)
-    config = json.loads((Path(folders[0]) / ADAPTER_FILES[0]).read_text())
-    require(not config.get("rank_pattern") and not config.get("alpha_pattern") and not config.get("use_rslora")
-            and not config.get("use_dora"), "average_checkpoints",
-            f"{folders[0]}: per-module ranks, rsLoRA scaling or DoRA cannot be averaged this way")
+    config = dict(configs[0])
     config.update(r=config["r"] * k, lora_alpha=config["lora_alpha"] * k)
     out.mkdir(parents=True, exist_ok=True)
     save_file(averaged, str(out / ADAPTER_FILES[1]))

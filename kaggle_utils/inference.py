@@ -36,6 +36,12 @@ BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages 
 SCORES_FILE = "scores.csv"
 DEFAULT_PROMPT_TOKENS = prompts.DEFAULT_PROMPT_TOKENS  # when neither the config nor the model's selection.json says
 SAMPLING_FILE = "sampling.csv"
+# Tokens of vLLM's context (max_model_len) beyond the longest prompt and its answer. Both engines cut every prompt to
+# max_prompt_tokens with the forced start counted in (prompts.generation_ids), and vLLM needs only prompt +
+# max_new_tokens <= max_model_len (it refuses a prompt that leaves no room for one answer token), so the sum alone
+# would fit to the token. The spare tokens are headroom: an off-by-one in either count (a token a tokenizer or a
+# template adds past the cut) costs 8 tokens of KV cache per sequence instead of refused rows.
+CONTEXT_SLACK_TOKENS = 8
 
 
 class SubmissionError(ValueError):
@@ -224,8 +230,10 @@ class InferenceConfig:
 
     def engine_options(self, scfg: engines.SamplingConfig | None = None) -> engines.EngineOptions:
         """How each model loads: ``dtype``, ``gpu_memory_utilization`` and ``seed`` from this config, and a vLLM
-        context that holds ``scfg``'s longest prompt and answer (the options' default without one)."""
-        context = {} if scfg is None else {"max_model_len": scfg.max_prompt_tokens + scfg.max_new_tokens + 8}
+        context that holds ``scfg``'s longest prompt and answer with :data:`CONTEXT_SLACK_TOKENS` to spare (the
+        options' default without one)."""
+        context = {} if scfg is None else {
+            "max_model_len": scfg.max_prompt_tokens + scfg.max_new_tokens + CONTEXT_SLACK_TOKENS}
         return engines.EngineOptions(dtype=self.dtype, gpu_memory_utilization=self.gpu_memory_utilization,
                                      seed=self.seed, attention_backend=self.attention_backend,
                                      enforce_eager=self.enforce_eager, **context)

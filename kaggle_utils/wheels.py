@@ -191,18 +191,18 @@ def activate(target: str | os.PathLike) -> None:
 
 def setup_gpu_stack(wheels_dir: str | os.PathLike, target: str | os.PathLike = DEFAULT_TARGET,
                     requirements: str = REQUIREMENTS, install_timeout: float = 1800,
-                    probe_timeout: float = 600) -> StackReport:
+                    probe_timeout: float = 600, card_timeout: float = 60) -> StackReport:
     """Look at the GPUs, then install, check and (if it passed) activate the GPU wheels; never raises.
 
     A card vLLM cannot use (none, compute capability below 7.0, a driver older than the wheels' CUDA needs) is ruled
-    out before the minutes of installing; otherwise the log says which path vLLM will take there. The report says
-    what happened; on any failure ``KAGGLE_UTILS_NO_VLLM`` holds the reason and the HF engine runs on Kaggle's own
-    packages."""
+    out before the minutes of installing; otherwise the log says which path vLLM will take there. An ``nvidia-smi``
+    that does not answer within ``card_timeout`` seconds counts as no card. The report says what happened; on any
+    failure ``KAGGLE_UTILS_NO_VLLM`` holds the reason and the HF engine runs on Kaggle's own packages."""
     start = time.time()
     report = StackReport(wheels_dir=str(wheels_dir), target=str(target))
     try:
         if os.environ.get(CARD_CHECK_ENV, "1") != "0":  # nothing to install where vLLM cannot run
-            report.card = read_card()
+            report.card = read_card(card_timeout)
             report.why = card_problem(report.card)
             if not report.why:
                 logger.info("GPU path: %s", gpu_path(report.card))

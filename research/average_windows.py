@@ -6,8 +6,9 @@ Each RUN folder needs its choice rows scored by step (``make select RUN=...``: `
 window rule, the adapters of its checkpoints are averaged into one (``checkpoints.average_adapters``, the exact mean
 of their updates) under ``RUN/windows/<rule>/``, and that adapter gets greedy predictions on the run's choice rows
 and on its report rows with the select stage's own sampler and scorer (cached in
-``selection/[report/]step-win-<rule>.json``, so a rerun only scores what is new). The rules, each picked from the
-choice rows' curve only:
+``selection/[report/]step-win-<rule>.json``, so a rerun only scores what is new). A run without report rows (a
+submission run, trained with ``-p report_rows 0``: no ``report.csv``) is scored on its choice rows only, and the
+output says which row sets each run was scored on. The rules, each picked from the choice rows' curve only:
 
 - ``best``: the best checkpoint alone;
 - ``peakK``: K checkpoints centred on the peak of the K-checkpoint moving average (``checkpoints.choose_window``'s
@@ -24,7 +25,8 @@ The windows are chosen from the scores ``make select`` cached (its scorer); ever
 
 Writes ``RUN/average_windows.json`` (and, with ``--soup``, ``average_windows_soups.json`` in the first run); prints
 each run's rules (choice and report means, the report's 90% interval over prompt groups), then, over the runs, each
-rule's mean and its paired difference with ``best`` and ``peak5``.
+rule's mean and its paired difference with ``best`` and ``peak5``: on the report rows, or on the choice rows where a
+run of the arm has none (those rows chose the windows, so they favour the rules that fit them).
 Runs named ``<sweep>-<arm>-s<seed>`` (``research/sweep.sh``) are grouped by arm.
 """
 from __future__ import annotations
@@ -43,20 +45,25 @@ from kaggle_utils.config import setup_logging
 
 
 def windows(means: dict[int, float], ks: list[int], tails: list[int]) -> dict[str, list[int]]:
-    """Each rule's checkpoint steps, from the choice rows' per-step means (step 0, the base model, excluded)."""
+    """Each rule's checkpoint steps, from the choice rows' per-step means (step 0, the base model, excluded).
+
+    ``peakK`` is the select stage's own rule (``checkpoints.choose_window``), asked for any K the run's checkpoints
+    hold rather than only from 2K of them."""
     ckpts = sorted(s for s, v in means.items() if s > 0 and math.isfinite(v))
-    out = {"best": [checkpoints.choose_step({s: means[s] for s in ckpts})]}
+    table = {s: means[s] for s in ckpts}
+    out = {"best": [checkpoints.choose_step(table)]}
     for k in ks:
-        if k > len(ckpts):
-            continue
-        center = checkpoints.choose_step(checkpoints.smoothed({s: means[s] for s in ckpts}, k // 2))
-        i = ckpts.index(center)
-        lo = min(max(0, i - k // 2), len(ckpts) - k)
-        out[f"peak{k}"] = ckpts[lo:lo + k]
+        if k <= len(ckpts):
+            out[f"peak{k}"] = checkpoints.choose_window(table, k, min_checkpoints=k)
     for k in tails:
         if k <= len(ckpts):
             out[f"last{k}"] = ckpts[-k:]
     return out
+
+
+def has_report_rows(run: Path) -> bool:
+    """Whether the run held report rows out (``report.csv``); a submission run (``-p report_rows 0``) has none."""
+    return (run / training.REPORT_FILE).exists()
 
 
 def score(run: Path, label: str, adapter: Path, report: bool, scorer, samplers: dict, val_rows: int = 0):
@@ -72,14 +79,27 @@ def score(run: Path, label: str, adapter: Path, report: bool, scorer, samplers: 
 
 
 def both_sets(run: Path, label: str, adapter: Path, scorer, samplers: dict, val_rows: int = 0) -> dict:
-    """``adapter`` scored on ``run``'s choice rows and report rows (the report's 90% interval over prompt groups);
-    ``samplers`` keeps the loaded models from one adapter to the next."""
+    """``adapter`` scored on ``run``'s choice rows and, where the run has them, its report rows (the report's 90%
+    interval over prompt groups; None, and 0 rows, without ``report.csv``); ``samplers`` keeps the loaded models
+    from one adapter to the next."""
     choice, _ = score(run, label, adapter, False, scorer, samplers, val_rows)
-    rep, validation = score(run, label, adapter, True, scorer, samplers, val_rows)
-    groups = validation[data.PROMPT_COLUMN].map(data.normalize_prompt).to_numpy()
-    lo, hi = metric.bootstrap_interval(rep, groups)
-    return {"choice": round(float(choice.mean()), 4), "report": round(float(rep.mean()), 4),
-            "report_lo": round(lo, 4), "report_hi": round(hi, 4), "rows": len(rep)}
+    out = {"choice": round(float(choice.mean()), 4), "choice_rows": len(choice), "report": None, "report_lo": None,
+           "report_hi": None, "report_rows": 0}
+    if has_report_rows(run):
+        rep, validation = score(run, label, adapter, True, scorer, samplers, val_rows)
+        groups = validation[data.PROMPT_COLUMN].map(data.normalize_prompt).to_numpy()
+        lo, hi = metric.bootstrap_interval(rep, groups)
+        out.update(report=round(float(rep.mean()), 4), report_lo=round(lo, 4), report_hi=round(hi, 4),
+                   report_rows=len(rep))
+    return out
+
+
+def row_sets(found: dict) -> str:
+    """In words, which row sets one run's windows were scored on."""
+    first = next(iter(found.values()))
+    if first["report_rows"]:
+        return f"choice rows ({first['choice_rows']}) and report rows ({first['report_rows']})"
+    return f"choice rows ({first['choice_rows']}) only: no {training.REPORT_FILE} (a run trained with report_rows 0)"
 
 
 def averaged(folders: list[Path], out: Path) -> Path:
@@ -162,17 +182,24 @@ def main() -> None:
         (Path(args.runs[0]) / "average_windows_soups.json").write_text(json.dumps(soups, indent=2) + "\n")
     df = pd.DataFrame(rows)
     print(f"scorer: {scorer.name}")
-    print(df.drop(columns=["rows"]).to_string(index=False))
+    for name, sets in found.items():
+        print(f"{name}: scored on {row_sets(sets)}")
+    print(df.drop(columns=["choice_rows", "report_rows"]).to_string(index=False))
     for arm, part in df.groupby("arm"):
-        wide = part.pivot(index="seed", columns="rule", values="report")
-        print(f"\n{arm}: report rows, mean over {len(wide)} run(s), paired with best and with peak5")
+        values = "report" if part["report"].notna().all() else "choice"
+        wide = part.pivot(index="seed", columns="rule", values=values)
+        what = "report rows" if values == "report" else (
+            "choice rows (some run has no report rows; the windows were chosen on these rows, which favours them)")
+        print(f"\n{arm}: {what}, mean over {len(wide)} run(s), paired with best and with peak5")
         for rule in wide.columns:
             print(f"  {rule:8s} {wide[rule].mean():.3f}  vs best {paired(wide, rule, 'best')}  "
                   f"vs peak5 {paired(wide, rule, 'peak5') if 'peak5' in wide else '-'}")
         for x in soups:
             if x["arm"] == arm:
+                report = (f"report {x['report']:.3f} [{x['report_lo']:.3f}, {x['report_hi']:.3f}]"
+                          if x["report"] is not None else "no report rows")
                 print(f"  {x['rule']} (one adapter of {len(x['steps'])} checkpoints): choice {x['choice']:.3f}, "
-                      f"report {x['report']:.3f} [{x['report_lo']:.3f}, {x['report_hi']:.3f}]")
+                      f"{report}")
 
 
 if __name__ == "__main__":

@@ -108,24 +108,51 @@ def test_score_systems_table_columns():
     assert isinstance(table, pd.DataFrame)
 
 
+class WordRecallScorer:
+    """Scores a row by the share of its truth's words found among the joined string's words: every word that the
+    mean prompt or a later prediction adds can move the score, unlike :class:`FakeScorer`'s one-substring hit."""
+
+    name = "word recall"
+
+    def report(self, system, predictions, truths, split=""):
+        scs = [len(set(t.split()) & set(p.split())) / len(set(t.split())) for p, t in zip(predictions, truths)]
+        return {"system": system, "scorer": self.name, "split": split, "rows": len(truths),
+                "scs": sum(scs) / len(scs), "scs_lo": min(scs), "scs_hi": max(scs), "cos": 0.0}
+
+
 def test_n_curve_joins_the_first_n_of_each_model_with_and_without_the_mean_prompt(tmp_path):
-    """FakeScorer counts a row a hit when its truth is among the joined words: the first prediction is right for
-    model a, the second for model b, so a peaks at n=1, b at n=2, and both joined at n=1 already."""
-    per_row = {"a": [["x", "q", "r"], ["y", "q", "r"]], "b": [["q", "x"], ["q", "y"]]}
-    table = blending.n_curve(FakeScorer(), per_row, ["x", "y"], mean_prompt="m", labels={"a": "model a"},
+    """Each truth has three words: one that model a's first prediction holds, one that model b's second holds, and
+    the mean prompt. So the mean prompt adds a third at every n, model b counts only from n=2, and the joined curve
+    reaches 1.0 only when both models' first two predictions and the mean prompt are in."""
+    per_row = {"a": [["x0", "q", "r"], ["x1", "q", "r"]], "b": [["q", "y0"], ["q", "y1"]]}
+    truths = ["x0 y0 m", "x1 y1 m"]
+    table = blending.n_curve(WordRecallScorer(), per_row, truths, mean_prompt="m", labels={"a": "model a"},
                              split="report")
     assert list(table.columns) == ["system", "n", "mean_prompt", "scs", "scs_lo", "scs_hi", "rows", "scorer", "split"]
     got = {(r.system, r.n, r.mean_prompt): r.scs for r in table.itertuples()}
-    assert set(table["system"]) == {"model a", "b", "all 2 models"}
-    assert max(n for s, n, _ in got if s == "model a") == 3 and max(n for s, n, _ in got if s == "b") == 2
-    assert got[("model a", 1, False)] == 1.0 and got[("model a", 1, True)] == 1.0
-    assert got[("b", 1, False)] == 0.0 and got[("b", 2, False)] == 1.0
-    assert got[("all 2 models", 1, False)] == 1.0  # a's first prediction is in the join
+    third = pytest.approx(1 / 3)
+    two_thirds = pytest.approx(2 / 3)
+    assert got == {
+        # model a: its first prediction's word from n=1 on; q and r add nothing
+        ("model a", 1, False): third, ("model a", 1, True): two_thirds,
+        ("model a", 2, False): third, ("model a", 2, True): two_thirds,
+        ("model a", 3, False): third, ("model a", 3, True): two_thirds,
+        # model b: nothing at n=1 but the mean prompt; its second prediction's word at n=2
+        ("b", 1, False): 0.0, ("b", 1, True): third,
+        ("b", 2, False): third, ("b", 2, True): two_thirds,
+        # both: a's first k and b's first k; b's word joins at n=2
+        ("all 2 models", 1, False): third, ("all 2 models", 1, True): two_thirds,
+        ("all 2 models", 2, False): two_thirds, ("all 2 models", 2, True): 1.0,
+        ("all 2 models", 3, False): two_thirds, ("all 2 models", 3, True): 1.0,
+    }
     assert (table["split"] == "report").all() and (table["rows"] == 2).all()
+    assert (table["scorer"] == "word recall").all()
     plot = blending.plot_n_curve(table, tmp_path / "n_curve.png")
     assert plot.stat().st_size > 5000
-    # no mean prompt given: one curve per system
-    assert not blending.n_curve(FakeScorer(), per_row, ["x", "y"])["mean_prompt"].any()
+    # no mean prompt given: one curve per system, the same scores as the rows above without it
+    plain = blending.n_curve(WordRecallScorer(), per_row, truths, labels={"a": "model a"})
+    assert not plain["mean_prompt"].any()
+    assert {(r.system, r.n): r.scs for r in plain.itertuples()} == {(s, n): v for (s, n, m), v in got.items() if not m}
 
 
 # ---------------------------------------------------------------- blend.json

@@ -3,8 +3,7 @@ it (a fake engine whose batches take measured time). Run: `pytest tests/test_bud
 """
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
 import time
 from pathlib import Path
 
@@ -62,23 +61,50 @@ def test_default_deadline_is_eight_hours_forty_five():
     assert budget.DEFAULT_DEADLINE_HOURS * 60 == 8 * 60 + 45
 
 
-def test_notebook_start_is_the_process_start_not_the_import_or_the_call():
-    """A fresh Python waits 2 s before it imports the module and asks: the answer is when the process started (the
-    kernel's start, so imports and model loading count against the deadline), not the import or the call.
+def fake_proc(folder: Path, boot: int, start_ticks: int, command: str = "python3 -m ipykernel (x)") -> Path:
+    """A stand-in ``/proc``: ``stat`` with the boot time, ``self/stat`` with this process's start in clock ticks after
+    boot (field 22) and a command name holding spaces and parentheses, as a kernel's may."""
+    (folder / "self").mkdir(parents=True)
+    (folder / "stat").write_text(f"cpu  1 2 3 4\nbtime {boot}\nprocesses 99\n")
+    fields = ["S"] + [str(i) for i in range(4, 22)] + [str(start_ticks)] + [str(i) for i in range(23, 53)]
+    (folder / "self" / "stat").write_text(f"4242 ({command}) " + " ".join(fields) + "\n")
+    return folder
 
-    /proc gives the start in clock ticks after boot and the boot time in whole seconds, so it may read up to 1 s early.
-    """
-    script = ("import time; time.sleep(2.0)\n"
-              "from kaggle_utils import budget\n"
-              "print(repr(budget.notebook_start()), repr(time.time()))")
-    launched = time.time()
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
-    start, asked = map(float, out.stdout.split())
-    assert launched - 1.5 <= start <= launched + 0.5
-    assert asked - start >= 1.5
-    d = budget.Deadline.from_notebook_start(2.0)
-    assert d.start == pytest.approx(budget.notebook_start(), abs=1e-6) and d.hours == 2.0
+
+def test_notebook_start_is_the_process_start_not_the_import_or_the_call(tmp_path):
+    """The process started an hour after boot, and is asked half an hour later on a fake clock: the answer is the
+    start (imports and model loading count against the deadline), not the module's import or the call."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    boot = 1_700_000_000
+    proc = fake_proc(tmp_path / "proc", boot, start_ticks=3600 * ticks + ticks // 2)  # 3600.5 s after boot
+    clock = FakeClock(boot + 3600 + 1800)
+    start = budget.notebook_start(clock, proc)
+    assert start == pytest.approx(boot + 3600.5, abs=1e-6)
+    assert start not in (clock(), budget._IMPORTED_AT)
+    clock.now += 600  # asked again later: the same start
+    assert budget.notebook_start(clock, proc) == start
+
+
+def test_notebook_start_falls_back_to_the_import_time(tmp_path):
+    ticks = os.sysconf("SC_CLK_TCK")
+    proc = fake_proc(tmp_path / "proc", 1_700_000_000, start_ticks=100 * ticks)
+    # /proc says the process starts after the clock's now (a clock set back, a stale file): not believed
+    assert budget.notebook_start(FakeClock(1_700_000_000 + 50), proc) == budget._IMPORTED_AT
+    assert budget.notebook_start(FakeClock(1_700_000_000 + 99.5), proc) == pytest.approx(1_700_000_100, abs=1e-6)
+    assert budget.notebook_start(FakeClock(2e9), tmp_path / "no-proc") == budget._IMPORTED_AT  # not Linux
+    (proc / "stat").write_text("cpu  1 2 3 4\n")  # no btime line
+    assert budget.notebook_start(FakeClock(2e9), proc) == budget._IMPORTED_AT
+
+
+def test_this_process_started_before_the_module_was_imported():
+    """On this machine's own /proc: the start is no later than the module's import (to within the second that
+    /proc's whole-second boot time can be off by), and a deadline counts from it on its own clock."""
+    start = budget.notebook_start()
+    assert start <= budget._IMPORTED_AT + 1
+    clock = FakeClock(time.time() + 600)  # ten minutes from now on the deadline's own clock
+    d = budget.Deadline.from_notebook_start(2.0, clock=clock)
+    assert d.start == pytest.approx(start, abs=1e-6) and d.hours == 2.0
+    assert d.remaining() == pytest.approx(start + 2 * 3600 - d.reserve_s - clock.now, abs=1e-6)
 
 
 def test_model_share_and_fit_n():

@@ -533,6 +533,7 @@ def test_averaged_adapter_applies_the_mean_of_the_checkpoints_updates(tmp_path):
 
 def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_model):
     import torch
+    from safetensors.torch import load_file
 
     steps = tuple(range(8, 88, 8))
     run = make_run(tmp_path, rewrites_csv, steps=steps)
@@ -552,7 +553,17 @@ def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_
     sel = artifacts.Selection.read(out)
     assert (sel.step, sel.averaged_steps, sel.checkpoint) == (48, [40, 48, 56], None)
     assert sel.rule.startswith("the mean of the 3 checkpoints around the peak")
-    assert json.loads((out / "adapter_config.json").read_text())["r"] == 3
+    exported = json.loads((out / "adapter_config.json").read_text())
+    assert (exported["r"], exported["lora_alpha"]) == (3, 6)
+    # the exported weights are the exact mean of the window's updates: each checkpoint's A is filled with its step, B
+    # with ones, alpha / r = 2, so step s adds 2 s to every weight and the window 40, 48, 56 adds 2 x 48
+    t = load_file(str(out / "adapter_model.safetensors"))
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    update = t[key.format("B")] @ t[key.format("A")] * (exported["lora_alpha"] / exported["r"])
+    assert torch.equal(update, torch.full((6, 8), 2.0 * 48)), f"each weight moved by {update.unique().tolist()}, not 96"
+    own = [load_file(str(run / f"checkpoint-{s}" / "adapter_model.safetensors")) for s in (40, 48, 56)]
+    assert torch.allclose(update, torch.stack([w[key.format("B")] @ w[key.format("A")] * 2.0 for w in own]).mean(0))
+    assert not torch.allclose(update, torch.full((6, 8), 2.0 * 40))  # not the first checkpoint's update alone
     # the averaged adapter is scored on the same rows as a model of its own, and the score is recorded
     scs = checkpoints.score_selected(cfg, val, FakeScorer(), {"preset": "smollm2-135m"})
     assert fake_model.generated == ["selected"]
@@ -560,3 +571,89 @@ def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_
     # a single step's export reads as before averaging existed: no averaged_steps key at all
     out = checkpoints.export_selection(cfg, _scores(table), 8, val)
     assert "averaged_steps" not in json.loads((out / "selection.json").read_text())
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"use_dora": True}, "per-module ranks, rsLoRA scaling or DoRA cannot be averaged"),
+    ({"use_rslora": True}, "per-module ranks, rsLoRA scaling or DoRA cannot be averaged"),
+    ({"rank_pattern": {"q_proj": 8}}, "per-module ranks, rsLoRA scaling or DoRA cannot be averaged"),
+    ({"alpha_pattern": {"q_proj": 16}}, "per-module ranks, rsLoRA scaling or DoRA cannot be averaged"),
+    ({"lora_alpha": 16}, r"has r=4, lora_alpha=16; .*checkpoint-0 has r=4, lora_alpha=8"),
+    ("other tensors", "holds other LoRA tensors than"),
+    ("other shapes", r"lora_A.weight has shape \(4, 16\), in .*checkpoint-0 \(4, 8\)"),
+], ids=["dora", "rslora", "rank_pattern", "alpha_pattern", "another_alpha", "other_tensors", "other_shapes"])
+def test_averaging_refuses_adapters_whose_mean_it_cannot_write(tmp_path, change, message):
+    """The last of three checkpoints differs as given; nothing is written."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folders = []
+    for i in range(3):
+        folders.append(tmp_path / f"checkpoint-{i}")
+        key = _lora_checkpoint(folders[-1], torch.randn(4, 8), torch.randn(6, 4))
+    last = folders[-1]
+    if change == "other tensors":
+        extra = load_file(str(last / "adapter_model.safetensors"))
+        extra[key.format("A").replace("q_proj", "k_proj")] = torch.randn(4, 8)
+        save_file(extra, str(last / "adapter_model.safetensors"))
+    elif change == "other shapes":  # another base model's width
+        save_file({key.format("A"): torch.randn(4, 16), key.format("B"): torch.randn(6, 4)},
+                  str(last / "adapter_model.safetensors"))
+    else:
+        written = json.loads((last / "adapter_config.json").read_text())
+        (last / "adapter_config.json").write_text(json.dumps({**written, **change}))
+    with pytest.raises(config.ConfigError, match=f"^average_checkpoints: .*{message}"):
+        checkpoints.average_adapters(folders, tmp_path / "avg")
+    assert not (tmp_path / "avg").exists()
+
+
+def test_an_even_window_is_refused_where_windows_are_chosen():
+    """Windows are centred on a step, so their size is odd, in the config and in the rule; averaging itself takes any
+    count (a soup of two seeds' best steps is two)."""
+    scores = {0: 0.0, **{s: s / 100 for s in range(1, 21)}}
+    with pytest.raises(config.ConfigError, match="^average_checkpoints: must be odd"):
+        checkpoints.SelectConfig(average_checkpoints=4)
+    with pytest.raises(config.ConfigError, match="^average_checkpoints: must be odd"):
+        checkpoints.choose_window(scores, 4)
+    assert checkpoints.choose_window(scores, 5) == [16, 17, 18, 19, 20]
+
+
+def test_averaging_an_embedding_lora_and_a_module_to_save(tmp_path, tiny_model_dir):
+    """Checkpoints that train LoRA on the embeddings (lora_embedding_A/B, laid out unlike a linear layer's) and a
+    full copy of lm_head (modules_to_save): the averaged adapter, merged into the base, gives each weight the mean of
+    what the checkpoints merged give it."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_dir("llama")
+    lora = LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, target_modules=["q_proj", "embed_tokens"],
+                      modules_to_save=["lm_head"])
+    folders = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)), lora)
+        with torch.no_grad():  # the trained copy of lm_head moves away from the base's, differently per checkpoint
+            for name, p in model.named_parameters():
+                if "modules_to_save" in name:
+                    p.add_(torch.randn_like(p) * 0.05)
+        model.save_pretrained(str(tmp_path / f"checkpoint-{seed}"))
+        folders.append(tmp_path / f"checkpoint-{seed}")
+    saved = set(load_file(str(folders[0] / "adapter_model.safetensors")))
+    assert any("lora_embedding_A" in n for n in saved) and any(n.endswith("lm_head.weight") for n in saved)
+
+    def merged(folder):
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)), str(folder))
+        weights = model.merge_and_unload().state_dict()
+        return {k: weights[k].float() for k in ("model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                                                 "lm_head.weight")}
+
+    each = [merged(f) for f in folders]
+    averaged = merged(checkpoints.average_adapters(folders, tmp_path / "avg"))
+    original = dict(AutoModelForCausalLM.from_pretrained(str(base)).state_dict())
+    for name, weight in averaged.items():
+        mean = torch.stack([e[name] for e in each]).mean(0)
+        assert torch.allclose(weight, mean, atol=1e-5), f"{name}: off by {(weight - mean).abs().max():.2e}"
+        assert not torch.allclose(weight, each[0][name], atol=1e-3), f"{name}: one checkpoint's weight"
+        assert not torch.allclose(weight, original[name].float(), atol=1e-3), f"{name}: the base's weight"

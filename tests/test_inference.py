@@ -101,8 +101,30 @@ def test_engine_options_carry_the_config_to_the_engine(tmp_path, monkeypatch, ti
                    seed=5, max_prompt_tokens=300, max_new_tokens=20)
     inference.prepare_run(cfg)
     inference.sample_models(cfg, inference.read_test(cfg), budget.Deadline(start=time.time(), hours=1))
-    assert seen == [engines.EngineOptions(dtype="float16", gpu_memory_utilization=0.8, max_model_len=328, seed=5)]
+    assert seen == [engines.EngineOptions(dtype="float16", gpu_memory_utilization=0.8,
+                                          max_model_len=300 + 20 + inference.CONTEXT_SLACK_TOKENS, seed=5)]
     assert inference.InferenceConfig().engine_options() == engines.EngineOptions()  # the defaults are the engines'
+
+
+def test_the_vllm_context_holds_the_longest_prompt_and_answer_with_the_slack_to_spare(tiny_model_dir):
+    """The prompt the engines build for a row far over the limit, forced start included, is cut to at most
+    max_prompt_tokens; vLLM refuses a prompt of max_model_len tokens or more and stops an answer where the context
+    ends, so max_model_len must exceed the longest prompt by max_new_tokens: it does, by CONTEXT_SLACK_TOKENS more."""
+    from kaggle_utils import prompts
+
+    assert inference.CONTEXT_SLACK_TOKENS > 0
+    tokenizer = models.load_tokenizer(tiny_model_dir("mistral"))
+    prompts.ensure_chat_template(tokenizer, models.get_preset("mistral-7b").family)
+    cfg = inference.InferenceConfig(models=[model_entry(forced_start="Rewrite")], max_prompt_tokens=300,
+                                    max_new_tokens=20)
+    scfg = cfg.sampling_config(cfg.model_specs[0])
+    long_text = " ".join(f"word{i}" for i in range(2000))
+    ids, cut = engines.encode_rows(tokenizer, [long_text, "Short."], [long_text, "Brief."], scfg)
+    longest = max(len(i) for i in ids)
+    assert cut == [0] and scfg.max_prompt_tokens - 8 <= longest <= scfg.max_prompt_tokens == 300
+    context = cfg.engine_options(scfg).max_model_len
+    assert context - scfg.max_prompt_tokens - scfg.max_new_tokens == inference.CONTEXT_SLACK_TOKENS
+    assert context - longest - scfg.max_new_tokens >= inference.CONTEXT_SLACK_TOKENS  # the answer fits, with spare
 
 
 def test_optional_model_keys_take_defaults(tmp_path):
@@ -319,6 +341,63 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     sub = inference.build_submission(cfg2, test, predictions)
     inference.validate_submission(inference.write_submission(cfg2, sub), test)
     assert (sub["rewrite_prompt"] == f"{cfg2.fallback_prompt} {cfg2.mean_prompt}").all()
+
+
+class FixedEngine(engines.Engine):
+    """Answers every row at once with one fixed prompt per prediction."""
+
+    name = "fixed"
+
+    def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
+        rows = [i for i in range(len(originals)) if i not in skip]
+        yield rows, [["Rewrite this text."] * cfg.n for _ in rows]
+
+
+def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatch):
+    """pick_engine weighs the folder a model will load: a plan model's merged copy rather than its base, and in the
+    references the base (zero-shot) or the left-out model's own merged copy; load_engine then gets that choice."""
+    folders = {}
+    for name in ("m-base", "m-merged", "left-base", "left-merged"):
+        folders[name] = tmp_path / name
+        folders[name].mkdir()
+        (folders[name] / "config.json").write_text("{}")
+        (folders[name] / "model.safetensors").write_bytes(name.encode())
+    picked, loaded = [], []
+
+    def pick(requested, preset="", path=""):
+        picked.append((preset, path))
+        return "vllm" if path.endswith("merged") else "hf"
+
+    def load(kind, preset, base_model_path="", adapter_path="", merged_path="", options=None):
+        loaded.append((kind, preset, base_model_path, merged_path))
+        return FixedEngine()
+
+    monkeypatch.setattr(engines, "pick_engine", pick)
+    monkeypatch.setattr(engines, "load_engine", load)
+    blend = tmp_path / "blend.json"  # the blend keeps m and leaves the other model out
+    blend.write_text(json.dumps({"models": [{"model": "m", "n": 1}], "mean_prompt": "", "separator": " "}))
+    plan = [model_entry(name="m", n=1, temperature=0.0, base_model_path=str(folders["m-base"]),
+                        merged_path=str(folders["m-merged"])),
+            model_entry(name="left", preset="llama2-13b", n=1, temperature=0.0,
+                        base_model_path=str(folders["left-base"]), merged_path=str(folders["left-merged"]))]
+    cfg = make_cfg(tmp_path, small_test(tmp_path, n=3, with_prompt=True), plan, blend_file=str(blend),
+                   score_base_model=True)
+    test = inference.read_test(cfg)
+    deadline = budget.Deadline(start=time.time(), hours=1)
+    predictions, _ = inference.sample_models(cfg, test, deadline)
+    assert picked == [("mistral-7b", str(folders["m-merged"]))]
+    assert loaded == [("vllm", "mistral-7b", str(folders["m-base"]), str(folders["m-merged"]))]
+    assert len(predictions["m"]) == 3
+    picked.clear(), loaded.clear()
+    baselines = inference.sample_baselines(cfg, test, deadline)
+    assert picked == [("mistral-7b", str(folders["m-base"])),  # zero-shot: the base, never the merged copy
+                      ("llama2-13b", str(folders["left-base"])),
+                      ("llama2-13b", str(folders["left-merged"]))]  # the left-out model as the plan had it
+    assert loaded == [("hf", "mistral-7b", str(folders["m-base"]), ""),
+                      ("hf", "llama2-13b", str(folders["left-base"]), ""),
+                      ("vllm", "llama2-13b", str(folders["left-base"]), str(folders["left-merged"]))]
+    assert list(baselines) == ["mistral-7b base, zero-shot, 1 prediction", "llama2-13b base, zero-shot, 1 prediction",
+                               "left fine-tuned (left out by the blend), 1 prediction"]
 
 
 def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tiny_model_dir, caplog):

@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from kaggle_utils import engines, inference
@@ -24,6 +25,47 @@ def _adapter(base: Path, out: Path, seed: int = 1) -> Path:
                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
     lora.save_pretrained(str(out))
     return out
+
+
+def _merged_by_hand(base: Path, adapter: Path) -> tuple[dict, set]:
+    """The weights a merge must write, computed here from the saved files alone: W + B @ A * (lora_alpha / r) for
+    each LoRA pair in the adapter's own weight file (``adapter_model.safetensors``, else an older
+    ``adapter_model.bin``), W for every other base weight; and the names of the weights a pair moved."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    file = adapter / "adapter_model.safetensors"
+    lora = load_file(str(file)) if file.exists() else torch.load(adapter / "adapter_model.bin", weights_only=True)
+    expected = {k: v.float() for k, v in load_file(str(base / "model.safetensors")).items()}
+    moved = set()
+    for name, a in lora.items():
+        if ".lora_A." not in name:
+            continue
+        target = name.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")
+        b = lora[name.replace(".lora_A.", ".lora_B.")]
+        expected[target] = expected[target] + b.float() @ a.float() * scale
+        moved.add(target)
+    return expected, moved
+
+
+def _assert_merged_as_by_hand(out: Path, base: Path, adapter: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    merged = load_file(str(next(out.glob("*.safetensors"))))
+    expected, moved = _merged_by_hand(base, adapter)
+    assert len(moved) == 8  # q, k, v and o of both layers
+    assert set(merged) == set(expected)
+    original = load_file(str(base / "model.safetensors"))
+    for name, weight in merged.items():
+        assert weight.dtype == torch.float16, name
+        # fp16 keeps 11 significant bits: within 1e-3 of the fp32 sum, relative to its size
+        assert torch.allclose(weight.float(), expected[name], rtol=1e-3, atol=1e-4), (
+            f"{name}: off by {(weight.float() - expected[name]).abs().max():.2e} from the by-hand merge")
+        if name in moved:
+            assert not torch.allclose(weight.float(), original[name].float(), atol=1e-2), f"{name}: the base's weight"
 
 
 @pytest.fixture()
@@ -61,9 +103,7 @@ def test_merge_decision_follows_the_choice_the_card_the_rows_and_the_disk(folder
 
 def test_merge_adapter_writes_the_base_plus_the_update_and_reuses_a_finished_merge(folders, tmp_path):
     import torch
-    from peft import PeftModel
     from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     base, adapter = folders
     out = engines.merge_adapter("smollm2-135m", str(base), str(adapter), tmp_path / "merged")
@@ -71,14 +111,10 @@ def test_merge_adapter_writes_the_base_plus_the_update_and_reuses_a_finished_mer
     assert not (tmp_path / "merged.partial").exists()
     marker = json.loads((out / engines.MERGE_MARKER).read_text())
     assert marker["adapter"] == str(adapter) and len(marker["adapter_sha256"]) == 64
+    # every weight is the base's plus B @ A * (alpha / r) where the adapter has a pair, computed from the files
+    _assert_merged_as_by_hand(out, base, adapter)
     merged = load_file(str(next(out.glob("*.safetensors"))))
-    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base)),
-                                         str(adapter)).merge_and_unload().state_dict()
-    original = load_file(str(base / "model.safetensors"))
     key = next(k for k in merged if k.endswith("layers.0.self_attn.q_proj.weight"))
-    assert merged[key].dtype == torch.float16
-    assert not torch.allclose(merged[key].float(), original[key].float(), atol=1e-3)  # the update is in
-    assert torch.allclose(merged[key].float(), expected[key].float(), atol=2e-3)  # and it is PEFT's merge
     stamp = next(out.glob("*.safetensors")).stat().st_mtime_ns
     engines.merge_adapter("smollm2-135m", str(base), str(adapter), out)
     assert next(out.glob("*.safetensors")).stat().st_mtime_ns == stamp  # reused, not rewritten
@@ -144,6 +180,8 @@ def test_an_older_adapter_with_bin_weights_merges(folders, tmp_path):
     (bin_adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     torch.save(load_file(str(adapter / "adapter_model.safetensors")), bin_adapter / "adapter_model.bin")
     out = engines.merge_adapter("smollm2-135m", str(base), str(bin_adapter), tmp_path / "merged")
+    # the .bin's own tensors are in the merged weights (a merge that loaded nothing from it would leave the base's)
+    _assert_merged_as_by_hand(out, base, bin_adapter)
     assert engines.holds_merge(out, "smollm2-135m", str(base), str(bin_adapter))
     assert not engines.holds_merge(out, "smollm2-135m", str(base), str(adapter))  # other bytes: another merge
 
@@ -166,3 +204,103 @@ def test_a_bad_merge_choice_names_the_parameter(folders, tmp_path):
 def test_auto_picks_the_engine_by_the_cards_and_the_weights(gib, cards, fast, four_bit, kind, words):
     got, why = engines.auto_choice(gib, cards, fast, four_bit)
     assert got == kind and words in why and f"{gib:.1f} GiB" in why
+
+
+# ---------------------------------------------------------------- the merged folder handed to the engine, end to end
+
+
+class _Clock:
+    """inference's clock: moves only where a fake says how long its part took."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+
+@pytest.mark.parametrize("case", ["merged", "vllm_fails", "lora_request"])
+def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path, monkeypatch, case):
+    """sample_models with vLLM (a stand-in that serves whatever folder it is given with the HF engine): merge_adapters
+    on merges the adapter into a copy of the base, load_engine gets that copy, the engine loads it with no adapter,
+    and sampling.csv says merged, with the merge's and the start's seconds apart. When vLLM fails to start, the HF
+    engine serves the same merged copy (merged is False: vLLM did not serve it); with merge_adapters off, vLLM gets
+    the base and the adapter as a LoRARequest."""
+    import torch
+    from safetensors.torch import load_file
+
+    from kaggle_utils import budget, data
+    from conftest import GEMMA_CSV
+
+    base, adapter = folders
+    clock, handed, started, served = _Clock(), [], [], {}
+    monkeypatch.setattr(inference, "time", clock)
+    merge = engines.merge_adapter
+
+    def timed_merge(*args, **kwargs):
+        clock.now += 5.0  # the merge takes 5 s on inference's clock
+        return merge(*args, **kwargs)
+
+    load = engines.load_engine
+
+    def timed_load(kind, preset, base_model_path="", adapter_path="", merged_path="", options=None):
+        handed.append({"kind": kind, "base": base_model_path, "adapter": adapter_path, "merged": merged_path})
+        clock.now += 3.0  # the engine takes 3 s to start
+        engine = load(kind, preset, base_model_path, adapter_path, merged_path, options=options)
+        served.update({k: w.detach().float().clone() for k, w in engine.model.named_parameters() if "proj" in k})
+        return engine
+
+    class ServedByHF(engines.VLLMEngine):
+        """vLLM's place in the plan, sampling with the HF engine loaded from the folders vLLM was given."""
+
+        def __init__(self, hf):
+            super().__init__(llm=None, tokenizer=hf.tokenizer, adapter_path="")
+            self.hf, self.model = hf, hf.model
+
+        def generate_batches(self, *args, **kwargs):
+            return self.hf.generate_batches(*args, **kwargs)
+
+        def close(self):
+            self.hf.close()
+
+    def vllm_start(cls, preset, base_model_path="", adapter_path="", options=None):
+        started.append({"base": str(base_model_path), "adapter": str(adapter_path)})
+        if case == "vllm_fails":
+            raise RuntimeError("CUDA error: no kernel image is available (simulated)")
+        return ServedByHF(engines.HFEngine.from_preset(preset, base_model_path, adapter_path, options=options))
+
+    monkeypatch.setattr(engines, "merge_adapter", timed_merge)
+    monkeypatch.setattr(engines, "load_engine", timed_load)
+    monkeypatch.setattr(engines.VLLMEngine, "from_preset", classmethod(vllm_start))
+    monkeypatch.setattr(engines, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU where vLLM imports
+    test_csv = tmp_path / "test.csv"
+    data.read_rewrites(GEMMA_CSV).head(3)[["id", "original_text", "rewritten_text"]].to_csv(test_csv, index=False)
+    cfg = _plan(base, adapter, tmp_path, merge_adapters="off" if case == "lora_request" else "on", engine="vllm",
+                test_file=str(test_csv), submission_path=str(tmp_path / "submission.csv"), max_new_tokens=4,
+                batch_size=3)
+    inference.prepare_run(cfg)
+    test = inference.read_test(cfg)
+    predictions, _ = inference.sample_models(cfg, test, budget.Deadline.from_notebook_start(1.0))
+    assert sorted(predictions["m"]) == sorted(test["id"])
+    written = pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE)
+    assert len(handed) == 1 and handed[0]["kind"] == "vllm" and handed[0]["adapter"] == str(adapter)
+    row = written.iloc[0].to_dict()
+    # whichever way, the engine that sampled holds base + B @ A * (alpha / r) (bf16 on CPU), never the base alone
+    expected, moved = _merged_by_hand(base, adapter)
+    for name in moved:
+        assert torch.allclose(served[name], expected[name], rtol=1e-2, atol=1e-2), name
+        assert not torch.allclose(served[name], load_file(str(base / "model.safetensors"))[name].float(), atol=1e-2)
+    assert row["sampled"] == 3
+    if case == "lora_request":
+        assert handed[0]["merged"] == "" and started == [{"base": str(base), "adapter": str(adapter)}]
+        assert not (tmp_path / "merged").exists()
+        assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("vllm", False, 0.0, 3.0)
+        return
+    folder = Path(handed[0]["merged"])
+    assert folder.parent == tmp_path / "merged"
+    assert json.loads((folder / engines.MERGE_MARKER).read_text())["adapter"] == str(adapter)
+    assert started == [{"base": str(folder), "adapter": ""}]  # the merged copy, with no adapter on top
+    if case == "merged":
+        assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("vllm", True, 5.0, 3.0)
+    else:  # the HF engine serves the same copy, with no adapter on top either
+        assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("hf", False, 5.0, 3.0)

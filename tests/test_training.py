@@ -321,3 +321,133 @@ def test_time_budget_gives_steps_back_when_the_pace_picks_up(tmp_path, tiny_mode
     assert len(decisions) >= 2 and decisions == sorted(decisions) and decisions[-1] > decisions[0], decisions
     final = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["max_steps"]
     assert trainer.state.global_step == final >= decisions[-1]  # at 2 s a step the whole recipe fits again
+
+
+# ---------------------------------------------------------------- the time budget's callback, step by step
+
+
+class _SetClock:
+    """A clock that says what the test sets."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def _loop_state(max_steps: int, save_steps: int):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(max_steps=max_steps, save_steps=save_steps, eval_steps=save_steps, global_step=0,
+                           is_world_process_zero=True)
+
+
+def _cosine(steps: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    return get_cosine_schedule_with_warmup(optimizer, 0, steps)
+
+
+def _run_steps(callback, state, clock, scheduler, times: dict[int, float], evals: dict[int, float]):
+    """Step ends at ``times[step]``; after the steps in ``evals``, an evaluation that ends at that time."""
+    from types import SimpleNamespace
+
+    for step in sorted(times):
+        state.global_step, clock.now = step, times[step]
+        control = SimpleNamespace(should_training_stop=False)
+        callback.on_step_end(None, state, control, lr_scheduler=scheduler)
+        if step in evals:
+            clock.now = evals[step]
+            callback.on_evaluate(None, state, control)
+
+
+def test_the_time_budget_takes_evaluations_out_of_the_pace_and_projects_them(tmp_path, monkeypatch):
+    """20 planned steps, a checkpoint (and evaluation) every 2, a 10-minute budget. Steps take 10 s; the evaluation
+    after step 2 takes 100 s. Timed over steps 2-4: 10 s a step once the 100 s are taken out, and each of the
+    remaining checkpoints' evaluations costs 100 s. By hand, at 140 s spent after step 4, ending at step m costs
+    140 + 10 (m - 4) + 10 (m - 4) / m x 100 s: 598.6 s for m = 7, 680 s for m = 8, so 7 steps fit. (Had the
+    evaluation stayed in the pace, 43.3 s a step, only 6 would; had the evaluations been left out of the projection,
+    all 20 would.)"""
+    clock = _SetClock()
+    monkeypatch.setattr(training, "_clock", clock)
+    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
+                               save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
+    cfg.run_dir.mkdir(parents=True)
+    state, scheduler, callback = _loop_state(20, 2), _cosine(20), training._budget_callback(cfg)
+    callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    _run_steps(callback, state, clock, scheduler, {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
+    record = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())
+    assert (record["seconds_per_step"], record["evaluation_seconds"], record["timed_steps"]) == (10.0, 100.0, [2, 4])
+    assert (record["max_steps"], record["save_steps"], record["planned_steps"]) == (7, 1, 20)
+    assert record["planned_minutes"] == 18.3  # all 20 steps: 140 + 16 x 10 + 10 x 16 / 20 x 100 = 1100 s
+    assert (state.max_steps, state.save_steps, state.eval_steps) == (7, 1, 1)
+    assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [7]  # the schedule ends at step 7
+
+
+def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkeypatch, caplog):
+    """The first run decided 7 steps and was interrupted; the resumed one, on a far slower clock, neither measures
+    again nor rewrites budget.json: it trains to the recorded step with the recorded checkpoints and schedule. A
+    budget.json of another recipe or budget is measured anew."""
+    clock = _SetClock()
+    monkeypatch.setattr(training, "_clock", clock)
+    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
+                               save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
+    cfg.run_dir.mkdir(parents=True)
+    first = training._budget_callback(cfg)
+    state = _loop_state(20, 2)
+    first.on_train_begin(None, state, None, lr_scheduler=_cosine(20))
+    _run_steps(first, state, clock, _cosine(20), {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
+    written = (cfg.run_dir / training.BUDGET_FILE).read_bytes()
+    assert json.loads(written)["max_steps"] == 7
+
+    clock.now = 0.0
+    resumed, state, scheduler = training._budget_callback(cfg), _loop_state(20, 2), _cosine(20)
+    resumed.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    assert (state.max_steps, state.save_steps) == (7, 1) and "7 steps, as budget.json recorded" in caplog.text
+    assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [7]
+    # 1000 s a step from checkpoint 4 on: measured, it would cut the run at step 5
+    _run_steps(resumed, state, clock, scheduler, {5: 1000.0, 6: 2000.0, 7: 3000.0}, {6: 4000.0})
+    assert state.max_steps == 7 and (cfg.run_dir / training.BUDGET_FILE).read_bytes() == written
+
+    other = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=30,
+                                 save_steps=3, lr_scheduler="cosine", time_budget_minutes=10.0)
+    clock.now, state = 0.0, _loop_state(30, 3)
+    anew = training._budget_callback(other)
+    anew.on_train_begin(None, state, None, lr_scheduler=_cosine(30))
+    assert state.max_steps == 30  # another recipe's record is not this run's
+    _run_steps(anew, state, clock, _cosine(30), {1: 10.0, 2: 20.0, 3: 30.0, 4: 40.0}, {})
+    assert json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["planned_steps"] == 30
+
+
+def test_time_budget_on_a_real_resume_from_a_checkpoint(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """The budget cut 12 planned steps to 6 (10 s a step on the first run's clock); the run is killed after
+    checkpoint 4 (checkpoint 6 lost). Resumed on a clock of 1000 s a step, it reads budget.json back: it stops at
+    step 6 again, with a checkpoint there, and the file stays as the first run wrote it."""
+    import shutil
+
+    monkeypatch.setattr(training, "_clock", _FakeClock())
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
+                   lr_scheduler="cosine", time_budget_minutes=1.0)
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    assert trainer.state.global_step == 6
+    written = (cfg.run_dir / training.BUDGET_FILE).read_bytes()
+    shutil.rmtree(cfg.run_dir / "checkpoint-6")
+
+    class Slow:
+        now = 0.0
+
+        def __call__(self):
+            self.now += 1000.0
+            return self.now
+
+    monkeypatch.setattr(training, "_clock", Slow())
+    caplog.clear()
+    _, _, trainer = _train(cfg)
+    training.train(cfg, trainer)
+    assert "resuming from checkpoint-4" in caplog.text and "6 steps, as budget.json recorded" in caplog.text
+    assert trainer.state.global_step == 6 and list(artifacts.find_checkpoints(cfg.run_dir)) == [4, 6]
+    assert (cfg.run_dir / training.BUDGET_FILE).read_bytes() == written
+    assert training.read_metrics(cfg.run_dir).set_index("step")["learning_rate"][6] < 0.1 * cfg.learning_rate

@@ -243,3 +243,82 @@ def test_a_driver_too_old_to_know_compute_cap_is_still_ruled_out(tmp_path, monke
     card = wheels.read_card()
     assert card == {"gpus": 1, "name": "Tesla T4", "compute_capability": "?", "driver": "470.82.01"}
     assert wheels.card_problem(card).startswith("driver 470.82.01 is older than 525")
+
+
+@pytest.mark.parametrize("line, capability", [("NVIDIA A100-SXM4-40GB, 8.0, 550.54.15", (8, 0)),
+                                              ("NVIDIA H100 80GB HBM3, 9.0, 550.54.15", (9, 0)),
+                                              ("Tesla T4, 7.5, 550.54.15", (7, 5))])
+def test_the_gpu_path_said_before_installing_is_the_one_vllm_takes(tmp_path, monkeypatch, line, capability):
+    """From compute capability 8.0 on: bf16, vLLM's own attention backend and CUDA graphs; below it fp16, Triton
+    attention and eager mode. What the log says is what engines.vllm_llm_kwargs then asks vLLM for on that card."""
+    monkeypatch.setenv("PATH", f"{fake_nvidia_smi(tmp_path / 'bin', [line])}{os.pathsep}{os.environ['PATH']}")
+    card = wheels.read_card()
+    assert card["compute_capability"] == f"{capability[0]}.{capability[1]}" and wheels.card_problem(card) == ""
+    said = wheels.gpu_path(card)
+    assert said.startswith(f"1 x {line.split(',')[0]} (compute capability {card['compute_capability']}, driver "
+                           "550.54.15): vLLM with ")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": 8, "num_key_value_heads": 8}))
+    kwargs = engines.vllm_llm_kwargs(model, num_gpus=1, capability=capability)
+    if capability >= (8, 0):
+        assert "bf16, vLLM's own attention backend, CUDA graphs" in said
+        assert kwargs["dtype"] == "bfloat16" and "attention_backend" not in kwargs and "enforce_eager" not in kwargs
+    else:
+        assert "fp16, Triton attention, eager mode" in said
+        assert (kwargs["dtype"], kwargs["attention_backend"], kwargs["enforce_eager"]) == ("half", "TRITON_ATTN", True)
+
+
+def test_an_nvidia_smi_that_hangs_is_given_up_on_and_counts_as_no_card(tmp_path, monkeypatch, caplog):
+    """The driver query has a timeout: an nvidia-smi that never answers (a wedged driver) is killed after it, read as
+    no card, and vLLM is ruled out before anything is installed; the kernel goes on."""
+    import time
+
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "nvidia-smi").write_text("#!/bin/sh\nexec sleep 120\n")
+    (folder / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    began = time.monotonic()
+    assert wheels.read_card(timeout=1) == {}
+    assert time.monotonic() - began < 60  # killed at the timeout, not waited out
+    monkeypatch.setenv(wheels.CARD_CHECK_ENV, "1")
+    report = wheels.setup_gpu_stack(wheels_dir(tmp_path, "no-import"), tmp_path / "site", card_timeout=1)
+    assert report.card == {} and report.why == "no NVIDIA GPU visible (nvidia-smi lists none)"
+    assert not report.installed and not (tmp_path / "site").exists()
+    assert os.environ[wheels.NO_VLLM_ENV] == report.why
+
+
+def test_the_rendered_install_cell_looks_at_the_card_first(tmp_path):
+    """The rendered install cell as on Kaggle, the card check on (as it is there) and nvidia-smi faked: on an H100 the
+    log says vLLM's path for compute capability 9.0 and the wheels are installed (here a broken one: ruled out, the
+    cell ends well); on a driver older than the wheels' CUDA nothing is installed at all."""
+    plan = kernels.load_plan()
+    folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
+    source = "".join(json.loads((folder / "inference.ipynb").read_text())["cells"][0]["source"])
+    library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
+    source = (source.replace(f"{kernels.KAGGLE_INPUT}/{plan.library_dataset}", str(library))
+              .replace(f"{kernels.KAGGLE_INPUT}/{plan.wheels_dataset}", str(wheels_dir(tmp_path, "broken")))
+              .replace(kernels.GPU_WHEELS_TARGET, str(tmp_path / "gpu-site")))
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+
+    def run_cell(card_line: str):
+        smi = fake_nvidia_smi(tmp_path / card_line.split(",")[0].replace(" ", "_"), [card_line])
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", wheels.CARD_CHECK_ENV)}
+        env.update(KAGGLE_KERNEL_RUN_TYPE="Batch", PATH=f"{smi}{os.pathsep}{os.environ['PATH']}")
+        out = subprocess.run([str(venv / "bin" / "python"), "-c", source], capture_output=True, text=True, env=env,
+                             cwd=tmp_path, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout, json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("{")))
+
+    out, summary = run_cell("NVIDIA H100 80GB HBM3, 9.0, 550.54.15")
+    assert summary["card"] == {"gpus": 1, "name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+                               "driver": "550.54.15"}
+    assert ("GPU path: 1 x NVIDIA H100 80GB HBM3 (compute capability 9.0, driver 550.54.15): vLLM with bf16, vLLM's "
+            "own attention backend, CUDA graphs") in out
+    assert "pip install failed" in summary["why"] and not summary["usable"]  # looked at, then installed (and refused)
+    out, summary = run_cell("Tesla T4, 7.5, 470.82.01")
+    assert summary["why"].startswith("driver 470.82.01 is older than 525") and not summary["installed"]
+    assert "GPU path" not in out and "GPU wheels not used (driver 470.82.01" in out
+    assert not (tmp_path / "gpu-site").exists()
