@@ -101,14 +101,6 @@ def check_scorer_path(scorer_path: str) -> Path:
     return path
 
 
-def _native_cpu_bf16() -> bool:
-    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower."""
-    import torch
-
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(p()) for p in probes if p is not None)
-
-
 def resolve_precision(precision: str, device: str) -> str:
     """``"float32"`` or ``"bfloat16"`` for ``precision`` ("auto" | "float32" | "bfloat16") on ``device``.
 
@@ -121,7 +113,9 @@ def resolve_precision(precision: str, device: str) -> str:
         raise ScorerError(f"precision must be auto, float32 or bfloat16, got {precision!r}")
     if precision != "auto":
         return precision
-    return "bfloat16" if device == "cpu" and _native_cpu_bf16() else "float32"
+    from .models import native_cpu_bf16
+
+    return "bfloat16" if device == "cpu" and native_cpu_bf16() else "float32"
 
 
 def stand_in_path() -> Path:

@@ -227,6 +227,27 @@ def compute_dtype():
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def native_cpu_bf16() -> bool:
+    """True when this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX). There bf16 runs the CPU recipe's training
+    step and generation several times faster than fp32; elsewhere bf16 is emulated, slower than fp32."""
+    import torch
+
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(p()) for p in probes if p is not None)
+
+
+def cpu_dtype():
+    """The dtype the CPU computes in: bf16 where :func:`native_cpu_bf16`, else fp32 (logged once either way)."""
+    import torch
+
+    native = native_cpu_bf16()
+    if not getattr(cpu_dtype, "_said", False):
+        logger.info("CPU %s bf16 instructions: computing in %s", "has" if native else "lacks",
+                    "bf16" if native else "fp32")
+        cpu_dtype._said = True  # type: ignore[attr-defined]
+    return torch.bfloat16 if native else torch.float32
+
+
 def device_map(num_gpus: int | None = None, max_memory_gib: float | None = None):
     """Where the layers go: CPU, one whole GPU, or split across 2+ GPUs (naive pipeline, as on Kaggle's 2xT4).
 

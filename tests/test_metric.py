@@ -128,9 +128,11 @@ def test_a_scorer_path_names_the_scores(tmp_path):
 def test_precision_choice(monkeypatch):
     assert metric.resolve_precision("float32", "cpu") == "float32"
     assert metric.resolve_precision("auto", "cuda") == "float32"  # T5 overflows in half precision on GPUs
-    monkeypatch.setattr(metric, "_native_cpu_bf16", lambda: False)
+    from kaggle_utils import models
+
+    monkeypatch.setattr(models, "native_cpu_bf16", lambda: False)
     assert metric.resolve_precision("auto", "cpu") == "float32"  # emulated bf16 would be slower, not faster
-    monkeypatch.setattr(metric, "_native_cpu_bf16", lambda: True)
+    monkeypatch.setattr(models, "native_cpu_bf16", lambda: True)
     assert metric.resolve_precision("auto", "cpu") == "bfloat16"
     with pytest.raises(metric.ScorerError, match="precision must be"):
         metric.resolve_precision("fp8", "cpu")

@@ -94,3 +94,15 @@ def test_load_model_on_two_gpus_splits_layers_for_training(tiny_model_dir, monke
         assert "max_memory_gib=12 is not used" in caplog.text
     else:  # inference and merged export keep accelerate's split with its cap (and CPU spill)
         assert seen["device_map"] == "auto" and seen["max_memory"] == {0: "12GiB", 1: "12GiB"}
+
+
+def test_the_cpu_computes_in_bf16_only_with_bf16_instructions(monkeypatch, caplog):
+    """Training's autocast and the HF engine's CPU dtype follow the CPU: bf16 with AVX512-BF16/AMX, else fp32 (bf16
+    emulated in software is slower than fp32), and the choice is logged."""
+    import torch
+
+    for native, dtype in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(models, "native_cpu_bf16", lambda native=native: native)
+        monkeypatch.delattr(models.cpu_dtype, "_said", raising=False)
+        assert models.cpu_dtype() == dtype
+        assert f"computing in {'bf16' if native else 'fp32'}" in caplog.text
