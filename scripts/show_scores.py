@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kaggle_utils import metric, training
+from kaggle_utils import artifacts, metric
 from kaggle_utils.config import read_json_object
 
 
@@ -20,7 +20,7 @@ def main(path: str) -> None:
           "prompt groups.\nsplit 'report': rows that chose nothing (not the step, the blend or the mean prompt); "
           "'choice': the rows that chose them.\nThe scorer column names the embedder: the MiniLM stand-in and the "
           "135M demo model make these practice numbers, not leaderboard numbers.")
-    budget = Path(path).parent / training.BUDGET_FILE  # what the training run's time budget chose, if it had one
+    budget = Path(path).parent / artifacts.BUDGET_FILE  # what the training run's time budget chose, if it had one
     if budget.exists():
         b = read_json_object(budget)
         kept = b["max_steps"] >= b["planned_steps"]

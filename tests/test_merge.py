@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import engines, inference
+from kaggle_utils import engines, inference, models
 from kaggle_utils.config import ConfigError
 
 
@@ -161,7 +161,7 @@ def test_a_failed_merge_is_logged_cleaned_up_and_the_adapter_is_served_as_is(fol
 
     freed = []
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
-    monkeypatch.setattr(engines, "free_gpu_memory", lambda: freed.append(True))
+    monkeypatch.setattr(models, "free_gpu_memory", lambda: freed.append(True))
     with caplog.at_level(logging.ERROR, logger="kaggle_utils"):
         assert inference._merged_for_vllm(cfg, cfg.model_specs[0], 10**6) == ""
     assert "merging failed (OSError: [Errno 28] No space left on device); serving the adapter as a LoRARequest" \

@@ -86,9 +86,9 @@ def test_run_folder_outputs_and_resume(tmp_path, tiny_model_dir):
         assert not list(c.glob("model*.safetensors"))  # adapter only, never the base weights
         meta = json.loads((c / "metrics.json").read_text())
         assert meta["step"] == int(c.name.split("-")[1]) and meta["eval_loss"] > 0
-    steps = [s for s, _ in training.eval_losses(run)]
+    steps = [s for s, _ in artifacts.eval_losses(run)]
     assert steps == [0, 1, 2]  # step 0 is the base model
-    assert training.plot_losses(run).stat().st_size > 1000
+    assert artifacts.plot_losses(run).stat().st_size > 1000
     assert len(__import__("pandas").read_csv(run / "validation.csv")) >= 4
     # "interrupted" after step 2: asking for 3 steps resumes from checkpoint-2 and only does one more
     cfg3 = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=3)
@@ -282,7 +282,7 @@ def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule
     assert (chosen["max_steps"], chosen["save_steps"], chosen["planned_steps"]) == (6, 2, 12)
     assert chosen["seconds_per_step"] == 10.0 and chosen["timed_steps"] == [2, 4]
     assert "training stops at step 6" in caplog.text
-    lrs = training.read_metrics(cfg.run_dir).set_index("step")["learning_rate"]
+    lrs = artifacts.read_metrics(cfg.run_dir).set_index("step")["learning_rate"]
     # stretched to end at 6: at its last step the rate is a 6-step cosine's (0.07 of the peak), where the planned
     # 12-step cosine would still be at 0.63 of it
     assert lrs[6] < 0.1 * cfg.learning_rate and lrs[3] > 0.4 * cfg.learning_rate
@@ -450,4 +450,4 @@ def test_time_budget_on_a_real_resume_from_a_checkpoint(tmp_path, tiny_model_dir
     assert "resuming from checkpoint-4" in caplog.text and "6 steps, as budget.json recorded" in caplog.text
     assert trainer.state.global_step == 6 and list(artifacts.find_checkpoints(cfg.run_dir)) == [4, 6]
     assert (cfg.run_dir / training.BUDGET_FILE).read_bytes() == written
-    assert training.read_metrics(cfg.run_dir).set_index("step")["learning_rate"][6] < 0.1 * cfg.learning_rate
+    assert artifacts.read_metrics(cfg.run_dir).set_index("step")["learning_rate"][6] < 0.1 * cfg.learning_rate
