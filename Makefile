@@ -71,7 +71,7 @@ DEMO_CONFIG ?= configs/smollm2-135m.yaml
 DEMO_TRAIN_ARGS ?=
 DEMO_INFER_ARGS ?=
 D := runs/$(DEMO_RUN)
-DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter_path: $(D)/selected, n: 4, temperature: 0.7, \
+DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter: $(D)/selected, n: 4, temperature: 0.7, \
 	top_p: 0.95, greedy_first: true}]
 
 demo: demo-train demo-select demo-blend demo-report ## the whole job on CPU with the embedded defaults; prints the scores
@@ -91,7 +91,7 @@ demo-blend: setup ## demo stage 3: predictions on the choice rows, the mean prom
 demo-report: setup ## demo stage 4: the chosen blend and the base model on the report rows -> scores.csv
 	$(call notebook,inference,$(D)/report,-y "$(DEMO_MODELS)" -r test_file $(D)/report.csv -r run_dir $(D)/report \
 		-r submission_path $(D)/submission.csv -r blend_file $(D)/blend.json -p score_base_model True \
-		-r score_split report -r scores_path $(D)/scores.csv $(DEMO_INFER_ARGS))
+		-r score_split report -r scores_file $(D)/scores.csv $(DEMO_INFER_ARGS))
 
 TRAIN_ARGS ?=
 SELECT_ARGS ?=

@@ -399,7 +399,8 @@ def check_preset(cfg: Config, name: str, work: Path) -> dict:
     # ---- one sampled generation through the project's engine (unmerged adapter: transformers generate)
     model.eval()
     engine = engines.HFEngine(model, tok)
-    scfg = engines.SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.max_new_tokens, batch_size=2)
+    scfg = engines.SamplingConfig(temperature=0.7, top_p=0.9, max_new_tokens=cfg.max_new_tokens,
+                                  generation_batch_size=2)
     t0 = time.perf_counter()
     outs = engine.generate([t[0] for t in texts[:2]], [t[1] for t in texts[:2]], scfg, progress=False)
     row["generate"] = {"s": round(time.perf_counter() - t0, 2), "rows": len(outs),

@@ -127,7 +127,7 @@ def sampling_config(cfg: Config, batch_size: int = 16, n: int = 1):
     from kaggle_utils import engines
 
     return engines.SamplingConfig(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                  batch_size=batch_size, seed=cfg.seed, n=n)
+                                  generation_batch_size=batch_size, seed=cfg.seed, n=n)
 
 
 def timed_engine_run(engine, originals, rewrittens, scfg) -> dict:

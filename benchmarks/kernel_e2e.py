@@ -111,7 +111,7 @@ def run_arm(cfg: Config, arm: str, index: int, base_dir: Path, adapter_dir: Path
     merge_dir = Path(cfg.work_dir) / f"merged-{index}"
     if merge_dir.exists():
         shutil.rmtree(merge_dir)  # every merge arm pays its merge
-    plan = [{"name": f"n{n}", "preset": cfg.preset, "base_model_path": str(base_dir), "adapter_path": str(adapter_dir),
+    plan = [{"name": f"n{n}", "preset": cfg.preset, "base_model": str(base_dir), "adapter": str(adapter_dir),
              "n": n, "temperature": cfg.temperature, "top_p": cfg.top_p, "greedy_first": False} for n in cfg.n]
     params = {"test_file": str(test_file), "submission_path": str(out / "submission.csv"), "run_dir": str(out / "run"),
               "models": plan, "engine": cfg.engine, "dtype": cfg.dtype, "attention_backend": cfg.attention_backend,

@@ -62,12 +62,12 @@ def main() -> None:
     texts = list(dict.fromkeys(texts))[: args.n or None]  # distinct, so "cold" really encodes every one
     scorer, load_s, _ = _timed(lambda: metric.Scorer(args.scorer_path, device="cpu", precision=args.precision))
     if args.batch_size:
-        scorer.batch_size = args.batch_size
+        scorer.embedding_batch_size = args.batch_size
     lengths = [len(ids) for ids in scorer.model.tokenizer(texts[:500])["input_ids"]]
     print(f"scorer: {scorer.name}, {scorer.precision}  (loaded in {load_s:.1f} s; torch threads {torch.get_num_threads()}, "
           f"os.cpu_count {os.cpu_count()}, load average {os.getloadavg()[0]:.1f})")
     print(f"prompts: {len(texts)} distinct from {source.name}, {sum(lengths) / len(lengths):.1f} tokens on average; "
-          f"batch size {scorer.batch_size}")
+          f"batch size {scorer.embedding_batch_size}")
     scorer.embed(texts[:32])  # first-call overheads (thread pools, kernels) are not the steady state
     best = None
     for _ in range(max(1, args.repeats)):

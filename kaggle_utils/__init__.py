@@ -27,7 +27,8 @@ Shared by every stage
 4. Mean prompt and blend (``mean_prompt.ipynb``)
     ``mean_prompt``  the mean-prompt search against the scorer and the blend chosen on validation
 5. Deliver to Kaggle
-    ``kernels``      the submission plan, rendered kernels, the local dry run
+    ``plan``         the submission plan: one model of it (ModelEntry, also the inference notebook's), variants
+    ``kernels``      rendered kernels, their parameters and sources, the local dry run
     ``kaggle_api``   credentials, the datasets, kernel pushes and submissions through the kaggle CLI
     ``wheels``       inside a kernel: the offline vLLM install, checked, with the HF engine as fallback
 

@@ -38,8 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-import pandas as pd
-
 from .config import read_json_object, resolve_path
 from .prompts import DEFAULT_PROMPT_TOKENS
 
@@ -113,6 +111,8 @@ def find_checkpoints(run_dir: str | os.PathLike) -> dict[int, Path]:
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
     """The run's metrics log as a table (step, loss, eval_loss, ...); on a resumed run the latest value per step wins."""
+    import pandas as pd  # here, not at the top: the engines import this module inside a kernel before pandas is needed
+
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         raise FileNotFoundError(f"{path}: no metrics log (has the run trained?)")
@@ -199,7 +199,7 @@ class Selection:
     scorer: str = ""  # the scorer's name
     scorer_precision: str | None = None  # float32 | bfloat16: how the scorer embedded
     validation_file: str = ""  # the rows that chose the step
-    val_rows: int = 0  # SelectConfig.val_rows (0 = all the choice rows)
+    val_rows: int = 0  # SelectConfig.rows_per_step (0 = all the choice rows), under the key older files have
     rows_scored: int = 0  # rows scored per step
     prompt_groups: int | None = None  # distinct prompts among them
     max_new_tokens: int = 0  # greedy tokens per prediction

@@ -62,13 +62,14 @@ class SelectConfig:
     base_model_path: str = ""  # base weights; "" = the path the run was trained with (its config.json)
     validation_file: str = ""  # CSV to score on; "" = the run's own validation.csv (prompt groups never trained on);
     # the run's report.csv: its rows scored by step into report_by_step.json, selected/ left as the choice rows chose
-    val_rows: int = 0  # rows scored per candidate step, drawn as whole prompt groups (0 = all the choice rows)
+    rows_per_step: int = 0  # rows scored per candidate step, drawn as whole prompt groups (0 = all the choice rows)
     every_k: int = 1  # score every k-th checkpoint counted back from the last (1 = all); the last always counts
     force_step: int = 0  # choose this checkpoint step whatever the scores (0 or -1 = no override)
     scorer_path: str = ""  # local sentence-transformers folder (sentence-t5-base = the real metric); "" = MiniLM
-    max_new_tokens: int = 24  # greedy tokens per prediction; a recovered prompt is one short sentence
+    max_new_tokens: int = 24  # greedy tokens per prediction; fewer than inference's 32: every candidate step pays
+    # for them (21 passes in a 7B recipe), and the step caches key on it, so a change regenerates every step
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = the run's, from its config.json
-    batch_size: int = 24  # rows per generate call
+    generation_batch_size: int = 24  # rows per generate call
     average_checkpoints: int = 5  # export the mean of this many (odd) checkpoints around the smoothed peak of the
     # scores; 1 = the best step alone, as do runs with fewer than twice as many checkpoints (a rising curve: no plateau)
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
@@ -77,14 +78,15 @@ class SelectConfig:
     def __post_init__(self):
         require(bool(self.run_name) and "/" not in self.run_name, "run_name",
                 f"must be a run folder name, got '{self.run_name}'")
-        require(self.val_rows >= 0, "val_rows", f"must be >= 0 (0 = all rows), got {self.val_rows}")
+        require(self.rows_per_step >= 0, "rows_per_step", f"must be >= 0 (0 = all rows), got {self.rows_per_step}")
         require(self.every_k >= 1, "every_k", f"must be >= 1, got {self.every_k}")
         require(self.force_step >= -1, "force_step", f"must be a checkpoint step, or 0 / -1 for none, got "
                 f"{self.force_step}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (the run's) or >= 64, got {self.max_prompt_tokens}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.generation_batch_size >= 1, "generation_batch_size",
+                f"must be >= 1, got {self.generation_batch_size}")
         require(self.average_checkpoints >= 1 and self.average_checkpoints % 2 == 1, "average_checkpoints",
                 f"must be odd (the window is centred on a step; 1 = the best step alone), got "
                 f"{self.average_checkpoints}")
@@ -238,12 +240,12 @@ def _trained_prompts(cfg: SelectConfig, run_cfg: dict) -> set[str]:
 
 
 def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFrame:
-    """The validation rows to score: ``val_rows`` rows drawn as whole prompt groups (seeded).
+    """The validation rows to score: ``rows_per_step`` rows drawn as whole prompt groups (seeded).
 
     By default the run's own ``validation.csv``, whose prompt groups training never saw. Another file is filtered
     first: rows whose prompt is in the run's training files are dropped, since scoring them would reward memorizing.
     Whole groups are drawn (``data.split_by_prompt``) rather than the file's head, because files are often ordered by
-    prompt or source and the head would be a few similar prompts; the draw is then trimmed to exactly ``val_rows``.
+    prompt or source and the head would be a few similar prompts; the draw is then trimmed to exactly ``rows_per_step``.
     Fewer than 2 prompt groups is a :class:`data.DataError`: one prompt says nothing about a checkpoint.
     """
     own = cfg.run_dir / artifacts.VALIDATION_FILE
@@ -268,9 +270,9 @@ def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFr
                              "rewrite_prompt values")
     if "id" not in df.columns:
         df["id"] = [f"row-{r}" for r in df["_row"]]
-    if cfg.val_rows and cfg.val_rows < len(df):
-        _, df = data.split_by_prompt(df, cfg.val_rows, seed=cfg.seed)
-        df = df.head(cfg.val_rows)
+    if cfg.rows_per_step and cfg.rows_per_step < len(df):
+        _, df = data.split_by_prompt(df, cfg.rows_per_step, seed=cfg.seed)
+        df = df.head(cfg.rows_per_step)
     df = df.reset_index(drop=True)
     logger.info("validation: %d row(s), %d prompt group(s), from %s", len(df), _group_key(df).nunique(), path)
     return df
@@ -311,7 +313,7 @@ class _StepSampler:
             load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
         self.peft = None
         self.scfg = engines.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                           batch_size=cfg.batch_size,
+                                           generation_batch_size=cfg.generation_batch_size,
                                            max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
                                            seed=cfg.seed)
 
@@ -739,7 +741,7 @@ def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[i
         scorer=scorer,
         scorer_precision=per_step[0].get("precision"),
         validation_file=str(resolve_path(cfg.validation_file) if cfg.validation_file else own),
-        val_rows=cfg.val_rows,
+        val_rows=cfg.rows_per_step,
         rows_scored=int(per_step[0].get("rows", len(validation) if validation is not None else 0)),
         prompt_groups=int(_group_key(validation).nunique()) if validation is not None else None,
         max_new_tokens=cfg.max_new_tokens,

@@ -68,23 +68,63 @@ def config_fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
+# ---------------------------------------------------------------- renamed parameters
+
+# Notebook parameters, YAML keys and plan keys that were renamed, by the dataclass that reads them: an older notebook,
+# recipe, plan or command line still loads, and a logged note names the new name. docs/pipeline.md lists them.
+RENAMED = {
+    "SelectConfig": {"val_rows": "rows_per_step", "batch_size": "generation_batch_size"},
+    "InferenceConfig": {"batch_size": "generation_batch_size", "scores_path": "scores_file"},
+    "MeanPromptConfig": {"batch_size": "embedding_batch_size"},
+    "Variant": {"budget_hours": "deadline_hours"},
+    # merged_path (a folder) became use_merged (serve <adapter>/merged/): plan.ModelEntry.from_dict converts it
+    "ModelEntry": {"adapter_path": "adapter", "base_model_path": "base_model"},
+}
+
+
+def note_rename(where: str, old: str, new: str) -> None:
+    """Log that ``old`` is read as ``new`` (the old name keeps working; the new one is what to write)."""
+    logger.warning("%s: '%s' is now called '%s'; read as '%s' (write the new name to silence this note)", where, old,
+                   new, new)
+
+
+def with_new_names(kind: str, values: dict, where: str) -> dict:
+    """``values`` with each old key of ``kind`` (a dataclass name in :data:`RENAMED`) under its new name, noted in the
+    log; both names at once is a :class:`ConfigError` naming them."""
+    out = dict(values)
+    for old, new in RENAMED.get(kind, {}).items():
+        if old in out:
+            if new in out:
+                raise ConfigError(f"{where}: both '{old}' and its new name '{new}' are set; keep '{new}'")
+            note_rename(where, old, new)
+            out[new] = out.pop(old)
+    return out
+
+
 def from_params(cls, namespace: dict[str, Any]):
     """Build ``cls`` from a notebook namespace (``globals()``), taking exactly the dataclass's fields.
 
-    A field missing from the namespace keeps its default, so an older notebook still runs.
+    A field missing from the namespace keeps its default, so an older notebook still runs. An old parameter name
+    (:data:`RENAMED`) in the namespace was injected (the parameters cell defines only the new names), so its value
+    wins over the new name's default, with a note.
     """
     values = {name: namespace[name] for name in config_fields(cls) if name in namespace}
+    for old, new in RENAMED.get(cls.__name__, {}).items():
+        if old in namespace:
+            note_rename("notebook parameter", old, new)
+            values[new] = namespace[old]
     return cls(**values)
 
 
 def load_yaml(cls, path: str | os.PathLike, **overrides):
-    """Build ``cls`` from a YAML recipe; keyword overrides win. Unknown keys are an error naming the file."""
+    """Build ``cls`` from a YAML recipe; keyword overrides win. Unknown keys are an error naming the file; renamed
+    keys (:data:`RENAMED`) are read under their new names, with a note."""
     import yaml
 
     file = resolve_path(path)
     if not file.exists():
         raise FileNotFoundError(f"config file not found: {file}")
-    values = yaml.safe_load(file.read_text()) or {}
+    values = with_new_names(cls.__name__, yaml.safe_load(file.read_text()) or {}, str(file))
     unknown = sorted(set(values) - set(config_fields(cls)))
     if unknown:
         raise ConfigError(f"{file}: unknown keys {unknown} for {cls.__name__}; known: {config_fields(cls)}")

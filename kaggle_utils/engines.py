@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import artifacts, decoding, models, prompts, sources
+from . import artifacts, decoding, models, prompts
 from .config import ConfigError, error_summary, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
@@ -50,7 +50,7 @@ class SamplingConfig:
     max_new_tokens: int = 32  # a recovered prompt is one sentence
     seed: int = 0  # sampling seed; batch b uses seed + b (HF), row i uses seed + i (vLLM)
     forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
-    batch_size: int = 16  # rows per generate call (x n sequences)
+    generation_batch_size: int = 16  # rows per generate call (x n sequences)
     max_prompt_tokens: int = prompts.DEFAULT_PROMPT_TOKENS  # prompt-token limit (kaggle_utils.artifacts), resolved
     greedy_first: bool = False  # the first of the n predictions is greedy, the others sampled at ``temperature``
 
@@ -59,7 +59,8 @@ class SamplingConfig:
         require(self.temperature >= 0, "temperature", f"must be >= 0, got {self.temperature}")
         require(0 < self.top_p <= 1, "top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.generation_batch_size >= 1, "generation_batch_size",
+                f"must be >= 1, got {self.generation_batch_size}")
         require(not (self.temperature == 0 and self.n > 1), "n",
                 f"n={self.n} with temperature 0 would repeat one greedy answer; set temperature > 0")
 
@@ -295,7 +296,8 @@ class HFEngine(Engine):
         todo.sort(key=lambda i: -len(ids[i]))  # similar lengths share a batch, so little padding is computed
         forced_len = len(prompts.encode(self.tokenizer, cfg.forced_start.strip())) if cfg.forced_start.strip() else 0
         device = next(self.model.parameters()).device
-        batches = [todo[k:k + cfg.batch_size] for k in range(0, len(todo), cfg.batch_size)]
+        size = cfg.generation_batch_size
+        batches = [todo[k:k + size] for k in range(0, len(todo), size)]
         bar = tqdm(total=len(todo), desc=f"{self.name} sampling n={cfg.n}", unit="row", disable=not progress)
         for b, rows in enumerate(batches):
             # decoding.left_pad = tokenizer.pad (left) without its per-element Python cost (seconds per large batch).
@@ -725,8 +727,9 @@ def _merge_key(base: Path, adapter: Path) -> dict:
     weights = adapter / artifacts.ADAPTER_FILES[1]
     if not weights.exists():
         weights = adapter / "adapter_model.bin"  # an older adapter's weights
-    return {"base": str(base), "adapter": str(adapter),
-            "adapter_sha256": sources.sha256_of(weights)}
+    from .sources import sha256_of  # here: sources loads pandas, which importing the engines must not
+
+    return {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha256_of(weights)}
 
 
 def _holds(out: Path, key: dict) -> bool:

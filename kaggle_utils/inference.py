@@ -11,7 +11,6 @@ import functools
 import hashlib
 import logging
 import os
-import re
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -20,16 +19,13 @@ from pathlib import Path
 import pandas as pd
 
 from . import artifacts, blending, budget, data, engines, models, prompts, sampling
-from .config import ConfigError, require, resolve_path, save_config
+from .config import require, resolve_path, save_config
+from .plan import ModelEntry
 
 logger = logging.getLogger("kaggle_utils")
 
-MODEL_KEYS = ("name", "preset", "base_model_path", "adapter_path", "merged_path", "n", "temperature", "top_p",
-              "forced_start", "greedy_first")
-REQUIRED_MODEL_KEYS = ("name", "preset")  # the others default to ModelSpec's values
-DEFAULT_MODELS = [{"name": "smollm", "preset": "smollm2-135m", "base_model_path": "", "adapter_path": "runs/demo/selected",
-                   "merged_path": "", "n": 4, "temperature": 0.7, "top_p": 0.95, "forced_start": "",
-                   "greedy_first": True}]
+DEFAULT_MODELS = [ModelEntry(name="smollm", preset="smollm2-135m", adapter="runs/demo/selected", n=4, temperature=0.7,
+                             top_p=0.95, greedy_first=True).to_dict()]  # the demo's plan
 SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models
@@ -48,77 +44,31 @@ class SubmissionError(ValueError):
     """A written submission is not valid: a missing or repeated id, a blank prompt, wrong columns."""
 
 
-@dataclass
-class ModelSpec:
-    """One model of the plan: which weights, and how to sample it."""
+def check_model_paths(entry: ModelEntry) -> None:
+    """Fail before any model loads on a missing folder or an adapter trained on another preset."""
+    if entry.use_merged:
+        folder = resolve_path(entry.merged_folder)
+        if not (folder / "config.json").exists() or not models.has_weights(folder):
+            raise models.ModelPathError(f"use_merged: '{folder}' is not a model folder with weights (needs config.json "
+                                        "and *.safetensors); export it with checkpoint selection (export_merged)")
+    else:
+        models.check_base_path(models.get_preset(entry.preset), entry.base_model)
+        engines.selected_adapter(entry.adapter, entry.preset)
 
-    name: str  # short name: predictions/<name>.jsonl and the scores table
-    preset: str  # model preset (chat template, 4-bit choice)
-    base_model_path: str = ""  # base weights; "" = the preset's default
-    adapter_path: str = ""  # LoRA adapter folder (e.g. runs/<run>/selected); "" = none
-    merged_path: str = ""  # a merged fp16 folder; when set it is served as is, with no adapter
-    n: int = 1  # predictions per row
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0  # nucleus sampling mass
-    forced_start: str = ""  # every answer starts with this text (e.g. "Rewrite")
-    greedy_first: bool = False  # the first prediction is greedy, the other n - 1 sampled at temperature
 
-    def __post_init__(self):
-        require(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(self.name))), "name",
-                f"must be a short file-name-safe word, got '{self.name}'")
-        preset = models.get_preset(self.preset)
-        engines.SamplingConfig(n=self.n, temperature=self.temperature, top_p=self.top_p,
-                               greedy_first=self.greedy_first)  # validates the numbers
-        self._preset = preset
-
-    def check_paths(self) -> None:
-        """Fail before any model loads on a missing folder or an adapter trained on another preset."""
-        if self.merged_path:
-            folder = resolve_path(self.merged_path)
-            if not (folder / "config.json").exists() or not models.has_weights(folder):
-                raise models.ModelPathError(f"merged_path '{folder}' is not a model folder with weights (needs "
-                                            "config.json and *.safetensors); export it with checkpoint selection")
-        else:
-            models.check_base_path(self._preset, self.base_model_path)
-            engines.selected_adapter(self.adapter_path, self.preset)
-
-    @classmethod
-    def from_dict(cls, entry, index: int) -> "ModelSpec":
-        """Build from one ``models`` entry; a missing required key (name, preset), an unknown key or a bad value
-        names the entry and the key. Left-out optional keys take :class:`ModelSpec`'s defaults."""
-        if not isinstance(entry, dict):
-            raise ConfigError(f"models[{index}]: must be a dict with keys {list(MODEL_KEYS)}, got {entry!r}")
-        missing = [k for k in REQUIRED_MODEL_KEYS if k not in entry]
-        unknown = [k for k in entry if k not in MODEL_KEYS]
-        if missing or unknown:
-            raise ConfigError(f"models[{index}]: " + "; ".join(
-                ([f"missing key(s) {missing}"] if missing else []) + ([f"unknown key(s) {unknown}"] if unknown else []))
-                + f"; the keys are {list(MODEL_KEYS)}")
-        try:
-            return cls(**entry)
-        except ConfigError as e:
-            raise ConfigError(f"models[{index}] ({entry.get('name')}): {e}") from None
-
-    def trained_prompt_tokens(self) -> int:
-        """The prompt-token limit this model's adapter was selected at (``max_prompt_tokens`` of its
-        ``selection.json``, beside the adapter or above a merged folder); 0 when no such file records one (a base
-        model, an adapter from elsewhere). An unreadable file is logged and counts as none."""
-        for folder in ([self.adapter_path] if self.adapter_path else []) + (
-                [str(Path(self.merged_path).parent)] if self.merged_path else []):
-            try:
-                selection = artifacts.Selection.find(folder)
-            except artifacts.ArtifactError as e:
-                logger.warning("%s; %s sees prompts cut to %d tokens, maybe not as in training", e, self.name,
-                               DEFAULT_PROMPT_TOKENS)
-                continue
-            if selection is not None and selection.max_prompt_tokens:
-                return selection.max_prompt_tokens
+def trained_prompt_tokens(entry: ModelEntry) -> int:
+    """The prompt-token limit this model's adapter was selected at (``max_prompt_tokens`` of its ``selection.json``,
+    beside the adapter, which a merged copy sits in); 0 when no such file records one (a base model, an adapter from
+    elsewhere). An unreadable file is logged and counts as none."""
+    if not entry.adapter:
         return 0
-
-    @property
-    def label(self) -> str:
-        """How the scores table names this model."""
-        return f"{self.name} {'fine-tuned' if self.adapter_path or self.merged_path else 'base'}"
+    try:
+        selection = artifacts.Selection.find(entry.adapter)
+    except artifacts.ArtifactError as e:
+        logger.warning("%s; %s sees prompts cut to %d tokens, maybe not as in training", e, entry.name,
+                       DEFAULT_PROMPT_TOKENS)
+        return 0
+    return selection.max_prompt_tokens if selection is not None and selection.max_prompt_tokens else 0
 
 
 @dataclass
@@ -127,8 +77,10 @@ class InferenceConfig:
 
     test_file: str = "runs/demo/validation.csv"  # competition CSV: id, original_text, rewritten_text (+ rewrite_prompt: scored)
     submission_path: str = "runs/demo/submission.csv"  # where submission.csv (id, rewrite_prompt) is written
-    run_dir: str = "runs/demo/inference"  # predictions/<model>.jsonl (resume), scores.csv, plots, config.json
-    models: list = field(default_factory=lambda: [dict(m) for m in DEFAULT_MODELS])  # the plan, in order
+    run_dir: str | Path = "runs/demo/inference"  # predictions/<model>.jsonl (resume), scores.csv, plots, config.json;
+    # a Path once the config is built, as in every stage
+    models: list = field(default_factory=lambda: [dict(m) for m in DEFAULT_MODELS])  # the plan, in order: entries of
+    # kaggle_utils.plan.ModelEntry (name and preset required)
     use_mean_prompt: bool = True  # append the mean prompt after the predictions
     mean_prompt: str = blending.DEFAULT_MEAN_PROMPT  # the string appended to every row
     separator: str = " "  # between joined predictions and the mean prompt
@@ -140,7 +92,7 @@ class InferenceConfig:
     identical_fallback: str = "Correct grammatical errors in this text."  # when original == rewritten
     max_new_tokens: int = 32  # a recovered prompt is one sentence
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = each model's, from selection.json
-    batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
+    generation_batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
     gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
     attention_backend: str = engines.EngineOptions.attention_backend  # vLLM: auto (TRITON_ATTN on a T4) | a name
     enforce_eager: str = engines.EngineOptions.enforce_eager  # vLLM without CUDA graphs: auto (on a T4) | on | off
@@ -149,7 +101,7 @@ class InferenceConfig:
     seed: int = 0  # sampling seed
     max_rows: int = 0  # only the first rows of the test CSV (0 = all); for quick checks
     score_base_model: bool = False  # when scored, also sample each preset's base model zero-shot (1 prediction)
-    scores_path: str = ""  # where the scores table goes; "" = <run_dir>/scores.csv (make demo: runs/demo/scores.csv)
+    scores_file: str = ""  # where the scores table goes; "" = <run_dir>/scores.csv (make demo: runs/demo/scores.csv)
     score_split: str = "test"  # the scored rows' label in the table: report (chose nothing) | choice | test
     blend_file: str = ""  # blend.json chosen on validation by make mean-prompt; "" = the plan as given
 
@@ -162,8 +114,9 @@ class InferenceConfig:
                 "give at least one model, or none with use_mean_prompt on (every row is then the mean prompt)")
         if not self.models and not self.blend_file:  # (a blend that chose this has said so already)
             logger.warning("models is empty: no model runs, every row gets the mean prompt")
-        specs = [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
-        names = [s.name for s in specs]
+        entries = [ModelEntry.from_dict(m, f"models[{i}]") for i, m in enumerate(self.models)]
+        self.models = [e.to_dict() for e in entries]  # older key names read once, written back as today's
+        names = [e.name for e in entries]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
         require(self.engine in engines.ENGINES, "engine", f"must be one of {engines.ENGINES}, got '{self.engine}'")
         require(self.merge_adapters in engines.MERGE_CHOICES, "merge_adapters",
@@ -178,7 +131,8 @@ class InferenceConfig:
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (each model's training length) or >= 64, got {self.max_prompt_tokens}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
-        self.sampling_config(specs[0] if specs else ModelSpec.from_dict(DEFAULT_MODELS[0], 0))  # validates the rest
+        self.run_dir = resolve_path(self.run_dir)
+        self.sampling_config(entries[0] if entries else ModelEntry(**DEFAULT_MODELS[0]))  # validates the rest
 
     def _apply_blend(self) -> None:
         """Take models (order, n), mean prompt and separator from the blend chosen on validation (``blend_file``)."""
@@ -191,7 +145,8 @@ class InferenceConfig:
             logger.warning("%s chose the mean prompt alone: no model runs, every row gets the mean prompt",
                            self.blend_file)
         kept = {m["name"] for m in plan["models"]}
-        self._left_out = [dict(m) for m in self.models if isinstance(m, dict) and m.get("name") not in kept]
+        self._left_out = [ModelEntry.from_dict(m, f"models[{i}]").to_dict() for i, m in enumerate(self.models)
+                          if isinstance(m, dict) and m.get("name") not in kept]
         self.models, self.use_mean_prompt, self.separator = plan["models"], plan["use_mean_prompt"], plan["separator"]
         if plan["mean_prompt"].strip():
             self.mean_prompt = plan["mean_prompt"]
@@ -200,33 +155,34 @@ class InferenceConfig:
 
     def check_paths(self) -> None:
         """Check every model's folders (base, adapter or merged) and the test file exist; errors name the model."""
-        for i, spec in enumerate(self.model_specs):
+        for i, entry in enumerate(self.model_entries):
             try:
-                spec.check_paths()
+                check_model_paths(entry)
             except (engines.AdapterError, models.ModelPathError) as e:
-                raise type(e)(f"models[{i}] ({spec.name}): {e}") from None
+                raise type(e)(f"models[{i}] ({entry.name}): {e}") from None
         if not resolve_path(self.test_file).exists():
             raise data.DataError(f"test_file: {resolve_path(self.test_file)} does not exist")
 
     @property
-    def model_specs(self) -> list[ModelSpec]:
+    def model_entries(self) -> list[ModelEntry]:
         """The validated plan, in order."""
-        return [ModelSpec.from_dict(m, i) for i, m in enumerate(self.models)]
+        return [ModelEntry.from_dict(m, f"models[{i}]") for i, m in enumerate(self.models)]
 
     @property
-    def left_out_specs(self) -> list[ModelSpec]:
+    def left_out_entries(self) -> list[ModelEntry]:
         """The plan's models that the blend (``blend_file``) left out: not sampled for the submission, only scored
         as references when ``score_base_model`` is on."""
-        return [ModelSpec.from_dict(m, i) for i, m in enumerate(getattr(self, "_left_out", []))]
+        return [ModelEntry(**m) for m in getattr(self, "_left_out", [])]
 
-    def sampling_config(self, spec: ModelSpec, n: int | None = None) -> engines.SamplingConfig:
-        """How to sample ``spec`` (``n`` overrides its n, e.g. 1 for a baseline)."""
-        return engines.SamplingConfig(n=spec.n if n is None else n, temperature=spec.temperature, top_p=spec.top_p,
+    def sampling_config(self, entry: ModelEntry, n: int | None = None) -> engines.SamplingConfig:
+        """How to sample ``entry`` (``n`` overrides its n, e.g. 1 for a baseline)."""
+        return engines.SamplingConfig(n=entry.n if n is None else n, temperature=entry.temperature, top_p=entry.top_p,
                                       max_new_tokens=self.max_new_tokens, seed=self.seed,
-                                      forced_start=spec.forced_start, batch_size=self.batch_size,
-                                      greedy_first=spec.greedy_first,
+                                      forced_start=entry.forced_start,
+                                      generation_batch_size=self.generation_batch_size,
+                                      greedy_first=entry.greedy_first,
                                       max_prompt_tokens=artifacts.prompt_token_limit(
-                                          self.max_prompt_tokens, spec.trained_prompt_tokens()))
+                                          self.max_prompt_tokens, trained_prompt_tokens(entry)))
 
     def engine_options(self, scfg: engines.SamplingConfig | None = None) -> engines.EngineOptions:
         """How each model loads: ``dtype``, ``gpu_memory_utilization`` and ``seed`` from this config, and a vLLM
@@ -245,7 +201,7 @@ class InferenceConfig:
 def prepare_run(cfg: InferenceConfig) -> Path:
     """Check the plan's folders, then create the run folder and write the resolved config there before any work."""
     cfg.check_paths()
-    run_dir = resolve_path(cfg.run_dir)
+    run_dir = cfg.run_dir
     save_config(cfg, run_dir)
     return run_dir
 
@@ -290,14 +246,16 @@ def _to_sample(test: pd.DataFrame) -> pd.DataFrame:
     return test.loc[~(test["_empty"] | test["_identical"])]
 
 
-def _store(cfg: InferenceConfig, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
+def _store(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines.SamplingConfig,
            folder: str = PREDICTIONS_DIR) -> sampling.PredictionStore:
-    weights = spec.merged_path or spec.adapter_path
-    fingerprint = {**{k: getattr(spec, k) for k in ("preset", "base_model_path", "adapter_path", "merged_path",
-                                                     "temperature", "top_p", "forced_start", "greedy_first")},
+    weights = entry.merged_folder or entry.adapter
+    # The keys are the ones prediction files were first written with, so files written before the renames resume.
+    fingerprint = {"preset": entry.preset, "base_model_path": entry.base_model, "adapter_path": entry.adapter,
+                   "merged_path": entry.merged_folder,
+                   **{k: getattr(entry, k) for k in ("temperature", "top_p", "forced_start", "greedy_first")},
                    "weights": sampling.fingerprint_files(weights) if weights else "",
                    **{k: getattr(scfg, k) for k in ("n", "max_new_tokens", "max_prompt_tokens", "seed")}}
-    return sampling.PredictionStore(resolve_path(cfg.run_dir) / folder, name, fingerprint)
+    return sampling.PredictionStore(cfg.run_dir / folder, name, fingerprint)
 
 
 def merge_dir(cfg: InferenceConfig) -> Path:
@@ -308,26 +266,26 @@ def merge_dir(cfg: InferenceConfig) -> Path:
     return resolve_path(cfg.merge_dir) if cfg.merge_dir else Path(tempfile.gettempdir()) / "kaggle_utils_merged"
 
 
-def _merged_for_vllm(cfg: InferenceConfig, spec: ModelSpec, rows: int) -> str:
+def _merged_for_vllm(cfg: InferenceConfig, spec: ModelEntry, rows: int) -> str:
     """The merged folder vLLM should serve for ``spec`` ("" = serve the adapter as a LoRARequest), merged here
     when :func:`engines.merge_decision` says so. A merge that fails is logged, and the adapter is served as is."""
-    if spec.merged_path or not spec.adapter_path:
-        return spec.merged_path
+    if spec.use_merged or not spec.adapter:
+        return spec.merged_folder
     folder = merge_dir(cfg)
-    adapter = engines.selected_adapter(spec.adapter_path, spec.preset)
+    adapter = engines.selected_adapter(spec.adapter, spec.preset)
     if not adapter:  # the base model won the selection: nothing to merge
         return ""
     # One folder per base and adapter: plan entries that share an adapter (other n or temperature) share it.
-    tag = hashlib.sha1(f"{spec.base_model_path}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
+    tag = hashlib.sha1(f"{spec.base_model}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
     out = folder / f"{spec.preset}-{tag}"
     try:
-        ready = engines.holds_merge(out, spec.preset, spec.base_model_path, adapter)
-        merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model_path, adapter, rows,
+        ready = engines.holds_merge(out, spec.preset, spec.base_model, adapter)
+        merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model, adapter, rows,
                                             folder, engines.card_capability(), ready=ready)
         logger.info("%s: %s (%s)", spec.name, "served merged into a copy of the base" if merge
                     else "the adapter served as a LoRARequest", why)
         if merge:
-            return str(engines.merge_adapter(spec.preset, spec.base_model_path, adapter, out))
+            return str(engines.merge_adapter(spec.preset, spec.base_model, adapter, out))
         return ""
     except engines.PLAN_ERRORS:
         raise
@@ -339,7 +297,7 @@ def _merged_for_vllm(cfg: InferenceConfig, spec: ModelSpec, rows: int) -> str:
     return ""
 
 
-def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg: engines.SamplingConfig,
+def _run_model(cfg: InferenceConfig, kind: str, spec: ModelEntry, name: str, scfg: engines.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share, undone: int = 0
                ) -> sampling.SamplingReport | None:
     """Load one model (for vLLM merged first, when that pays: :func:`_merged_for_vllm`) and sample what is not done
@@ -347,10 +305,10 @@ def _run_model(cfg: InferenceConfig, kind: str, spec: ModelSpec, name: str, scfg
     engine = None
     try:
         start = time.time()
-        merged = _merged_for_vllm(cfg, spec, undone) if kind == "vllm" else spec.merged_path
+        merged = _merged_for_vllm(cfg, spec, undone) if kind == "vllm" else spec.merged_folder
         merge_s = time.time() - start
         # vLLM failing to start (driver, memory, a config it refuses) falls back to the HF engine inside load_engine.
-        engine = engines.load_engine(kind, spec.preset, spec.base_model_path, spec.adapter_path, merged,
+        engine = engines.load_engine(kind, spec.preset, spec.base_model, spec.adapter, merged,
                                      options=cfg.engine_options(scfg))
         load_s = time.time() - start - merge_s
         logger.info("%s: ready in %.0f s (merge %.0f s, engine start %.0f s)", name, merge_s + load_s, merge_s, load_s)
@@ -378,11 +336,11 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
     :mod:`kaggle_utils.budget`); a model whose rows are all done is not loaded. Returns predictions per model
     (``{name: {id: [prompt, ...]}}``, done rows only) and one report row per model.
     """
-    specs = cfg.model_specs
+    specs = cfg.model_entries
     if not specs:
         logger.info("plan: no model (the mean prompt alone)")
         table = pd.DataFrame(columns=REPORT_COLUMNS)
-        table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
+        table.to_csv(cfg.run_dir / SAMPLING_FILE, index=False)
         return {}, table
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
@@ -401,13 +359,13 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
         else:
             share = deadline.for_model(left[m], sum(left[m + 1:]))
             logger.info("%s: %.0f s of the remaining %.0f s", spec.name, share.remaining(), deadline.remaining())
-            kind = engines.pick_engine(cfg.engine, spec.preset, spec.merged_path or spec.base_model_path)
+            kind = engines.pick_engine(cfg.engine, spec.preset, spec.merged_folder or spec.base_model)
             report = _run_model(cfg, kind, spec, spec.name, scfg, store, rows, share, left[m] // max(scfg.n, 1))
             if report is not None:
                 reports.append(dataclasses.asdict(report))
     predictions = {s.name: st.predictions(ids, keys) for s, st in zip(specs, stores)}
     table = pd.DataFrame(reports, columns=REPORT_COLUMNS)  # with its header even when no model reported
-    table.to_csv(resolve_path(cfg.run_dir) / SAMPLING_FILE, index=False)
+    table.to_csv(cfg.run_dir / SAMPLING_FILE, index=False)
     return predictions, table
 
 
@@ -417,15 +375,15 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
     row each: every preset's base model zero-shot, and every plan model the blend left out (so its own score on these
     rows is still known). Keys are the table's system names. Runs after the submission is written, so it never costs
     the submission; {} otherwise."""
-    left_out = cfg.left_out_specs
+    left_out = cfg.left_out_entries
     if not cfg.score_base_model or data.PROMPT_COLUMN not in test.columns or not (cfg.models or left_out):
         return {}
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
     runs = [(f"{s.preset} base, zero-shot, 1 prediction", s,
-             dataclasses.replace(s, name=f"{s.preset}-base", adapter_path="", merged_path=""))
-            for s in {s.preset: s for s in cfg.model_specs + left_out}.values()]
+             dataclasses.replace(s, name=f"{s.preset}-base", adapter="", use_merged=False))
+            for s in {s.preset: s for s in cfg.model_entries + left_out}.values()]
     runs += [(f"{s.label} (left out by the blend), 1 prediction", s, dataclasses.replace(s, name=f"{s.name}-left-out"))
              for s in left_out]
     out = {}
@@ -436,7 +394,7 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
             logger.warning("%s: skipped, the deadline has passed", model.name)
             continue
         if any(not store.is_done(i, k) for i, k in zip(ids, keys)):
-            kind = engines.pick_engine(cfg.engine, model.preset, model.merged_path or model.base_model_path)
+            kind = engines.pick_engine(cfg.engine, model.preset, model.merged_folder or model.base_model)
             _run_model(cfg, kind, model, model.name, scfg, store, rows, deadline.for_model(1, 0), len(rows))
         out[system] = store.predictions(ids, keys)
     return out
@@ -461,7 +419,7 @@ def fill_special_rows(cfg: InferenceConfig, test: pd.DataFrame, predictions: dic
 def build_submission(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -> pd.DataFrame:
     """``id, rewrite_prompt`` for every test row: the blend of the plan's predictions (+ the mean prompt); rows with
     no prediction get the fallback prompt (counted in the log)."""
-    plan = [s.name for s in cfg.model_specs]
+    plan = [s.name for s in cfg.model_entries]
     filled = fill_special_rows(cfg, test, predictions, plan)
     ids = test["id"].tolist()
     mean = cfg.mean_prompt if cfg.use_mean_prompt else ""
@@ -522,7 +480,7 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
     if len(scored) < len(test):
         logger.warning("scoring %d of %d row(s): the others have a blank rewrite_prompt", len(scored), len(test))
-    specs = cfg.model_specs
+    specs = cfg.model_entries
     filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
     filled_base = fill_special_rows(cfg, test, baselines or {})
     systems = blending.component_systems(scored["id"].tolist(), filled, [(s.name, s.n) for s in specs],
@@ -531,7 +489,7 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
                                          labels={s.name: s.label for s in specs})
     table = blending.score_systems(_scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist(),
                                    split=cfg.score_split)
-    path = resolve_path(cfg.scores_path) if cfg.scores_path else resolve_path(cfg.run_dir) / SCORES_FILE
+    path = resolve_path(cfg.scores_file) if cfg.scores_file else cfg.run_dir / SCORES_FILE
     blending.write_scores(path, table)
     logger.info("scores (%s, %s rows) written to %s", table["scorer"].iloc[0] if len(table) else "?",
                 cfg.score_split, path)
@@ -553,7 +511,7 @@ def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -
     if data.PROMPT_COLUMN not in test.columns:
         return None
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
-    specs = cfg.model_specs
+    specs = cfg.model_entries
     if not specs or scored.empty:
         return None
     filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
@@ -562,7 +520,7 @@ def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -
     table = blending.n_curve(_scorer(cfg.scorer_path), per_row, scored[data.PROMPT_COLUMN].tolist(),
                              cfg.mean_prompt, cfg.separator, cfg.fallback_prompt, {s.name: s.label for s in specs},
                              split=cfg.score_split)
-    folder = resolve_path(cfg.run_dir)
+    folder = cfg.run_dir
     table.to_csv(folder / f"{blending.N_CURVE_FILE}.csv", index=False)
     logger.info("SCS against n (%s): %s", table["scorer"].iloc[0] if len(table) else "?", folder / "n_curve.csv")
     return blending.plot_n_curve(table, folder / f"{blending.N_CURVE_FILE}.png",
@@ -586,7 +544,7 @@ def plot_scores(cfg: InferenceConfig, scores: pd.DataFrame | None) -> Path | Non
     ax.set_title(f"what each part adds ({int(scores['rows'].iloc[0])} rows)")
     ax.set_xlim(0, max(0.05, float(scores["scs"].max()) * 1.25))
     fig.tight_layout()
-    out = resolve_path(cfg.run_dir) / "scores.png"
+    out = cfg.run_dir / "scores.png"
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import artifacts, git_commit, kernels, wheels
 from .config import project_root, require, resolve_path
+from .plan import USER_NAME, Plan, library_metadata_template
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -88,7 +89,7 @@ def require_credentials(action: str) -> Credentials:
     return creds
 
 
-def resolve_user(plan: kernels.Plan | None = None, required: bool = False) -> str:
+def resolve_user(plan: Plan | None = None, required: bool = False) -> str:
     """The Kaggle user for ids: the plan's ``user``, else the credentials' user, else the placeholder.
 
     ``required`` (push, status, submit) refuses the placeholder.
@@ -98,7 +99,7 @@ def resolve_user(plan: kernels.Plan | None = None, required: bool = False) -> st
     creds = find_credentials()
     user = os.environ.get("KAGGLE_USERNAME") or (creds.username if creds else "")
     if user:
-        require(bool(kernels.USER_NAME.match(user)), "user", f"'{user}' is not a Kaggle user name")
+        require(bool(USER_NAME.match(user)), "user", f"'{user}' is not a Kaggle user name")
         return user
     if required:
         raise CredentialsError("no Kaggle user name: set `user:` in the plan or export KAGGLE_USERNAME")
@@ -150,14 +151,14 @@ def build_library_dataset(user: str, out: str | os.PathLike = f"{DATASETS_DIR}/l
                     "--disable-pip-version-check", "-q", "-w", str(folder), str(src)], check=True)
     shutil.rmtree(src)
     (folder / "COMMIT").write_text(stamp + "\n")
-    template = kernels.library_metadata_template()
+    template = library_metadata_template()
     ref = f"{user}/{template['id'].split('/')[1]}"
     (folder / "dataset-metadata.json").write_text(json.dumps(dataset_metadata(ref, template["title"]), indent=2) + "\n")
     logger.info("library dataset %s: %s", ref, ", ".join(sorted(p.name for p in folder.iterdir())))
     return folder
 
 
-def build_adapters_dataset(plan: kernels.Plan, user: str, runs_dir: str | os.PathLike = "runs",
+def build_adapters_dataset(plan: Plan, user: str, runs_dir: str | os.PathLike = "runs",
                            out: str | os.PathLike = f"{DATASETS_DIR}/adapters", slug: str = "") -> Path:
     """``out/<folder>/`` for every adapter the plan (or its variant ``slug``) names, copied from
     ``runs_dir/<folder>/selected/``.
@@ -204,7 +205,7 @@ def wheels_download_command(out: str | os.PathLike = WHEELS_DIR, python_version:
     return cmd
 
 
-def write_wheels_metadata(plan: kernels.Plan, user: str, out: str | os.PathLike = WHEELS_DIR) -> Path:
+def write_wheels_metadata(plan: Plan, user: str, out: str | os.PathLike = WHEELS_DIR) -> Path:
     """Put the requirements file and dataset-metadata.json beside the downloaded wheels."""
     folder = resolve_path(out)
     folder.mkdir(parents=True, exist_ok=True)

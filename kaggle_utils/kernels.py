@@ -22,7 +22,6 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import Any
 
 from . import __version__, artifacts, git_commit, wheels
 from .config import ConfigError, project_root, require, resolve_path
-from .models import PRESETS, get_preset
+from .models import get_preset
+from .plan import MERGED_DIR, ModelEntry, Plan, Variant, read_yaml, rename_model_keys
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -40,182 +40,17 @@ KAGGLE_WORKING = "/kaggle/working"
 TEST_FILE = f"{KAGGLE_INPUT}/{COMPETITION}/test.csv"
 SUBMISSION_FILE = f"{KAGGLE_WORKING}/submission.csv"
 MACHINE_SHAPE = "NvidiaTeslaT4"  # 2xT4, 15 GB each, fp16 only
-KAGGLE_HOURS = 9.0  # Kaggle stops a competition kernel after 9 hours
 PLACEHOLDER_USER = "KAGGLE_USERNAME"  # the owner written into ids when no Kaggle user is known (render only)
 USER_TOKEN = "{user}"  # in a plan's sources: the resolved Kaggle user
 PACKAGE = "kaggle-utils-prompt-recovery"  # the distribution name of kaggle_utils (pyproject.toml)
 CODE_FILE = "inference.ipynb"  # the notebook's name inside a kernel folder
 INSTALL_CELL_ID = "kaggle-install"
 
-DEFAULT_PLAN = "configs/submissions.yaml"
-DEFAULT_NOTEBOOK = "notebooks/inference.ipynb"
 DEFAULT_LOCAL_SETTINGS = "configs/local-inputs.yaml"
 KERNELS_DIR = "build/kernels"
 LOCAL_DIR = "build/local"
 GPU_WHEELS_TARGET = wheels.DEFAULT_TARGET  # where a kernel installs the GPU wheels
 
-_SLUG = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # what Kaggle accepts as a user name
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-# ---------------------------------------------------------------- the plan
-
-
-@dataclass
-class ModelEntry:
-    """One model of a planned submission: what it samples, from which Kaggle sources."""
-
-    name: str  # the model's name in the run folder and logs, e.g. "mistral_v3"
-    preset: str  # a kaggle_utils.models preset, e.g. "mistral-7b"
-    adapter: str = ""  # a folder of the plan's adapters dataset, or "owner/dataset/folder"; "" = the base model alone
-    base_model: str = ""  # Kaggle model owner/model/framework/variation/version ("{user}" allowed); "" = the preset's
-    n: int = 1  # predictions per row
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 0.95  # nucleus sampling mass
-    forced_start: str = ""  # the answer starts with this text, e.g. "Rewrite"
-    greedy_first: bool = False  # the first prediction is greedy, the other n - 1 sampled at temperature
-    use_merged: bool = False  # serve <adapter>/merged/ (weights with the adapter merged in: vLLM's way round T4 LoRA)
-
-    def __post_init__(self):
-        require(bool(_NAME.match(self.name)), "name", f"'{self.name}' must be letters, digits, '_', '-' or '.'")
-        require(self.preset in PRESETS, "preset", f"model '{self.name}': unknown preset '{self.preset}'; known: "
-                f"{', '.join(PRESETS)}")
-        require(self.n >= 1, "n", f"model '{self.name}': must be >= 1, got {self.n}")
-        require(self.temperature >= 0, "temperature", f"model '{self.name}': must be >= 0, got {self.temperature}")
-        require(not (self.temperature == 0 and self.n > 1), "n",
-                f"model '{self.name}': n={self.n} with temperature 0 repeats one greedy answer; set temperature > 0")
-        require(0 < self.top_p <= 1, "top_p", f"model '{self.name}': must be in (0, 1], got {self.top_p}")
-        preset = get_preset(self.preset)
-        source = self.base_model or preset.kaggle_model_source
-        # The embedded default needs no weights; every other preset reads an attached Kaggle model.
-        require(bool(source) or not preset.default_path, "base_model",
-                f"model '{self.name}': preset '{self.preset}' has no Kaggle model; set base_model to "
-                "owner/model/framework/variation/version")
-        if source:
-            parts = source.split("/")
-            require(len(parts) == 5 and all(parts) and parts[4].isdigit(), "base_model",
-                    f"model '{self.name}': '{source}' is not a Kaggle model handle "
-                    "owner/model/framework/variation/version (version a number)")
-        if self.adapter:
-            parts = self.adapter.split("/")
-            require(len(parts) == 1 or (len(parts) >= 3 and all(parts)), "adapter",
-                    f"model '{self.name}': '{self.adapter}' must be a folder of the adapters dataset or "
-                    "owner/dataset/folder")
-        require(not (self.use_merged and not self.adapter), "use_merged",
-                f"model '{self.name}': use_merged needs an adapter (its merged/ folder)")
-
-    def model_source(self) -> str:
-        """The Kaggle model handle this entry attaches ("" for the embedded default)."""
-        return self.base_model or get_preset(self.preset).kaggle_model_source
-
-
-@dataclass
-class Variant:
-    """One planned submission: one Kaggle kernel."""
-
-    slug: str  # the kernel's slug, lowercase-with-hyphens; `make submit VARIANT=<slug>`
-    title: str  # the kernel's title on Kaggle; must slugify to `slug` (else Kaggle warns and may rename)
-    models: list  # ModelEntry per model, in blend order
-    use_mean_prompt: bool  # append the mean prompt to every row's prediction
-    budget_hours: float  # the kernel's own deadline (deadline_hours); Kaggle stops the run at 9 h
-    mean_prompt: str = ""  # "" = the notebook's default mean prompt
-    engine: str = "auto"  # sampling engine: auto | vllm | hf
-    params: dict = field(default_factory=dict)  # any other inference-notebook parameters, e.g. {"batch_size": 32}
-
-    def __post_init__(self):
-        from slugify import slugify  # python-slugify: the kaggle CLI checks titles against ids with it
-
-        require(bool(_SLUG.match(self.slug)) and 5 <= len(self.slug) <= 50, "slug",
-                f"'{self.slug}' must be 5-50 characters of lowercase letters, digits and single hyphens")
-        require(5 <= len(self.title) <= 50, "title", f"variant '{self.slug}': '{self.title}' must be 5-50 characters")
-        require(slugify(self.title) == self.slug, "title",
-                f"variant '{self.slug}': title '{self.title}' becomes '{slugify(self.title)}' on Kaggle, not the slug")
-        self.models = [m if isinstance(m, ModelEntry) else _build(ModelEntry, m, f"variant '{self.slug}' model")
-                       for m in (self.models or [])]
-        require(len(self.models) >= 1, "models", f"variant '{self.slug}': needs at least one model")
-        names = [m.name for m in self.models]
-        require(len(set(names)) == len(names), "models", f"variant '{self.slug}': model names repeat: {names}")
-        require(0 < self.budget_hours < KAGGLE_HOURS, "budget_hours",
-                f"variant '{self.slug}': must be in (0, {KAGGLE_HOURS}) hours (Kaggle's limit), got {self.budget_hours}")
-        require(self.engine in ("auto", "vllm", "hf"), "engine",
-                f"variant '{self.slug}': must be auto, vllm or hf, got '{self.engine}'")
-        owned = {"models", "use_mean_prompt", "mean_prompt", "engine", "deadline_hours", *_PATH_PARAMETERS}
-        clash = sorted(set(self.params) & owned)
-        require(not clash, "params", f"variant '{self.slug}': {clash} are set by the plan's own fields")
-
-
-# The inference notebook's parameters that hold paths; the renderer points every one of them at /kaggle.
-_PATH_PARAMETERS = ("test_file", "submission_path", "run_dir", "scorer_path")
-
-
-@dataclass
-class Plan:
-    """The submission plan: the variants plus the Kaggle datasets every kernel attaches."""
-
-    variants: list  # Variant per planned submission
-    user: str = ""  # Kaggle user name; "" = KAGGLE_USERNAME or the CLI's kaggle.json
-    adapters_dataset: str = "prompt-recovery-adapters"  # your dataset of selected adapters (make push-adapters)
-    wheels_dataset: str = "prompt-recovery-wheels"  # your dataset of vLLM wheels for offline install (make wheels)
-    library_dataset: str = ""  # the kaggle_utils dataset slug; "" = the one in dataset-metadata.json
-    notebook: str = DEFAULT_NOTEBOOK  # the authored notebook every kernel is rendered from
-
-    def __post_init__(self):
-        self.variants = [v if isinstance(v, Variant) else _build(Variant, v, "variant") for v in (self.variants or [])]
-        require(len(self.variants) >= 1, "variants", "the plan has no variants")
-        slugs = [v.slug for v in self.variants]
-        require(len(set(slugs)) == len(slugs), "variants", f"slugs repeat: {slugs}")
-        require(not self.user or bool(USER_NAME.match(self.user)), "user", f"'{self.user}' is not a Kaggle user name")
-        if not self.library_dataset:
-            self.library_dataset = library_metadata_template()["id"].split("/")[1]
-        for name in ("adapters_dataset", "wheels_dataset", "library_dataset"):
-            slug = getattr(self, name)
-            require(bool(_SLUG.match(slug)) and 6 <= len(slug) <= 50, name,
-                    f"'{slug}' must be a dataset slug of 6-50 lowercase letters, digits and hyphens")
-
-    def variant(self, slug: str) -> Variant:
-        """The variant called ``slug``; an unknown one is an error listing the planned slugs."""
-        for v in self.variants:
-            if v.slug == slug:
-                return v
-        raise ConfigError(f"variant: no variant '{slug}' in the plan; planned: {', '.join(v.slug for v in self.variants)}")
-
-    def select(self, slug: str = "") -> list:
-        """All variants, or the one called ``slug``."""
-        return [self.variant(slug)] if slug else list(self.variants)
-
-
-def _build(cls, values: Any, where: str):
-    """Build dataclass ``cls`` from a YAML mapping; unknown keys are an error naming ``where`` and the known keys."""
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    known = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {unknown}; known: {known}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    if missing:
-        raise ConfigError(f"{where}: missing keys {missing}")
-    return cls(**values)
-
-
-def _read_yaml(cls, path: str | os.PathLike, what: str):
-    """Build ``cls`` from a YAML file; a missing file or a bad field is an error naming the file."""
-    import yaml
-
-    file = resolve_path(path)
-    if not file.exists():
-        raise FileNotFoundError(f"{what} not found: {file}")
-    try:
-        return _build(cls, yaml.safe_load(file.read_text()) or {}, what)
-    except ConfigError as e:
-        raise ConfigError(f"{file}: {e}") from None
-
-
-def load_plan(path: str | os.PathLike = DEFAULT_PLAN) -> Plan:
-    """Read and validate a submission plan; errors name the file and the bad field."""
-    return _read_yaml(Plan, path, "submission plan")
 
 # ---------------------------------------------------------------- sources and kernel parameters
 
@@ -270,20 +105,9 @@ def kernel_params(plan: Plan, variant: Variant) -> dict[str, Any]:
     for entry in variant.models:
         # Mount paths never contain the owner, so they do not depend on who pushes the kernel.
         adapter = adapter_ref(plan, entry, PLACEHOLDER_USER)
-        adapter_dir = dataset_path(adapter) if adapter else ""
         source = entry.model_source()
-        models.append({
-            "name": entry.name,
-            "preset": entry.preset,
-            "base_model_path": model_path(source) if source else "",
-            "adapter_path": adapter_dir,
-            "merged_path": f"{adapter_dir}/merged" if entry.use_merged else "",
-            "n": entry.n,
-            "temperature": entry.temperature,
-            "top_p": entry.top_p,
-            "forced_start": entry.forced_start,
-            "greedy_first": entry.greedy_first,
-        })
+        models.append(dataclasses.replace(entry, base_model=model_path(source) if source else "",
+                                          adapter=dataset_path(adapter) if adapter else "").to_dict())
     params: dict[str, Any] = {
         "test_file": TEST_FILE,
         "submission_path": SUBMISSION_FILE,
@@ -292,7 +116,7 @@ def kernel_params(plan: Plan, variant: Variant) -> dict[str, Any]:
         "models": models,
         "use_mean_prompt": variant.use_mean_prompt,
         "engine": variant.engine,
-        "deadline_hours": variant.budget_hours,
+        "deadline_hours": variant.deadline_hours,
     }
     if variant.mean_prompt:
         params["mean_prompt"] = variant.mean_prompt
@@ -492,14 +316,14 @@ class LocalSettings:
     paths: dict  # /kaggle/... prefix -> local path (relative = from the checkout; "{slug}" = the variant's slug)
     model: dict = field(default_factory=dict)  # replaces every planned model's fields (e.g. the demo's); {} = keep
     max_n: int = 0  # cap on predictions per model and row (CPU time); 0 = as planned
-    params: dict = field(default_factory=dict)  # other notebook parameters for the dry run, e.g. {"batch_size": 8}
+    params: dict = field(default_factory=dict)  # other notebook parameters for the dry run, e.g. {"generation_batch_size": 8}
 
     def __post_init__(self):
         require(isinstance(self.paths, dict) and bool(self.paths), "paths", "map at least /kaggle/working")
         for prefix in self.paths:
             require(str(prefix).startswith("/kaggle/"), "paths", f"'{prefix}' is not a /kaggle/ path")
-        allowed = {"preset", "base_model_path", "adapter_path", "merged_path", "temperature", "top_p", "forced_start",
-                   "greedy_first"}
+        self.model = rename_model_keys(dict(self.model or {}), "model")
+        allowed = {f.name for f in dataclasses.fields(ModelEntry)} - {"name", "n"}
         extra = sorted(set(self.model) - allowed)
         require(not extra, "model", f"{extra} cannot be replaced; allowed: {sorted(allowed)}")
         require(self.max_n >= 0, "max_n", f"must be >= 0, got {self.max_n}")
@@ -507,7 +331,7 @@ class LocalSettings:
 
 def load_local_settings(path: str | os.PathLike = DEFAULT_LOCAL_SETTINGS) -> LocalSettings:
     """Read the dry-run settings file."""
-    return _read_yaml(LocalSettings, path, "local settings")
+    return read_yaml(LocalSettings, path, "local settings")
 
 
 def _map_path(value: str, paths: dict[str, str], slug: str) -> str:
@@ -525,7 +349,8 @@ def _map_path(value: str, paths: dict[str, str], slug: str) -> str:
 def localize_params(params: dict[str, Any], settings: LocalSettings, slug: str) -> dict[str, Any]:
     """A kernel's parameters for this machine: models replaced as the settings say, /kaggle paths mapped."""
     local = json.loads(json.dumps(params))  # a deep copy of plain data
-    override = {k: str(resolve_path(v)) if k.endswith("_path") and v else v for k, v in settings.model.items()}
+    override = {k: str(resolve_path(v)) if k in ("adapter", "base_model") and v else v
+                for k, v in settings.model.items()}
     for m in local.get("models", []):
         m.update(override)
         if settings.max_n:
@@ -582,8 +407,8 @@ def run_local(plan: Plan, slug: str, settings: LocalSettings, kernels_dir: str |
     folder = render_variant(plan, variant, user, kernels_dir)
     params = localize_params(notebook_parameters(nbformat.read(folder / CODE_FILE, as_version=4)), settings, slug)
     # Fail here, with the fix, rather than deep inside the executed notebook.
-    needed = [params["test_file"]] + [m[k] for m in params["models"] for k in ("base_model_path", "adapter_path",
-                                                                               "merged_path") if m[k]]
+    entries = [ModelEntry.from_dict(m, f"models[{i}]") for i, m in enumerate(params["models"])]
+    needed = [params["test_file"]] + [p for m in entries for p in (m.base_model, m.adapter, m.merged_folder) if p]
     missing = [p for p in needed if not Path(p).exists()]
     if missing:
         raise FileNotFoundError(f"the dry run of '{slug}' needs {missing}: run `make demo` for the demo's "
@@ -601,11 +426,6 @@ def run_local(plan: Plan, slug: str, settings: LocalSettings, kernels_dir: str |
 
 
 # ---------------------------------------------------------------- the plan's datasets
-
-
-def library_metadata_template() -> dict[str, Any]:
-    """The top-level ``dataset-metadata.json``: the library dataset, its owner a placeholder until built."""
-    return json.loads((project_root() / "dataset-metadata.json").read_text())
 
 
 def own_adapters(plan: Plan, slug: str = "") -> dict[str, bool]:
@@ -644,7 +464,7 @@ def missing_adapters(plan: Plan, slug: str = "", runs_dir: str | os.PathLike = "
         who = ", ".join(dict.fromkeys(slugs))
         if not artifacts.has_adapter(sel):
             lines.append(f"{sel} (needed by {who}): {train_commands(presets[name], name)}")
-        elif merged[name] and not (sel / "merged" / "config.json").exists():
-            lines.append(f"{sel / 'merged'} (needed by {who}: a model serves use_merged): export the merged weights "
+        elif merged[name] and not (sel / MERGED_DIR / "config.json").exists():
+            lines.append(f"{sel / MERGED_DIR} (needed by {who}: a model serves use_merged): export the merged weights "
                          f"with `make select RUN={name} SELECT_ARGS=\"-p export_merged True\"`")
     return lines

@@ -90,7 +90,7 @@ class MeanPromptConfig:
     shortlist: int = 48  # blend objective: candidates per step scored with every prediction
     n_choices: list = field(default_factory=lambda: [0, 1, 2, 4])  # predictions per model tried in the blend choice
     max_options: int = 300  # refuse a blend grid larger than this (shorten n_choices or models)
-    batch_size: int = 512  # strings per encoder pass: on 2 CPU cores 512 short strings cost ~4x less than 64
+    embedding_batch_size: int = 512  # strings per encoder pass: on 2 CPU cores 512 short strings cost ~4x less than 64
     scores_file: str = ""  # scores table (system, scorer, rows, scs, cos) to add rows to; empty: <run>/scores.csv
 
     def __post_init__(self):
@@ -119,14 +119,14 @@ class MeanPromptConfig:
         require(bool(self.n_choices) and min(self.n_choices) >= 0, "n_choices",
                 f"give counts >= 0, got {self.n_choices}")
         require(self.max_options >= 1, "max_options", f"must be >= 1, got {self.max_options}")
-        require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.embedding_batch_size >= 1, "embedding_batch_size", f"must be >= 1, got {self.embedding_batch_size}")
 
     @property
     def run_dir(self) -> Path:
         return resolve_path(self.runs_dir) / self.run_name
 
     @property
-    def scores_path(self) -> Path:
+    def scores_table(self) -> Path:
         """The scores table this stage adds its rows to."""
         return resolve_path(self.scores_file) if self.scores_file else self.run_dir / SCORES_FILE
 
@@ -640,7 +640,7 @@ def plot_blend_table(table: pd.DataFrame, path: str | os.PathLike, scorer_name: 
 
 def load_scorer(cfg: MeanPromptConfig):
     """The scorer the config names (MiniLM stand-in when ``scorer_path`` is empty)."""
-    return metric.Scorer(cfg.scorer_path, batch_size=cfg.batch_size)
+    return metric.Scorer(cfg.scorer_path, embedding_batch_size=cfg.embedding_batch_size)
 
 
 @dataclass

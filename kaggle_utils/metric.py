@@ -137,7 +137,7 @@ class Scorer:
     bit-for-bit reference numbers.
     """
 
-    def __init__(self, scorer_path: str = "", device: str | None = None, batch_size: int = 64,
+    def __init__(self, scorer_path: str = "", device: str | None = None, embedding_batch_size: int = 64,
                  precision: str = "auto"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder must never turn into a hub download
         if scorer_path:
@@ -160,7 +160,7 @@ class Scorer:
             raise ScorerError(f"scorer_path '{path}' could not be loaded as a sentence-transformers model: "
                               f"{str(e).splitlines()[0][:300]}") from e
         self.path = str(path)
-        self.batch_size = batch_size
+        self.embedding_batch_size = embedding_batch_size
         self.encoded = 0
         self._cache: dict[str, np.ndarray] = {}
 
@@ -172,7 +172,7 @@ class Scorer:
         texts = [str(t) for t in texts]
         new = list(dict.fromkeys(t for t in texts if t not in self._cache))
         if new:
-            vecs = self.model.encode(new, batch_size=self.batch_size, normalize_embeddings=True,
+            vecs = self.model.encode(new, batch_size=self.embedding_batch_size, normalize_embeddings=True,
                                      convert_to_numpy=True, show_progress_bar=show_progress)
             self._cache.update(zip(new, np.asarray(vecs, dtype=np.float32)))
             self.encoded += len(new)

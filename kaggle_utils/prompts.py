@@ -148,13 +148,13 @@ def generation_ids(tokenizer, original_text: str, rewritten_text: str, max_promp
     if len(ids) <= max_prompt_tokens:
         return ids, False
     overhead = len(encode(tokenizer, render_prompt(tokenizer, "", ""))) + len(forced)
-    budget = max_prompt_tokens - overhead - 4  # a few tokens of slack: re-tokenizing at the cut may merge differently
-    if budget < 16:
+    text_tokens = max_prompt_tokens - overhead - 4  # a few spare: re-tokenizing at the cut may merge differently
+    if text_tokens < 16:
         raise ValueError(f"max_prompt_tokens={max_prompt_tokens} leaves no room for the texts (template is {overhead})")
     n_orig, n_rewr = len(encode(tokenizer, original_text)), len(encode(tokenizer, rewritten_text))
-    half = budget // 2
-    keep_orig = min(n_orig, max(half, budget - n_rewr))
-    keep_rewr = budget - keep_orig
+    half = text_tokens // 2
+    keep_orig = min(n_orig, max(half, text_tokens - n_rewr))
+    keep_rewr = text_tokens - keep_orig
     original_text = _truncate(tokenizer, original_text, keep_orig)
     rewritten_text = _truncate(tokenizer, rewritten_text, keep_rewr)
     ids = encode(tokenizer, render_prompt(tokenizer, original_text, rewritten_text)) + forced

@@ -69,7 +69,7 @@ def has_report_rows(run: Path) -> bool:
 def score(run: Path, label: str, adapter: Path, report: bool, scorer, samplers: dict, val_rows: int = 0):
     """Per-row SCS of ``adapter``'s greedy predictions on ``run``'s choice (or report) rows, and those rows; cached
     by the select stage under the name ``win-<label>``."""
-    cfg = checkpoints.SelectConfig(run_name=run.name, runs_dir=str(run.parent), val_rows=val_rows,
+    cfg = checkpoints.SelectConfig(run_name=run.name, runs_dir=str(run.parent), rows_per_step=val_rows,
                                    validation_file=str(run / training.REPORT_FILE) if report else "")
     run_cfg = checkpoints.read_run_config(run)
     validation = checkpoints.load_validation(cfg, run_cfg)

@@ -20,13 +20,14 @@ import sys
 
 import kaggle_utils
 from kaggle_utils import config, kaggle_api, kernels
+from kaggle_utils.plan import DEFAULT_PLAN, load_plan
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["render", "render-local", "push-lib", "push-adapters", "wheels",
                                             "push-wheels", "push", "status", "submit"])
-    parser.add_argument("--plan", default=kernels.DEFAULT_PLAN, help="the submission plan (YAML)")
+    parser.add_argument("--plan", default=DEFAULT_PLAN, help="the submission plan (YAML)")
     parser.add_argument("--variant", default="", help="one variant's slug (default: all; required by render-local, submit)")
     parser.add_argument("--settings", default=kernels.DEFAULT_LOCAL_SETTINGS, help="render-local: /kaggle path mapping")
     parser.add_argument("--version", type=int, default=None, help="submit: the kernel version (default: the last push)")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     cmd = args.command
-    plan = kernels.load_plan(args.plan)
+    plan = load_plan(args.plan)
     # Phase 1: anything that reaches Kaggle checks credentials before it writes a single file.
     if cmd in ("push-lib", "push-adapters", "push-wheels", "push", "status", "submit"):
         kaggle_api.require_credentials(f"`make {cmd}`")

@@ -129,7 +129,7 @@ def test_model_share_and_fit_n():
 
 
 class SleepyEngine(engines.Engine):
-    """Each batch of ``batch_size`` rows 'takes' ``seconds`` on a fake clock; predictions are row texts."""
+    """Each batch of ``generation_batch_size`` rows 'takes' ``seconds`` on a fake clock; predictions are row texts."""
 
     name = "fake"
 
@@ -141,8 +141,8 @@ class SleepyEngine(engines.Engine):
     def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
         todo = [i for i in range(len(originals)) if i not in skip]
         self.calls.append((cfg.n, len(todo)))
-        for k in range(0, len(todo), cfg.batch_size):
-            rows = todo[k:k + cfg.batch_size]
+        for k in range(0, len(todo), cfg.generation_batch_size):
+            rows = todo[k:k + cfg.generation_batch_size]
             self.clock.now += self.spp * len(rows) * cfg.n
             yield rows, [[f"Rewrite {originals[i]} as {j}." for j in range(cfg.n)] for i in rows]
 
@@ -159,7 +159,7 @@ def test_sampling_lowers_n_when_the_requested_n_does_not_fit(tmp_path, monkeypat
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=100.0, clock=clock)  # 40 rows x 4 x 1 s = 160 s would not fit
-    cfg = engines.SamplingConfig(n=4, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=4, temperature=0.7, generation_batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   model_name="m", progress=False)
     assert engine.calls[0] == (4, 40) and engine.calls[1][0] < 4  # restarted with a lower n
@@ -177,7 +177,7 @@ def test_sampling_stops_before_the_deadline_and_leaves_rows_undone(tmp_path, mon
     engine = SleepyEngine(clock, seconds_per_prediction=1.0)
     store = sampling.PredictionStore(tmp_path, "m", {"v": 1})
     share = budget.ModelBudget(ends_at=10.0, clock=clock)  # time for 2-3 batches of 4 rows at n=1
-    cfg = engines.SamplingConfig(n=1, temperature=0.7, batch_size=4)
+    cfg = engines.SamplingConfig(n=1, temperature=0.7, generation_batch_size=4)
     report = sampling.sample_rows(engine, ids, orig, rewr, cfg, store, "Improve this text.", budget=share,
                                   progress=False)
     assert 0 < report.sampled < 40 and report.undone == 40 - report.sampled

@@ -61,7 +61,7 @@ def test_forced_step_that_does_not_exist():
 
 @pytest.mark.parametrize("field,value,match", [
     ("every_k", 0, "every_k: must be >= 1"),
-    ("val_rows", -1, "val_rows: must be >= 0"),
+    ("rows_per_step", -1, "rows_per_step: must be >= 0"),
     ("force_step", -2, "force_step: must be a checkpoint step"),
     ("max_prompt_tokens", 10, "max_prompt_tokens: must be 0"),
     ("run_name", "a/b", "run_name: must be a run folder name"),
@@ -96,7 +96,7 @@ def make_run(tmp_path, rewrites_csv, steps=(8, 16, 24), held_out_groups=(4, 5), 
 
 
 def select_cfg(tmp_path, **kw):
-    values = dict(run_name="r", runs_dir=str(tmp_path / "runs"), val_rows=0)
+    values = dict(run_name="r", runs_dir=str(tmp_path / "runs"), rows_per_step=0)
     values.update(kw)
     return checkpoints.SelectConfig(**values)
 
@@ -137,12 +137,12 @@ def test_validation_draw_is_whole_groups_of_the_run_file(tmp_path, rewrites_csv)
     make_run(tmp_path, rewrites_csv, held_out_groups=(0, 1, 2, 3, 4))
     full = checkpoints.load_validation(select_cfg(tmp_path))
     assert len(full) == 10 and full["rewrite_prompt"].nunique() == 5
-    sub = checkpoints.load_validation(select_cfg(tmp_path, val_rows=4))
+    sub = checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4))
     assert len(sub) == 4
     assert sub["rewrite_prompt"].value_counts().tolist() == [2, 2]  # two whole groups, not four scattered rows
-    again = checkpoints.load_validation(select_cfg(tmp_path, val_rows=4))
+    again = checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4))
     assert list(again["id"]) == list(sub["id"])  # seeded
-    draws = {frozenset(checkpoints.load_validation(select_cfg(tmp_path, val_rows=4, seed=s))["id"]) for s in range(6)}
+    draws = {frozenset(checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4, seed=s))["id"]) for s in range(6)}
     assert len(draws) > 1  # the seed picks the groups
 
 
@@ -320,8 +320,8 @@ def test_max_prompt_tokens_travels_from_training_through_selection_to_inference(
         == {192}  # every step was sampled with the training cut
     out = checkpoints.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
     assert artifacts.Selection.read(out).max_prompt_tokens == 192
-    infer = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter_path": str(out)}])
-    assert infer.sampling_config(infer.model_specs[0]).max_prompt_tokens == 192
+    infer = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter": str(out)}])
+    assert infer.sampling_config(infer.model_entries[0]).max_prompt_tokens == 192
     # the selection stage's own setting wins over the run's, and travels on the same way
     cfg = select_cfg(tmp_path, max_prompt_tokens=256)
     assert checkpoints.prompt_token_limit(cfg, run_cfg) == 256
@@ -404,8 +404,8 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
 
     base = tiny_model_dir("llama")
     run = train_tiny_run(tmp_path / "runs", base)
-    cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"), val_rows=4, max_new_tokens=6,
-                                   batch_size=4, export_merged=True)
+    cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"), rows_per_step=4,
+                                   max_new_tokens=6, generation_batch_size=4, export_merged=True)
     run_cfg = checkpoints.prepare_selection(cfg)
     ckpts = artifacts.find_checkpoints(run)
     assert list(ckpts) == [1, 2]
@@ -480,7 +480,7 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
     engine = engines.HFEngine.from_preset("smollm2-135m", base_model_path=str(base), adapter_path=str(ckpt))
     raw = engine.generate(["The cat sat on the mat.", "It rained all day."],
                           ["Upon the mat, a feline rested.", "Rain fell from dawn to dusk."],
-                          engines.SamplingConfig(n=1, max_new_tokens=6, batch_size=2), progress=False)
+                          engines.SamplingConfig(n=1, max_new_tokens=6, generation_batch_size=2), progress=False)
     assert len(raw) == 2 and all(len(r) == 1 for r in raw)
 
 

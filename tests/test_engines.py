@@ -25,7 +25,7 @@ ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(batch_size=0), "batch_size"), (dict(n=4, temperature=0), "n"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(generation_batch_size=0), "generation_batch_size"), (dict(n=4, temperature=0), "n"),
 ])
 def test_sampling_config_refuses_bad_values(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -363,7 +363,7 @@ def tiny_engine(tiny_model_dir):
 
 
 def test_hf_engine_generates_n_per_row_with_forced_start(tiny_engine):
-    cfg = engines.SamplingConfig(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, batch_size=2,
+    cfg = engines.SamplingConfig(n=3, temperature=0.9, top_p=0.95, max_new_tokens=6, generation_batch_size=2,
                                  forced_start="Rewrite")
     batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, progress=False))
     assert [len(rows) for rows, _ in batches] == [2, 1]
@@ -375,7 +375,7 @@ def test_hf_engine_generates_n_per_row_with_forced_start(tiny_engine):
 
 
 def test_hf_engine_skips_done_rows(tiny_engine):
-    cfg = engines.SamplingConfig(n=1, max_new_tokens=3, batch_size=4)
+    cfg = engines.SamplingConfig(n=1, max_new_tokens=3, generation_batch_size=4)
     batches = list(tiny_engine.generate_batches([o for o, _ in ROWS], [r for _, r in ROWS], cfg, skip={0, 2},
                                                 progress=False))
     assert [rows for rows, _ in batches] == [[1]]
@@ -385,7 +385,7 @@ def test_shared_prefill_gives_what_plain_generate_gives(tiny_engine, monkeypatch
     """n samples from one prefill (KV cache copied n times) equal greedy decoding row by row: top_p this small keeps
     only the most likely token, so every sample must be the greedy answer."""
     origs, rewrs = [o for o, _ in ROWS], [r for _, r in ROWS]
-    greedy = tiny_engine.generate(origs, rewrs, engines.SamplingConfig(n=1, max_new_tokens=8, batch_size=3),
+    greedy = tiny_engine.generate(origs, rewrs, engines.SamplingConfig(n=1, max_new_tokens=8, generation_batch_size=3),
                                   progress=False)
     seen = []
     real_generate = tiny_engine.model.generate
@@ -395,7 +395,7 @@ def test_shared_prefill_gives_what_plain_generate_gives(tiny_engine, monkeypatch
         return real_generate(**kwargs)
 
     monkeypatch.setattr(tiny_engine.model, "generate", spy)
-    cfg = engines.SamplingConfig(n=3, temperature=1.0, top_p=1e-9, max_new_tokens=8, batch_size=3)
+    cfg = engines.SamplingConfig(n=3, temperature=1.0, top_p=1e-9, max_new_tokens=8, generation_batch_size=3)
     shared = tiny_engine.generate(origs, rewrs, cfg, progress=False)
     assert seen and seen[0], "the shared-prefill path was not taken"
     assert shared == [[g[0]] * 3 for g in greedy]
@@ -407,7 +407,7 @@ def test_smollm_engine_with_adapter_recovers_prompt_sentences(tmp_path, smollm_d
     apart, parsed into non-empty prompts."""
     adapter = save_adapter(smollm_dir, tmp_path / "adapter")
     engine = engines.HFEngine.from_preset("smollm2-135m", adapter_path=str(adapter))
-    cfg = engines.SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_new_tokens=24, batch_size=2)
+    cfg = engines.SamplingConfig(n=2, temperature=0.7, top_p=0.95, max_new_tokens=24, generation_batch_size=2)
     raw = engine.generate([o for o, _ in ROWS[:2]], [r for _, r in ROWS[:2]], cfg, progress=False)
     parsed = [sampling.postprocess(r, engine.marker, "FALLBACK")[0] for r in raw]
     assert all(len(p) == 2 for p in parsed)
@@ -459,7 +459,7 @@ def test_hf_greedy_first_prediction_is_the_greedy_one(tiny_engine):
     originals, rewrittens = [o for o, _ in ROWS], [r for _, r in ROWS]
     greedy = tiny_engine.generate(originals, rewrittens, engines.SamplingConfig(n=1, max_new_tokens=6),
                                   progress=False)
-    cfg = engines.SamplingConfig(n=3, temperature=1.5, max_new_tokens=6, greedy_first=True, batch_size=2)
+    cfg = engines.SamplingConfig(n=3, temperature=1.5, max_new_tokens=6, greedy_first=True, generation_batch_size=2)
     got = tiny_engine.generate(originals, rewrittens, cfg, progress=False)
     assert all(len(c) == 3 for c in got)
     assert [c[0] for c in got] == [g[0] for g in greedy]

@@ -16,14 +16,16 @@ import pandas as pd
 import pytest
 
 from kaggle_utils import budget, data, engines, inference, models
+from kaggle_utils import config as kconfig
 from kaggle_utils.config import ConfigError
+from kaggle_utils.plan import ModelEntry
 from conftest import GEMMA_CSV
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def model_entry(**kw):
-    entry = {"name": "tiny", "preset": "mistral-7b", "base_model_path": "", "adapter_path": "", "merged_path": "",
+    entry = {"name": "tiny", "preset": "mistral-7b", "base_model": "", "adapter": "", "use_merged": False,
              "n": 2, "temperature": 0.8, "top_p": 0.95, "forced_start": ""}
     entry.update(kw)
     return entry
@@ -56,7 +58,7 @@ def make_cfg(tmp_path, test_file, models_=None, **kw):
 def test_defaults_are_the_demo_plan():
     cfg = inference.InferenceConfig()
     assert cfg.models == inference.DEFAULT_MODELS and cfg.deadline_hours == 8.75
-    assert cfg.model_specs[0].label == "smollm fine-tuned"
+    assert cfg.model_entries[0].label == "smollm fine-tuned"
     assert cfg.mean_prompt.startswith("Please improve this text")
 
 
@@ -96,7 +98,7 @@ def test_engine_options_carry_the_config_to_the_engine(tmp_path, monkeypatch, ti
         raise RuntimeError("no model in this test")
 
     monkeypatch.setattr(engines, "load_engine", no_model)
-    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))],
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model=str(tiny_model_dir("mistral")))],
                    dtype="float16", gpu_memory_utilization=0.8,
                    seed=5, max_prompt_tokens=300, max_new_tokens=20)
     inference.prepare_run(cfg)
@@ -117,7 +119,7 @@ def test_the_vllm_context_holds_the_longest_prompt_and_answer_with_the_slack_to_
     prompts.ensure_chat_template(tokenizer, models.get_preset("mistral-7b").family)
     cfg = inference.InferenceConfig(models=[model_entry(forced_start="Rewrite")], max_prompt_tokens=300,
                                     max_new_tokens=20)
-    scfg = cfg.sampling_config(cfg.model_specs[0])
+    scfg = cfg.sampling_config(cfg.model_entries[0])
     long_text = " ".join(f"word{i}" for i in range(2000))
     ids, cut = engines.encode_rows(tokenizer, [long_text, "Short."], [long_text, "Brief."], scfg)
     longest = max(len(i) for i in ids)
@@ -130,11 +132,41 @@ def test_the_vllm_context_holds_the_longest_prompt_and_answer_with_the_slack_to_
 def test_optional_model_keys_take_defaults(tmp_path):
     """A hand-written entry needs only name and preset; an unknown key is still an error."""
     cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "top_p": 0.9}])
-    spec = cfg.model_specs[0]
+    spec = cfg.model_entries[0]
     assert (spec.n, spec.temperature, spec.top_p, spec.forced_start, spec.greedy_first) == (1, 0.0, 0.9, "", False)
     assert cfg.sampling_config(spec).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS  # no adapter to read
     with pytest.raises(ConfigError, match=r"unknown key\(s\) \['top-p'\]"):
         inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "top-p": 0.9}])
+
+
+def test_the_plan_and_the_notebook_share_one_model_entry_and_its_defaults():
+    """The inference notebook's entries are plan.ModelEntry's, with the same defaults as a plan's."""
+    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m"}])
+    assert cfg.model_entries == [ModelEntry(name="m", preset="smollm2-135m")]
+    assert cfg.models == [ModelEntry(name="m", preset="smollm2-135m").to_dict()]
+    assert (cfg.model_entries[0].temperature, cfg.model_entries[0].top_p) == (0.0, 1.0)
+
+
+def test_older_entries_and_parameters_still_load_with_a_note(caplog):
+    """adapter_path, base_model_path and merged_path (the notebook's old keys) read as adapter, base_model and
+    use_merged; an old parameter name injected into the notebook (batch_size, scores_path) wins over the new name's
+    default; each says what it is called now."""
+    old = {"name": "m", "preset": "smollm2-135m", "base_model_path": "", "adapter_path": "runs/x/selected",
+           "merged_path": "runs/x/selected/merged"}
+    defaults = inference.InferenceConfig()  # the parameters cell: every field under its new name
+    namespace = {**{f: getattr(defaults, f) for f in kconfig.config_fields(inference.InferenceConfig)},
+                 "models": [old], "batch_size": 3, "scores_path": "elsewhere.csv"}
+    with caplog.at_level("WARNING", logger="kaggle_utils"):
+        cfg = kconfig.from_params(inference.InferenceConfig, namespace)
+    assert cfg.model_entries == [ModelEntry(name="m", preset="smollm2-135m", adapter="runs/x/selected",
+                                            use_merged=True)]
+    assert (cfg.generation_batch_size, cfg.scores_file) == (3, "elsewhere.csv")
+    for old_name, new_name in [("adapter_path", "adapter"), ("base_model_path", "base_model"),
+                               ("merged_path", "use_merged"), ("batch_size", "generation_batch_size"),
+                               ("scores_path", "scores_file")]:
+        assert f"'{old_name}' is now called '{new_name}'" in caplog.text
+    with pytest.raises(ConfigError, match=r"^models\[0\]: both 'adapter_path' and its new name 'adapter' are set"):
+        inference.InferenceConfig(models=[{**old, "adapter": "runs/x/selected"}])
 
 
 def test_prompt_length_follows_the_adapters_training(tmp_path):
@@ -142,11 +174,11 @@ def test_prompt_length_follows_the_adapters_training(tmp_path):
     adapter = tmp_path / "selected"
     adapter.mkdir()
     (adapter / "selection.json").write_text(json.dumps({"max_prompt_tokens": 192}))
-    entry = {"name": "m", "preset": "smollm2-135m", "adapter_path": str(adapter)}
+    entry = {"name": "m", "preset": "smollm2-135m", "adapter": str(adapter)}
     cfg = inference.InferenceConfig(models=[entry])
-    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == 192
+    assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == 192
     cfg = inference.InferenceConfig(models=[entry], max_prompt_tokens=300)
-    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == 300
+    assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == 300
     with pytest.raises(ConfigError, match="max_prompt_tokens"):
         inference.InferenceConfig(models=[entry], max_prompt_tokens=10)
     with pytest.raises(ConfigError, match="unique"):
@@ -162,9 +194,9 @@ def test_a_selected_folder_written_before_the_selection_dataclass_still_drives_i
     (selected / "selection.json").write_text(json.dumps(OLD_SELECTION, indent=1) + "\n")
     (selected / "adapter_config.json").write_text("{}")
     (selected / "adapter_model.safetensors").write_bytes(b"weights")
-    entry = {"name": "m", "preset": "smollm2-135m", "adapter_path": str(selected)}
+    entry = {"name": "m", "preset": "smollm2-135m", "adapter": str(selected)}
     cfg = inference.InferenceConfig(models=[entry])
-    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == OLD_SELECTION["max_prompt_tokens"] == 384
+    assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == OLD_SELECTION["max_prompt_tokens"] == 384
     assert engines.selected_adapter(str(selected), "smollm2-135m") == str(selected)
     with pytest.raises(engines.AdapterError, match=r"trained on preset 'smollm2-135m' \(selection\.json\), but the "
                                                    r"model entry uses preset 'mistral-7b'$"):
@@ -176,17 +208,18 @@ def test_prompt_length_of_an_adapter_whose_selection_predates_the_field(tmp_path
     adapter = tmp_path / "selected"
     adapter.mkdir()
     (adapter / "selection.json").write_text(json.dumps({"run": "old", "preset": "smollm2-135m", "step": 8}))
-    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter_path": str(adapter)}])
-    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    cfg = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter": str(adapter)}])
+    assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
     (adapter / "selection.json").write_text("{torn")
-    assert cfg.sampling_config(cfg.model_specs[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
+    assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == inference.DEFAULT_PROMPT_TOKENS
     assert f"{adapter / 'selection.json'}: not readable as JSON" in caplog.text
 
 
 @pytest.mark.parametrize("kw,field", [(dict(engine="fast"), "engine"), (dict(deadline_hours=0), "deadline_hours"),
                                       (dict(fallback_prompt=" "), "fallback_prompt"),
                                       (dict(models=[], use_mean_prompt=False), "models"),
-                                      (dict(mean_prompt=""), "mean_prompt"), (dict(batch_size=0), "batch_size")])
+                                      (dict(mean_prompt=""), "mean_prompt"),
+                                      (dict(generation_batch_size=0), "generation_batch_size")])
 def test_bad_settings(kw, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
         inference.InferenceConfig(**kw)
@@ -194,17 +227,17 @@ def test_bad_settings(kw, field):
 
 def test_missing_paths_fail_before_any_model_loads(tmp_path, tiny_model_dir):
     test = small_test(tmp_path)
-    cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tiny_model_dir("mistral")),
-                                                adapter_path=str(tmp_path / "no-adapter"))])
+    cfg = make_cfg(tmp_path, test, [model_entry(base_model=str(tiny_model_dir("mistral")),
+                                                adapter=str(tmp_path / "no-adapter"))])
     with pytest.raises(engines.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
         inference.prepare_run(cfg)
-    cfg = make_cfg(tmp_path, test, [model_entry(base_model_path=str(tmp_path / "no-base"))])
+    cfg = make_cfg(tmp_path, test, [model_entry(base_model=str(tmp_path / "no-base"))])
     with pytest.raises(models.ModelPathError, match=r"models\[0\] \(tiny\): preset 'mistral-7b'"):
         inference.prepare_run(cfg)
-    cfg = make_cfg(tmp_path, test, [model_entry(merged_path=str(tmp_path / "no-merged"))])
-    with pytest.raises(models.ModelPathError, match="merged_path"):
+    cfg = make_cfg(tmp_path, test, [model_entry(adapter=str(tmp_path / "no-merged"), use_merged=True)])
+    with pytest.raises(models.ModelPathError, match=r"use_merged: '.*no-merged/merged' is not a model folder"):
         inference.prepare_run(cfg)
-    cfg = make_cfg(tmp_path, tmp_path / "nope.csv", [model_entry(base_model_path=str(tiny_model_dir("mistral")))])
+    cfg = make_cfg(tmp_path, tmp_path / "nope.csv", [model_entry(base_model=str(tiny_model_dir("mistral")))])
     with pytest.raises(data.DataError, match="test_file"):
         inference.prepare_run(cfg)
 
@@ -312,17 +345,17 @@ class SlowEngine(engines.Engine):
 
     def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
         todo = [i for i in range(len(originals)) if i not in skip]
-        for k in range(0, len(todo), cfg.batch_size):
+        for k in range(0, len(todo), cfg.generation_batch_size):
             time.sleep(self.seconds)
-            rows = todo[k:k + cfg.batch_size]
+            rows = todo[k:k + cfg.generation_batch_size]
             yield rows, [[f"Rewrite row {i}."] * cfg.n for i in rows]
 
 
 def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, monkeypatch, tiny_model_dir):
     test_csv = small_test(tmp_path, n=12)
     base = str(tiny_model_dir("mistral"))
-    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base), model_entry(name="two", base_model_path=base)],
-                   batch_size=2)
+    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model=base), model_entry(name="two", base_model=base)],
+                   generation_batch_size=2)
     monkeypatch.setattr(engines, "load_engine", lambda *a, **k: SlowEngine(0.3))
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
@@ -335,7 +368,7 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     assert sub["rewrite_prompt"].str.startswith(cfg.fallback_prompt).any()
     # the deadline already passed: no model is even loaded, and every row gets the fallback
     monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
-    cfg2 = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=base)], run_dir=str(tmp_path / "run2"))
+    cfg2 = make_cfg(tmp_path, test_csv, [model_entry(base_model=base)], run_dir=str(tmp_path / "run2"))
     late = budget.Deadline(start=time.time() - 10, hours=1 / 3600, reserve_s=0)
     predictions, _ = inference.sample_models(cfg2, test, late)
     sub = inference.build_submission(cfg2, test, predictions)
@@ -357,9 +390,9 @@ def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatc
     """pick_engine weighs the folder a model will load: a plan model's merged copy rather than its base, and in the
     references the base (zero-shot) or the left-out model's own merged copy; load_engine then gets that choice."""
     folders = {}
-    for name in ("m-base", "m-merged", "left-base", "left-merged"):
+    for name in ("m-base", "m-adapter/merged", "left-base", "left-adapter/merged"):
         folders[name] = tmp_path / name
-        folders[name].mkdir()
+        folders[name].mkdir(parents=True)
         (folders[name] / "config.json").write_text("{}")
         (folders[name] / "model.safetensors").write_bytes(name.encode())
     picked, loaded = [], []
@@ -376,32 +409,32 @@ def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatc
     monkeypatch.setattr(engines, "load_engine", load)
     blend = tmp_path / "blend.json"  # the blend keeps m and leaves the other model out
     blend.write_text(json.dumps({"models": [{"model": "m", "n": 1}], "mean_prompt": "", "separator": " "}))
-    plan = [model_entry(name="m", n=1, temperature=0.0, base_model_path=str(folders["m-base"]),
-                        merged_path=str(folders["m-merged"])),
+    plan = [model_entry(name="m", n=1, temperature=0.0, base_model=str(folders["m-base"]),
+                        adapter=str(tmp_path / "m-adapter"), use_merged=True),
             model_entry(name="left", preset="llama2-13b", n=1, temperature=0.0,
-                        base_model_path=str(folders["left-base"]), merged_path=str(folders["left-merged"]))]
+                        base_model=str(folders["left-base"]), adapter=str(tmp_path / "left-adapter"), use_merged=True)]
     cfg = make_cfg(tmp_path, small_test(tmp_path, n=3, with_prompt=True), plan, blend_file=str(blend),
                    score_base_model=True)
     test = inference.read_test(cfg)
     deadline = budget.Deadline(start=time.time(), hours=1)
     predictions, _ = inference.sample_models(cfg, test, deadline)
-    assert picked == [("mistral-7b", str(folders["m-merged"]))]
-    assert loaded == [("vllm", "mistral-7b", str(folders["m-base"]), str(folders["m-merged"]))]
+    assert picked == [("mistral-7b", str(folders["m-adapter/merged"]))]
+    assert loaded == [("vllm", "mistral-7b", str(folders["m-base"]), str(folders["m-adapter/merged"]))]
     assert len(predictions["m"]) == 3
     picked.clear(), loaded.clear()
     baselines = inference.sample_baselines(cfg, test, deadline)
     assert picked == [("mistral-7b", str(folders["m-base"])),  # zero-shot: the base, never the merged copy
                       ("llama2-13b", str(folders["left-base"])),
-                      ("llama2-13b", str(folders["left-merged"]))]  # the left-out model as the plan had it
+                      ("llama2-13b", str(folders["left-adapter/merged"]))]  # the left-out model as the plan had it
     assert loaded == [("hf", "mistral-7b", str(folders["m-base"]), ""),
                       ("hf", "llama2-13b", str(folders["left-base"]), ""),
-                      ("vllm", "llama2-13b", str(folders["left-base"]), str(folders["left-merged"]))]
+                      ("vllm", "llama2-13b", str(folders["left-base"]), str(folders["left-adapter/merged"]))]
     assert list(baselines) == ["mistral-7b base, zero-shot, 1 prediction", "llama2-13b base, zero-shot, 1 prediction",
                                "left fine-tuned (left out by the blend), 1 prediction"]
 
 
 def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tiny_model_dir, caplog):
-    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))])
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model=str(tiny_model_dir("mistral")))])
 
     def out_of_memory(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
@@ -423,9 +456,9 @@ def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_mod
     adapter = save_adapter(base, tmp_path / "selected")
     (adapter / "selection.json").write_text(json.dumps({"run": "t", "preset": "mistral-7b", "step": 2}))
     test_csv = small_test(tmp_path, n=5, with_prompt=True)
-    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model_path=str(base), adapter_path=str(adapter),
+    cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model=str(base), adapter=str(adapter),
                                                     forced_start="Rewrite")],
-                   max_new_tokens=6, batch_size=2, score_base_model=True)
+                   max_new_tokens=6, generation_batch_size=2, score_base_model=True)
     inference.prepare_run(cfg)
     assert (tmp_path / "run" / "config.json").exists()
     test = inference.read_test(cfg)
@@ -464,7 +497,7 @@ def test_tiny_model_end_to_end_with_adapter_resume_and_scores(tmp_path, tiny_mod
 
 
 def test_no_rewrite_prompt_means_no_scores(tmp_path, tiny_model_dir):
-    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model_path=str(tiny_model_dir("mistral")))],
+    cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model=str(tiny_model_dir("mistral")))],
                    score_base_model=True)
     test = inference.read_test(cfg)
     assert inference.score(cfg, test, {"tiny": {}}) is None
@@ -485,8 +518,8 @@ def test_make_infer_killed_mid_run_then_rerun_has_every_id_once(tmp_path, tiny_m
     test_csv = tmp_path / "test.csv"  # only the three columns a Kaggle test CSV has
     gemma[["id", "original_text", "rewritten_text"]].to_csv(test_csv, index=False)
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({"engine": "hf", "batch_size": 1, "max_new_tokens": 16, "models": [
-        model_entry(base_model_path=str(tiny_model_dir("mistral")))]}))
+    params.write_text(json.dumps({"engine": "hf", "generation_batch_size": 1, "max_new_tokens": 16, "models": [
+        model_entry(base_model=str(tiny_model_dir("mistral")))]}))
     run_dir, submission = tmp_path / "run", tmp_path / "out.csv"
     command = ["make", "--no-print-directory", "infer", f"TEST={test_csv}", f"SUBMISSION={submission}",
                f"INFER_DIR={run_dir}", f"INFER_ARGS=-f {params}"]
@@ -519,7 +552,6 @@ def test_blend_file_sets_order_n_and_mean_prompt(tmp_path):
     import json
 
     from kaggle_utils import blending
-    from kaggle_utils import config as kconfig
     from kaggle_utils import inference as inf
 
     two = [dict(inf.DEFAULT_MODELS[0], name="a", n=4), dict(inf.DEFAULT_MODELS[0], name="b", n=4)]
@@ -585,9 +617,9 @@ def test_a_model_the_blend_left_out_is_still_scored_as_a_reference(tmp_path, tin
     blend = tmp_path / "blend.json"
     blend.write_text(json.dumps({"models": [], "mean_prompt": "Rewrite this text.", "separator": " "}))
     cfg = make_cfg(tmp_path, small_test(tmp_path, n=4, with_prompt=True),
-                   [model_entry(base_model_path=str(tiny_model_dir("mistral")))], blend_file=str(blend),
+                   [model_entry(base_model=str(tiny_model_dir("mistral")))], blend_file=str(blend),
                    score_base_model=True, max_new_tokens=4, score_split="report")
-    assert cfg.models == [] and [s.name for s in cfg.left_out_specs] == ["tiny"]
+    assert cfg.models == [] and [s.name for s in cfg.left_out_entries] == ["tiny"]
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     deadline = budget.Deadline(start=time.time(), hours=1)

@@ -26,6 +26,7 @@ import pytest
 
 from kaggle_utils import kaggle_api, kernels
 from kaggle_utils.config import ConfigError
+from kaggle_utils.plan import load_plan
 from test_kernels import REAL_NOTEBOOK, REPO, SLUGS, USER, no_kaggle_account, plan, rendered  # noqa: F401
 
 KEY = "fake-key-0123"
@@ -83,7 +84,7 @@ def test_library_dataset_holds_a_wheel_stamped_with_the_commit(tmp_path):
 
 
 def test_adapters_dataset_copies_every_planned_adapter_or_names_the_missing(tmp_path):
-    plan = kernels.load_plan()
+    plan = load_plan()
     with pytest.raises(FileNotFoundError, match=r"^adapters the plan needs are missing \(VARIANT=<slug> .*\n  .*"
                                                 r"/runs/mistral-7b-v3/selected \(needed by mistral-v3-x10, mmml-v1, "
                                                 r"mmml-v1-with-mean-prompt\): `make train-mistral RUN=mistral-7b-v3`, "
@@ -101,7 +102,7 @@ def test_adapters_dataset_copies_every_planned_adapter_or_names_the_missing(tmp_
 def test_adapters_dataset_of_one_variant_needs_only_its_own_run(tmp_path):
     """After `make train-mistral` and `make select RUN=mistral-7b`, only runs/mistral-7b/selected/ exists: the
     user's own variant pushes it, while the whole plan still names the author's missing adapters."""
-    plan = kernels.load_plan()
+    plan = load_plan()
     assert kernels.own_adapters(plan, "my-mistral-7b") == {"mistral-7b": False}
     _fake_adapter(tmp_path / "runs" / "mistral-7b" / "selected")
     with pytest.raises(FileNotFoundError, match=r"^adapters the plan needs are missing \(VARIANT=<slug>"):
@@ -115,7 +116,7 @@ def test_adapters_dataset_of_one_variant_needs_only_its_own_run(tmp_path):
 
 
 def test_wheels_command_asks_for_binary_wheels_of_kaggles_python(tmp_path):
-    plan = kernels.load_plan()
+    plan = load_plan()
     cmd = kaggle_api.wheels_download_command(tmp_path / "w")
     assert cmd[1:4] == ["-m", "pip", "download"] and "--only-binary=:all:" in cmd
     # Kaggle's GPU image runs Python 3.12 (its site-packages are /usr/local/lib/python3.12)
@@ -266,7 +267,7 @@ def test_a_refused_push_is_an_error(fake_kaggle, rendered):
 
 
 def test_datasets_are_created_then_versioned_with_folders_zipped(fake_kaggle, tmp_path):
-    plan = kernels.load_plan()
+    plan = load_plan()
     for name in kernels.own_adapters(plan):
         _fake_adapter(tmp_path / "runs" / name / "selected")
     folder = kaggle_api.build_adapters_dataset(plan, USER, runs_dir=tmp_path / "runs", out=tmp_path / "adapters")

@@ -19,6 +19,7 @@ import pytest
 
 from conftest import GEMMA_CSV
 from kaggle_utils import kernels, models
+from kaggle_utils.plan import KAGGLE_HOURS, ModelEntry, Variant, load_plan
 from kaggle_utils.config import ConfigError, resolve_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def no_kaggle_account(monkeypatch, tmp_path):
 @pytest.fixture()
 def plan():
     """The example plan; its kernels are rendered from notebooks/inference.ipynb."""
-    p = kernels.load_plan(REPO / "configs" / "submissions.yaml")
+    p = load_plan(REPO / "configs" / "submissions.yaml")
     assert resolve_path(p.notebook) == REAL_NOTEBOOK
     return p
 
@@ -76,7 +77,7 @@ def rendered(plan, tmp_path):
 
 
 def test_example_plan_has_the_five_submissions_of_the_original_plan_and_the_users_own():
-    plan = kernels.load_plan()
+    plan = load_plan()
     assert [v.slug for v in plan.variants] == SLUGS
     by_slug = {v.slug: v for v in plan.variants}
     assert [len(by_slug[s].models) for s in SLUGS] == [1, 4, 4, 4, 4, 1]
@@ -89,37 +90,38 @@ def test_example_plan_has_the_five_submissions_of_the_original_plan_and_the_user
     assert [m.preset for m in by_slug["mmml-v1"].models] == four
     assert [m.preset for m in by_slug["mmml-v2"].models] == four
     assert all(m.n == 1 and m.temperature > 0 for m in by_slug["mmml-v2"].models)
-    assert all(0 < v.budget_hours < kernels.KAGGLE_HOURS for v in plan.variants)
+    assert all(0 < v.deadline_hours < KAGGLE_HOURS for v in plan.variants)
 
 
 def _variant(**changes):
-    values = dict(slug="mmml-v1", title="MMML v1", use_mean_prompt=False, budget_hours=8.5,
+    values = dict(slug="mmml-v1", title="MMML v1", use_mean_prompt=False, deadline_hours=8.5,
                   models=[{"name": "m", "preset": "mistral-7b", "adapter": "mistral-7b-v3"}])
     values.update(changes)
-    return kernels.Variant(**values)
+    return Variant(**values)
 
 
 @pytest.mark.parametrize("changes, message", [
     ({"slug": "MMML_v1", "title": "MMML_v1"}, r"^slug: 'MMML_v1' must be 5-50 characters"),
     ({"title": "Something else"}, r"^title: variant 'mmml-v1': title 'Something else' becomes 'something-else'"),
-    ({"budget_hours": 9.5}, r"^budget_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 9\.5$"),
-    ({"budget_hours": 0}, r"^budget_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 0$"),
+    ({"deadline_hours": 9.5}, r"^deadline_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 9\.5$"),
+    ({"deadline_hours": 0}, r"^deadline_hours: variant 'mmml-v1': must be in \(0, 9\.0\) hours .*, got 0$"),
     ({"models": []}, r"^models: variant 'mmml-v1': needs at least one model$"),
-    ({"models": [{"name": "m", "preset": "gpt-5"}]}, r"^preset: model 'm': unknown preset 'gpt-5'"),
+    ({"models": [{"name": "m", "preset": "gpt-5"}]},
+     r"^variant 'mmml-v1' models\[0\] \(m\): preset: unknown preset 'gpt-5'"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "n": 3, "temperature": 0}]},
-     r"^n: model 'm': n=3 with temperature 0 repeats one greedy answer"),
+     r"^variant 'mmml-v1' models\[0\] \(m\): n: n=3 with temperature 0 repeats one greedy answer"),
     ({"models": [{"name": "m", "preset": "mistral-22b"}]},  # no Kaggle model for this preset
-     r"^base_model: model 'm': preset 'mistral-22b' has no Kaggle model"),
+     r"^variant 'mmml-v1' models\[0\] \(m\): base_model: preset 'mistral-22b' has no Kaggle model"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "base_model": "mistral-ai/mistral"}]},
-     r"^base_model: model 'm': 'mistral-ai/mistral' is not a Kaggle model handle"),
+     r"^variant 'mmml-v1' models\[0\] \(m\): base_model: 'mistral-ai/mistral' is not a Kaggle model handle"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "adapter": "owner/only"}]},
-     r"^adapter: model 'm': 'owner/only' must be a folder of the adapters dataset"),
+     r"^variant 'mmml-v1' models\[0\] \(m\): adapter: 'owner/only' must be a folder of the adapters dataset"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "use_merged": True}]},
-     r"^use_merged: model 'm': use_merged needs an adapter"),
+     r"^variant 'mmml-v1' models\[0\] \(m\): use_merged: use_merged needs an adapter"),
     ({"models": [{"name": "m", "preset": "mistral-7b"}, {"name": "m", "preset": "llama2-13b"}]},
      r"^models: variant 'mmml-v1': model names repeat: \['m', 'm'\]$"),
     ({"models": [{"name": "m", "preset": "mistral-7b", "size": 7}]},
-     r"^variant 'mmml-v1' model: unknown keys \['size'\]; known: \['name', 'preset', "),
+     r"^variant 'mmml-v1' models\[0\]: unknown key\(s\) \['size'\]; the keys are \['name', 'preset', "),
     ({"params": {"test_file": "x.csv"}},
      r"^params: variant 'mmml-v1': \['test_file'\] are set by the plan's own fields$"),
     ({"engine": "tgi"}, r"^engine: variant 'mmml-v1': must be auto, vllm or hf, got 'tgi'$"),
@@ -134,7 +136,38 @@ def test_a_bad_plan_file_names_the_file(tmp_path):
     bad.write_text("variants: []\nwheels: x\n")
     with pytest.raises(ConfigError,
                        match=rf"^{re.escape(str(bad))}: submission plan: unknown keys \['wheels'\]; known: "):
-        kernels.load_plan(bad)
+        load_plan(bad)
+
+
+def test_an_older_plan_still_loads_and_says_the_new_names(tmp_path, caplog):
+    """budget_hours (now deadline_hours), a model written with the notebook's old keys, and an old notebook parameter
+    in a variant's params: each read under its new name, with a note naming it."""
+    old = tmp_path / "plan.yaml"
+    old.write_text("variants:\n"
+                   "  - {slug: mmml-v1, title: MMML v1, budget_hours: 8.0, use_mean_prompt: false,\n"
+                   "     params: {batch_size: 8},\n"
+                   "     models: [{name: m, preset: mistral-7b, adapter_path: mistral-7b, base_model_path: '',\n"
+                   "               merged_path: mistral-7b/merged, temperature: 0.7}]}\n")
+    with caplog.at_level("WARNING", logger="kaggle_utils"):
+        variant = load_plan(old).variants[0]
+    assert variant.deadline_hours == 8.0 and variant.params == {"generation_batch_size": 8}
+    assert variant.models == [ModelEntry(name="m", preset="mistral-7b", adapter="mistral-7b", use_merged=True,
+                                         temperature=0.7)]
+    for old_name, new_name in [("budget_hours", "deadline_hours"), ("batch_size", "generation_batch_size"),
+                               ("adapter_path", "adapter"), ("base_model_path", "base_model"),
+                               ("merged_path", "use_merged")]:
+        assert f"'{old_name}' is now called '{new_name}'" in caplog.text
+    old.write_text(old.read_text().replace("budget_hours: 8.0", "budget_hours: 8.0, deadline_hours: 8.0"))
+    with pytest.raises(ConfigError, match=r"both 'budget_hours' and its new name 'deadline_hours' are set"):
+        load_plan(old)
+    with pytest.raises(ConfigError, match=r"merged_path: .* 'elsewhere/copy' is not <adapter>/merged"):
+        ModelEntry.from_dict({"name": "m", "preset": "mistral-7b", "merged_path": "elsewhere/copy"}, "models[0]")
+
+
+def test_older_local_settings_keys_still_load():
+    settings = kernels.LocalSettings(paths={"/kaggle/working": "w"},
+                                     model={"base_model_path": "", "adapter_path": "a", "merged_path": ""})
+    assert settings.model == {"base_model": "", "adapter": "a", "use_merged": False}
 
 
 @pytest.mark.parametrize("preset", [p for p in models.PRESETS.values() if p.kaggle_model_source])
@@ -143,8 +176,8 @@ def test_a_preset_kaggle_model_mounts_at_its_default_path(preset):
 
 
 def test_sources_resolve_the_user_and_other_owners():
-    plan = kernels.load_plan()
-    entry = kernels.ModelEntry(name="m", preset="mistral-7b", adapter="someone/their-adapters/mistral")
+    plan = load_plan()
+    entry = ModelEntry(name="m", preset="mistral-7b", adapter="someone/their-adapters/mistral")
     assert kernels.adapter_ref(plan, entry, USER) == "someone/their-adapters/mistral"
     assert kernels.dataset_path("someone/their-adapters/mistral") == "/kaggle/input/their-adapters/mistral"
     v1 = plan.variant("mmml-v1")
@@ -158,7 +191,7 @@ def test_sources_resolve_the_user_and_other_owners():
 def test_the_plan_says_which_run_makes_each_adapter_it_names():
     """Every adapter folder of the plan's own dataset has its make commands written in the plan file, so a user who
     trains the presets can push every variant without editing it."""
-    plan = kernels.load_plan()
+    plan = load_plan()
     text = (REPO / "configs" / "submissions.yaml").read_text()
     for v in plan.variants:
         for m in v.models:
@@ -168,7 +201,7 @@ def test_the_plan_says_which_run_makes_each_adapter_it_names():
 
 
 def test_missing_adapter_folders_are_named_with_the_commands_that_make_them(tmp_path, caplog):
-    plan = kernels.load_plan()
+    plan = load_plan()
     runs = tmp_path / "runs"
     lines = kernels.missing_adapters(plan, "mmml-v2", runs_dir=runs)
     assert len(lines) == 4
@@ -237,7 +270,7 @@ def test_rendered_notebooks_carry_the_parameters_and_read_only_attached_inputs(p
         assert kernels.foreign_paths(values, meta) == [], slug
         roots = kernels.mounted_roots(meta)
         for m in values["models"]:
-            for key in ("base_model_path", "adapter_path"):
+            for key in ("base_model", "adapter"):
                 assert any(m[key].startswith(r + "/") or m[key] == r for r in roots), (slug, m[key])
         assert str(REPO) not in json.dumps(nb), "a local path leaked into the kernel"
 
@@ -250,10 +283,10 @@ def test_the_install_cell_compiles_and_skips_itself_off_kaggle(plan, monkeypatch
 
 def test_a_variants_params_reach_the_kernel(plan, tmp_path):
     """The docs' way to turn the merge at start off for one kernel: params in the variant."""
-    plan.variants[0].params = {"merge_adapters": "off", "batch_size": 32}
+    plan.variants[0].params = {"merge_adapters": "off", "generation_batch_size": 32}
     folder = kernels.render_variant(plan, plan.variants[0], USER, tmp_path)
     values = kernels.notebook_parameters(nbformat.read(folder / kernels.CODE_FILE, as_version=4))
-    assert values["merge_adapters"] == "off" and values["batch_size"] == 32
+    assert values["merge_adapters"] == "off" and values["generation_batch_size"] == 32
 
 
 def test_render_refuses_parameters_the_notebook_lacks_or_paths_outside_kaggle(plan, tmp_path):
@@ -280,11 +313,11 @@ def test_rendering_again_replaces_the_folder(plan, tmp_path):
 
 
 def test_localize_maps_kaggle_paths_and_replaces_models(tmp_path):
-    plan = kernels.load_plan()
+    plan = load_plan()
     settings = kernels.LocalSettings(
         paths={"/kaggle/input/llm-prompt-recovery/test.csv": str(tmp_path / "t.csv"),
                "/kaggle/working": str(tmp_path / "{slug}")},
-        model={"preset": "smollm2-135m", "base_model_path": "", "adapter_path": str(tmp_path / "a")}, max_n=2)
+        model={"preset": "smollm2-135m", "base_model": "", "adapter": str(tmp_path / "a")}, max_n=2)
     local = kernels.localize_params(kernels.kernel_params(plan, plan.variants[0]), settings, "s")
     assert local["test_file"] == str(tmp_path / "t.csv")
     assert local["submission_path"] == str(tmp_path / "s" / "submission.csv")
@@ -334,7 +367,7 @@ def test_run_local_executes_the_rendered_kernel_with_local_paths(tmp_path):
     body = ("import os, pandas as pd\n"
             "rows = pd.read_csv(test_file)\n"
             "os.makedirs(os.path.dirname(submission_path), exist_ok=True)\n"
-            "prompt = fallback_prompt + ' ' + models[0]['adapter_path'] + ' ' + str(models[0]['n'])\n"
+            "prompt = fallback_prompt + ' ' + models[0]['adapter'] + ' ' + str(models[0]['n'])\n"
             "pd.DataFrame({'id': rows['id'], 'rewrite_prompt': prompt}).to_csv(submission_path, index=False)")
     notebook = tmp_path / "nb.ipynb"
     _write_notebook(notebook, _real_parameters())
@@ -344,12 +377,12 @@ def test_run_local_executes_the_rendered_kernel_with_local_paths(tmp_path):
     pd.DataFrame({"id": ["a", "b"], "original_text": ["x", "y"], "rewritten_text": ["X", "Y"]}).to_csv(
         tmp_path / "test.csv", index=False)
     (tmp_path / "adapter").mkdir()
-    plan = kernels.load_plan()
+    plan = load_plan()
     plan.notebook = str(notebook)
     settings = kernels.LocalSettings(
         paths={"/kaggle/input/llm-prompt-recovery/test.csv": str(tmp_path / "test.csv"),
                "/kaggle/working": str(tmp_path / "{slug}")},
-        model={"preset": "smollm2-135m", "base_model_path": "", "adapter_path": str(tmp_path / "adapter")}, max_n=2)
+        model={"preset": "smollm2-135m", "base_model": "", "adapter": str(tmp_path / "adapter")}, max_n=2)
     path = kernels.run_local(plan, "mistral-v3-x10", settings, kernels_dir=tmp_path / "kernels", out_dir=tmp_path / "local")
     assert path == tmp_path / "mistral-v3-x10" / "submission.csv"
     sub = kernels.check_submission(path, tmp_path / "test.csv")
@@ -368,9 +401,9 @@ def test_render_local_dry_run_writes_a_valid_submission(tmp_path):
     settings = kernels.LocalSettings(
         paths={"/kaggle/input/llm-prompt-recovery/test.csv": str(tmp_path / "test.csv"),
                "/kaggle/working": str(tmp_path / "{slug}" / "working")},
-        model={"preset": "smollm2-135m", "base_model_path": "", "adapter_path": str(adapter), "merged_path": ""},
+        model={"preset": "smollm2-135m", "base_model": "", "adapter": str(adapter), "use_merged": False},
         max_n=2, params={"max_new_tokens": 12})
-    plan = kernels.load_plan()
+    plan = load_plan()
     path = kernels.run_local(plan, "mistral-v3-x10", settings, kernels_dir=tmp_path / "kernels",
                              out_dir=tmp_path / "local")
     sub = kernels.check_submission(path, tmp_path / "test.csv")

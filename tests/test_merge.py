@@ -125,7 +125,7 @@ def test_merge_adapter_writes_the_base_plus_the_update_and_reuses_a_finished_mer
 
 
 def _plan(base: Path, adapter: Path, tmp_path: Path, **over) -> inference.InferenceConfig:
-    spec = {"name": "m", "preset": "smollm2-135m", "base_model_path": str(base), "adapter_path": str(adapter), "n": 1}
+    spec = {"name": "m", "preset": "smollm2-135m", "base_model": str(base), "adapter": str(adapter), "n": 1}
     return inference.InferenceConfig(models=[spec], merge_dir=str(tmp_path / "merged"), run_dir=str(tmp_path / "run"),
                                      **over)
 
@@ -133,7 +133,7 @@ def _plan(base: Path, adapter: Path, tmp_path: Path, **over) -> inference.Infere
 def test_the_kernel_merges_for_vllm_once_per_adapter_and_logs_why(folders, tmp_path, caplog):
     base, adapter = folders
     cfg = _plan(base, adapter, tmp_path, merge_adapters="auto")
-    spec = cfg.model_specs[0]
+    spec = cfg.model_entries[0]
     assert inference._merged_for_vllm(cfg, spec, 10) == ""  # a small plan on a newer card: the LoRARequest
     assert "the adapter served as a LoRARequest" in caplog.text and "10 rows to sample" in caplog.text
     caplog.clear()
@@ -163,7 +163,7 @@ def test_a_failed_merge_is_logged_cleaned_up_and_the_adapter_is_served_as_is(fol
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
     monkeypatch.setattr(models, "free_gpu_memory", lambda: freed.append(True))
     with caplog.at_level(logging.ERROR, logger="kaggle_utils"):
-        assert inference._merged_for_vllm(cfg, cfg.model_specs[0], 10**6) == ""
+        assert inference._merged_for_vllm(cfg, cfg.model_entries[0], 10**6) == ""
     assert "merging failed (OSError: [Errno 28] No space left on device); serving the adapter as a LoRARequest" \
         in caplog.text
     assert list((tmp_path / "merged").glob("*")) == []  # no .partial folder left to eat the next model's disk
@@ -277,7 +277,7 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
     data.read_rewrites(GEMMA_CSV).head(3)[["id", "original_text", "rewritten_text"]].to_csv(test_csv, index=False)
     cfg = _plan(base, adapter, tmp_path, merge_adapters="off" if case == "lora_request" else "on", engine="vllm",
                 test_file=str(test_csv), submission_path=str(tmp_path / "submission.csv"), max_new_tokens=4,
-                batch_size=3)
+                generation_batch_size=3)
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     predictions, _ = inference.sample_models(cfg, test, budget.Deadline.from_notebook_start(1.0))

@@ -96,8 +96,8 @@ def test_select_checkpoint_notebook_headless_on_a_tiny_model(tmp_path, tiny_mode
     papermill.execute_notebook(
         str(ROOT / "notebooks" / "select_checkpoint.ipynb"), str(out), kernel_name="python3",
         cwd=str(ROOT / "notebooks"), progress_bar=False,
-        parameters=dict(run_name=run.name, runs_dir=str(run.parent), val_rows=4, max_new_tokens=6, batch_size=4,
-                        force_step=2, export_merged=True),
+        parameters=dict(run_name=run.name, runs_dir=str(run.parent), rows_per_step=4, max_new_tokens=6,
+                        generation_batch_size=4, force_step=2, export_merged=True),
     )
     selected = run / "selected"
     sel = json.loads((selected / "selection.json").read_text())
@@ -180,8 +180,8 @@ def test_inference_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
     rows = data.read_rewrites(GEMMA_CSV).head(6)
     test_csv = tmp_path / "validation.csv"
     rows[["id", "original_text", "rewritten_text", "rewrite_prompt", "source"]].to_csv(test_csv, index=False)
-    model = {"name": "tiny", "preset": "mistral-7b", "base_model_path": str(tiny_model_dir("mistral")),
-             "adapter_path": "", "merged_path": "", "n": 2, "temperature": 0.8, "top_p": 0.95, "forced_start": ""}
+    model = {"name": "tiny", "preset": "mistral-7b", "base_model": str(tiny_model_dir("mistral")),
+             "adapter": "", "use_merged": False, "n": 2, "temperature": 0.8, "top_p": 0.95, "forced_start": ""}
     out = tmp_path / "run" / "inference.ipynb"
     out.parent.mkdir()
     papermill.execute_notebook(
@@ -189,7 +189,7 @@ def test_inference_notebook_headless_on_a_tiny_model(tmp_path, tiny_model_dir):
         progress_bar=False,
         parameters=dict(test_file=str(test_csv), submission_path=str(tmp_path / "submission.csv"),
                         run_dir=str(tmp_path / "run"), models=[model], engine="auto", max_new_tokens=6,
-                        batch_size=4, score_base_model=True),
+                        generation_batch_size=4, score_base_model=True),
     )
     sub = pd.read_csv(tmp_path / "submission.csv", keep_default_na=False)
     assert list(sub.columns) == ["id", "rewrite_prompt"] and sorted(sub["id"]) == sorted(rows["id"])

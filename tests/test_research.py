@@ -213,7 +213,8 @@ def test_submission_runs_without_report_rows_average_and_soup(tmp_path, tiny_mod
     runs = [train_tiny_run(tmp_path / "runs", base, name=f"sub-s{seed}", seed=seed) for seed in (0, 1)]
     for run in runs:
         assert not (run / training.REPORT_FILE).exists() and (run / training.VALIDATION_FILE).exists()
-        cfg = checkpoints.SelectConfig(run_name=run.name, runs_dir=str(run.parent), max_new_tokens=6, batch_size=4)
+        cfg = checkpoints.SelectConfig(run_name=run.name, runs_dir=str(run.parent), max_new_tokens=6,
+                                       generation_batch_size=4)
         run_cfg = checkpoints.prepare_selection(cfg)
         checkpoints.score_steps(cfg, checkpoints.load_validation(cfg, run_cfg), ExactScorer(), run_cfg)
     monkeypatch.setattr(aw.metric, "Scorer", lambda path="": ExactScorer())

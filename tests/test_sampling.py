@@ -101,8 +101,8 @@ class ListEngine(engines.Engine):
     def generate_batches(self, originals, rewrittens, cfg, skip=frozenset(), progress=True):
         todo = [i for i in range(len(originals)) if i not in skip]
         self.asked.append(todo)
-        for k in range(0, len(todo), cfg.batch_size):
-            rows = todo[k:k + cfg.batch_size]
+        for k in range(0, len(todo), cfg.generation_batch_size):
+            rows = todo[k:k + cfg.generation_batch_size]
             yield rows, [[f"Prompt: Do row {i}." if j else "" for j in range(cfg.n)] for i in rows]
 
 
@@ -110,7 +110,7 @@ def test_sample_rows_skips_done_rows_and_logs_empties(tmp_path, caplog):
     ids = [f"r{i}" for i in range(5)]
     orig = [f"o{i}" for i in range(5)]
     rewr = [f"w{i}" for i in range(5)]
-    cfg = engines.SamplingConfig(n=2, temperature=0.5, batch_size=2)
+    cfg = engines.SamplingConfig(n=2, temperature=0.5, generation_batch_size=2)
     store = sampling.PredictionStore(tmp_path, "m", {})
     store.append([{"id": "r1", "key": sampling.text_key("o1", "w1"), "predictions": ["kept"]}])
     engine = ListEngine()

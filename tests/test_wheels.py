@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from kaggle_utils import engines, inference, kaggle_api, kernels, wheels
+from kaggle_utils.plan import load_plan
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -168,7 +169,7 @@ def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tm
 def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_path):
     """The rendered install cell itself, run as on Kaggle (KAGGLE_KERNEL_RUN_TYPE set) in a fresh Python: the
     library installs from its dataset, the broken GPU wheel is reported and vLLM is ruled out, the cell ends well."""
-    plan = kernels.load_plan()
+    plan = load_plan()
     folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
     nb = json.loads((folder / "inference.ipynb").read_text())
     source = "".join(nb["cells"][0]["source"])
@@ -198,7 +199,7 @@ def test_a_rendered_kernel_with_a_broken_wheel_still_reaches_its_notebook(tmp_pa
 def test_a_library_wheel_pip_refuses_is_imported_from_the_dataset_folder(tmp_path):
     """The rendered install cell when pip refuses the library's wheel (here: a wheel format pip does not know): the
     kernel says so and imports kaggle_utils from the wheel as a zip archive, and goes on."""
-    plan = kernels.load_plan()
+    plan = load_plan()
     folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
     source = "".join(json.loads((folder / "inference.ipynb").read_text())["cells"][0]["source"])
     library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
@@ -293,7 +294,7 @@ def test_the_rendered_install_cell_looks_at_the_card_first(tmp_path):
     """The rendered install cell as on Kaggle, the card check on (as it is there) and nvidia-smi faked: on an H100 the
     log says vLLM's path for compute capability 9.0 and the wheels are installed (here a broken one: ruled out, the
     cell ends well); on a driver older than the wheels' CUDA nothing is installed at all."""
-    plan = kernels.load_plan()
+    plan = load_plan()
     folder = kernels.render_variant(plan, plan.variants[0], "fakeuser", tmp_path / "kernels")
     source = "".join(json.loads((folder / "inference.ipynb").read_text())["cells"][0]["source"])
     library = kaggle_api.build_library_dataset("fakeuser", tmp_path / "library")
