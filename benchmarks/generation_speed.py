@@ -391,7 +391,7 @@ def main(cfg: Config) -> dict:
     # ---- phase 3: the project's engine, LoRA merged (the user's path: from_preset with an adapter folder)
     t0 = time.perf_counter()
     engine = engines.HFEngine.from_preset("mistral-7b", base_model_path=str(base_dir), adapter_path=str(adapter_dir),
-                                          merge=True, options=engines.EngineOptions(dtype=cfg.hf_dtype))
+                                          options=engines.EngineOptions(dtype=cfg.hf_dtype))
     ids, _ = engine.encode_rows(originals, rewrittens, engines.SamplingConfig())
     got = [len(i) for i in ids]
     hf_gpus = len({p.device for p in engine.model.parameters()}) if cuda else 0

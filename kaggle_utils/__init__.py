@@ -18,7 +18,9 @@ Shared by every stage
 2. Select (``select_checkpoint.ipynb``)
     ``checkpoints``  each checkpoint step scored by the metric; the chosen adapter exported to selected/
 3. Infer (``inference.ipynb``)
-    ``engines``      the HF and vLLM engines, how they load (EngineOptions), the adapter checks
+    ``engines``      the HF and vLLM engines behind one interface: what to sample, how they load, what starting took
+    ``adapters``     LoRA adapter folders: the checks, applying or swapping one in, the merged copy on disk
+    ``serving``      one model of the plan served: the engine rule, the merge at start for vLLM, the fallbacks
     ``decoding``     the HF engine's fast generation on CUDA (static KV cache, CUDA graphs)
     ``sampling``     the sampling loop and the resumable prediction files
     ``budget``       the deadline: each model's share of the time, how many predictions still fit

@@ -32,8 +32,9 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from . import artifacts, data, metric, models, prompts, sources
+from . import adapters, artifacts, data, engines, metric, models, prompts, serving, sources
 from .config import read_json_object, require, resolve_path, save_config, saved_config
+from .plan import ModelEntry
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -299,56 +300,28 @@ def step_cache_file(cfg: SelectConfig, step: int | str) -> Path:
     return folder / f"step-{step}.json"
 
 
-class _StepSampler:
-    """The base model loaded once; adapters attached one at a time (step 0 runs with none)."""
+def _step_engine(cfg: SelectConfig, run_cfg: dict) -> engines.Engine:
+    """The run's base model, served once for every step (:func:`kaggle_utils.serving.serve`; adapters are swapped in
+    unmerged, :meth:`kaggle_utils.engines.HFEngine.use_adapter`), as inference loads it: bf16 on CPU, the card's dtype
+    on GPU, 4-bit when the run trained 4-bit."""
+    base = ModelEntry(name="base", preset=run_cfg.get("preset", models.DEFAULT_PRESET),
+                      base_model=_base_model_path(cfg, run_cfg))
+    return serving.serve(base, engine="hf", load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
 
-    def __init__(self, cfg: SelectConfig, run_cfg: dict):
-        from . import engines
 
-        self.cfg = cfg
-        self.engines = engines
-        # Same loading path as inference: bf16 on CPU, the card's dtype on GPU, 4-bit when the run trained 4-bit.
-        self.engine = engines.HFEngine.from_preset(
-            run_cfg.get("preset", models.DEFAULT_PRESET), _base_model_path(cfg, run_cfg),
-            load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
-        self.peft = None
-        self.scfg = engines.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
-                                           generation_batch_size=cfg.generation_batch_size,
-                                           max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
-                                           seed=cfg.seed)
+def _step_completions(engine: engines.Engine, step: int | str, adapter: Path | None, validation: pd.DataFrame,
+                      scfg: engines.SamplingConfig) -> list[str]:
+    """Raw greedy completions for every validation row at ``step``, with its ``adapter`` (None: the base model)."""
+    logger.info("step %s: sampling %d row(s) with %s", step, len(validation), adapter or "the base model alone")
+    engine.use_adapter(adapter)
+    return [c[0] for c in engine.generate(list(validation["original_text"]), list(validation["rewritten_text"]), scfg)]
 
-    def _attach(self, step: int, ckpt: Path) -> None:
-        from peft import PeftModel
 
-        name = f"step-{step}"
-        try:
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.engine.model, str(ckpt), adapter_name=name,
-                                                      is_trainable=False)
-                self.engine = self.engines.HFEngine(self.peft, self.engine.tokenizer)
-            else:
-                old = self.peft.active_adapter
-                self.peft.load_adapter(str(ckpt), adapter_name=name, is_trainable=False)
-                self.peft.set_adapter(name)
-                self.peft.delete_adapter(old)  # one adapter in memory at a time
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise self.engines.AdapterError(f"{ckpt} does not fit the base model: {str(e).splitlines()[0][:300]}"
-                                            ) from e
-
-    def generate(self, step: int, ckpt: Path | None, validation: pd.DataFrame) -> list[str]:
-        """Raw greedy completions for every validation row at ``step``."""
-        originals, rewrittens = list(validation["original_text"]), list(validation["rewritten_text"])
-        if ckpt is None:
-            if self.peft is not None:  # adapters already attached: switch them off for the base model
-                with self.peft.disable_adapter():
-                    return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
-            return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
-        self._attach(step, ckpt)
-        return [c[0] for c in self.engine.generate(originals, rewrittens, self.scfg)]
-
-    @property
-    def marker(self) -> str:
-        return self.engine.marker
+def _step_sampling(cfg: SelectConfig, run_cfg: dict) -> engines.SamplingConfig:
+    """One greedy prediction per row, cut as the run was trained."""
+    return engines.SamplingConfig(n=1, temperature=0.0, max_new_tokens=cfg.max_new_tokens,
+                                  generation_batch_size=cfg.generation_batch_size,
+                                  max_prompt_tokens=prompt_token_limit(cfg, run_cfg), seed=cfg.seed)
 
 
 def extract_predictions(raw, marker: str = "") -> tuple[list[str], int]:
@@ -412,9 +385,9 @@ def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, score
     seconds = 0.0
     if entry.get("key") != key:
         if not sampler:
-            sampler.append(_StepSampler(cfg, run_cfg))
+            sampler.append(_step_engine(cfg, run_cfg))
         start = time.time()
-        raw = sampler[0].generate(step, adapter, validation)
+        raw = _step_completions(sampler[0], step, adapter, validation, _step_sampling(cfg, run_cfg))
         seconds = time.time() - start
         predictions, empty = extract_predictions(raw, sampler[0].marker)
         entry = {"step": step, "key": key, "ids": list(map(str, validation["id"])), "raw": raw,
@@ -441,8 +414,7 @@ def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, score
 def _free(sampler: list) -> None:
     """Drop a loaded model, so a merged export that follows can load another copy."""
     if sampler:
-        sampler.clear()
-        models.free_gpu_memory()
+        sampler.pop().close()
 
 
 def step_predictions(cfg: SelectConfig, step: int, validation: pd.DataFrame) -> pd.DataFrame:
@@ -799,10 +771,8 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
 
 def export_merged(cfg: SelectConfig, run_cfg: dict, checkpoint: Path, out: Path) -> Path:
     """Merge the adapter into the base weights and save fp16 weights + tokenizer as a full HF folder
-    (:func:`kaggle_utils.engines.merge_adapter`): faster to serve with vLLM, which then needs no LoRA kernels."""
-    from . import engines
-
+    (:func:`kaggle_utils.adapters.merge_adapter`): faster to serve with vLLM, which then needs no LoRA kernels."""
     preset = run_cfg.get("preset", models.DEFAULT_PRESET)
-    engines.merge_adapter(preset, _base_model_path(cfg, run_cfg), str(checkpoint), out)
+    adapters.merge_adapter(preset, _base_model_path(cfg, run_cfg), str(checkpoint), out)
     logger.info("merged fp16 weights of %s -> %s", checkpoint.name, out)
     return out

@@ -2,35 +2,34 @@
 
 :class:`Engine` is the interface, with two engines:
 
-- ``HFEngine``: transformers ``generate`` over length-sorted, left-padded batches, with a LoRA adapter merged
-  (default, faster) or unmerged, 4-bit optional, layers over 1-2 GPUs. The embedded default and the CPU path.
+- ``HFEngine``: transformers ``generate`` over length-sorted, left-padded batches, the LoRA adapter merged in (unmerged
+  on a 4-bit base, or swapped in step by step for the select stage: :meth:`HFEngine.use_adapter`), 4-bit optional,
+  layers over 1-2 GPUs. The embedded default and the CPU path.
 - ``VLLMEngine``: vLLM's ``LLM`` with ``SamplingParams(n=...)`` and a ``LoRARequest`` (or a merged folder), over
   every visible GPU (``tensor_parallel_size``). The fast path on Kaggle's 2xT4.
 
 What is sampled is a :class:`SamplingConfig`; how a model is loaded is an :class:`EngineOptions` (dtype, vLLM's GPU
-share, context and seed), one object from the inference config down to ``vllm.LLM``. Also here: the adapter checks
-that run before any model loads, and :func:`pick_engine` / :func:`load_engine`, which choose and start an engine and
-fall back to HF when vLLM cannot start. Engines yield completions batch by batch; :mod:`kaggle_utils.sampling` runs
-the loop that stores them.
+share, context and seed), one object from the inference config down to ``vllm.LLM``; what starting it took is its
+:class:`Startup`. Which engine a model gets, the merged copy vLLM may serve, and the fallback to HF are
+:mod:`kaggle_utils.serving`'s; the adapter checks are :mod:`kaggle_utils.adapters`'. Engines yield completions batch
+by batch; :mod:`kaggle_utils.sampling` runs the loop that stores them.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import logging
 import os
-import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import artifacts, decoding, models, prompts
-from .config import ConfigError, error_summary, require, resolve_path
+from . import decoding, models, prompts
+from .adapters import AdapterError, adapter_rank, attach_adapter, check_adapter, check_adapter_fits, swap_adapter
+from .config import require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
 
-ENGINES = ("auto", "vllm", "hf")
 DTYPES = ("auto", "float16", "bfloat16")  # "auto": fp16 below compute capability 8.0 (T4), bf16 above, CPU its own
 EAGER_CHOICES = ("auto", "on", "off")  # vLLM's eager mode; "auto": on below compute capability 8.0
 # vLLM accepts only these LoRA ranks as max_lora_rank; T4 LoRA kernels need at least 8 (a rank-1 adapter still fits).
@@ -98,117 +97,27 @@ class EngineOptions:
         require(self.max_model_len >= 1, "max_model_len", f"must be >= 1, got {self.max_model_len}")
 
 
-# ---------------------------------------------------------------- adapters
+@dataclass(frozen=True)
+class Startup:
+    """What starting an engine took (:func:`kaggle_utils.serving.serve` sets it; ``sampling.csv``'s columns)."""
 
-
-class AdapterError(ValueError):
-    """An adapter folder is missing, incomplete, or was trained on another base model."""
-
-
-def _selection(path: Path) -> artifacts.Selection | None:
-    """The adapter folder's ``selection.json``, if any; an unreadable one is an :class:`AdapterError` naming it."""
-    try:
-        return artifacts.Selection.find(path)
-    except artifacts.ArtifactError as e:
-        raise AdapterError(f"adapter '{path}': {e}") from None
-
-
-def check_adapter(adapter_path: str, preset: str = "") -> Path:
-    """The adapter folder, checked for ``adapter_config.json`` and weights.
-
-    When the folder holds a ``selection.json`` (written by checkpoint selection) and ``preset`` is given, the
-    preset it was trained on must be ``preset``: an adapter of another base model is refused before anything loads.
-    """
-    path = resolve_path(adapter_path)
-    if not path.is_dir():
-        raise AdapterError(f"adapter path '{path}' does not exist (for the demo's adapter run `make demo` first)")
-    if not artifacts.has_adapter(path):
-        raise AdapterError(f"adapter path '{path}' has no adapter_config.json + adapter_model.safetensors")
-    selection = _selection(path) if preset else None
-    if selection is not None and selection.preset and selection.preset != preset:
-        raise AdapterError(f"adapter '{path}' was trained on preset '{selection.preset}' "
-                           f"({artifacts.SELECTION_FILE}), but the model entry uses preset '{preset}'")
-    return path
-
-
-def selected_adapter(adapter_path: str, preset: str = "") -> str:
-    """The adapter folder to apply, checked (see :func:`check_adapter`); "" for none.
-
-    Checkpoint selection exports no adapter when the base model (step 0) scored best: its ``selection.json`` then
-    says ``"adapter": null``, and the base model runs as it is (logged), rather than failing the submission.
-    """
-    if not adapter_path:
-        return ""
-    path = resolve_path(adapter_path)
-    if path.is_dir() and not (path / artifacts.ADAPTER_FILES[0]).exists():
-        selection = _selection(path)
-        if selection is not None and selection.adapter is None and selection.base_model_won:
-            if preset and selection.preset and selection.preset != preset:
-                raise AdapterError(f"selection '{path}' was made on preset '{selection.preset}', but the model "
-                                   f"entry uses preset '{preset}'")
-            logger.warning("%s: the base model won checkpoint selection (no adapter exported); running it without "
-                           "an adapter", path)
-            return ""
-    return str(check_adapter(adapter_path, preset))
-
-
-def adapter_rank(adapter_path: str) -> int:
-    """The LoRA rank ``r`` in the adapter's ``adapter_config.json``."""
-    cfg = json.loads((check_adapter(adapter_path) / "adapter_config.json").read_text())
-    return int(cfg.get("r") or 1)
-
-
-def check_adapter_fits(adapter_path: str, base_path: str | os.PathLike) -> None:
-    """Compare the adapter's LoRA shapes with the base model's ``config.json`` without loading either model.
-
-    Every projection that reads the residual stream (q/k/v/gate/up) has ``lora_A`` of shape (r, hidden_size); a
-    mismatch means the adapter belongs to another base model, which is a clear error before minutes of loading.
-    """
-    path = check_adapter(adapter_path)
-    weights = path / "adapter_model.safetensors"
-    base_cfg = Path(base_path) / "config.json"
-    if not weights.exists() or not base_cfg.exists():
-        return  # a .bin adapter or a folder without config: attach_adapter still reports a mismatch
-    from safetensors import safe_open
-
-    hidden = json.loads(base_cfg.read_text()).get("hidden_size")
-    if not hidden:
-        return
-    with safe_open(str(weights), framework="np") as fh:
-        for key in fh.keys():
-            module = key.split(".lora_A")[0].rsplit(".", 1)[-1] if ".lora_A" in key else ""
-            if module in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-                width = fh.get_slice(key).get_shape()[-1]
-                if width != hidden:
-                    raise AdapterError(
-                        f"adapter '{path}' does not fit base model '{base_path}': {key} reads {width} features, "
-                        f"the base model's hidden_size is {hidden} (adapter trained on another base model?)")
-
-
-def attach_adapter(model, adapter_path: str, merge: bool = True):
-    """Apply a LoRA adapter to a loaded base model; a shape mismatch (other base model) is a clear error."""
-    from peft import PeftModel
-
-    path = check_adapter(adapter_path)
-    try:
-        model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as e:
-        base = getattr(model.config, "_name_or_path", "?")
-        raise AdapterError(f"adapter '{path}' does not fit base model '{base}': {str(e).splitlines()[0][:300]}") from e
-    if merge:
-        model = model.merge_and_unload()
-    return model
+    merged: bool = False  # vLLM serves a merged copy (use_merged, or the merge at start) rather than a LoRARequest;
+    # the HF engine merges the adapter in memory either way, so False there
+    merge_s: float = 0.0  # seconds merging the adapter into a copy of the base before the start (vLLM)
+    load_s: float = 0.0  # seconds starting the engine (model load, vLLM's start)
 
 
 # ---------------------------------------------------------------- the engine interface
 
 
 class Engine:
-    """n raw completions per row. Subclasses implement :meth:`generate_batches`; ``marker`` is the response marker
-    a completion may echo (used by :func:`kaggle_utils.sampling.postprocess`)."""
+    """n raw completions per row. Subclasses implement :meth:`generate_batches`. ``name`` says which engine it is
+    (hf | vllm), ``startup`` what starting it took, ``marker`` the response marker a completion may echo (used by
+    :func:`kaggle_utils.sampling.postprocess`)."""
 
     name = "engine"
     marker = ""
+    startup = Startup()
 
     def generate_batches(self, originals, rewrittens, cfg: SamplingConfig, skip=frozenset(),
                          progress: bool = True) -> Iterator[tuple[list[int], list[list[str]]]]:
@@ -236,6 +145,7 @@ class HFEngine(Engine):
     """transformers ``generate`` in length-sorted, left-padded batches; stops at EOS."""
 
     name = "hf"
+    _adapter_off = False  # use_adapter(None) after an adapter was swapped in: generate with it switched off
 
     def __init__(self, model, tokenizer):
         self.model = model.eval()
@@ -244,10 +154,9 @@ class HFEngine(Engine):
         self.marker = prompts.response_marker(tokenizer)
 
     @classmethod
-    def from_preset(cls, preset: str, base_model_path: str = "", adapter_path: str = "", merge: bool = True,
-                    load_in_4bit: bool = False, max_gpu_memory_gib: float | None = None,
-                    options: EngineOptions | None = None) -> "HFEngine":
-        """Load base model (+ adapter) for a preset from local folders, in ``options.dtype``."""
+    def from_preset(cls, preset: str, base_model_path: str = "", adapter_path: str = "", load_in_4bit: bool = False,
+                    max_gpu_memory_gib: float | None = None, options: EngineOptions | None = None) -> "HFEngine":
+        """Load base model (+ adapter, merged in) for a preset from local folders, in ``options.dtype``."""
         import torch
 
         options = options or EngineOptions()
@@ -271,10 +180,19 @@ class HFEngine(Engine):
         if resized:
             model.resize_token_embeddings(len(tokenizer))
         if adapter_path:
-            # Merging into 4-bit weights would dequantize and requantize them (lossy), so 4-bit stays unmerged.
-            model = attach_adapter(model, adapter_path, merge=merge and not load_in_4bit)
+            # Merged is faster to generate with; merging into 4-bit weights would dequantize and requantize them
+            # (lossy), so 4-bit stays unmerged.
+            model = attach_adapter(model, adapter_path, merge=not load_in_4bit)
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return cls(model, tokenizer)
+
+    def use_adapter(self, adapter_path: str | os.PathLike | None) -> None:
+        """From now on generate with the adapter in ``adapter_path``, unmerged, in place of the one before (None: the
+        base model alone), so one loaded base serves every checkpoint the select stage scores."""
+        if adapter_path is not None:
+            self.model = swap_adapter(self.model, adapter_path)
+        # The base model alone has nothing to switch off; a PeftModel (an adapter swapped in before) does.
+        self._adapter_off = adapter_path is None and hasattr(self.model, "disable_adapter")
 
     def encode_rows(self, originals, rewrittens, cfg: SamplingConfig) -> tuple[list[list[int]], list[int]]:
         """Prompt ids per row, and the indices of rows whose texts were truncated to fit ``max_prompt_tokens``."""
@@ -330,7 +248,7 @@ class HFEngine(Engine):
                       do_sample=sample, temperature=cfg.temperature if sample else None,
                       top_p=cfg.top_p if sample else None, top_k=None, num_return_sequences=cfg.n,
                       eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
-        with torch.inference_mode():
+        with torch.inference_mode(), self.model.disable_adapter() if self._adapter_off else contextlib.nullcontext():
             cache_kwarg = _shared_prefill_cache_kwarg(self.model) if cfg.n > 1 and input_ids.shape[1] > 1 else ""
             if cache_kwarg and decoding.unsupported_reason(self.model, kwargs) is not None:
                 # Positions as generate derives them from a left-padded mask, so the cached prefix matches.
@@ -537,296 +455,8 @@ def completions_from_outputs(outputs, forced_start: str = "") -> list[list[str]]
     return [[forced_start + o.text for o in out.outputs] for out in outputs]
 
 
-# ---------------------------------------------------------------- choosing an engine
-
-
-def vllm_import_error() -> str:
-    """"" when ``vllm.LLM`` imports; otherwise why not (the first line of the error)."""
-    try:
-        from vllm import LLM  # noqa: F401
-    except Exception as e:  # ImportError, or a CUDA/torch mismatch raised while importing
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return ""
-
-
-# auto's rule for a model whose engines can both run (the numbers: BENCHMARKS.md, "Which engine, on which card"):
-ONE_CARD_SHARE = 0.6  # 16-bit weights up to this share of one card's memory: the HF engine's fast path, on one card
-ALL_CARDS_SHARE = 0.8  # up to this share of all the cards' memory: vLLM, tensor parallel; above it the HF engine
-
-
-def fits_one_card(weights_gib: float, cards_gib: list[float]) -> bool:
-    """Whether 16-bit weights leave one card (the smallest) room to batch: ``ONE_CARD_SHARE`` of its memory."""
-    return bool(cards_gib) and weights_gib <= ONE_CARD_SHARE * min(cards_gib)
-
-
 def _fits_one_card(base: Path) -> bool:
     try:
-        return fits_one_card(weights_bytes(base) / 2**30, _cards_gib())
+        return models.fits_one_card(models.weights_bytes(base) / 2**30, models.card_memory_gib())
     except Exception:  # an unreadable folder: leave the layout to accelerate
         return False
-
-
-def auto_choice(weights_gib: float, cards_gib: list[float], fast_path: bool, four_bit: bool) -> tuple[str, str]:
-    """``auto``'s engine for one model where both engines can run, and why.
-
-    - The 16-bit weights fit one card with room to spare (:func:`fits_one_card`), the HF engine's fast path takes the
-      model (a plain Llama/Mistral) and the preset is not 4-bit: the HF engine, on one card. On one H200 it sampled
-      Mistral-7B's 1300 rows in 20.8 s (62.4 rows/s, n=1; 40.6 at n=4) after seconds of loading and 16 s of compile,
-      while vLLM starts in 31-213 s, and merged needs a 26 s merge first: the HF engine is done first.
-    - Else the weights fit all the cards (``ALL_CARDS_SHARE``): vLLM, tensor parallel where the heads split (Mistral-7B
-      on Kaggle's two 15 GB T4s). The HF engine would split the layers over the cards: 7.4 rows/s on two H200s.
-    - Else: the HF engine, which loads a 4-bit preset in 4 bits (vLLM would load the 16-bit weights).
-    """
-    one, total = min(cards_gib), sum(cards_gib)
-    size = f"{weights_gib:.1f} GiB of 16-bit weights"
-    if fast_path and not four_bit and fits_one_card(weights_gib, cards_gib):
-        return "hf", (f"{size} fit one {one:.0f} GiB card: the HF engine's fast path, which starts in seconds "
-                      "where vLLM takes minutes")
-    if weights_gib <= ALL_CARDS_SHARE * total:
-        if len(cards_gib) > 1 and weights_gib > ALL_CARDS_SHARE * one:
-            return "vllm", f"{size} need vLLM's tensor parallel over {len(cards_gib)} cards of {one:.0f} GiB"
-        hf_why = "would run this preset in 4 bits" if four_bit else (
-            "has no fast path for this model type" if not fast_path else "would not leave room to batch")
-        return "vllm", f"{size} on a {one:.0f} GiB card, where the HF engine {hf_why}"
-    return "hf", (f"{size} do not fit {len(cards_gib)} card(s) of {one:.0f} GiB" +
-                  (": the HF engine loads them in 4 bits" if four_bit else ": the HF engine spreads the layers"))
-
-
-def card_capability() -> tuple[int, int] | None:
-    """The first GPU's compute capability, or None without CUDA."""
-    import torch
-
-    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
-
-
-def _cards_gib() -> list[float]:
-    import torch
-
-    return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
-
-
-def pick_engine(requested: str = "auto", preset: str = "", base_model_path: str = "") -> str:
-    """"vllm" or "hf" for one model, and the log says which and why.
-
-    ``auto`` takes the HF engine when there is no CUDA, ``vllm.LLM`` does not import, or an earlier check ruled vLLM
-    out (the Kaggle install check sets ``KAGGLE_UTILS_NO_VLLM``, :mod:`kaggle_utils.wheels`); otherwise, given the
-    model (``preset`` and its weights), :func:`auto_choice` picks by the cards and the weights' size, and without one
-    it takes vLLM. ``vllm`` asked for where it cannot run is logged as an error and runs the HF engine: a submission
-    must never be lost to the engine choice.
-    """
-    import torch
-
-    from .wheels import NO_VLLM_ENV
-
-    require(requested in ENGINES, "engine", f"must be one of {ENGINES}, got '{requested}'")
-    if requested == "hf":
-        logger.info("engine: hf (asked for)")
-        return "hf"
-    why_not = os.environ.get(NO_VLLM_ENV, "")
-    if not why_not:
-        why_not = "no CUDA device" if not torch.cuda.is_available() else vllm_import_error()
-    if requested == "vllm":
-        if why_not:
-            logger.error("engine: 'vllm' was asked for but cannot run here (%s); using the HF engine instead", why_not)
-            return "hf"
-        logger.info("engine: vllm (asked for)")
-        return "vllm"
-    if why_not:
-        logger.info("engine: hf (auto; vLLM not used: %s)", why_not)
-        return "hf"
-    if not preset:
-        logger.info("engine: vllm (auto; CUDA and vLLM available)")
-        return "vllm"
-    spec = models.get_preset(preset)
-    base = models.resolve_base_path(spec, base_model_path)  # a missing folder is the plan's error: raised
-    try:
-        model_type = str(models._config_json(base).get("model_type", ""))
-        kind, why = auto_choice(weights_bytes(base) / 2**30, _cards_gib(),
-                                model_type in decoding.SUPPORTED_MODEL_TYPES, spec.load_in_4bit)
-    except Exception as e:  # an unreadable folder or card: vLLM, which falls back to the HF engine if it must
-        kind, why = "vllm", f"the model's size could not be weighed ({type(e).__name__}: {e})"
-    logger.info("engine: %s (auto, %s: %s)", kind, preset, why)
-    return kind
-
-
-# ---------------------------------------------------------------- merging an adapter at kernel start
-
-MERGE_CHOICES = ("auto", "on", "off")
-MERGE_MARKER = "merge.json"  # in a merged folder: which base and adapter it holds (a later run reuses it)
-# auto merges for vLLM on a card below compute capability 8.0 (a T4), or when the model samples at least this many
-# rows. Measured end to end with the T4's settings on one H200 (BENCHMARKS.md, "Merging at kernel start"): the merge
-# of Mistral-7B took 26 s, and the merged model sampled 1300 rows at 35.1 rows/s (n=4) against the LoRARequest's
-# 20.3, so it pays back from about 870 rows there; a T4 samples about 15x slower while its merge is bound by the disk,
-# so it pays back sooner, and the merged model needs no LoRA kernels, the least-tried part of vLLM on Turing.
-MERGE_MIN_ROWS = 1000
-
-
-def weights_bytes(folder: str | os.PathLike) -> int:
-    """Bytes of the model's weights as a 16-bit folder would hold them: the safetensors index's ``total_size``, else
-    the ``model*.safetensors`` files (not a ``consolidated.safetensors`` copy beside them), else the
-    ``pytorch_model*.bin`` shards; fp32 weights count half."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.exists() else None
-    if total is None:
-        files = list(folder.glob("model*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
-        total = sum(f.stat().st_size for f in files)
-    config = models._config_json(folder)
-    stored = str(config.get("torch_dtype") or config.get("dtype") or "")
-    return int(total) // 2 if stored == "float32" else int(total)
-
-
-def _free_disk(folder: Path) -> int:
-    """Free bytes on the disk that holds ``folder`` (or its nearest existing parent)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
-def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path: str, rows: int,
-                   merge_dir: str | os.PathLike, capability: tuple[int, int] | None = None,
-                   ready: bool = False) -> tuple[bool, str]:
-    """Whether vLLM should serve this model merged (the adapter folded into a 16-bit copy of the base, written to
-    ``merge_dir``) rather than as a ``LoRARequest``, and why (the caller logs it).
-
-    ``choice`` "off" never merges and "on" always does where it can; "auto" merges on a card of compute capability
-    below 8.0 (``capability`` of the first GPU; a T4) or when the model samples at least :data:`MERGE_MIN_ROWS` rows.
-    None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy (weights + 5%).
-    A copy that is ``ready`` (:func:`holds_merge`) costs nothing: any choice but "off" serves it.
-    """
-    require(choice in MERGE_CHOICES, "merge_adapters", f"must be one of {MERGE_CHOICES}, got '{choice}'")
-    if choice == "off":
-        return False, "merge_adapters is off"
-    if not adapter_path:
-        return False, "no adapter"
-    spec = models.get_preset(preset)
-    if spec.load_in_4bit:
-        return False, f"preset {preset} runs 4-bit; a merged copy would be 16-bit"
-    if ready:
-        return True, f"a copy with this adapter merged is already in {merge_dir}"
-    base = models.resolve_base_path(spec, base_model_path)
-    need, free = weights_bytes(base), _free_disk(Path(merge_dir))
-    if need * 1.05 > free:
-        return False, (f"{need / 2**30:.1f} GiB of merged weights do not fit the {free / 2**30:.1f} GiB free at "
-                       f"{merge_dir}")
-    disk = f"{need / 2**30:.1f} GiB to write, {free / 2**30:.1f} GiB free at {merge_dir}"
-    if choice == "on":
-        return True, f"merge_adapters is on; {disk}"
-    if capability is not None and capability[0] < 8:
-        return True, (f"compute capability {capability[0]}.{capability[1]}: a merged model needs no LoRA kernels and "
-                      f"samples faster; {disk}")
-    if rows < MERGE_MIN_ROWS:
-        return False, (f"{rows} rows to sample, fewer than the {MERGE_MIN_ROWS} from which a merge pays back "
-                       "(merge_adapters=on forces it)")
-    return True, f"{rows} rows to sample (a merge pays back from {MERGE_MIN_ROWS}); {disk}"
-
-
-def _merge_key(base: Path, adapter: Path) -> dict:
-    """What ``merge.json`` records of a merge: the base folder and the adapter, with its weights' sha256."""
-    weights = adapter / artifacts.ADAPTER_FILES[1]
-    if not weights.exists():
-        weights = adapter / "adapter_model.bin"  # an older adapter's weights
-    from .sources import sha256_of  # here: sources loads pandas, which importing the engines must not
-
-    return {"base": str(base), "adapter": str(adapter), "adapter_sha256": sha256_of(weights)}
-
-
-def _holds(out: Path, key: dict) -> bool:
-    """Whether ``out``'s ``merge.json`` records the merge ``key`` describes (a finished merge: it is written last)."""
-    try:
-        held = json.loads((out / MERGE_MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return held.get("adapter_sha256") == key["adapter_sha256"] and held.get("base") == key["base"]
-
-
-def holds_merge(out: str | os.PathLike, preset: str, base_model_path: str, adapter_path: str) -> bool:
-    """Whether ``out`` is a finished merge of this adapter into this base (its ``merge.json``)."""
-    if not (Path(out) / MERGE_MARKER).exists():
-        return False
-    base = models.resolve_base_path(models.get_preset(preset), base_model_path)
-    return _holds(Path(out), _merge_key(base, check_adapter(adapter_path, preset)))
-
-
-def merge_adapter(preset: str, base_model_path: str, adapter_path: str, out: str | os.PathLike) -> Path:
-    """Fold the adapter into a 16-bit copy of the base and save it, with the tokenizer, as a model folder at ``out``.
-
-    The base loads unquantized (merging into 4-bit weights would requantize them), on the GPUs when there are any
-    (fp16; layers spread over every card), else on CPU in fp32 (CPU half-precision matmuls are slow and lose
-    precision in the merge) and saved as fp16. The folder is written under a ``.partial`` name and renamed when
-    complete, with ``merge.json`` naming its base and adapter: a folder that already holds this merge is reused.
-    """
-    import torch
-    from peft import PeftModel
-
-    spec = models.get_preset(preset)
-    base = models.resolve_base_path(spec, base_model_path)
-    adapter = check_adapter(adapter_path, preset)
-    out = Path(out)
-    key = _merge_key(base, adapter)
-    if _holds(out, key):
-        logger.info("merge: %s already holds %s merged into %s; reused", out, adapter, base.name)
-        return out
-    start = time.time()
-    tmp = out.with_name(out.name + ".partial")
-    model = None
-    try:
-        tokenizer, resized = models.load_chat_tokenizer(base, spec.family)
-        on_gpu = models.gpu_count() > 0
-        model = models.load_model(spec, base, load_in_4bit=False, dtype=torch.float16 if on_gpu else torch.float32)
-        if resized:
-            model.resize_token_embeddings(len(tokenizer))
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False).merge_and_unload()
-        model = model.to(torch.float16)
-        model.config.pad_token_id = tokenizer.pad_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / MERGE_MARKER).write_text(json.dumps({**key, "seconds": round(time.time() - start, 1)}, indent=2)
-                                        + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)  # a half-written merged folder never looks complete
-    finally:  # also on failure: the weights leave the GPUs and a half-written copy leaves the disk
-        del model
-        shutil.rmtree(tmp, ignore_errors=True)
-        models.free_gpu_memory()
-    logger.info("merge: %s merged into %s -> %s (fp16) in %.0f s", adapter, base.name, out, time.time() - start)
-    return out
-
-
-# Errors of the plan itself (a missing folder, an adapter of another model, a bad setting): the user's to fix, never
-# papered over by a fallback.
-PLAN_ERRORS = (ConfigError, AdapterError, models.ModelPathError)
-
-
-def load_engine(kind: str, preset: str, base_model_path: str = "", adapter_path: str = "", merged_path: str = "",
-                options: EngineOptions | None = None) -> Engine:
-    """Load one model of the plan in engine ``kind`` ("hf" or "vllm") with ``options`` (default
-    :class:`EngineOptions`); a non-empty ``merged_path`` is served as is, with no adapter.
-
-    When vLLM fails to start (a driver too old for its CUDA, out of memory, a config it refuses) the error is logged
-    and the same model loads in the HF engine: the engine can never cost the submission. A wrong plan (a missing
-    folder, an adapter of another model) is raised instead, for the user to fix.
-    """
-    base = merged_path or base_model_path
-    adapter = "" if merged_path else selected_adapter(adapter_path, preset)
-    if kind == "vllm":
-        try:
-            return VLLMEngine.from_preset(preset, base, adapter, options=options)
-        except PLAN_ERRORS:
-            raise
-        except Exception as e:
-            import traceback
-
-            logger.error("vLLM failed to start for %s (%s: %s); falling back to the HF engine for this model\n%s",
-                         Path(base).name if base else preset, type(e).__name__, error_summary(e),
-                         traceback.format_exc())
-            models.free_gpu_memory()
-    spec = models.get_preset(preset)
-    # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
-    four_bit = spec.load_in_4bit and models.gpu_count() > 0
-    return HFEngine.from_preset(preset, base, adapter, merge=True, load_in_4bit=four_bit, options=options)

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import logging
 import os
-import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from . import artifacts, blending, budget, data, engines, models, prompts, sampling
+from . import adapters, artifacts, blending, budget, data, engines, models, prompts, sampling, serving
 from .config import require, resolve_path, save_config
 from .plan import ModelEntry
 
@@ -53,7 +51,7 @@ def check_model_paths(entry: ModelEntry) -> None:
                                         "and *.safetensors); export it with checkpoint selection (export_merged)")
     else:
         models.check_base_path(models.get_preset(entry.preset), entry.base_model)
-        engines.selected_adapter(entry.adapter, entry.preset)
+        adapters.selected_adapter(entry.adapter, entry.preset)
 
 
 def trained_prompt_tokens(entry: ModelEntry) -> int:
@@ -118,9 +116,9 @@ class InferenceConfig:
         self.models = [e.to_dict() for e in entries]  # older key names read once, written back as today's
         names = [e.name for e in entries]
         require(len(set(names)) == len(names), "models", f"model names must be unique, got {names}")
-        require(self.engine in engines.ENGINES, "engine", f"must be one of {engines.ENGINES}, got '{self.engine}'")
-        require(self.merge_adapters in engines.MERGE_CHOICES, "merge_adapters",
-                f"must be one of {engines.MERGE_CHOICES}, got '{self.merge_adapters}'")
+        require(self.engine in serving.ENGINES, "engine", f"must be one of {serving.ENGINES}, got '{self.engine}'")
+        require(self.merge_adapters in serving.MERGE_CHOICES, "merge_adapters",
+                f"must be one of {serving.MERGE_CHOICES}, got '{self.merge_adapters}'")
         self.engine_options()  # dtype and gpu_memory_utilization are checked where the engines read them
         require(self.deadline_hours > 0, "deadline_hours", f"must be > 0, got {self.deadline_hours}")
         require(bool(self.fallback_prompt.strip()), "fallback_prompt", "must not be blank (it fills failed rows)")
@@ -158,7 +156,7 @@ class InferenceConfig:
         for i, entry in enumerate(self.model_entries):
             try:
                 check_model_paths(entry)
-            except (engines.AdapterError, models.ModelPathError) as e:
+            except (adapters.AdapterError, models.ModelPathError) as e:
                 raise type(e)(f"models[{i}] ({entry.name}): {e}") from None
         if not resolve_path(self.test_file).exists():
             raise data.DataError(f"test_file: {resolve_path(self.test_file)} does not exist")
@@ -258,67 +256,20 @@ def _store(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines.Sam
     return sampling.PredictionStore(cfg.run_dir / folder, name, fingerprint)
 
 
-def merge_dir(cfg: InferenceConfig) -> Path:
-    """Where merged copies of the plan's models are written (``merge_dir``, else the temp dir's
-    ``kaggle_utils_merged``: on Kaggle the local disk, not the 20 GB output)."""
-    import tempfile
-
-    return resolve_path(cfg.merge_dir) if cfg.merge_dir else Path(tempfile.gettempdir()) / "kaggle_utils_merged"
-
-
-def _merged_for_vllm(cfg: InferenceConfig, spec: ModelEntry, rows: int) -> str:
-    """The merged folder vLLM should serve for ``spec`` ("" = serve the adapter as a LoRARequest), merged here
-    when :func:`engines.merge_decision` says so. A merge that fails is logged, and the adapter is served as is."""
-    if spec.use_merged or not spec.adapter:
-        return spec.merged_folder
-    folder = merge_dir(cfg)
-    adapter = engines.selected_adapter(spec.adapter, spec.preset)
-    if not adapter:  # the base model won the selection: nothing to merge
-        return ""
-    # One folder per base and adapter: plan entries that share an adapter (other n or temperature) share it.
-    tag = hashlib.sha1(f"{spec.base_model}|{Path(adapter).resolve()}".encode()).hexdigest()[:10]
-    out = folder / f"{spec.preset}-{tag}"
-    try:
-        ready = engines.holds_merge(out, spec.preset, spec.base_model, adapter)
-        merge, why = engines.merge_decision(cfg.merge_adapters, spec.preset, spec.base_model, adapter, rows,
-                                            folder, engines.card_capability(), ready=ready)
-        logger.info("%s: %s (%s)", spec.name, "served merged into a copy of the base" if merge
-                    else "the adapter served as a LoRARequest", why)
-        if merge:
-            return str(engines.merge_adapter(spec.preset, spec.base_model, adapter, out))
-        return ""
-    except engines.PLAN_ERRORS:
-        raise
-    except Exception as e:  # out of memory or disk: the LoRARequest still serves the model
-        failure = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-    # Out of the except block, so the traceback no longer holds the half-merged model's memory.
-    logger.error("%s: merging failed (%s); serving the adapter as a LoRARequest", spec.name, failure)
-    models.free_gpu_memory()
-    return ""
-
-
-def _run_model(cfg: InferenceConfig, kind: str, spec: ModelEntry, name: str, scfg: engines.SamplingConfig,
+def _run_model(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share, undone: int = 0
                ) -> sampling.SamplingReport | None:
-    """Load one model (for vLLM merged first, when that pays: :func:`_merged_for_vllm`) and sample what is not done
-    yet (``undone`` rows); a failure is logged and its rows fall back."""
+    """Serve one model (:func:`kaggle_utils.serving.serve`: the engine, for vLLM merged first when that pays) and
+    sample what is not done yet (``undone`` rows); a failure is logged and its rows fall back."""
     engine = None
     try:
-        start = time.time()
-        merged = _merged_for_vllm(cfg, spec, undone) if kind == "vllm" else spec.merged_folder
-        merge_s = time.time() - start
-        # vLLM failing to start (driver, memory, a config it refuses) falls back to the HF engine inside load_engine.
-        engine = engines.load_engine(kind, spec.preset, spec.base_model, spec.adapter, merged,
-                                     options=cfg.engine_options(scfg))
-        load_s = time.time() - start - merge_s
-        logger.info("%s: ready in %.0f s (merge %.0f s, engine start %.0f s)", name, merge_s + load_s, merge_s, load_s)
+        engine = serving.serve(entry, undone, engine=cfg.engine, merge_adapters=cfg.merge_adapters,
+                               merge_dir=cfg.merge_dir, options=cfg.engine_options(scfg))
         report = sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
                                       rows["rewritten_text"].tolist(), scfg, store, cfg.fallback_prompt, budget=share,
                                       model_name=name)
-        report.merge_s, report.load_s = round(merge_s, 1), round(load_s, 1)
-        report.merged = bool(merged) and isinstance(engine, engines.VLLMEngine)
-        return report
-    except engines.PLAN_ERRORS:
+        return dataclasses.replace(report, **dataclasses.asdict(engine.startup))
+    except serving.PLAN_ERRORS:
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
         logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())
@@ -336,8 +287,8 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
     :mod:`kaggle_utils.budget`); a model whose rows are all done is not loaded. Returns predictions per model
     (``{name: {id: [prompt, ...]}}``, done rows only) and one report row per model.
     """
-    specs = cfg.model_entries
-    if not specs:
+    entries = cfg.model_entries
+    if not entries:
         logger.info("plan: no model (the mean prompt alone)")
         table = pd.DataFrame(columns=REPORT_COLUMNS)
         table.to_csv(cfg.run_dir / SAMPLING_FILE, index=False)
@@ -345,25 +296,24 @@ def sample_models(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.Dea
     rows = _to_sample(test)
     ids, keys = rows["id"].tolist(), [sampling.text_key(o, r) for o, r in zip(rows["original_text"],
                                                                              rows["rewritten_text"])]
-    configs = [cfg.sampling_config(s) for s in specs]
-    stores = [_store(cfg, s, s.name, c) for s, c in zip(specs, configs)]
+    configs = [cfg.sampling_config(s) for s in entries]
+    stores = [_store(cfg, s, s.name, c) for s, c in zip(entries, configs)]
     left = [sum(not st.is_done(i, k) for i, k in zip(ids, keys)) * c.n for st, c in zip(stores, configs)]
     logger.info("plan: %s", ", ".join(f"{s.name} ({s.preset}, n={s.n}, {w // max(s.n, 1)} row(s) to sample)"
-                                      for s, w in zip(specs, left)))
+                                      for s, w in zip(entries, left)))
     reports = []
-    for m, (spec, scfg, store) in enumerate(zip(specs, configs, stores)):
+    for m, (entry, scfg, store) in enumerate(zip(entries, configs, stores)):
         if left[m] == 0:
-            logger.info("%s: every row already done", spec.name)
+            logger.info("%s: every row already done", entry.name)
         elif deadline.expired():
-            logger.warning("%s: skipped, the deadline has passed; its rows get the fallback", spec.name)
+            logger.warning("%s: skipped, the deadline has passed; its rows get the fallback", entry.name)
         else:
             share = deadline.for_model(left[m], sum(left[m + 1:]))
-            logger.info("%s: %.0f s of the remaining %.0f s", spec.name, share.remaining(), deadline.remaining())
-            kind = engines.pick_engine(cfg.engine, spec.preset, spec.merged_folder or spec.base_model)
-            report = _run_model(cfg, kind, spec, spec.name, scfg, store, rows, share, left[m] // max(scfg.n, 1))
+            logger.info("%s: %.0f s of the remaining %.0f s", entry.name, share.remaining(), deadline.remaining())
+            report = _run_model(cfg, entry, entry.name, scfg, store, rows, share, left[m] // max(scfg.n, 1))
             if report is not None:
                 reports.append(dataclasses.asdict(report))
-    predictions = {s.name: st.predictions(ids, keys) for s, st in zip(specs, stores)}
+    predictions = {s.name: st.predictions(ids, keys) for s, st in zip(entries, stores)}
     table = pd.DataFrame(reports, columns=REPORT_COLUMNS)  # with its header even when no model reported
     table.to_csv(cfg.run_dir / SAMPLING_FILE, index=False)
     return predictions, table
@@ -387,15 +337,14 @@ def sample_baselines(cfg: InferenceConfig, test: pd.DataFrame, deadline: budget.
     runs += [(f"{s.label} (left out by the blend), 1 prediction", s, dataclasses.replace(s, name=f"{s.name}-left-out"))
              for s in left_out]
     out = {}
-    for system, spec, model in runs:
-        scfg = cfg.sampling_config(spec, n=1)
+    for system, entry, model in runs:
+        scfg = cfg.sampling_config(entry, n=1)
         store = _store(cfg, model, model.name, scfg, BASELINES_DIR)
         if deadline.expired():
             logger.warning("%s: skipped, the deadline has passed", model.name)
             continue
         if any(not store.is_done(i, k) for i, k in zip(ids, keys)):
-            kind = engines.pick_engine(cfg.engine, model.preset, model.merged_folder or model.base_model)
-            _run_model(cfg, kind, model, model.name, scfg, store, rows, deadline.for_model(1, 0), len(rows))
+            _run_model(cfg, model, model.name, scfg, store, rows, deadline.for_model(1, 0), len(rows))
         out[system] = store.predictions(ids, keys)
     return out
 
@@ -480,13 +429,13 @@ def score(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict, baselines
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
     if len(scored) < len(test):
         logger.warning("scoring %d of %d row(s): the others have a blank rewrite_prompt", len(scored), len(test))
-    specs = cfg.model_entries
-    filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
+    entries = cfg.model_entries
+    filled = fill_special_rows(cfg, test, predictions, [s.name for s in entries])
     filled_base = fill_special_rows(cfg, test, baselines or {})
-    systems = blending.component_systems(scored["id"].tolist(), filled, [(s.name, s.n) for s in specs],
+    systems = blending.component_systems(scored["id"].tolist(), filled, [(s.name, s.n) for s in entries],
                                          cfg.mean_prompt if cfg.use_mean_prompt else "", cfg.separator,
                                          cfg.fallback_prompt, baselines=filled_base,
-                                         labels={s.name: s.label for s in specs})
+                                         labels={s.name: s.label for s in entries})
     table = blending.score_systems(_scorer(cfg.scorer_path), systems, scored[data.PROMPT_COLUMN].tolist(),
                                    split=cfg.score_split)
     path = resolve_path(cfg.scores_file) if cfg.scores_file else cfg.run_dir / SCORES_FILE
@@ -511,14 +460,14 @@ def score_n_curve(cfg: InferenceConfig, test: pd.DataFrame, predictions: dict) -
     if data.PROMPT_COLUMN not in test.columns:
         return None
     scored = test.loc[test[data.PROMPT_COLUMN].str.strip().ne("")]
-    specs = cfg.model_entries
-    if not specs or scored.empty:
+    entries = cfg.model_entries
+    if not entries or scored.empty:
         return None
-    filled = fill_special_rows(cfg, test, predictions, [s.name for s in specs])
+    filled = fill_special_rows(cfg, test, predictions, [s.name for s in entries])
     ids = scored["id"].tolist()
-    per_row = {s.name: [list(filled.get(s.name, {}).get(i, [])) for i in ids] for s in specs}
+    per_row = {s.name: [list(filled.get(s.name, {}).get(i, [])) for i in ids] for s in entries}
     table = blending.n_curve(_scorer(cfg.scorer_path), per_row, scored[data.PROMPT_COLUMN].tolist(),
-                             cfg.mean_prompt, cfg.separator, cfg.fallback_prompt, {s.name: s.label for s in specs},
+                             cfg.mean_prompt, cfg.separator, cfg.fallback_prompt, {s.name: s.label for s in entries},
                              split=cfg.score_split)
     folder = cfg.run_dir
     table.to_csv(folder / f"{blending.N_CURVE_FILE}.csv", index=False)

@@ -316,7 +316,7 @@ class LocalSettings:
     paths: dict  # /kaggle/... prefix -> local path (relative = from the checkout; "{slug}" = the variant's slug)
     model: dict = field(default_factory=dict)  # replaces every planned model's fields (e.g. the demo's); {} = keep
     max_n: int = 0  # cap on predictions per model and row (CPU time); 0 = as planned
-    params: dict = field(default_factory=dict)  # other notebook parameters for the dry run, e.g. {"generation_batch_size": 8}
+    params: dict = field(default_factory=dict)  # other notebook parameters for the dry run, e.g. {"max_rows": 8}
 
     def __post_init__(self):
         require(isinstance(self.paths, dict) and bool(self.paths), "paths", "map at least /kaggle/working")

@@ -119,7 +119,8 @@ class MeanPromptConfig:
         require(bool(self.n_choices) and min(self.n_choices) >= 0, "n_choices",
                 f"give counts >= 0, got {self.n_choices}")
         require(self.max_options >= 1, "max_options", f"must be >= 1, got {self.max_options}")
-        require(self.embedding_batch_size >= 1, "embedding_batch_size", f"must be >= 1, got {self.embedding_batch_size}")
+        require(self.embedding_batch_size >= 1, "embedding_batch_size",
+                f"must be >= 1, got {self.embedding_batch_size}")
 
     @property
     def run_dir(self) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import importlib.util
+import json
 import logging
 import os
 from pathlib import Path
@@ -217,6 +218,45 @@ def gpu_count() -> int:
     import torch
 
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def card_capability() -> tuple[int, int] | None:
+    """The first GPU's compute capability, or None without CUDA."""
+    import torch
+
+    return tuple(torch.cuda.get_device_capability(0)) if torch.cuda.is_available() else None
+
+
+def card_memory_gib() -> list[float]:
+    """Each visible GPU's memory in GiB ([] without CUDA)."""
+    import torch
+
+    return [torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(torch.cuda.device_count())]
+
+
+# 16-bit weights up to this share of one card's memory leave it room to batch: the HF engine's fast path, on one card
+# (the numbers: BENCHMARKS.md, "Which engine, on which card").
+ONE_CARD_SHARE = 0.6
+
+
+def fits_one_card(weights_gib: float, cards_gib: list[float]) -> bool:
+    """Whether 16-bit weights leave one card (the smallest) room to batch: ``ONE_CARD_SHARE`` of its memory."""
+    return bool(cards_gib) and weights_gib <= ONE_CARD_SHARE * min(cards_gib)
+
+
+def weights_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the model's weights as a 16-bit folder would hold them: the safetensors index's ``total_size``, else
+    the ``model*.safetensors`` files (not a ``consolidated.safetensors`` copy beside them), else the
+    ``pytorch_model*.bin`` shards; fp32 weights count half."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    total = json.loads(index.read_text()).get("metadata", {}).get("total_size") if index.exists() else None
+    if total is None:
+        files = list(folder.glob("model*.safetensors")) or list(folder.glob("pytorch_model*.bin"))
+        total = sum(f.stat().st_size for f in files)
+    config = _config_json(folder)
+    stored = str(config.get("torch_dtype") or config.get("dtype") or "")
+    return int(total) // 2 if stored == "float32" else int(total)
 
 
 def free_gpu_memory() -> None:

@@ -138,7 +138,7 @@ class Variant:
     deadline_hours: float  # the kernel's own deadline (the notebook's deadline_hours); Kaggle stops the run at 9 h
     mean_prompt: str = ""  # "" = the notebook's default mean prompt
     engine: str = "auto"  # sampling engine: auto | vllm | hf
-    params: dict = field(default_factory=dict)  # any other inference-notebook parameters, e.g. {"merge_adapters": "off"}
+    params: dict = field(default_factory=dict)  # other inference-notebook parameters, e.g. {"merge_adapters": "off"}
 
     def __post_init__(self):
         from slugify import slugify  # python-slugify: the kaggle CLI checks titles against ids with it
@@ -158,7 +158,8 @@ class Variant:
             _check_kaggle_sources(m, f"{where} models[{i}] ({m.name})")
         require(0 < self.deadline_hours < KAGGLE_HOURS, "deadline_hours",
                 f"{where}: must be in (0, {KAGGLE_HOURS}) hours (Kaggle's limit), got {self.deadline_hours}")
-        require(self.engine in ("auto", "vllm", "hf"), "engine", f"{where}: must be auto, vllm or hf, got '{self.engine}'")
+        require(self.engine in ("auto", "vllm", "hf"), "engine",
+                f"{where}: must be auto, vllm or hf, got '{self.engine}'")
         self.params = with_new_names("InferenceConfig", dict(self.params or {}), f"{where} params")
         owned = {"models", "use_mean_prompt", "mean_prompt", "engine", "deadline_hours", *PATH_PARAMETERS}
         clash = sorted(set(self.params) & owned)

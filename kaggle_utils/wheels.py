@@ -8,7 +8,7 @@ A competition kernel has no internet, so vLLM and the torch it pins arrive as an
 - a child process checks them (``import vllm``, ``from vllm import LLM``, CUDA visible to the wheels' torch): a
   torch built for a newer CUDA than Kaggle's driver fails there, not in the kernel;
 - only a stack that passed goes first on ``sys.path`` (and ``PYTHONPATH``, for vLLM's worker processes). Otherwise
-  the reason is logged and put in ``KAGGLE_UTILS_NO_VLLM``, which :func:`kaggle_utils.engines.pick_engine` reads:
+  the reason is logged and put in ``KAGGLE_UTILS_NO_VLLM``, which :func:`kaggle_utils.serving.pick_engine` reads:
   the HF engine then runs on Kaggle's own torch.
 
 Nothing here imports torch in the kernel's own process, and no failure here raises.

@@ -16,7 +16,7 @@ models=()
 for ((s = 0; s < seeds; s++)); do
   make --no-print-directory train RUN="$run-s$s" CONFIG="$config" TRAIN_ARGS="-p seed $s $*"
   make --no-print-directory select RUN="$run-s$s"
-  models+=("  - {name: s$s, preset: $preset, adapter_path: runs/$run-s$s/selected}")
+  models+=("  - {name: s$s, preset: $preset, adapter: runs/$run-s$s/selected}")
 done
 mkdir -p "runs/$run-seeds"
 { echo "# $seeds training seeds of $config, one greedy prediction each, joined in this order."

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import artifacts, checkpoints, config, data, training
+from kaggle_utils import artifacts, checkpoints, config, data, engines, training
 from conftest import GEMMA_CSV
 
 # ---------------------------------------------------------------- the selection rule
@@ -142,7 +142,8 @@ def test_validation_draw_is_whole_groups_of_the_run_file(tmp_path, rewrites_csv)
     assert sub["rewrite_prompt"].value_counts().tolist() == [2, 2]  # two whole groups, not four scattered rows
     again = checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4))
     assert list(again["id"]) == list(sub["id"])  # seeded
-    draws = {frozenset(checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4, seed=s))["id"]) for s in range(6)}
+    draws = {frozenset(checkpoints.load_validation(select_cfg(tmp_path, rows_per_step=4, seed=s))["id"])
+             for s in range(6)}
     assert len(draws) > 1  # the seed picks the groups
 
 
@@ -202,16 +203,18 @@ class FakeScorer:
     cosine = scs
 
 
-class FakeSampler:
-    """Step N gets the first N // 8 rows right (the exported adapter: one); the last row is always an empty
-    generation."""
+class FakeSampler(engines.Engine):
+    """The run's served base model, standing in (checkpoints._step_engine), and its completions at each step
+    (checkpoints._step_completions): step N gets the first N // 8 rows right (the exported adapter: one); the last
+    row is always an empty generation."""
 
     generated: list[int] = []
 
     def __init__(self, cfg, run_cfg):
-        self.marker = ""
+        pass
 
-    def generate(self, step, ckpt, validation):
+    @staticmethod
+    def completions(engine, step, ckpt, validation, scfg):
         FakeSampler.generated.append(step)
         truths = list(validation["rewrite_prompt"])
         right = step // 8 if isinstance(step, int) else 1  # "selected": the exported adapter gets one row right
@@ -223,7 +226,8 @@ class FakeSampler:
 @pytest.fixture()
 def fake_model(monkeypatch):
     FakeSampler.generated = []
-    monkeypatch.setattr(checkpoints, "_StepSampler", FakeSampler)
+    monkeypatch.setattr(checkpoints, "_step_engine", FakeSampler)
+    monkeypatch.setattr(checkpoints, "_step_completions", FakeSampler.completions)
     return FakeSampler
 
 
@@ -439,7 +443,7 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
     def no_model(*a, **k):
         raise AssertionError("a cached step was generated again")
 
-    monkeypatch.setattr(checkpoints, "_StepSampler", no_model)
+    monkeypatch.setattr(checkpoints, "_step_engine", no_model)
     pd.testing.assert_frame_equal(checkpoints.score_steps(cfg, val, scorer, run_cfg).drop(columns="seconds"),
                                   scores.drop(columns="seconds"))
 
@@ -461,8 +465,6 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
     adapter folder itself."""
     import torch
     from safetensors.torch import load_file
-
-    from kaggle_utils import engines
 
     base = tiny_model_dir("llama")
     run = train_tiny_run(tmp_path / "runs", base, lora_layers=1)

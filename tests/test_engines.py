@@ -1,6 +1,6 @@
 """Sampling engines: both engines' configuration and load options, vLLM's contract against the real vLLM types (where
-vllm imports; `make setup` installs its pure-Python part), engine choice, adapter checks, and the HF engine generating
-for real on tiny random models (and on SmolLM2, marked slow).
+vllm imports; `make setup` installs its pure-Python part), adapter checks, and the HF engine generating for real on tiny
+random models (and on SmolLM2, marked slow), adapters swapped in and out. Engine choice: tests/test_serving.py.
 Run: `pytest tests/test_engines.py` (fast part: `pytest tests/test_engines.py -m "not slow"`).
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import save_adapter
-from kaggle_utils import engines, models, prompts, sampling
+from kaggle_utils import adapters, engines, models, prompts, sampling, serving
 from kaggle_utils.config import ConfigError
 
 ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
@@ -25,7 +25,8 @@ ROWS = [("The cat sat on the mat.", "Upon the mat, a feline rested."),
 
 @pytest.mark.parametrize("kwargs,field", [
     (dict(n=0), "n"), (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(generation_batch_size=0), "generation_batch_size"), (dict(n=4, temperature=0), "n"),
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(generation_batch_size=0), "generation_batch_size"),
+    (dict(n=4, temperature=0), "n"),
 ])
 def test_sampling_config_refuses_bad_values(kwargs, field):
     with pytest.raises(ConfigError, match=f"^{field}:"):
@@ -55,7 +56,7 @@ def test_vllm_max_lora_rank_at_least_8(rank, expected):
 
 
 def test_vllm_max_lora_rank_too_big():
-    with pytest.raises(engines.AdapterError, match="above"):
+    with pytest.raises(adapters.AdapterError, match="above"):
         engines.vllm_max_lora_rank(1024)
 
 
@@ -217,7 +218,7 @@ def test_vllm_engine_from_preset_builds_llm_from_the_folders(vllm, monkeypatch, 
     monkeypatch.setitem(vllm.__dict__, "LLM", StandInLLM)  # setattr would first import the real (CUDA) LLM
     base = tiny_model_dir("mistral")
     adapter = save_adapter(base, tmp_path / "selected")
-    engine = engines.load_engine("vllm", "mistral-7b", str(base), str(adapter),
+    engine = serving.load_engine("vllm", "mistral-7b", str(base), str(adapter),
                                  options=engines.EngineOptions(max_model_len=1064, seed=2))
     assert isinstance(engine, engines.VLLMEngine)
     assert built[0]["model"] == str(base) and built[0]["enable_lora"] and built[0]["max_lora_rank"] == 8
@@ -225,53 +226,11 @@ def test_vllm_engine_from_preset_builds_llm_from_the_folders(vllm, monkeypatch, 
     out = engine.generate([ROWS[0][0]], [ROWS[0][1]], engines.SamplingConfig(n=2, temperature=0.5))
     assert out == [[" it.", " it."]] and isinstance(built[1]["lora_request"], LoRARequest)
     assert built[1]["lora_request"].lora_path == str(adapter)
-    engines.load_engine("vllm", "mistral-7b", "", str(adapter), merged_path=str(base))
+    serving.load_engine("vllm", "mistral-7b", str(base), "", merged=True)  # a merged copy: served with no adapter
     assert "enable_lora" not in built[-1] and built[-1]["model"] == str(base)
 
 
-# ---------------------------------------------------------------- choosing the engine
-
-
-def test_pick_engine_on_cpu(caplog):
-    assert engines.pick_engine("hf") == "hf"
-    assert engines.pick_engine("auto") == "hf"
-    assert "engine: hf (auto; vLLM not used: no CUDA device)" in caplog.text
-    assert engines.pick_engine("vllm") == "hf"  # never a lost submission: logged as an error, HF runs
-    assert "engine: 'vllm' was asked for but cannot run here (no CUDA device)" in caplog.text
-    with pytest.raises(ConfigError, match="engine"):
-        engines.pick_engine("fastest")
-
-
-def test_pick_engine_auto_takes_vllm_when_cuda_and_vllm(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(engines, "vllm_import_error", lambda: "")
-    assert engines.pick_engine("auto") == "vllm"
-    assert "engine: vllm (auto" in caplog.text
-    monkeypatch.setattr(engines, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
-    assert engines.pick_engine("auto") == "hf"
-    assert "No module named 'vllm'" in caplog.text
-
-
-def test_pick_engine_auto_weighs_the_model_against_the_cards(monkeypatch, caplog, tiny_model_dir):
-    """With a model given, auto reads its weights' size and the cards' memory: a small model on two T4-sized cards
-    takes the HF engine; the same model on cards too small for one copy takes vLLM's tensor parallel."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(engines, "vllm_import_error", lambda: "")
-    folder = tiny_model_dir("mistral")
-    monkeypatch.setattr(engines, "_cards_gib", lambda: [15.0, 15.0])
-    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "hf"
-    assert "engine: hf (auto, mistral-7b: 0.0 GiB of 16-bit weights fit one 15 GiB card" in caplog.text
-    tiny = engines.weights_bytes(folder) / 2**30
-    monkeypatch.setattr(engines, "_cards_gib", lambda: [tiny, tiny])
-    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "vllm"
-    assert "need vLLM's tensor parallel over 2 cards" in caplog.text
-
-    def unreadable():
-        raise RuntimeError("CUDA error: unknown error")
-
-    monkeypatch.setattr(engines, "_cards_gib", unreadable)  # weighing fails: vLLM, which can still fall back
-    assert engines.pick_engine("auto", "mistral-7b", str(folder)) == "vllm"
-    assert "the model's size could not be weighed (RuntimeError: CUDA error: unknown error)" in caplog.text
+# ---------------------------------------------------------------- loading
 
 
 def test_the_hf_engine_keeps_a_model_that_fits_one_card_on_one_card(monkeypatch, tiny_model_dir):
@@ -286,9 +245,9 @@ def test_the_hf_engine_keeps_a_model_that_fits_one_card_on_one_card(monkeypatch,
 
     monkeypatch.setattr(models, "gpu_count", lambda: 2)
     monkeypatch.setattr(models, "load_model", load_model)
-    tiny = engines.weights_bytes(folder) / 2**30
+    tiny = models.weights_bytes(folder) / 2**30
     for cards, expected in (([15.0, 15.0], 1), ([tiny, tiny], None)):
-        monkeypatch.setattr(engines, "_cards_gib", lambda cards=cards: cards)
+        monkeypatch.setattr(models, "card_memory_gib", lambda cards=cards: cards)
         with pytest.raises(InterruptedError):
             engines.HFEngine.from_preset("mistral-7b", str(folder))
     assert asked == [1, None]
@@ -302,37 +261,37 @@ def test_weights_bytes_counts_the_model_files_once(tmp_path):
     (folder / "model-00002-of-00002.safetensors").write_bytes(b"x" * 200)
     (folder / "consolidated.safetensors").write_bytes(b"x" * 500)  # Mistral's own copy of the same weights
     (folder / "training_args.bin").write_bytes(b"x" * 50)
-    assert engines.weights_bytes(folder) == 500
+    assert models.weights_bytes(folder) == 500
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 480}}))
-    assert engines.weights_bytes(folder) == 480  # the index's count of the tensors, without file headers
+    assert models.weights_bytes(folder) == 480  # the index's count of the tensors, without file headers
     (folder / "config.json").write_text(json.dumps({"model_type": "mistral", "torch_dtype": "float32"}))
-    assert engines.weights_bytes(folder) == 240  # fp32 on disk: half as much in 16 bits
+    assert models.weights_bytes(folder) == 240  # fp32 on disk: half as much in 16 bits
 
 
 # ---------------------------------------------------------------- adapters
 
 
 def test_missing_adapter_is_a_clear_error(tmp_path):
-    with pytest.raises(engines.AdapterError, match="does not exist"):
-        engines.check_adapter(str(tmp_path / "nowhere"))
+    with pytest.raises(adapters.AdapterError, match="does not exist"):
+        adapters.check_adapter(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(engines.AdapterError, match="adapter_config.json"):
-        engines.check_adapter(str(tmp_path / "empty"))
+    with pytest.raises(adapters.AdapterError, match="adapter_config.json"):
+        adapters.check_adapter(str(tmp_path / "empty"))
 
 
 def test_adapter_of_another_preset_is_refused(tmp_path, tiny_model_dir):
     adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "sel")
     (adapter / "selection.json").write_text(json.dumps({"run": "x", "preset": "llama2-13b", "step": 2}))
-    assert engines.check_adapter(str(adapter), "llama2-13b") == adapter
-    with pytest.raises(engines.AdapterError, match="trained on preset 'llama2-13b'.*uses preset 'mistral-7b'"):
-        engines.check_adapter(str(adapter), "mistral-7b")
+    assert adapters.check_adapter(str(adapter), "llama2-13b") == adapter
+    with pytest.raises(adapters.AdapterError, match="trained on preset 'llama2-13b'.*uses preset 'mistral-7b'"):
+        adapters.check_adapter(str(adapter), "mistral-7b")
 
 
 def test_adapter_of_another_shape_is_refused_before_loading(tmp_path, tiny_model_dir):
     adapter = save_adapter(tiny_model_dir("mistral"), tmp_path / "other", hidden=32)
-    with pytest.raises(engines.AdapterError, match="hidden_size is 64"):
-        engines.check_adapter_fits(str(adapter), tiny_model_dir("mistral"))
-    with pytest.raises(engines.AdapterError, match="does not fit"):
+    with pytest.raises(adapters.AdapterError, match="hidden_size is 64"):
+        adapters.check_adapter_fits(str(adapter), tiny_model_dir("mistral"))
+    with pytest.raises(adapters.AdapterError, match="does not fit"):
         engines.HFEngine.from_preset("mistral-7b", str(tiny_model_dir("mistral")), str(adapter))
 
 
@@ -341,8 +300,8 @@ def test_attach_adapter_shape_mismatch_is_an_adapter_error(tmp_path, tiny_model_
 
     adapter = save_adapter(tiny_model_dir("llama"), tmp_path / "other", hidden=32)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
-    with pytest.raises(engines.AdapterError, match="does not fit base model"):
-        engines.attach_adapter(model, str(adapter))
+    with pytest.raises(adapters.AdapterError, match="does not fit base model"):
+        adapters.attach_adapter(model, str(adapter))
 
 
 # ---------------------------------------------------------------- the HF engine, for real
@@ -419,20 +378,48 @@ def test_smollm_engine_with_adapter_recovers_prompt_sentences(tmp_path, smollm_d
 def test_selection_won_by_the_base_model_runs_without_adapter(tmp_path, caplog):
     (tmp_path / "selection.json").write_text(json.dumps({"preset": "smollm2-135m", "step": 0, "adapter": None,
                                                          "base_model_won": True}))
-    assert engines.selected_adapter(str(tmp_path), "smollm2-135m") == ""
+    assert adapters.selected_adapter(str(tmp_path), "smollm2-135m") == ""
     assert "base model won" in caplog.text
-    with pytest.raises(engines.AdapterError, match="preset 'smollm2-135m'"):
-        engines.selected_adapter(str(tmp_path), "mistral-7b")
-    assert engines.selected_adapter("", "mistral-7b") == ""
-    with pytest.raises(engines.AdapterError, match="does not exist"):
-        engines.selected_adapter(str(tmp_path / "missing"))
+    with pytest.raises(adapters.AdapterError, match="preset 'smollm2-135m'"):
+        adapters.selected_adapter(str(tmp_path), "mistral-7b")
+    assert adapters.selected_adapter("", "mistral-7b") == ""
+    with pytest.raises(adapters.AdapterError, match="does not exist"):
+        adapters.selected_adapter(str(tmp_path / "missing"))
 
 
 def test_an_unreadable_selection_beside_an_adapter_is_an_adapter_error_naming_it(tmp_path):
     (tmp_path / "selection.json").write_text(json.dumps({"preset": ["smollm2-135m"]}))
-    with pytest.raises(engines.AdapterError, match=rf"^adapter '{re.escape(str(tmp_path))}': .*selection\.json: "
+    with pytest.raises(adapters.AdapterError, match=rf"^adapter '{re.escape(str(tmp_path))}': .*selection\.json: "
                                                     r"field 'preset' must be str or NoneType"):
-        engines.selected_adapter(str(tmp_path), "smollm2-135m")
+        adapters.selected_adapter(str(tmp_path), "smollm2-135m")
+
+
+def test_adapters_swapped_into_one_loaded_base_change_what_it_generates_and_come_off_again(tmp_path, tiny_model_dir):
+    """The select stage's way to score every checkpoint on one loaded base: use_adapter swaps an adapter in unmerged
+    (one in memory at a time), and use_adapter(None) generates as the base alone again."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir("llama")
+    folders = []
+    for seed in (1, 2):  # non-zero B: each adapter really moves the weights
+        torch.manual_seed(seed)
+        lora = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(
+            r=1, lora_alpha=64, init_lora_weights=False, target_modules=["q_proj", "v_proj"]))
+        lora.save_pretrained(tmp_path / f"checkpoint-{seed}")
+        folders.append(tmp_path / f"checkpoint-{seed}")
+    engine = engines.HFEngine.from_preset("smollm2-135m", str(folder))
+    cfg = engines.SamplingConfig(n=1, max_new_tokens=8)
+    rows = ([o for o, _ in ROWS], [r for _, r in ROWS])
+    base = engine.generate(*rows, cfg, progress=False)
+    outputs = []
+    for adapter in folders:
+        engine.use_adapter(adapter)
+        outputs.append(engine.generate(*rows, cfg, progress=False))
+        assert len(engine.model.peft_config) == 1  # the one before was dropped
+    assert outputs[0] != base and outputs[1] != outputs[0]
+    engine.use_adapter(None)
+    assert engine.generate(*rows, cfg, progress=False) == base
 
 
 def test_text_far_over_the_context_is_truncated_and_logged(tiny_engine, caplog):

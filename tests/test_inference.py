@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import budget, data, engines, inference, models
+from kaggle_utils import adapters, budget, data, engines, inference, models, serving
 from kaggle_utils import config as kconfig
 from kaggle_utils.config import ConfigError
 from kaggle_utils.plan import ModelEntry
@@ -97,7 +97,7 @@ def test_engine_options_carry_the_config_to_the_engine(tmp_path, monkeypatch, ti
         seen.append(options)
         raise RuntimeError("no model in this test")
 
-    monkeypatch.setattr(engines, "load_engine", no_model)
+    monkeypatch.setattr(serving, "load_engine", no_model)
     cfg = make_cfg(tmp_path, small_test(tmp_path), [model_entry(base_model=str(tiny_model_dir("mistral")))],
                    dtype="float16", gpu_memory_utilization=0.8,
                    seed=5, max_prompt_tokens=300, max_new_tokens=20)
@@ -197,10 +197,10 @@ def test_a_selected_folder_written_before_the_selection_dataclass_still_drives_i
     entry = {"name": "m", "preset": "smollm2-135m", "adapter": str(selected)}
     cfg = inference.InferenceConfig(models=[entry])
     assert cfg.sampling_config(cfg.model_entries[0]).max_prompt_tokens == OLD_SELECTION["max_prompt_tokens"] == 384
-    assert engines.selected_adapter(str(selected), "smollm2-135m") == str(selected)
-    with pytest.raises(engines.AdapterError, match=r"trained on preset 'smollm2-135m' \(selection\.json\), but the "
+    assert adapters.selected_adapter(str(selected), "smollm2-135m") == str(selected)
+    with pytest.raises(adapters.AdapterError, match=r"trained on preset 'smollm2-135m' \(selection\.json\), but the "
                                                    r"model entry uses preset 'mistral-7b'$"):
-        engines.selected_adapter(str(selected), "mistral-7b")
+        adapters.selected_adapter(str(selected), "mistral-7b")
 
 
 def test_prompt_length_of_an_adapter_whose_selection_predates_the_field(tmp_path, caplog):
@@ -229,7 +229,7 @@ def test_missing_paths_fail_before_any_model_loads(tmp_path, tiny_model_dir):
     test = small_test(tmp_path)
     cfg = make_cfg(tmp_path, test, [model_entry(base_model=str(tiny_model_dir("mistral")),
                                                 adapter=str(tmp_path / "no-adapter"))])
-    with pytest.raises(engines.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
+    with pytest.raises(adapters.AdapterError, match=r"models\[0\] \(tiny\): adapter path .* does not exist"):
         inference.prepare_run(cfg)
     cfg = make_cfg(tmp_path, test, [model_entry(base_model=str(tmp_path / "no-base"))])
     with pytest.raises(models.ModelPathError, match=r"models\[0\] \(tiny\): preset 'mistral-7b'"):
@@ -356,7 +356,7 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     base = str(tiny_model_dir("mistral"))
     cfg = make_cfg(tmp_path, test_csv, [model_entry(base_model=base), model_entry(name="two", base_model=base)],
                    generation_batch_size=2)
-    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: SlowEngine(0.3))
+    monkeypatch.setattr(serving, "load_engine", lambda *a, **k: SlowEngine(0.3))
     inference.prepare_run(cfg)
     test = inference.read_test(cfg)
     # 1.2 s in all: the first model's share (half) covers a few 0.3 s batches of its 6; the second gets the rest.
@@ -367,7 +367,7 @@ def test_deadline_too_short_still_gives_a_complete_valid_submission(tmp_path, mo
     inference.validate_submission(inference.write_submission(cfg, sub), test)
     assert sub["rewrite_prompt"].str.startswith(cfg.fallback_prompt).any()
     # the deadline already passed: no model is even loaded, and every row gets the fallback
-    monkeypatch.setattr(engines, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
+    monkeypatch.setattr(serving, "load_engine", lambda *a, **k: pytest.fail("a model was loaded after the deadline"))
     cfg2 = make_cfg(tmp_path, test_csv, [model_entry(base_model=base)], run_dir=str(tmp_path / "run2"))
     late = budget.Deadline(start=time.time() - 10, hours=1 / 3600, reserve_s=0)
     predictions, _ = inference.sample_models(cfg2, test, late)
@@ -388,7 +388,8 @@ class FixedEngine(engines.Engine):
 
 def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatch):
     """pick_engine weighs the folder a model will load: a plan model's merged copy rather than its base, and in the
-    references the base (zero-shot) or the left-out model's own merged copy; load_engine then gets that choice."""
+    references the base (zero-shot) or the left-out model's own merged copy; load_engine then gets that choice and
+    that folder."""
     folders = {}
     for name in ("m-base", "m-adapter/merged", "left-base", "left-adapter/merged"):
         folders[name] = tmp_path / name
@@ -401,12 +402,12 @@ def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatc
         picked.append((preset, path))
         return "vllm" if path.endswith("merged") else "hf"
 
-    def load(kind, preset, base_model_path="", adapter_path="", merged_path="", options=None):
-        loaded.append((kind, preset, base_model_path, merged_path))
+    def load(kind, preset, weights="", adapter="", options=None, load_in_4bit=None, merged=False):
+        loaded.append((kind, preset, weights, merged))
         return FixedEngine()
 
-    monkeypatch.setattr(engines, "pick_engine", pick)
-    monkeypatch.setattr(engines, "load_engine", load)
+    monkeypatch.setattr(serving, "pick_engine", pick)
+    monkeypatch.setattr(serving, "load_engine", load)
     blend = tmp_path / "blend.json"  # the blend keeps m and leaves the other model out
     blend.write_text(json.dumps({"models": [{"model": "m", "n": 1}], "mean_prompt": "", "separator": " "}))
     plan = [model_entry(name="m", n=1, temperature=0.0, base_model=str(folders["m-base"]),
@@ -419,16 +420,16 @@ def test_the_engine_is_chosen_for_the_folder_that_is_served(tmp_path, monkeypatc
     deadline = budget.Deadline(start=time.time(), hours=1)
     predictions, _ = inference.sample_models(cfg, test, deadline)
     assert picked == [("mistral-7b", str(folders["m-adapter/merged"]))]
-    assert loaded == [("vllm", "mistral-7b", str(folders["m-base"]), str(folders["m-adapter/merged"]))]
+    assert loaded == [("vllm", "mistral-7b", str(folders["m-adapter/merged"]), True)]
     assert len(predictions["m"]) == 3
     picked.clear(), loaded.clear()
     baselines = inference.sample_baselines(cfg, test, deadline)
     assert picked == [("mistral-7b", str(folders["m-base"])),  # zero-shot: the base, never the merged copy
                       ("llama2-13b", str(folders["left-base"])),
                       ("llama2-13b", str(folders["left-adapter/merged"]))]  # the left-out model as the plan had it
-    assert loaded == [("hf", "mistral-7b", str(folders["m-base"]), ""),
-                      ("hf", "llama2-13b", str(folders["left-base"]), ""),
-                      ("vllm", "llama2-13b", str(folders["left-base"]), str(folders["left-adapter/merged"]))]
+    assert loaded == [("hf", "mistral-7b", str(folders["m-base"]), False),
+                      ("hf", "llama2-13b", str(folders["left-base"]), False),
+                      ("vllm", "llama2-13b", str(folders["left-adapter/merged"]), True)]
     assert list(baselines) == ["mistral-7b base, zero-shot, 1 prediction", "llama2-13b base, zero-shot, 1 prediction",
                                "left fine-tuned (left out by the blend), 1 prediction"]
 
@@ -439,7 +440,7 @@ def test_a_failing_model_leaves_a_complete_submission(tmp_path, monkeypatch, tin
     def out_of_memory(*a, **k):
         raise RuntimeError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(engines, "load_engine", out_of_memory)
+    monkeypatch.setattr(serving, "load_engine", out_of_memory)
     test = inference.read_test(cfg)
     predictions, report = inference.sample_models(cfg, test, budget.Deadline(start=time.time(), hours=1))
     assert list(pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE).columns)[:2] == ["model", "engine"]
@@ -589,7 +590,7 @@ def test_mean_prompt_alone_plan_writes_a_complete_submission_without_any_model(t
     def no_engine(*a, **k):
         raise AssertionError("no model may load for a mean-prompt-only plan")
 
-    monkeypatch.setattr(engines, "load_engine", no_engine)
+    monkeypatch.setattr(serving, "load_engine", no_engine)
     path = write_test_csv(tmp_path / "t.csv", [["a", "one", "uno", "Translate into Spanish."],
                                                ["b", "same", "same", "Fix the grammar."],
                                                ["c", "", "vacío", "Make it shorter."]], with_prompt=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import engines, inference, models
+from kaggle_utils import adapters, engines, inference, models, serving
 from kaggle_utils.config import ConfigError
 
 
@@ -78,25 +78,25 @@ def test_merge_decision_follows_the_choice_the_card_the_rows_and_the_disk(folder
     base, adapter = folders
 
     def decide(choice, rows=5000, a=str(adapter), preset="smollm2-135m", cap=(9, 0)):
-        return engines.merge_decision(choice, preset, str(base), a, rows, tmp_path / "merged", cap)
+        return serving.merge_decision(choice, preset, str(base), a, rows, tmp_path / "merged", cap)
 
     assert decide("off") == (False, "merge_adapters is off")
     assert decide("on", rows=1)[0] is True
     assert decide("auto", a="") == (False, "no adapter")
-    merge, why = decide("auto", engines.MERGE_MIN_ROWS - 1)
-    assert not merge and f"{engines.MERGE_MIN_ROWS - 1} rows to sample" in why
-    merge, why = decide("auto", engines.MERGE_MIN_ROWS)
+    merge, why = decide("auto", serving.MERGE_MIN_ROWS - 1)
+    assert not merge and f"{serving.MERGE_MIN_ROWS - 1} rows to sample" in why
+    merge, why = decide("auto", serving.MERGE_MIN_ROWS)
     assert merge and "GiB free" in why
     merge, why = decide("auto", rows=10, cap=(7, 5))  # a T4: merged at any size
     assert merge and "compute capability 7.5" in why and "no LoRA kernels" in why
     merge, why = decide("on", preset="mixtral-8x7b")  # 4-bit presets never merge
     assert not merge and "4-bit" in why
-    monkeypatch.setattr(engines, "_free_disk", lambda folder: 10)
+    monkeypatch.setattr(serving, "_free_disk", lambda folder: 10)
     merge, why = decide("on")
     assert not merge and "do not fit" in why and str(tmp_path / "merged") in why
-    ready = engines.merge_decision("auto", "smollm2-135m", str(base), str(adapter), 10, tmp_path, (9, 0), ready=True)
+    ready = serving.merge_decision("auto", "smollm2-135m", str(base), str(adapter), 10, tmp_path, (9, 0), ready=True)
     assert ready == (True, f"a copy with this adapter merged is already in {tmp_path}")  # a finished copy: no disk
-    assert engines.merge_decision("off", "smollm2-135m", str(base), str(adapter), 10, tmp_path, ready=True)[0] is False
+    assert serving.merge_decision("off", "smollm2-135m", str(base), str(adapter), 10, tmp_path, ready=True)[0] is False
     with pytest.raises(ConfigError, match="^merge_adapters: must be one of"):
         decide("yes")
 
@@ -106,21 +106,21 @@ def test_merge_adapter_writes_the_base_plus_the_update_and_reuses_a_finished_mer
     from safetensors.torch import load_file
 
     base, adapter = folders
-    out = engines.merge_adapter("smollm2-135m", str(base), str(adapter), tmp_path / "merged")
+    out = adapters.merge_adapter("smollm2-135m", str(base), str(adapter), tmp_path / "merged")
     assert (out / "config.json").exists() and (out / "tokenizer.json").exists()
     assert not (tmp_path / "merged.partial").exists()
-    marker = json.loads((out / engines.MERGE_MARKER).read_text())
+    marker = json.loads((out / adapters.MERGE_MARKER).read_text())
     assert marker["adapter"] == str(adapter) and len(marker["adapter_sha256"]) == 64
     # every weight is the base's plus B @ A * (alpha / r) where the adapter has a pair, computed from the files
     _assert_merged_as_by_hand(out, base, adapter)
     merged = load_file(str(next(out.glob("*.safetensors"))))
     key = next(k for k in merged if k.endswith("layers.0.self_attn.q_proj.weight"))
     stamp = next(out.glob("*.safetensors")).stat().st_mtime_ns
-    engines.merge_adapter("smollm2-135m", str(base), str(adapter), out)
+    adapters.merge_adapter("smollm2-135m", str(base), str(adapter), out)
     assert next(out.glob("*.safetensors")).stat().st_mtime_ns == stamp  # reused, not rewritten
     second = _adapter(base, tmp_path / "second", seed=5)  # another adapter into the same folder: merged again
-    engines.merge_adapter("smollm2-135m", str(base), str(second), out)
-    assert json.loads((out / engines.MERGE_MARKER).read_text())["adapter"] == str(second)
+    adapters.merge_adapter("smollm2-135m", str(base), str(second), out)
+    assert json.loads((out / adapters.MERGE_MARKER).read_text())["adapter"] == str(second)
     assert not torch.equal(load_file(str(next(out.glob("*.safetensors"))))[key], merged[key])
 
 
@@ -130,18 +130,22 @@ def _plan(base: Path, adapter: Path, tmp_path: Path, **over) -> inference.Infere
                                      **over)
 
 
+def _merged_copy(cfg: inference.InferenceConfig, adapter: Path, rows: int) -> str:
+    """The merged folder serving hands vLLM for the plan's one model ("" = its adapter as a LoRARequest)."""
+    return serving.merged_copy_for_vllm(cfg.model_entries[0], str(adapter), rows, cfg.merge_adapters, cfg.merge_dir)
+
+
 def test_the_kernel_merges_for_vllm_once_per_adapter_and_logs_why(folders, tmp_path, caplog):
     base, adapter = folders
     cfg = _plan(base, adapter, tmp_path, merge_adapters="auto")
-    spec = cfg.model_entries[0]
-    assert inference._merged_for_vllm(cfg, spec, 10) == ""  # a small plan on a newer card: the LoRARequest
+    assert _merged_copy(cfg, adapter, 10) == ""  # a small plan on a newer card: the LoRARequest
     assert "the adapter served as a LoRARequest" in caplog.text and "10 rows to sample" in caplog.text
     caplog.clear()
-    folder = inference._merged_for_vllm(cfg, spec, engines.MERGE_MIN_ROWS * 2)
+    folder = _merged_copy(cfg, adapter, serving.MERGE_MIN_ROWS * 2)
     assert folder and Path(folder).parent == tmp_path / "merged" and (Path(folder) / "config.json").exists()
     assert "served merged into a copy of the base" in caplog.text and "merged into" in caplog.text
     caplog.clear()
-    assert inference._merged_for_vllm(cfg, spec, 10) == folder  # the finished copy serves a small plan too
+    assert _merged_copy(cfg, adapter, 10) == folder  # the finished copy serves a small plan too
     assert "already in" in caplog.text and "reused" in caplog.text
 
 
@@ -163,7 +167,7 @@ def test_a_failed_merge_is_logged_cleaned_up_and_the_adapter_is_served_as_is(fol
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_full)
     monkeypatch.setattr(models, "free_gpu_memory", lambda: freed.append(True))
     with caplog.at_level(logging.ERROR, logger="kaggle_utils"):
-        assert inference._merged_for_vllm(cfg, cfg.model_entries[0], 10**6) == ""
+        assert _merged_copy(cfg, adapter, 10**6) == ""
     assert "merging failed (OSError: [Errno 28] No space left on device); serving the adapter as a LoRARequest" \
         in caplog.text
     assert list((tmp_path / "merged").glob("*")) == []  # no .partial folder left to eat the next model's disk
@@ -179,31 +183,17 @@ def test_an_older_adapter_with_bin_weights_merges(folders, tmp_path):
     bin_adapter.mkdir()
     (bin_adapter / "adapter_config.json").write_text((adapter / "adapter_config.json").read_text())
     torch.save(load_file(str(adapter / "adapter_model.safetensors")), bin_adapter / "adapter_model.bin")
-    out = engines.merge_adapter("smollm2-135m", str(base), str(bin_adapter), tmp_path / "merged")
+    out = adapters.merge_adapter("smollm2-135m", str(base), str(bin_adapter), tmp_path / "merged")
     # the .bin's own tensors are in the merged weights (a merge that loaded nothing from it would leave the base's)
     _assert_merged_as_by_hand(out, base, bin_adapter)
-    assert engines.holds_merge(out, "smollm2-135m", str(base), str(bin_adapter))
-    assert not engines.holds_merge(out, "smollm2-135m", str(base), str(adapter))  # other bytes: another merge
+    assert adapters.holds_merge(out, adapters.merge_key("smollm2-135m", str(base), str(bin_adapter)))
+    assert not adapters.holds_merge(out, adapters.merge_key("smollm2-135m", str(base), str(adapter)))  # other bytes
 
 
 def test_a_bad_merge_choice_names_the_parameter(folders, tmp_path):
     base, adapter = folders
     with pytest.raises(ConfigError, match="^merge_adapters: must be one of"):
         _plan(base, adapter, tmp_path, merge_adapters="always")
-
-
-@pytest.mark.parametrize("gib, cards, fast, four_bit, kind, words", [
-    (0.3, [15.0, 15.0], True, False, "hf", "fit one 15 GiB card"),  # SmolLM2 on Kaggle's 2xT4
-    (13.5, [15.0, 15.0], True, False, "vllm", "tensor parallel over 2 cards"),  # Mistral-7B on 2xT4
-    (24.2, [15.0, 15.0], True, True, "hf", "4 bits"),  # Llama-2-13B on 2xT4: 26 GB of 16-bit weights
-    (13.5, [80.0], True, False, "hf", "fast path"),  # Mistral-7B on an A100 80GB
-    (41.0, [140.0], True, True, "vllm", "4 bits"),  # Mistral-22B on an H200: vLLM's 16 bits beat HF's 4
-    (87.0, [140.0], False, True, "vllm", "on a 140 GiB card"),  # Mixtral on an H200
-    (87.0, [15.0, 15.0], False, True, "hf", "do not fit"),  # Mixtral on 2xT4
-])
-def test_auto_picks_the_engine_by_the_cards_and_the_weights(gib, cards, fast, four_bit, kind, words):
-    got, why = engines.auto_choice(gib, cards, fast, four_bit)
-    assert got == kind and words in why and f"{gib:.1f} GiB" in why
 
 
 # ---------------------------------------------------------------- the merged folder handed to the engine, end to end
@@ -220,12 +210,12 @@ class _Clock:
 
 
 @pytest.mark.parametrize("case", ["merged", "vllm_fails", "lora_request"])
-def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path, monkeypatch, case):
+def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path, monkeypatch, caplog, case):
     """sample_models with vLLM (a stand-in that serves whatever folder it is given with the HF engine): merge_adapters
-    on merges the adapter into a copy of the base, load_engine gets that copy, the engine loads it with no adapter,
-    and sampling.csv says merged, with the merge's and the start's seconds apart. When vLLM fails to start, the HF
-    engine serves the same merged copy (merged is False: vLLM did not serve it); with merge_adapters off, vLLM gets
-    the base and the adapter as a LoRARequest."""
+    on merges the adapter into a copy of the base, load_engine gets that copy with no adapter, and sampling.csv says
+    merged, with the merge's and the start's seconds apart. When vLLM fails to start, the HF engine serves the same
+    merged copy (merged is False: vLLM did not serve it), and the log says the copy made for vLLM is served by the HF
+    engine; with merge_adapters off, vLLM gets the base and the adapter as a LoRARequest."""
     import torch
     from safetensors.torch import load_file
 
@@ -234,19 +224,19 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
 
     base, adapter = folders
     clock, handed, started, served = _Clock(), [], [], {}
-    monkeypatch.setattr(inference, "time", clock)
-    merge = engines.merge_adapter
+    monkeypatch.setattr(serving, "time", clock)
+    merge = adapters.merge_adapter
 
     def timed_merge(*args, **kwargs):
-        clock.now += 5.0  # the merge takes 5 s on inference's clock
+        clock.now += 5.0  # the merge takes 5 s on serving's clock
         return merge(*args, **kwargs)
 
-    load = engines.load_engine
+    load = serving.load_engine
 
-    def timed_load(kind, preset, base_model_path="", adapter_path="", merged_path="", options=None):
-        handed.append({"kind": kind, "base": base_model_path, "adapter": adapter_path, "merged": merged_path})
+    def timed_load(kind, preset, weights="", adapter="", options=None, load_in_4bit=None, merged=False):
+        handed.append({"kind": kind, "weights": weights, "adapter": adapter, "merged": merged})
         clock.now += 3.0  # the engine takes 3 s to start
-        engine = load(kind, preset, base_model_path, adapter_path, merged_path, options=options)
+        engine = load(kind, preset, weights, adapter, options, load_in_4bit, merged=merged)
         served.update({k: w.detach().float().clone() for k, w in engine.model.named_parameters() if "proj" in k})
         return engine
 
@@ -269,10 +259,10 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
             raise RuntimeError("CUDA error: no kernel image is available (simulated)")
         return ServedByHF(engines.HFEngine.from_preset(preset, base_model_path, adapter_path, options=options))
 
-    monkeypatch.setattr(engines, "merge_adapter", timed_merge)
-    monkeypatch.setattr(engines, "load_engine", timed_load)
+    monkeypatch.setattr(adapters, "merge_adapter", timed_merge)
+    monkeypatch.setattr(serving, "load_engine", timed_load)
     monkeypatch.setattr(engines.VLLMEngine, "from_preset", classmethod(vllm_start))
-    monkeypatch.setattr(engines, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU where vLLM imports
+    monkeypatch.setattr(serving, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU where vLLM imports
     test_csv = tmp_path / "test.csv"
     data.read_rewrites(GEMMA_CSV).head(3)[["id", "original_text", "rewritten_text"]].to_csv(test_csv, index=False)
     cfg = _plan(base, adapter, tmp_path, merge_adapters="off" if case == "lora_request" else "on", engine="vllm",
@@ -283,7 +273,7 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
     predictions, _ = inference.sample_models(cfg, test, budget.Deadline.from_notebook_start(1.0))
     assert sorted(predictions["m"]) == sorted(test["id"])
     written = pd.read_csv(tmp_path / "run" / inference.SAMPLING_FILE)
-    assert len(handed) == 1 and handed[0]["kind"] == "vllm" and handed[0]["adapter"] == str(adapter)
+    assert len(handed) == 1 and handed[0]["kind"] == "vllm"
     row = written.iloc[0].to_dict()
     # whichever way, the engine that sampled holds base + B @ A * (alpha / r) (bf16 on CPU), never the base alone
     expected, moved = _merged_by_hand(base, adapter)
@@ -292,15 +282,17 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
         assert not torch.allclose(served[name], load_file(str(base / "model.safetensors"))[name].float(), atol=1e-2)
     assert row["sampled"] == 3
     if case == "lora_request":
-        assert handed[0]["merged"] == "" and started == [{"base": str(base), "adapter": str(adapter)}]
+        assert handed[0] == {"kind": "vllm", "weights": str(base), "adapter": str(adapter), "merged": False}
+        assert started == [{"base": str(base), "adapter": str(adapter)}]
         assert not (tmp_path / "merged").exists()
         assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("vllm", False, 0.0, 3.0)
         return
-    folder = Path(handed[0]["merged"])
-    assert folder.parent == tmp_path / "merged"
-    assert json.loads((folder / engines.MERGE_MARKER).read_text())["adapter"] == str(adapter)
+    folder = Path(handed[0]["weights"])
+    assert (handed[0]["adapter"], handed[0]["merged"]) == ("", True) and folder.parent == tmp_path / "merged"
+    assert json.loads((folder / adapters.MERGE_MARKER).read_text())["adapter"] == str(adapter)
     assert started == [{"base": str(folder), "adapter": ""}]  # the merged copy, with no adapter on top
     if case == "merged":
         assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("vllm", True, 5.0, 3.0)
-    else:  # the HF engine serves the same copy, with no adapter on top either
+    else:  # the HF engine serves the same copy, with no adapter on top either, and the log says so
         assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("hf", False, 5.0, 3.0)
+        assert "falling back to the HF engine for this model, on the merged copy made for vLLM" in caplog.text

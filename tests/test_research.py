@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import checkpoints
+from kaggle_utils import checkpoints, engines
 
 ROOT = Path(__file__).resolve().parents[1]
 KEY = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
@@ -62,16 +62,18 @@ def make_run(root: Path, name: str, quality: dict[int, float], curve: dict[int, 
     return run
 
 
-class FakeSampler:
-    """Gets as many rows right (the first ones) as the adapter moves each weight, rounded down: the update
-    B @ A * alpha / r of the adapter it is given, one checkpoint's or an average's."""
+class FakeSampler(engines.Engine):
+    """The select stage's served base model, standing in (checkpoints._step_engine), and its completions
+    (checkpoints._step_completions): as many rows right (the first ones) as the adapter moves each weight, rounded
+    down: the update B @ A * alpha / r of the adapter it is given, one checkpoint's or an average's."""
 
     calls: list = []
 
     def __init__(self, cfg, run_cfg):
-        self.marker = ""
+        pass
 
-    def generate(self, label, adapter, validation):
+    @staticmethod
+    def completions(engine, label, adapter, validation, scfg):
         from safetensors.torch import load_file
 
         config = json.loads((adapter / "adapter_config.json").read_text())
@@ -94,7 +96,8 @@ class ExactScorer:
 @pytest.fixture()
 def fake_sampler(monkeypatch):
     FakeSampler.calls = []
-    monkeypatch.setattr(checkpoints, "_StepSampler", FakeSampler)
+    monkeypatch.setattr(checkpoints, "_step_engine", FakeSampler)
+    monkeypatch.setattr(checkpoints, "_step_completions", FakeSampler.completions)
     return FakeSampler
 
 

@@ -221,8 +221,8 @@ def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_pat
         "--no-print-directory select RUN=gpu-s1"]
     plan = yaml.safe_load((root / "runs" / "gpu-seeds" / "plan.yaml").read_text())
     assert plan == {"models": [
-        {"name": "s0", "preset": "smollm2-135m", "adapter_path": "runs/gpu-s0/selected"},
-        {"name": "s1", "preset": "smollm2-135m", "adapter_path": "runs/gpu-s1/selected"}]}
+        {"name": "s0", "preset": "smollm2-135m", "adapter": "runs/gpu-s0/selected"},
+        {"name": "s1", "preset": "smollm2-135m", "adapter": "runs/gpu-s1/selected"}]}
     bad = subprocess.run(["bash", "scripts/seed_runs.sh", "gpu", "configs/none.yaml", "2"], cwd=root, env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no recipe configs/none.yaml" in bad.stderr

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from kaggle_utils import engines, inference, kaggle_api, kernels, wheels
+from kaggle_utils import engines, inference, kaggle_api, kernels, serving, wheels
 from kaggle_utils.plan import load_plan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,11 +128,11 @@ def test_activate_puts_the_folder_first_for_this_process_and_its_children(tmp_pa
 
 def test_the_engine_choice_honours_the_install_check(monkeypatch, caplog):
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
-    monkeypatch.setattr(engines, "vllm_import_error", lambda: "")
-    assert engines.pick_engine("auto") == "vllm"
+    monkeypatch.setattr(serving, "vllm_import_error", lambda: "")
+    assert serving.pick_engine("auto") == "vllm"
     monkeypatch.setenv(wheels.NO_VLLM_ENV, "pip install failed (exit 1): bad wheel")
-    assert engines.pick_engine("auto") == "hf"
-    assert engines.pick_engine("vllm") == "hf"  # asked for, but a submission is never lost to the engine choice
+    assert serving.pick_engine("auto") == "hf"
+    assert serving.pick_engine("vllm") == "hf"  # asked for, but a submission is never lost to the engine choice
     assert "cannot run here (pip install failed" in caplog.text
 
 
@@ -144,14 +144,14 @@ def test_vllm_failing_at_start_falls_back_to_hf_and_the_submission_is_written(tm
     rows.to_csv(test_file, index=False)
     cfg = inference.InferenceConfig(
         test_file=str(test_file), submission_path=str(tmp_path / "submission.csv"), run_dir=str(tmp_path / "run"),
-        models=[{"name": "tiny", "preset": "mistral-7b", "base_model_path": str(tiny_model_dir("mistral")), "n": 2,
+        models=[{"name": "tiny", "preset": "mistral-7b", "base_model": str(tiny_model_dir("mistral")), "n": 2,
                  "temperature": 0.8, "top_p": 0.95}], engine="vllm", max_new_tokens=4)
 
     def no_start(*args, **kwargs):
         raise RuntimeError("1 validation error for VllmConfig\n  Value error, Total number of attention heads (9) must "
                            "be divisible by tensor parallel size (2).")
 
-    monkeypatch.setattr(engines, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU box where vLLM imports
+    monkeypatch.setattr(serving, "pick_engine", lambda requested, *model: "vllm")  # as on a GPU box where vLLM imports
     monkeypatch.setattr(engines.VLLMEngine, "from_preset", classmethod(no_start))
     from kaggle_utils import budget
 
