@@ -369,7 +369,7 @@ def main(cfg: Config) -> dict:
         model = lora.unload()
     merged_dir = work / "merged"
     if cuda and "vllm_merged" not in cfg.skip and not (merged_dir / "config.json").exists():
-        from peft import PeftModel  # the adapter merged into the weights, as checkpoints.export_merged writes it
+        from peft import PeftModel  # the adapter merged into the weights, as export.export_merged writes it
 
         common.save_model_folder(PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload(), tokenizer,
                                  merged_dir)

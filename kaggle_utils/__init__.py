@@ -16,7 +16,8 @@ Shared by every stage
     ``experts``      Mixtral's experts in 4 bits for QLoRA
     ``artifacts``    what a run leaves for later stages: checkpoint folders, selection.json, max_prompt_tokens
 2. Select (``select_checkpoint.ipynb``)
-    ``checkpoints``  each checkpoint step scored by the metric; the chosen adapter exported to selected/
+    ``checkpoints``  each checkpoint step scored by the metric on the choice rows (cached), the step or window chosen
+    ``export``       the choice written to selected/: one adapter (averaged), selection.json, merged copy, plots
 3. Infer (``inference.ipynb``)
     ``engines``      the HF and vLLM engines behind one interface: what to sample, how they load, what starting took
     ``adapters``     LoRA adapter folders: the checks, applying or swapping one in, the merged copy on disk

@@ -1,9 +1,12 @@
-"""Choosing a run's checkpoint step by the competition metric, and exporting the chosen adapter.
+"""Choosing a run's checkpoint step by the competition metric: the select stage's config, the run folder, the
+validation rows, each step's predictions with their cache, and the choice.
 
 For every candidate step (step 0 = the base model without an adapter, then every k-th checkpoint and always the last)
 greedy predictions are sampled on held-out validation rows and scored with SCS; the highest mean wins, the earlier
-step on ties, unless a step is forced. The chosen adapter goes to ``runs/<run>/selected/`` with ``selection.json``
-(:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of re-declaring the step.
+step on ties, unless a step is forced, and runs with enough checkpoints export the mean of a window around the
+smoothed peak (:func:`choose_window`). :mod:`kaggle_utils.export` writes the choice to ``runs/<run>/selected/`` with
+``selection.json`` (:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of
+re-declaring the step.
 
 Usage (headless): ``make select RUN=smollm`` (or ``papermill notebooks/select_checkpoint.ipynb out.ipynb -p run_name
 smollm``).
@@ -17,13 +20,10 @@ Files it writes::
 """
 from __future__ import annotations
 
-import dataclasses
-import datetime
 import hashlib
 import json
 import logging
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +32,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
-from . import adapters, artifacts, data, engines, metric, models, prompts, serving, sources
+from . import artifacts, data, engines, metric, models, prompts, serving, sources
 from .config import read_json_object, require, resolve_path, save_config, saved_config
 from .plan import ModelEntry
 
@@ -182,7 +182,7 @@ def prepare_selection(cfg: SelectConfig) -> dict:
     run_cfg = read_run_config(cfg.run_dir)
     candidate_steps(ckpts, cfg.every_k, cfg.force_step)  # raises on a forced step that does not exist
     preset = models.get_preset(run_cfg.get("preset", models.DEFAULT_PRESET))
-    models.check_base_path(preset, _base_model_path(cfg, run_cfg))
+    models.check_base_path(preset, base_model_path(cfg, run_cfg))
     save_config(cfg, cfg.run_dir / SELECTION_DIR)
     logger.info("%s: %d checkpoint(s) at steps %s; scoring steps %s", cfg.run_name, len(ckpts), list(ckpts),
                 candidate_steps(ckpts, cfg.every_k, cfg.force_step))
@@ -196,7 +196,8 @@ def scores_report_rows(cfg: SelectConfig) -> bool:
         cfg.run_dir / artifacts.REPORT_FILE).resolve()
 
 
-def _base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
+def base_model_path(cfg: SelectConfig, run_cfg: dict) -> str:
+    """The base weights the selection runs on: ``base_model_path``, else the run's."""
     return cfg.base_model_path or run_cfg.get("base_model_path", "")
 
 
@@ -220,7 +221,8 @@ def plot_losses(cfg: SelectConfig) -> Path:
 # ---------------------------------------------------------------- validation rows
 
 
-def _group_key(df: pd.DataFrame) -> pd.Series:
+def group_keys(df: pd.DataFrame) -> pd.Series:
+    """Each row's prompt group: its normalized ``rewrite_prompt``."""
     return df[data.PROMPT_COLUMN].map(data.normalize_prompt)
 
 
@@ -230,13 +232,13 @@ def _trained_prompts(cfg: SelectConfig, run_cfg: dict) -> set[str]:
     trained: set[str] = set()
     for f in run_cfg.get("train_files", []):
         try:
-            trained |= set(_group_key(data.read_rewrites(f)))
+            trained |= set(group_keys(data.read_rewrites(f)))
         except data.DataError as e:
             logger.warning("cannot read training file %s to guard against leaks: %s", f, e)
     for name in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
         held = cfg.run_dir / name
         if held.exists():
-            trained -= set(_group_key(data.read_rewrites(held)))
+            trained -= set(group_keys(data.read_rewrites(held)))
     return trained
 
 
@@ -259,12 +261,12 @@ def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFr
     df = data.drop_incomplete(data.read_rewrites(path))
     if path != own:
         trained = _trained_prompts(cfg, run_cfg if run_cfg is not None else read_run_config(cfg.run_dir))
-        leak = _group_key(df).isin(trained).to_numpy()
+        leak = group_keys(df).isin(trained).to_numpy()
         if leak.any():
             logger.info("%s: dropped %d row(s) whose prompt the run trained on; %d left", path.name, int(leak.sum()),
                         int((~leak).sum()))
         df = df.loc[~leak].reset_index(drop=True)
-    groups = _group_key(df).nunique()
+    groups = group_keys(df).nunique()
     if groups < 2:
         raise data.DataError(f"{path}: the validation set has {groups} prompt group(s) ({len(df)} rows) after "
                              "dropping incomplete and trained-on rows; selection needs at least 2 distinct "
@@ -275,7 +277,7 @@ def load_validation(cfg: SelectConfig, run_cfg: dict | None = None) -> pd.DataFr
         _, df = data.split_by_prompt(df, cfg.rows_per_step, seed=cfg.seed)
         df = df.head(cfg.rows_per_step)
     df = df.reset_index(drop=True)
-    logger.info("validation: %d row(s), %d prompt group(s), from %s", len(df), _group_key(df).nunique(), path)
+    logger.info("validation: %d row(s), %d prompt group(s), from %s", len(df), group_keys(df).nunique(), path)
     return df
 
 
@@ -288,7 +290,7 @@ def _sampling_key(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, ck
                           .encode()).hexdigest()[:16]
     return {"rows": rows, "n_rows": len(validation), "max_new_tokens": cfg.max_new_tokens,
             "max_prompt_tokens": prompt_token_limit(cfg, run_cfg), "preset": run_cfg.get("preset"),
-            "base_model_path": _base_model_path(cfg, run_cfg),
+            "base_model_path": base_model_path(cfg, run_cfg),
             "adapter": sources.sha256_of(ckpt / ADAPTER_FILES[1])[:16] if ckpt is not None else None,
             "fallback": FALLBACK_PROMPT}
 
@@ -305,7 +307,7 @@ def _step_engine(cfg: SelectConfig, run_cfg: dict) -> engines.Engine:
     unmerged, :meth:`kaggle_utils.engines.HFEngine.use_adapter`), as inference loads it: bf16 on CPU, the card's dtype
     on GPU, 4-bit when the run trained 4-bit."""
     base = ModelEntry(name="base", preset=run_cfg.get("preset", models.DEFAULT_PRESET),
-                      base_model=_base_model_path(cfg, run_cfg))
+                      base_model=base_model_path(cfg, run_cfg))
     return serving.serve(base, engine="hf", load_in_4bit=bool(run_cfg.get("load_in_4bit", False)))
 
 
@@ -417,6 +419,11 @@ def _free(sampler: list) -> None:
         sampler.pop().close()
 
 
+def free_held_model(cfg: SelectConfig) -> None:
+    """Free the model this selection loaded for scoring (a merged export loads another copy of the base)."""
+    _free(_held_sampler(cfg))
+
+
 def step_predictions(cfg: SelectConfig, step: int, validation: pd.DataFrame) -> pd.DataFrame:
     """The cached predictions of one scored step beside the truths, worst rows first (for reading failures)."""
     entry = json.loads(step_cache_file(cfg, step).read_text())
@@ -433,10 +440,11 @@ def selected_predictions(cfg: SelectConfig, validation: pd.DataFrame) -> pd.Data
     return step_predictions(cfg, "selected" if averaged else sel.step, validation)
 
 
-# ---------------------------------------------------------------- choosing and exporting
+# ---------------------------------------------------------------- choosing
 
 
-def _as_scores(scores) -> dict[int, float]:
+def as_scores(scores) -> dict[int, float]:
+    """Step -> mean SCS, from :func:`score_steps`' table or a mapping."""
     if isinstance(scores, pd.DataFrame):
         return {int(s): float(v) for s, v in zip(scores["step"], scores["scs"])}
     return {int(s): float(v) for s, v in dict(scores).items()}
@@ -448,7 +456,7 @@ def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0)
     ``scores`` maps step -> mean SCS (or is :func:`score_steps`' table). A forced step must be among the scored
     steps; a NaN score never wins.
     """
-    table = _as_scores(scores)
+    table = as_scores(scores)
     if not table:
         raise SelectionError("no scored steps to choose from")
     if force_step and force_step > 0:
@@ -465,7 +473,7 @@ def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0)
 def smoothed(scores: Mapping[int, float] | pd.DataFrame, width: int) -> dict[int, float]:
     """Each checkpoint's mean SCS averaged with its ``width`` scored neighbours on either side (fewer at the ends).
     Step 0, the base model, is neither smoothed nor a neighbour."""
-    table = {s: v for s, v in _as_scores(scores).items() if s > 0 and math.isfinite(v)}
+    table = {s: v for s, v in as_scores(scores).items() if s > 0 and math.isfinite(v)}
     steps = sorted(table)
     return {s: float(np.mean([table[t] for t in steps[max(0, i - width):i + width + 1]])) for i, s in enumerate(steps)}
 
@@ -484,7 +492,7 @@ def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_
     """
     require(k >= 1 and k % 2 == 1, "average_checkpoints", f"must be odd (the window is centred on a step), got {k}")
     best = choose_step(scores, force_step)
-    ckpts = sorted(s for s, v in _as_scores(scores).items() if s > 0 and math.isfinite(v))
+    ckpts = sorted(s for s, v in as_scores(scores).items() if s > 0 and math.isfinite(v))
     fewest = 2 * k if min_checkpoints is None else max(k, min_checkpoints)
     if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < fewest:
         return [best]
@@ -492,242 +500,6 @@ def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_
     i = ckpts.index(center)
     lo = min(max(0, i - k // 2), len(ckpts) - k)
     return ckpts[lo:lo + k]
-
-
-def average_adapters(folders: list[Path], out: Path) -> Path:
-    """One LoRA adapter in ``out`` whose weight update is exactly the mean of the updates of the adapters in
-    ``folders``: their factors concatenated along the rank (the A matrices stacked, the B matrices side by side and
-    divided by their count) with ``r`` and ``lora_alpha`` multiplied by the count, so the scaling alpha / r stays.
-    Merged, it costs what one adapter costs; unmerged, its rank is the count times the rank.
-
-    Any count works (an odd one is the window rule's, :func:`choose_window`; a soup of two seeds' best steps is two).
-    Refused, naming the folder: per-module ranks or alphas, rsLoRA, DoRA, adapters of another ``r`` or ``lora_alpha``
-    than the first, and adapters whose tensors differ in name or shape."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    k = len(folders)
-    configs = [json.loads((Path(f) / ADAPTER_FILES[0]).read_text()) for f in folders]
-    for f, c in zip(folders, configs):
-        require(not c.get("rank_pattern") and not c.get("alpha_pattern") and not c.get("use_rslora")
-                and not c.get("use_dora"), "average_checkpoints",
-                f"{f}: per-module ranks, rsLoRA scaling or DoRA cannot be averaged this way")
-        # the factors are joined under the first adapter's scaling: another r or alpha would weigh its update wrongly
-        require((c.get("r"), c.get("lora_alpha")) == (configs[0].get("r"), configs[0].get("lora_alpha")),
-                "average_checkpoints", f"{f} has r={c.get('r')}, lora_alpha={c.get('lora_alpha')}; {folders[0]} has "
-                f"r={configs[0].get('r')}, lora_alpha={configs[0].get('lora_alpha')}")
-    tensors = [load_file(str(Path(f) / ADAPTER_FILES[1])) for f in folders]
-    names = set(tensors[0])
-    for f, t in zip(folders, tensors):
-        require(set(t) == names, "average_checkpoints", f"{f} holds other LoRA tensors than {folders[0]}")
-        for n in sorted(names):
-            require(t[n].shape == tensors[0][n].shape, "average_checkpoints",
-                    f"{f}: {n} has shape {tuple(t[n].shape)}, in {folders[0]} {tuple(tensors[0][n].shape)}")
-    averaged = {}
-    for name in tensors[0]:
-        parts = [t[name] for t in tensors]
-        if ".lora_A." in name or ".lora_embedding_A" in name:  # (rank, in)
-            averaged[name] = torch.cat(parts, dim=0).contiguous()
-        elif ".lora_B." in name or ".lora_embedding_B" in name:  # (out, rank)
-            averaged[name] = (torch.cat(parts, dim=1) / k).contiguous()
-        else:  # anything else trained beside the factors (modules_to_save, biases): their plain mean
-            averaged[name] = torch.stack(parts).mean(0)
-    config = dict(configs[0])
-    config.update(r=config["r"] * k, lora_alpha=config["lora_alpha"] * k)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(averaged, str(out / ADAPTER_FILES[1]))
-    (out / ADAPTER_FILES[0]).write_text(json.dumps(config, indent=2) + "\n")
-    return out
-
-
-def _window(chosen: int | list[int] | None, scores, cfg: SelectConfig) -> list[int]:
-    """The exported steps: as given, else as the rule chooses them. On the report rows, which choose nothing, the
-    steps the choice rows exported (``selection.json``), whatever was given."""
-    if scores_report_rows(cfg):
-        sel = artifacts.Selection.find(cfg.run_dir / SELECTED_DIR)
-        return (sel.averaged_steps or [sel.step]) if sel is not None else []
-    if chosen is None:
-        return choose_window(scores, cfg.average_checkpoints, cfg.force_step)
-    return [int(c) for c in chosen] if isinstance(chosen, (list, tuple)) else [int(chosen)]
-
-
-def _selected_score(cfg: SelectConfig) -> float | None:
-    """The exported adapter's score that :func:`score_selected` recorded for these rows, if any."""
-    if scores_report_rows(cfg):
-        path = cfg.run_dir / f"{REPORT_BY_STEP}.json"
-        return read_json_object(path, SelectionError).get("selected", {}).get("scs") if path.exists() else None
-    sel = artifacts.Selection.find(cfg.run_dir / SELECTED_DIR)
-    return sel.selected_scs if sel is not None else None
-
-
-def plot_scores(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | list[int] | None = None) -> Path:
-    """Mean SCS against step (step 0 = base model) with the eval loss on a second axis, as ``selected/scores.png``.
-
-    The chosen step is starred; checkpoints averaged into the export are shaded, with the averaged adapter's own
-    score (a diamond) once :func:`score_selected` has it. The best-scoring step is where training stopped helping on
-    these rows: the steps after it are shaded, so a curve that is still rising at the last step (train longer) reads
-    differently from one that peaked early (over-fitting, or a learning rate too high).
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scores = scores.sort_values("step")
-    report = scores_report_rows(cfg)
-    window = _window(chosen, scores, cfg)
-    chosen = choose_step(scores) if report or not window else window[len(window) // 2]
-    best = choose_step(scores)
-    last = int(scores["step"].max())
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(scores["step"], scores["scs"], "o-", label="mean SCS (left axis)")
-    base = scores.loc[scores["step"] == 0, "scs"]
-    if len(base):
-        ax.axhline(float(base.iloc[0]), color="grey", ls="--", lw=1, label="step 0 (base model)")
-    if best < last:
-        ax.axvspan(best, last, color="tab:orange", alpha=0.12,
-                   label=f"after step {best}: no better score (training stopped helping)")
-    else:
-        ax.annotate("still rising at the last step:\ntraining longer may help", (best, float(scores["scs"].max())),
-                    textcoords="offset points", xytext=(-150, -40), fontsize=8,
-                    arrowprops=dict(arrowstyle="->", color="grey"))
-    pick = scores.loc[scores["step"] == chosen]
-    if len(window) > 1:
-        ax.axvspan(window[0], window[-1], color="tab:purple", alpha=0.15,
-                   label=f"averaged into the export: steps {window[0]}-{window[-1]}")
-        averaged = _selected_score(cfg)
-        if averaged is not None:
-            ax.plot([window[len(window) // 2]], [averaged], "D", ms=9, color="tab:purple",
-                    label=f"the averaged adapter: {averaged:.4f}")
-    ax.plot(pick["step"], pick["scs"], "*", ms=16, color="tab:red",
-            label=f"highest here: step {chosen} (not exported)" if report else
-            f"chosen: step {chosen}" + (" (forced)" if cfg.forced else ""))
-    losses = checkpoint_metrics(cfg.run_dir).dropna(subset=["eval_loss"])
-    if len(losses):
-        twin = ax.twinx()
-        twin.plot(losses["step"], losses["eval_loss"], "s:", color="tab:green", alpha=0.7, ms=4)
-        twin.set_ylabel("eval loss (dotted, right axis)", color="tab:green")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("mean sharpened cosine (cos³)")
-    rows = "report rows (they chose nothing)" if report else "choice rows"
-    ax.set_title(f"{cfg.run_name}: SCS on {int(scores['rows'].iloc[0])} {rows}\nscorer: "
-                 f"{scores['scorer'].iloc[0]}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    path = cfg.run_dir / f"{REPORT_BY_STEP}.png" if report else cfg.run_dir / SELECTED_DIR / "scores.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def score_table(cfg: SelectConfig, scores: pd.DataFrame, chosen: int | list[int]) -> pd.DataFrame:
-    """Scores per step beside the losses, the exported step(s) marked: the notebook's summary table."""
-    losses = checkpoint_metrics(cfg.run_dir)
-    table = scores.merge(losses, on="step", how="left")
-    table["chosen"] = table["step"].isin(_window(chosen, scores, cfg))
-    cols = ["step", "scs", "cos", "eval_loss", "train_loss", "rows", "fallbacks", "seconds", "scorer", "chosen"]
-    return table[cols].round({"scs": 4, "cos": 4, "eval_loss": 4, "train_loss": 4})
-
-
-def _clear_export(out: Path) -> None:
-    """Remove a previous selection's adapter and merged weights, so the folder never mixes two selections."""
-    for name in ADAPTER_FILES + (artifacts.SELECTION_FILE,):
-        (out / name).unlink(missing_ok=True)
-    if (out / "merged").exists():
-        shutil.rmtree(out / "merged")
-
-
-def export_selection(cfg: SelectConfig, scores: pd.DataFrame, step: int | list[int],
-                     validation: pd.DataFrame | None = None, run_cfg: dict | None = None) -> Path:
-    """Write ``selected/``: the chosen adapter, ``selection.json`` and (with ``export_merged``) ``merged/``.
-
-    ``step`` is one step, or the steps of :func:`choose_window`: several are averaged into one adapter
-    (:func:`average_adapters`), and ``selection.json`` names the middle one as its ``step`` and all of them as
-    ``averaged_steps``. When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model worse on
-    validation, and shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter":
-    null`` and names the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
-    """
-    table = _as_scores(scores)
-    window = [int(x) for x in step] if isinstance(step, (list, tuple)) else [int(step)]
-    step = window[len(window) // 2]
-    for s_ in window:
-        require(s_ in table, "step", f"{s_} was not scored; scored: {sorted(table)}")
-    out = cfg.run_dir / SELECTED_DIR
-    per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
-        {"step": s, "scs": v} for s, v in sorted(table.items())]
-    rounded = {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}
-    if scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
-        artifacts.write_json(cfg.run_dir / f"{REPORT_BY_STEP}.json", {
-            "run": cfg.run_name, "validation_file": str(cfg.run_dir / artifacts.REPORT_FILE), "scores": rounded,
-            "per_step": per_step, "created": datetime.datetime.now().isoformat(timespec="seconds")})
-        logger.info("report rows scored by step -> %s; they choose nothing, so %s keeps the step the choice rows "
-                    "chose", cfg.run_dir / f"{REPORT_BY_STEP}.json", out)
-        return out
-    run_cfg = run_cfg if run_cfg is not None else read_run_config(cfg.run_dir)
-    ckpts = run_checkpoints(cfg.run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_export(out)
-    best_ckpt = choose_step({s: v for s, v in table.items() if s > 0}) if len(table) > 1 else None
-    base_won = step == 0
-    if base_won:
-        logger.warning("step 0 (the base model, no adapter) scored best (%.4f vs %.4f at step %s): no adapter is "
-                       "exported. Train longer or differently, or set force_step=%s to export that checkpoint anyway",
-                       table[0], table.get(best_ckpt, float("nan")), best_ckpt, best_ckpt)
-    elif len(window) > 1:
-        average_adapters([ckpts[w] for w in window], out)
-        logger.info("exported the mean of the adapters of steps %s (the peak of the %d-checkpoint moving average)",
-                    ", ".join(map(str, window)), len(window))
-    else:
-        for name in ADAPTER_FILES:
-            shutil.copy2(ckpts[step] / name, out / name)
-    merged = None
-    if cfg.export_merged:  # the merge loads another copy of the base: the scoring model goes first
-        _free(_held_sampler(cfg))
-    if cfg.export_merged and not base_won:
-        merged = export_merged(cfg, run_cfg, out if len(window) > 1 else ckpts[step], out / "merged")
-    elif cfg.export_merged:
-        logger.warning("export_merged: step 0 won, so there is nothing to merge (the base model is unchanged)")
-    losses = checkpoint_metrics(cfg.run_dir).set_index("step")["eval_loss"].to_dict()
-    for r in per_step:
-        r["eval_loss"] = None if losses.get(r["step"]) is None or pd.isna(losses.get(r["step"])) else \
-            float(losses[r["step"]])
-    scorer = per_step[0].get("scorer", "unknown")
-    own = cfg.run_dir / artifacts.VALIDATION_FILE
-    artifacts.Selection(
-        run=cfg.run_name,
-        preset=run_cfg.get("preset"),
-        base_model_path=_base_model_path(cfg, run_cfg),
-        step=step,
-        adapter=None if base_won else ADAPTER_FILES[1],
-        base_model_won=base_won,
-        forced=bool(cfg.forced),
-        averaged_steps=window if len(window) > 1 else [],
-        rule=f"forced by force_step={step}" if cfg.forced else (
-            f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving average"
-            " of mean SCS" if len(window) > 1 else "highest mean SCS; the earlier step on ties"),
-        best_checkpoint_step=best_ckpt,
-        scores=rounded,
-        per_step=per_step,
-        scorer=scorer,
-        scorer_precision=per_step[0].get("precision"),
-        validation_file=str(resolve_path(cfg.validation_file) if cfg.validation_file else own),
-        val_rows=cfg.rows_per_step,
-        rows_scored=int(per_step[0].get("rows", len(validation) if validation is not None else 0)),
-        prompt_groups=int(_group_key(validation).nunique()) if validation is not None else None,
-        max_new_tokens=cfg.max_new_tokens,
-        max_prompt_tokens=prompt_token_limit(cfg, run_cfg),
-        merged="merged" if merged else None,
-        checkpoint=str(ckpts[step]) if not base_won and len(window) == 1 else None,
-        created=datetime.datetime.now().isoformat(timespec="seconds"),
-        config=dataclasses.asdict(cfg),
-    ).write(out)
-    base = table.get(0)
-    logger.info("selected step %d of %s%s: mean SCS %.4f vs %s at step 0 (base model), scorer %s -> %s", step,
-                cfg.run_name, f" (averaged over steps {window[0]}-{window[-1]})" if len(window) > 1 else "",
-                table[step], f"{base:.4f}" if base is not None else "n/a", scorer, out)
-    return out
 
 
 def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scorer,
@@ -767,12 +539,3 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
         sel.selected_scs = round(row["scs"], 4)
         sel.write(out)
     return row["scs"]
-
-
-def export_merged(cfg: SelectConfig, run_cfg: dict, checkpoint: Path, out: Path) -> Path:
-    """Merge the adapter into the base weights and save fp16 weights + tokenizer as a full HF folder
-    (:func:`kaggle_utils.adapters.merge_adapter`): faster to serve with vLLM, which then needs no LoRA kernels."""
-    preset = run_cfg.get("preset", models.DEFAULT_PRESET)
-    adapters.merge_adapter(preset, _base_model_path(cfg, run_cfg), str(checkpoint), out)
-    logger.info("merged fp16 weights of %s -> %s", checkpoint.name, out)
-    return out

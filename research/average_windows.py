@@ -3,7 +3,7 @@
 Usage: python research/average_windows.py RUN [RUN ...] [--k 5 9 13] [--tail 9 15] [--soup]
 
 Each RUN folder needs its choice rows scored by step (``make select RUN=...``: ``selection/step-N.json``). For each
-window rule, the adapters of its checkpoints are averaged into one (``checkpoints.average_adapters``, the exact mean
+window rule, the adapters of its checkpoints are averaged into one (``export.average_adapters``, the exact mean
 of their updates) under ``RUN/windows/<rule>/``, and that adapter gets greedy predictions on the run's choice rows
 and on its report rows with the select stage's own sampler and scorer (cached in
 ``selection/[report/]step-win-<rule>.json``, so a rerun only scores what is new). A run without report rows (a
@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from kaggle_utils import checkpoints, data, metric, training
+from kaggle_utils import checkpoints, data, export, metric, training
 from kaggle_utils.config import setup_logging
 
 
@@ -104,7 +104,7 @@ def row_sets(found: dict) -> str:
 
 def averaged(folders: list[Path], out: Path) -> Path:
     """One checkpoint as it is, several averaged into one adapter at ``out``."""
-    return folders[0] if len(folders) == 1 else checkpoints.average_adapters(folders, out)
+    return folders[0] if len(folders) == 1 else export.average_adapters(folders, out)
 
 
 def one_run(run: Path, ks: list[int], tails: list[int], scorer, val_rows: int = 0) -> dict:

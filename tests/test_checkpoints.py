@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import artifacts, checkpoints, config, data, engines, training
+from kaggle_utils import artifacts, checkpoints, config, data, engines, export, training
 from conftest import GEMMA_CSV
 
 # ---------------------------------------------------------------- the selection rule
@@ -290,7 +290,7 @@ def test_export_copies_the_chosen_adapter(tmp_path, rewrites_csv):
     stale = run / "selected" / "merged"
     stale.mkdir(parents=True)  # from an earlier selection with export_merged
     val = checkpoints.load_validation(cfg)
-    out = checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8, val)
+    out = export.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8, val)
     assert (out / "adapter_model.safetensors").read_bytes() == b"weights of step 8"
     assert json.loads((out / "adapter_config.json").read_text())["step"] == 8
     assert not stale.exists()
@@ -322,14 +322,14 @@ def test_max_prompt_tokens_travels_from_training_through_selection_to_inference(
     scores = checkpoints.score_steps(cfg, val, FakeScorer(), run_cfg)
     assert {json.loads(f.read_text())["key"]["max_prompt_tokens"] for f in (run / "selection").glob("step-*.json")} \
         == {192}  # every step was sampled with the training cut
-    out = checkpoints.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
+    out = export.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
     assert artifacts.Selection.read(out).max_prompt_tokens == 192
     infer = inference.InferenceConfig(models=[{"name": "m", "preset": "smollm2-135m", "adapter": str(out)}])
     assert infer.sampling_config(infer.model_entries[0]).max_prompt_tokens == 192
     # the selection stage's own setting wins over the run's, and travels on the same way
     cfg = select_cfg(tmp_path, max_prompt_tokens=256)
     assert checkpoints.prompt_token_limit(cfg, run_cfg) == 256
-    out = checkpoints.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
+    out = export.export_selection(cfg, scores, checkpoints.choose_step(scores), val, run_cfg)
     assert artifacts.Selection.read(out).max_prompt_tokens == 256
 
 
@@ -337,7 +337,7 @@ def test_report_rows_scored_by_step_never_replace_the_choice(tmp_path, rewrites_
     # selected/ holds step 8, chosen on the choice rows; scoring the report rows by step, where step 16 is higher,
     # writes their scores beside the run and leaves selected/ (adapter, selection.json, plot) as it was
     run = make_run(tmp_path, rewrites_csv, held_out_groups=(4,))
-    checkpoints.export_selection(select_cfg(tmp_path), _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8)
+    export.export_selection(select_cfg(tmp_path), _scores({0: 0.02, 8: 0.09, 16: 0.08}), 8)
     chosen = {p.name: p.read_bytes() for p in (run / "selected").iterdir()}
     rows = pd.read_csv(rewrites_csv)
     rows[rows["rewrite_prompt"].isin(["Rewrite this in style 2.", "Rewrite this in style 3."])].to_csv(
@@ -345,20 +345,20 @@ def test_report_rows_scored_by_step_never_replace_the_choice(tmp_path, rewrites_
     cfg = select_cfg(tmp_path, validation_file=str(run / "report.csv"))
     assert checkpoints.scores_report_rows(cfg) and not checkpoints.scores_report_rows(select_cfg(tmp_path))
     report = _scores({0: 0.01, 8: 0.10, 16: 0.12})
-    checkpoints.export_selection(cfg, report, checkpoints.choose_step(report))
+    export.export_selection(cfg, report, checkpoints.choose_step(report))
     assert {p.name: p.read_bytes() for p in (run / "selected").iterdir()} == chosen
     assert json.loads((run / "report_by_step.json").read_text())["scores"] == {"0": 0.01, "8": 0.1, "16": 0.12}
-    assert checkpoints.plot_scores(cfg, report, 16) == run / "report_by_step.png"
+    assert export.plot_scores(cfg, report, 16) == run / "report_by_step.png"
     assert {p.name: p.read_bytes() for p in (run / "selected").iterdir()} == chosen
 
 
 def test_export_when_the_base_model_wins(tmp_path, rewrites_csv, caplog):
     run = make_run(tmp_path, rewrites_csv)
     cfg = select_cfg(tmp_path)
-    checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09}), 8)
+    export.export_selection(cfg, _scores({0: 0.02, 8: 0.09}), 8)
     assert (run / "selected" / "adapter_model.safetensors").exists()
     with caplog.at_level(logging.WARNING, logger="kaggle_utils"):
-        out = checkpoints.export_selection(cfg, _scores({0: 0.12, 8: 0.09, 16: 0.10}), 0)
+        out = export.export_selection(cfg, _scores({0: 0.12, 8: 0.09, 16: 0.10}), 0)
     assert not (out / "adapter_model.safetensors").exists()  # the earlier selection's adapter is gone
     assert not (out / "adapter_config.json").exists()
     sel = json.loads((out / "selection.json").read_text())
@@ -369,7 +369,7 @@ def test_export_when_the_base_model_wins(tmp_path, rewrites_csv, caplog):
 def test_forced_export_is_flagged(tmp_path, rewrites_csv):
     make_run(tmp_path, rewrites_csv)
     cfg = select_cfg(tmp_path, force_step=16)
-    out = checkpoints.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.05}), 16)
+    out = export.export_selection(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.05}), 16)
     sel = json.loads((out / "selection.json").read_text())
     assert sel["step"] == 16 and sel["forced"] and "forced" in sel["rule"] and sel["best_checkpoint_step"] == 8
 
@@ -378,7 +378,7 @@ def test_plots(tmp_path, rewrites_csv):
     make_run(tmp_path, rewrites_csv)
     cfg = select_cfg(tmp_path)
     assert checkpoints.plot_losses(cfg).stat().st_size > 1000
-    png = checkpoints.plot_scores(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}))
+    png = export.plot_scores(cfg, _scores({0: 0.02, 8: 0.09, 16: 0.08}))
     assert png.name == "scores.png" and png.parent.name == "selected" and png.stat().st_size > 1000
 
 
@@ -415,20 +415,20 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
     assert list(ckpts) == [1, 2]
 
     # the adapter really changes the model, step 0 really is the base, one adapter is held at a time
-    sampler = checkpoints._StepSampler(cfg, run_cfg)
+    engine = checkpoints._step_engine(cfg, run_cfg)
     ids = torch.tensor([[1, 200, 300, 400, 500]])
-    logits = lambda: sampler.engine.model(input_ids=ids).logits.float()  # noqa: E731
+    logits = lambda: engine.model(input_ids=ids).logits.float()  # noqa: E731
     with torch.inference_mode():
         at0 = logits()
-        sampler._attach(1, ckpts[1])
+        engine.use_adapter(ckpts[1])
         at1 = logits()
-        with sampler.peft.disable_adapter():
+        with engine.model.disable_adapter():
             assert torch.equal(logits(), at0)
-        sampler._attach(2, ckpts[2])
+        engine.use_adapter(ckpts[2])
         at2 = logits()
     assert not torch.equal(at1, at0) and not torch.equal(at2, at1)
-    assert list(sampler.peft.peft_config) == ["step-2"]
-    del sampler
+    assert list(engine.model.peft_config) == [engine.model.active_adapter]  # step 2's, step 1's dropped
+    engine.close()
 
     val = checkpoints.load_validation(cfg, run_cfg)
     scorer = metric.Scorer(device="cpu")
@@ -447,7 +447,7 @@ def test_tiny_model_selection_switches_adapters_and_exports_merged(tmp_path, tin
     pd.testing.assert_frame_equal(checkpoints.score_steps(cfg, val, scorer, run_cfg).drop(columns="seconds"),
                                   scores.drop(columns="seconds"))
 
-    out = checkpoints.export_selection(cfg, scores, 2, val, run_cfg)  # forced through the API: step 2 has an adapter
+    out = export.export_selection(cfg, scores, 2, val, run_cfg)  # forced through the API: step 2 has an adapter
     merged = out / "merged"
     assert (merged / "config.json").exists() and (merged / "tokenizer.json").exists()
     weights = load_file(str(next(merged.glob("*.safetensors"))))
@@ -471,7 +471,7 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
     cfg = checkpoints.SelectConfig(run_name="tiny", runs_dir=str(tmp_path / "runs"))
     run_cfg = checkpoints.prepare_selection(cfg)
     ckpt = artifacts.find_checkpoints(run)[2]
-    merged = checkpoints.export_merged(cfg, run_cfg, ckpt, tmp_path / "merged")
+    merged = export.export_merged(cfg, run_cfg, ckpt, tmp_path / "merged")
     weights = load_file(str(next(merged.glob("*.safetensors"))))
     original = load_file(str(base / "model.safetensors"))
     name = "layers.{}.self_attn.q_proj.weight"
@@ -524,7 +524,7 @@ def test_averaged_adapter_applies_the_mean_of_the_checkpoints_updates(tmp_path):
         key = _lora_checkpoint(tmp_path / f"checkpoint-{i}", a, b)
         folders.append(tmp_path / f"checkpoint-{i}")
         updates.append(b @ a * (8 / 4))
-    out = checkpoints.average_adapters(folders, tmp_path / "avg")
+    out = export.average_adapters(folders, tmp_path / "avg")
     cfg = json.loads((out / "adapter_config.json").read_text())
     t = load_file(str(out / "adapter_model.safetensors"))
     assert (cfg["r"], cfg["lora_alpha"]) == (12, 24)
@@ -551,7 +551,7 @@ def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_
     val = checkpoints.load_validation(cfg)
     table = {0: 0.0, 8: 0.30, 16: 0.1, 24: 0.1, 32: 0.2, 40: 0.25, 48: 0.26, 56: 0.25, 64: 0.2, 72: 0.1, 80: 0.1}
     window = checkpoints.choose_window(table, cfg.average_checkpoints)
-    out = checkpoints.export_selection(cfg, _scores(table), window, val)
+    out = export.export_selection(cfg, _scores(table), window, val)
     sel = artifacts.Selection.read(out)
     assert (sel.step, sel.averaged_steps, sel.checkpoint) == (48, [40, 48, 56], None)
     assert sel.rule.startswith("the mean of the 3 checkpoints around the peak")
@@ -571,7 +571,7 @@ def test_export_averages_the_window_and_records_it(tmp_path, rewrites_csv, fake_
     assert fake_model.generated == ["selected"]
     assert artifacts.Selection.read(out).selected_scs == pytest.approx(scs, abs=1e-4)
     # a single step's export reads as before averaging existed: no averaged_steps key at all
-    out = checkpoints.export_selection(cfg, _scores(table), 8, val)
+    out = export.export_selection(cfg, _scores(table), 8, val)
     assert "averaged_steps" not in json.loads((out / "selection.json").read_text())
 
 
@@ -605,7 +605,7 @@ def test_averaging_refuses_adapters_whose_mean_it_cannot_write(tmp_path, change,
         written = json.loads((last / "adapter_config.json").read_text())
         (last / "adapter_config.json").write_text(json.dumps({**written, **change}))
     with pytest.raises(config.ConfigError, match=f"^average_checkpoints: .*{message}"):
-        checkpoints.average_adapters(folders, tmp_path / "avg")
+        export.average_adapters(folders, tmp_path / "avg")
     assert not (tmp_path / "avg").exists()
 
 
@@ -652,7 +652,7 @@ def test_averaging_an_embedding_lora_and_a_module_to_save(tmp_path, tiny_model_d
                                                  "lm_head.weight")}
 
     each = [merged(f) for f in folders]
-    averaged = merged(checkpoints.average_adapters(folders, tmp_path / "avg"))
+    averaged = merged(export.average_adapters(folders, tmp_path / "avg"))
     original = dict(AutoModelForCausalLM.from_pretrained(str(base)).state_dict())
     for name, weight in averaged.items():
         mean = torch.stack([e[name] for e in each]).mean(0)
