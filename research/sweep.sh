@@ -44,7 +44,8 @@ for ((seed = 0; seed < seeds; seed++)); do
   while IFS= read -r arm; do
     case "$arm" in ''|'#'*) continue ;; esac
     gpu=$([ "$gpus" -ge 1 ] && echo $((i % gpus)) || echo -1)
-    echo "${arm%%|*}-s$seed $gpu -p seed $seed ${arm#*|}"; i=$((i + 1))
+    # no trailing blank: xargs -L would join the next line to this one (an arm with no arguments, e.g. "base|")
+    line="${arm%%|*}-s$seed $gpu -p seed $seed ${arm#*|}"; echo "${line%"${line##*[! ]}"}"; i=$((i + 1))
   done < "$arms_file"
 done | xargs -P "$jobs" -L 1 bash -c 'one "$@"' _
 echo "sweep done: python research/sweep_table.py $out"

@@ -193,3 +193,18 @@ def test_kernel_e2e_tiny_runs_the_submission_notebook_and_times_its_parts(tmp_pa
     assert line["engine"] == "hf" and line["rows"] == 6 and line["n"] == 2
     assert line["start_s"] > 0 and line["sampling_s"] > 0 and line["end_to_end_s"] >= line["sampling_s"]
     assert "| lora (hf) | 2 |" in (tmp_path / "out" / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_cpu_training_levers_times_each_arm_against_the_recipe(tmp_path):
+    """Two runs of the CPU recipe (the real SmolLM2, a few steps each): the recipe and an arm with shorter prompts;
+    each timed from its own step log, the arm's ratio taken against the baseline of its round."""
+    result = _run(["benchmarks/cpu_training_levers.py", "--steps", "4", "--reps", "1",
+                   "--arm", "short:max_prompt_tokens=128,max_seq_length=224"], tmp_path)
+    arms = {s["arm"]: s for s in result["summary"]}
+    assert set(arms) == {"baseline", "short"}
+    assert arms["short"]["overrides"] == {"max_prompt_tokens": 128, "max_seq_length": 224}
+    assert arms["short"]["mean_tokens"] < arms["baseline"]["mean_tokens"]  # the override reached the training rows
+    assert all(r["steps_timed"] == 2 and r["seconds_per_step"] > 0 for r in result["runs"])  # steps 2->3, 3->4
+    assert arms["short"]["ratio"] == pytest.approx(arms["short"]["examples_per_s"] / arms["baseline"]["examples_per_s"])
+    assert "| short |" in (tmp_path / "results.md").read_text()
