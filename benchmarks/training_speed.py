@@ -1,4 +1,4 @@
-"""Data-parallel training speed: samples/s on 1 GPU and on N through the project's own ``training.launch`` (what
+"""Data-parallel training speed: samples/s on 1 GPU and on N through the project's own ``distributed.launch`` (what
 ``make train-<model> GPUS=N`` runs), the loss curves of both over the same rows, and one QLoRA preset trained
 data-parallel, 4-bit per card, in one run.
 
@@ -7,7 +7,7 @@ Usage (on a box with 2+ GPUs, TRL, datasets and bitsandbytes; writes results.jso
 CPU smoke test (two gloo processes, a 2-layer stand-in; about a minute):
     python benchmarks/training_speed.py --models tiny --steps 3 --qlora "" --out runs/bench/training-tiny
 
-Each (model, process count) is one phase, run in a fresh Python (``--phase``): ``training.launch`` forks its workers
+Each (model, process count) is one phase, run in a fresh Python (``--phase``): ``distributed.launch`` forks its workers
 with accelerate's ``notebook_launcher``, which needs a parent that never touched CUDA, and the one-GPU phase sees one
 card (``CUDA_VISIBLE_DEVICES=0``), as ``GPUS`` unset on a one-card box. Every phase trains the model's own recipe
 (``configs/<preset>.yaml``; SmolLM2: ``configs/smollm2-135m-gpu.yaml``) on the real data, with ``max_steps`` cut short,
@@ -139,10 +139,10 @@ def patch_step_timer() -> None:
 
 
 def run_phase(spec: dict) -> dict:
-    """Train one (model, processes) phase through ``training.launch``; what its metrics log and step times say."""
+    """Train one (model, processes) phase through ``distributed.launch``; what its metrics log and step times say."""
     import yaml
 
-    from kaggle_utils import config, models, training
+    from kaggle_utils import config, distributed, models, training
 
     config.setup_logging()
     values = yaml.safe_load((common.REPO / spec["recipe"]).read_text())
@@ -153,7 +153,7 @@ def run_phase(spec: dict) -> dict:
     cfg = training.TrainConfig(**values)
     training.prepare_run(cfg)
     t0 = time.perf_counter()
-    state = training.launch(cfg)
+    state = distributed.launch(cfg)
     seconds = time.perf_counter() - t0
     rows = [json.loads(ln) for ln in (cfg.run_dir / training.METRICS_FILE).read_text().splitlines() if ln.strip()]
     ranks = {int(p.stem.rsplit("rank", 1)[1]): [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]

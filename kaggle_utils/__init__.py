@@ -12,7 +12,9 @@ Shared by every stage
     ``metric``       the competition metric (sharpened cosine) and the scorer that embeds with a cache
 
 1. Train (``train.ipynb``)
-    ``training``     LoRA / QLoRA fine-tuning: checkpoints, eval loss, data-parallel launch
+    ``training``     LoRA / QLoRA fine-tuning with TRL: the model, the split and datasets, the trainer, resuming
+    ``callbacks``    the trainer's callbacks: the metrics log, and the time budget that fits the loop to its minutes
+    ``distributed``  one process or data-parallel ones (one per GPU) launched from the notebook; what the run ended with
     ``experts``      Mixtral's experts in 4 bits for QLoRA
     ``artifacts``    what a run leaves for later stages: checkpoint folders, selection.json, max_prompt_tokens
 2. Select (``select_checkpoint.ipynb``)

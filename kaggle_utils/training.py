@@ -6,28 +6,26 @@ Usage (headless): ``make train-smollm`` or ``make train-mistral BASE_MODEL=/path
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from . import artifacts, data, models, prompts
-from .artifacts import BUDGET_FILE, METRICS_FILE, REPORT_FILE, VALIDATION_FILE  # the run folder's files
-from .config import ConfigError, read_json_object, require, resolve_path, save_config, saved_config
+from . import artifacts, callbacks, data, models, prompts
+# The run folder's files, named in artifacts (importable from here too, as before the layout moved there).
+from .artifacts import BUDGET_FILE, METRICS_FILE, REPORT_FILE, VALIDATION_FILE  # noqa: F401
+from .config import ConfigError, require, resolve_path, save_config, saved_config
 
 logger = logging.getLogger("kaggle_utils")
 
 # torch.cuda.is_available() asks the CUDA driver by default, and a process that did can no longer fork workers that
 # use CUDA ("Cannot re-initialize CUDA in forked subprocess"): data-parallel training forks its processes from the
-# notebook kernel (launch). Through NVML the same question leaves CUDA untouched (torch falls back to the driver where
-# NVML is missing); without it every multi-GPU launch fails. Set when the training module is imported, which
-# train.ipynb does in its first code cell, so no cell before launch can poison the fork.
+# notebook kernel (kaggle_utils.distributed.launch). Through NVML the same question leaves CUDA untouched (torch falls
+# back to the driver where NVML is missing); without it every multi-GPU launch fails. Set when the training module is
+# imported, which train.ipynb does in its first code cell, so no cell before launch can poison the fork.
 os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
 
 DEFAULT_TRAIN_FILES = ["data/extra_rewrites.csv", "data/gemma_rewrites.csv"]
@@ -323,141 +321,6 @@ def build_datasets(cfg: TrainConfig, tokenizer):
     return to_ds(train), to_ds(evalset)
 
 
-def _metrics_callback(run_dir: Path):
-    from transformers import TrainerCallback
-
-    class MetricsWriter(TrainerCallback):
-        """Append every log line to metrics.jsonl and write {step, metrics} into each checkpoint folder.
-
-        Each line also has the wall-clock ``time`` (seconds since the epoch: s/step and samples/s come from the
-        difference of two lines) and, on a GPU, this process's peak memory so far (``gpu_peak_gib``)."""
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and state.is_world_process_zero:  # data-parallel: the main process writes, once
-                import torch
-
-                row = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))},
-                       "time": round(time.time(), 3)}
-                if torch.cuda.is_available():
-                    row["gpu_peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-                with open(run_dir / METRICS_FILE, "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
-
-        def on_save(self, args, state, control, **kwargs):
-            if not state.is_world_process_zero:
-                return
-            ckpt = run_dir / f"checkpoint-{state.global_step}"
-            losses = [h["loss"] for h in state.log_history if "loss" in h]
-            evals = [h for h in state.log_history if "eval_loss" in h and h.get("step") == state.global_step]
-            meta = {"step": state.global_step, "train_loss": losses[-1] if losses else None,
-                    "eval_loss": evals[-1]["eval_loss"] if evals else None}
-            if ckpt.is_dir():
-                (ckpt / "metrics.json").write_text(json.dumps(meta, indent=2) + "\n")
-
-    return MetricsWriter()
-
-
-# The time budget decides after timing this many optimizer steps (the first, with its warm-up, not counted), then
-# looks again every BUDGET_RECHECK_STEPS with everything timed so far: early steps on a CPU run slower than later
-# ones (new shapes), so the first estimate errs long and the rechecks give steps back.
-BUDGET_PROBE_STEPS = 3
-BUDGET_RECHECK_STEPS = 5
-_clock = time.monotonic  # the time budget's clock (tests run it on a fake one)
-
-
-def _budget_callback(cfg: TrainConfig):
-    """A callback that fits the training loop into ``cfg.time_budget_minutes`` on the machine it runs on.
-
-    It times the optimizer steps after the first and the evaluations, then projects the whole loop: the time spent,
-    the remaining steps at the measured pace, and the remaining checkpoints' evaluations. When the recipe does not
-    fit, ``max_steps`` becomes the most that does, the checkpoints keep their count (``save_steps`` shrinks with it),
-    and the learning-rate schedule is stretched to end at the new last step, as if the recipe had asked for it; later
-    checks move that step as the pace estimate firms up, never past the recipe's. Each decision goes to
-    ``budget.json`` and the log; a resumed run reads it back instead of measuring again.
-    """
-    from transformers import TrainerCallback
-
-    path = cfg.run_dir / BUDGET_FILE
-    n_checkpoints = max(1, cfg.max_steps // cfg.save_steps)
-    budget = cfg.time_budget_minutes * 60
-
-    def apply(state, scheduler, max_steps: int, save_steps: int) -> None:
-        state.max_steps = max_steps
-        state.save_steps = state.eval_steps = save_steps
-        sched = getattr(scheduler, "scheduler", scheduler)  # accelerate may wrap it
-        lambdas = getattr(sched, "lr_lambdas", [])
-        if lambdas and all(hasattr(f, "keywords") and "num_training_steps" in f.keywords for f in lambdas):
-            sched.lr_lambdas = [type(f)(f.func, *f.args, **{**f.keywords, "num_training_steps": max_steps})
-                                for f in lambdas]
-        elif cfg.lr_scheduler != "constant_with_warmup":
-            logger.warning("time budget: the %s schedule could not be stretched to step %d", cfg.lr_scheduler,
-                           max_steps)
-
-    class TimeBudget(TrainerCallback):
-        def on_train_begin(self, args, state, control, lr_scheduler=None, **kwargs):
-            self.start, self.first, self.last, self.evals, self.done = _clock(), None, None, [], False
-            self.chosen = cfg.max_steps
-            if path.exists():  # a resumed run keeps the steps the first one could afford
-                record = read_json_object(path)
-                if (record.get("planned_steps"), record.get("budget_minutes")) == (cfg.max_steps,
-                                                                                    cfg.time_budget_minutes):
-                    apply(state, lr_scheduler, record["max_steps"], record["save_steps"])
-                    self.done = True
-                    logger.info("time budget: %d steps, as budget.json recorded", record["max_steps"])
-
-        def on_evaluate(self, args, state, control, **kwargs):
-            if not self.done and self.last is not None and self.last[0] == state.global_step:
-                self.evals.append(_clock() - self.last[1])
-
-        def on_step_end(self, args, state, control, lr_scheduler=None, **kwargs):
-            if self.done:
-                return
-            step, now = state.global_step, _clock()
-            self.last = (step, now)
-            if self.first is None:
-                self.first = (step, now)
-            timed = step - self.first[0]
-            if timed < BUDGET_PROBE_STEPS or (timed - BUDGET_PROBE_STEPS) % BUDGET_RECHECK_STEPS:
-                return
-            pace = (now - self.first[1] - sum(self.evals)) / timed
-            # an evaluation's cost: as timed at the checkpoints so far, else from the one before the first step
-            evaluation = float(np.mean(self.evals)) if self.evals else max(0.0, self.first[1] - self.start - pace)
-            spent = now - self.start
-
-            def projected(steps: int) -> float:
-                return spent + (steps - step) * pace + n_checkpoints * (steps - step) / steps * evaluation
-
-            fit = next((m for m in range(cfg.max_steps, step, -1) if projected(m) <= budget), step + 1)
-            if timed > BUDGET_PROBE_STEPS and fit == self.chosen:  # a recheck that changes nothing says nothing
-                return
-            save_steps = cfg.save_steps if fit == cfg.max_steps else max(1, math.ceil(fit / n_checkpoints))
-            if fit != state.max_steps:
-                apply(state, lr_scheduler, fit, save_steps)
-                # the default flow ran first: it may have stopped the loop at the old last step (fit > step always)
-                control.should_training_stop = False
-            record = {"budget_minutes": cfg.time_budget_minutes, "planned_steps": cfg.max_steps,
-                      "seconds_per_step": round(pace, 3), "timed_steps": [self.first[0] + 1, step],
-                      "evaluation_seconds": round(evaluation, 1),
-                      "planned_minutes": round(projected(cfg.max_steps) / 60, 1), "max_steps": fit,
-                      "save_steps": save_steps}
-            if fit == cfg.max_steps:
-                logger.info("time budget %.1f min: %.2f s a step over steps %d-%d, so the %d planned steps take about "
-                            "%.1f min: kept", cfg.time_budget_minutes, pace, self.first[0] + 1, step, cfg.max_steps,
-                            projected(cfg.max_steps) / 60)
-            else:
-                logger.warning("time budget %.1f min: %.2f s a step over steps %d-%d on this machine, so the %d "
-                               "planned steps would take %.1f min: training stops at step %d (a checkpoint every %d "
-                               "steps, the %s schedule ending there). Fewer steps usually score lower; "
-                               "time_budget_minutes=0 trains them all", cfg.time_budget_minutes, pace,
-                               self.first[0] + 1, step, cfg.max_steps, projected(cfg.max_steps) / 60, fit, save_steps,
-                               cfg.lr_scheduler)
-            self.chosen = fit
-            if state.is_world_process_zero:
-                path.write_text(json.dumps(record, indent=2) + "\n")
-
-    return TimeBudget()
-
-
 def _compact_lm_head_everywhere() -> None:
     """Let TRL's fused LM head score only the answer positions on CPU too.
 
@@ -529,9 +392,11 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         ddp_find_unused_parameters=False,  # LoRA: every trainable weight gets a gradient every step
     )
     logger.info("effective batch %d = %d rows x %d accumulation", per_step * accumulation, per_step, accumulation)
-    callbacks = [_metrics_callback(cfg.run_dir)] + ([_budget_callback(cfg)] if cfg.time_budget_minutes else [])
+    hooks = [callbacks.metrics_callback(cfg.run_dir)]
+    if cfg.time_budget_minutes:
+        hooks.append(callbacks.time_budget_callback(cfg))
     return _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, callbacks=callbacks)
+                            processing_class=tokenizer, callbacks=hooks)
 
 
 def _trainer_class():
@@ -583,7 +448,7 @@ def train(cfg: TrainConfig, trainer) -> dict:
     return result.metrics
 
 
-# ---------------------------------------------------------------- one process or several
+# ---------------------------------------------------------------- one process of one or several
 
 
 def batch_split(cfg: TrainConfig, processes: int) -> tuple[int, int]:
@@ -605,88 +470,6 @@ def run(cfg: TrainConfig) -> dict:
     train_ds, eval_ds = build_datasets(cfg, tokenizer)
     trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
     return train(cfg, trainer)
-
-
-def rank_threads(cfg: TrainConfig, gpus: int, cores: int, env_threads: str = "") -> int:
-    """torch CPU threads for one of ``cfg.num_processes`` data-parallel processes: ``cpu_threads`` when set, else
-    the environment's OMP_NUM_THREADS when the user set one, else 1 per GPU process (what ``accelerate launch`` and
-    torchrun set; a GPU process's own CPU work is launching kernels, and idle OpenMP pools of several processes can
-    contend with those launch threads: no measurable effect on a 32-CPU host, BENCHMARKS.md), else the ``cores``
-    this process may use shared out between CPU (gloo) processes."""
-    if cfg.cpu_threads:
-        return cfg.cpu_threads
-    if env_threads.strip().isdigit() and int(env_threads) > 0:
-        return int(env_threads)
-    return 1 if gpus else max(1, cores // cfg.num_processes)
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (a container's or a job's share), not every CPU of the host."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _run_rank(cfg: TrainConfig) -> None:
-    import torch
-
-    from .config import setup_logging
-
-    setup_logging()
-    # accelerate's notebook launcher forks without setting OMP_NUM_THREADS (its command-line launcher does), so
-    # each process would otherwise start torch's default pool, as many threads as the host has cores.
-    threads = rank_threads(cfg, torch.cuda.device_count(), usable_cores(), os.environ.get("OMP_NUM_THREADS", ""))
-    torch.set_num_threads(threads)
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    logger.info("process %s: %d CPU thread(s)", os.environ.get("RANK", "0"), threads)
-    run(cfg)
-
-
-def launch(cfg: TrainConfig) -> dict:
-    """Train ``cfg`` in this process (``num_processes`` 1), or data-parallel in ``num_processes`` processes, one per
-    GPU (gloo on CPUs), through accelerate's ``notebook_launcher``.
-
-    The launcher forks the processes from this one, so the notebook stays the entry point (Kaggle's 2xT4 included)
-    and each process's log lands in the executed notebook. Nothing here may touch CUDA before the fork (the config,
-    the run folder and this call do not). Each process loads the whole model on its own GPU, draws its share of every
-    batch, and only the main process writes checkpoints, ``metrics.jsonl`` and the split files. Returns
-    :func:`final_state`, read back from the run folder.
-    """
-    if cfg.num_processes <= 1:
-        if cfg.cpu_threads:
-            import torch
-
-            torch.set_num_threads(cfg.cpu_threads)  # stays set in this kernel after training
-            logger.info("%d CPU thread(s)", cfg.cpu_threads)
-        run(cfg)
-        return final_state(cfg)
-    import torch
-    from accelerate import notebook_launcher
-
-    # device_count (and is_available, with the NVML check set at the top of this module) leaves CUDA uninitialized,
-    # so the fork below stays safe.
-    gpus = torch.cuda.device_count()
-    require(not gpus or cfg.num_processes <= gpus, "num_processes",
-            f"{cfg.num_processes} processes need as many GPUs; {gpus} are visible (GPUS=... of make train)")
-    _, accumulation = batch_split(cfg, cfg.num_processes)
-    logger.info("data-parallel: %d processes x micro batch %d x %d accumulation = effective batch %d",
-                cfg.num_processes, cfg.micro_batch_size, accumulation, cfg.batch_size)
-    notebook_launcher(_run_rank, args=(cfg,), num_processes=cfg.num_processes)
-    return final_state(cfg)
-
-
-def final_state(cfg: TrainConfig) -> dict:
-    """What the run ended with, read from its folder (the same for one process or several): the last complete
-    checkpoint, its step, the last logged train loss and eval loss, and the processes that trained it."""
-    last = find_last_checkpoint(cfg.run_dir)
-    state = json.loads((last / "trainer_state.json").read_text()) if last else {}
-    history = state.get("log_history", [])
-    losses = [h["loss"] for h in history if "loss" in h]
-    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
-    return {"global_step": state.get("global_step"), "checkpoint": str(last) if last else None,
-            "train_loss": losses[-1] if losses else None, "eval_loss": evals[-1] if evals else None,
-            "num_processes": cfg.num_processes}
 
 
 # ---------------------------------------------------------------- the result

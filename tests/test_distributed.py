@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kaggle_utils import artifacts, config, training
+from kaggle_utils import artifacts, callbacks, config, distributed, training
 from conftest import EXTRA_CSV, GEMMA_CSV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,11 +50,11 @@ def test_launch_runs_here_for_one_process_and_forks_n_otherwise(tmp_path, tiny_m
     monkeypatch.setattr(training, "run", lambda cfg: calls.append(("here", cfg.num_processes)))
     monkeypatch.setattr(accelerate, "notebook_launcher",
                         lambda fn, args, num_processes: calls.append(("launcher", num_processes, fn, args[0])))
-    one = training.launch(cfg_of(tmp_path, tiny_model_dir("mistral")))
+    one = distributed.launch(cfg_of(tmp_path, tiny_model_dir("mistral")))
     cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2)
-    two = training.launch(cfg)
+    two = distributed.launch(cfg)
     assert calls[0] == ("here", 1)
-    assert calls[1][:2] == ("launcher", 2) and calls[1][2] is training._run_rank and calls[1][3] is cfg
+    assert calls[1][:2] == ("launcher", 2) and calls[1][2] is distributed._run_rank and calls[1][3] is cfg
     assert set(one) == set(two) and (one["num_processes"], two["num_processes"]) == (1, 2)  # the same summary
     assert two["global_step"] is None  # nothing trained here: no checkpoint to read
 
@@ -66,7 +66,7 @@ def test_more_processes_than_gpus_is_refused_before_any_fork(tmp_path, tiny_mode
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(accelerate, "notebook_launcher", lambda *a, **k: pytest.fail("must not launch"))
     with pytest.raises(config.ConfigError, match="num_processes: 2 processes need as many GPUs; 1 are visible"):
-        training.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
+        distributed.launch(cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2))
 
 
 def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, monkeypatch):
@@ -87,7 +87,7 @@ def test_nothing_before_the_fork_asks_the_cuda_driver(tmp_path, tiny_model_dir, 
     monkeypatch.setattr(accelerate, "notebook_launcher", lambda fn, args, num_processes: launched.append(num_processes))
     cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2)
     training.prepare_run(cfg)
-    training.launch(cfg)
+    distributed.launch(cfg)
     assert launched == [2]
 
 
@@ -98,18 +98,18 @@ def test_each_process_gets_its_cpu_threads(tmp_path, tiny_model_dir, threads, gp
     """cpu_threads when set, else the user's OMP_NUM_THREADS, else 1 per GPU process (as accelerate launch and torchrun
     set), else the usable cores shared out on CPUs."""
     cfg = cfg_of(tmp_path, tiny_model_dir("mistral"), num_processes=2, cpu_threads=threads)
-    assert training.rank_threads(cfg, gpus, cores, env) == expected
+    assert distributed.rank_threads(cfg, gpus, cores, env) == expected
 
 
 def test_usable_cores_are_this_process_s_share(monkeypatch):
     """The CPUs this process may run on (its affinity), not the host's count; the host's count where there is no
     affinity (not Linux)."""
-    assert training.usable_cores() == len(os.sched_getaffinity(0))
+    assert distributed.usable_cores() == len(os.sched_getaffinity(0))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5})  # a job given 3 of the host's 64 CPUs
-    assert training.usable_cores() == 3
+    assert distributed.usable_cores() == 3
     monkeypatch.delattr(os, "sched_getaffinity")
-    assert training.usable_cores() == 64
+    assert distributed.usable_cores() == 64
 
 
 def test_make_passes_gpus_to_the_notebook():
@@ -128,7 +128,7 @@ def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setenv("RANK", "1")
     training.build_datasets(cfg, tok)
     assert not (cfg.run_dir / training.VALIDATION_FILE).exists()
-    writer = training._metrics_callback(cfg.run_dir)
+    writer = callbacks.metrics_callback(cfg.run_dir)
     (cfg.run_dir / "checkpoint-1").mkdir()
     other = TrainerState(global_step=1, is_world_process_zero=False)
     writer.on_log(None, other, None, logs={"loss": 1.0})
@@ -145,7 +145,7 @@ def test_only_the_main_process_writes(tmp_path, tiny_model_dir, monkeypatch):
 
 
 def _launch_in_a_child(tmp_path, base, run_name: str, processes: int, max_steps: int = 6):
-    """training.launch in a fresh Python (the launcher forks it), as `make train GPUS=N` does; its output."""
+    """distributed.launch in a fresh Python (the launcher forks it), as `make train GPUS=N` does; its output."""
     script = f"""
 import json, sys
 from kaggle_utils import config, training
@@ -155,7 +155,7 @@ cfg = training.TrainConfig(run_name={run_name!r}, runs_dir={str(tmp_path)!r}, pr
     val_rows=4, max_prompt_tokens=128, max_steps={max_steps}, batch_size=4, micro_batch_size=1, save_steps=3, logging_steps=1,
     max_seq_length=512, load_in_4bit=False, learning_rate=1e-2, warmup_steps=0, num_processes={processes})
 training.prepare_run(cfg)
-print("RESULT " + json.dumps(training.launch(cfg)))
+print("RESULT " + json.dumps(distributed.launch(cfg)))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})

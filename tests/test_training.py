@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from kaggle_utils import artifacts, config, training
+from kaggle_utils import artifacts, callbacks, config, training
 from conftest import GEMMA_CSV
 
 
@@ -271,7 +271,7 @@ def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule
                                                                                  monkeypatch, caplog):
     """12 planned steps (a checkpoint every 4) at 10 s a step do not fit 1 minute: timed over steps 2-4, the loop
     stops at step 6 with checkpoints every 2 steps, and the cosine schedule reaches 0 there."""
-    monkeypatch.setattr(training, "_clock", _FakeClock())
+    monkeypatch.setattr(callbacks, "_clock", _FakeClock())
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
                    lr_scheduler="cosine", time_budget_minutes=1.0)
     _, _, trainer = _train(cfg)
@@ -289,7 +289,7 @@ def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule
 
 
 def test_time_budget_keeps_a_recipe_that_fits(tmp_path, tiny_model_dir, monkeypatch, caplog):
-    monkeypatch.setattr(training, "_clock", _FakeClock())
+    monkeypatch.setattr(callbacks, "_clock", _FakeClock())
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=5, save_steps=5, time_budget_minutes=10.0)
     _, _, trainer = _train(cfg)
     training.train(cfg, trainer)
@@ -311,7 +311,7 @@ def test_time_budget_gives_steps_back_when_the_pace_picks_up(tmp_path, tiny_mode
             self.now += next(ticks)
             return self.now
 
-    monkeypatch.setattr(training, "_clock", Clock())
+    monkeypatch.setattr(callbacks, "_clock", Clock())
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=30, save_steps=10, lr_scheduler="cosine",
                    time_budget_minutes=3.0)
     _, _, trainer = _train(cfg)
@@ -371,11 +371,11 @@ def test_the_time_budget_takes_evaluations_out_of_the_pace_and_projects_them(tmp
     evaluation stayed in the pace, 43.3 s a step, only 6 would; had the evaluations been left out of the projection,
     all 20 would.)"""
     clock = _SetClock()
-    monkeypatch.setattr(training, "_clock", clock)
+    monkeypatch.setattr(callbacks, "_clock", clock)
     cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
                                save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
     cfg.run_dir.mkdir(parents=True)
-    state, scheduler, callback = _loop_state(20, 2), _cosine(20), training._budget_callback(cfg)
+    state, scheduler, callback = _loop_state(20, 2), _cosine(20), callbacks.time_budget_callback(cfg)
     callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
     _run_steps(callback, state, clock, scheduler, {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
     record = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())
@@ -391,11 +391,11 @@ def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkey
     again nor rewrites budget.json: it trains to the recorded step with the recorded checkpoints and schedule. A
     budget.json of another recipe or budget is measured anew."""
     clock = _SetClock()
-    monkeypatch.setattr(training, "_clock", clock)
+    monkeypatch.setattr(callbacks, "_clock", clock)
     cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
                                save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
     cfg.run_dir.mkdir(parents=True)
-    first = training._budget_callback(cfg)
+    first = callbacks.time_budget_callback(cfg)
     state = _loop_state(20, 2)
     first.on_train_begin(None, state, None, lr_scheduler=_cosine(20))
     _run_steps(first, state, clock, _cosine(20), {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
@@ -403,7 +403,7 @@ def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkey
     assert json.loads(written)["max_steps"] == 7
 
     clock.now = 0.0
-    resumed, state, scheduler = training._budget_callback(cfg), _loop_state(20, 2), _cosine(20)
+    resumed, state, scheduler = callbacks.time_budget_callback(cfg), _loop_state(20, 2), _cosine(20)
     resumed.on_train_begin(None, state, None, lr_scheduler=scheduler)
     assert (state.max_steps, state.save_steps) == (7, 1) and "7 steps, as budget.json recorded" in caplog.text
     assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [7]
@@ -414,7 +414,7 @@ def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkey
     other = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=30,
                                  save_steps=3, lr_scheduler="cosine", time_budget_minutes=10.0)
     clock.now, state = 0.0, _loop_state(30, 3)
-    anew = training._budget_callback(other)
+    anew = callbacks.time_budget_callback(other)
     anew.on_train_begin(None, state, None, lr_scheduler=_cosine(30))
     assert state.max_steps == 30  # another recipe's record is not this run's
     _run_steps(anew, state, clock, _cosine(30), {1: 10.0, 2: 20.0, 3: 30.0, 4: 40.0}, {})
@@ -427,7 +427,7 @@ def test_time_budget_on_a_real_resume_from_a_checkpoint(tmp_path, tiny_model_dir
     step 6 again, with a checkpoint there, and the file stays as the first run wrote it."""
     import shutil
 
-    monkeypatch.setattr(training, "_clock", _FakeClock())
+    monkeypatch.setattr(callbacks, "_clock", _FakeClock())
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
                    lr_scheduler="cosine", time_budget_minutes=1.0)
     _, _, trainer = _train(cfg)
@@ -443,7 +443,7 @@ def test_time_budget_on_a_real_resume_from_a_checkpoint(tmp_path, tiny_model_dir
             self.now += 1000.0
             return self.now
 
-    monkeypatch.setattr(training, "_clock", Slow())
+    monkeypatch.setattr(callbacks, "_clock", Slow())
     caplog.clear()
     _, _, trainer = _train(cfg)
     training.train(cfg, trainer)
