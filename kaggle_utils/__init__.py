@@ -30,7 +30,8 @@ Shared by every stage
     ``blending``     the final string, blend.json, the scores table
     ``inference``    the submission stage: sample, blend, write and check submission.csv, score
 4. Mean prompt and blend (``mean_prompt.ipynb``)
-    ``mean_prompt``  the mean-prompt search against the scorer and the blend chosen on validation
+    ``mean_prompt``  the stage: the mean-prompt search against the scorer, then the blend choice on its rows
+    ``blend_choice``  every blend (models, n, order, mean prompt) scored on validation; the best to blend.json
 5. Deliver to Kaggle
     ``plan``         the submission plan: one model of it (ModelEntry, also the inference notebook's), variants
     ``kernels``      rendered kernels, their parameters and sources, the local dry run

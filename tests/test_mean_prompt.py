@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kaggle_utils import blending, config, data, mean_prompt as mp, metric
+from kaggle_utils import blend_choice as bc, blending, config, data, mean_prompt as mp, metric
 
 
 class ToyScorer:
@@ -284,14 +284,14 @@ def test_blend_search_keeps_unseen_rows_for_the_choice(tmp_path):
 
 
 def test_blend_options_cover_counts_orders_and_mean_prompts():
-    options = mp.blend_options({"a": 2, "b": 1}, [0, 1, 2], mp.MEAN_PROMPT_KINDS)
+    options = bc.blend_options({"a": 2, "b": 1}, [0, 1, 2], bc.MEAN_PROMPT_KINDS)
     plans = {o.plan for o in options}
     assert (("a", 2), ("b", 1)) in plans and (("b", 1), ("a", 2)) in plans  # both orders
     assert (("a", 1),) in plans and () in plans
     assert all(n <= {"a": 2, "b": 1}[m] for o in options for m, n in o.plan)  # never more than available
-    assert mp.BlendOption((), "none") not in options  # a blank string is never an option
-    with pytest.raises(mp.MeanPromptError, match="max_options"):
-        mp.blend_options({"a": 4, "b": 4, "c": 4}, [0, 1, 2, 4], mp.MEAN_PROMPT_KINDS, max_options=50)
+    assert bc.BlendOption((), "none") not in options  # a blank string is never an option
+    with pytest.raises(blending.BlendError, match="max_options"):
+        bc.blend_options({"a": 4, "b": 4, "c": 4}, [0, 1, 2, 4], bc.MEAN_PROMPT_KINDS, max_options=50)
 
 
 def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
@@ -315,7 +315,7 @@ def test_blend_choice_picks_the_best_option_and_saves_it(tmp_path):
     saved = blending.Blend.read(cfg.run_dir)
     assert saved.to_dict() == choice  # the file holds what the stage returned, key for key
     assert (saved.mean_prompt_kind, saved.mean_prompt, saved.scorer) == ("none", "", scorer.name)
-    assert (cfg.run_dir / mp.OPTIONS_FILE).exists() and (cfg.run_dir / mp.OPTIONS_PLOT).exists()
+    assert (cfg.run_dir / bc.OPTIONS_FILE).exists() and (cfg.run_dir / bc.OPTIONS_PLOT).exists()
     assert (table["rows"] == 2).all() and table["scorer"].eq(scorer.name).all()  # chosen on rows 1-2 only
     assert choice["best_with_optimized_mean_prompt"]["mean_prompt"] == "rewrite formal"
     rows = mp.score_rows(scorer, inputs, {"string": "rewrite formal"}, choice)
@@ -329,7 +329,7 @@ def test_predictions_are_aligned_to_validation_ids(tmp_path):
     folder.mkdir()
     (folder / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
         {"id": "b", "predictions": ["pb"]}, {"id": "a", "predictions": ["pa1", "pa2"]}]) + "\n")
-    per_model, covered = mp.align_predictions([folder / "m.jsonl"], ["a", "b", "c"])
+    per_model, covered = bc.align_predictions([folder / "m.jsonl"], ["a", "b", "c"])
     assert per_model["m"] == [["pa1", "pa2"], ["pb"], []] and covered == [0, 1]
 
 
@@ -370,8 +370,8 @@ def test_real_scorer_embeds_each_string_once_across_search_and_blend(minilm, tmp
         again([result.string, "letter"])  # all already embedded: no new encode call
         assert len(calls) - before == len(result.history)
         truths = ["Rewrite this text as a formal letter.", "Make it a poem."]
-        options = mp.blend_options({"m": 2}, [0, 1, 2], mp.MEAN_PROMPT_KINDS)
-        table = mp.score_blends(minilm, options, {"m": [["a letter", "formal"], ["a poem", "rhymes"]]}, truths,
+        options = bc.blend_options({"m": 2}, [0, 1, 2], bc.MEAN_PROMPT_KINDS)
+        table = bc.score_blends(minilm, options, {"m": [["a letter", "formal"], ["a poem", "rhymes"]]}, truths,
                                 {"public": mp.PUBLIC_MEAN_PROMPT, "optimized": result.string}, progress=False)
         assert len(table) == len(options) and len(calls) - before == len(result.history) + 1  # one batch for all
     finally:
@@ -421,7 +421,7 @@ def _option_table(rows_by_label: dict) -> pd.DataFrame:
     for label, per_row in rows_by_label.items():
         plan, kind = label.split(" | ")
         model, n = plan.split(" x")
-        option = mp.BlendOption(((model, int(n)),) if int(n) else (), kind)
+        option = bc.BlendOption(((model, int(n)),) if int(n) else (), kind)
         records.append({"option": option.label, "predictions": int(n), "mean_prompt": kind,
                         "scs": float(np.mean(per_row)), "_option": option, "_rows_scs": np.asarray(per_row)})
     return pd.DataFrame(records).sort_values("scs", ascending=False).reset_index(drop=True)
@@ -434,8 +434,8 @@ def test_blend_choice_takes_fewer_predictions_unless_more_measurably_help():
     noisy = _option_table({"m x1 | none": x1, "m x2 | none": x1 + wobble,
                            "m x0 | public": np.full(65, 0.1)})
     assert noisy.iloc[0]["option"] == "m x2 | mean prompt: none"  # the best mean, by noise
-    assert mp.choose_blend(noisy).plan == (("m", 1),)  # within one standard error: the fewer predictions
+    assert bc.choose_blend(noisy).plan == (("m", 1),)  # within one standard error: the fewer predictions
     clear = _option_table({"m x1 | none": x1, "m x2 | none": x1 + 0.05, "m x0 | public": np.full(65, 0.1)})
-    assert mp.choose_blend(clear).plan == (("m", 2),)  # a real gain keeps the extra prediction
+    assert bc.choose_blend(clear).plan == (("m", 2),)  # a real gain keeps the extra prediction
     mean_alone = _option_table({"m x1 | none": x1, "m x0 | public": x1 + 0.001})
-    assert mp.choose_blend(mean_alone).plan == ()  # another shape is never swapped in by the rule
+    assert bc.choose_blend(mean_alone).plan == ()  # another shape is never swapped in by the rule

@@ -14,7 +14,7 @@ import nbformat
 import papermill
 import pytest
 
-from kaggle_utils import blending, checkpoints, config, inference, mean_prompt, training
+from kaggle_utils import blend_choice, blending, checkpoints, config, inference, mean_prompt, training
 from conftest import GEMMA_CSV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
     searched = json.loads((run / mean_prompt.RESULT_FILE).read_text())
     blend = json.loads((run / blending.BLEND_FILE).read_text())
     assert searched["string"] and searched["history"] and searched["scorer"] == blend["scorer"]
-    table = pd.read_csv(run / mean_prompt.OPTIONS_FILE, keep_default_na=False)
+    table = pd.read_csv(run / blend_choice.OPTIONS_FILE, keep_default_na=False)
     assert len(table) == blend["chosen_from"]
     # the rule: the best mean SCS, or an option with fewer predictions of the same models, order and mean prompt
     best = table.iloc[0]  # the table is written best first
@@ -160,7 +160,7 @@ def test_mean_prompt_notebook_headless_on_a_small_run(tmp_path):
     chosen = table.loc[table["option"] == blend["label"]].iloc[0]
     assert chosen["scs"] == pytest.approx(blend["scs"]) and chosen["predictions"] <= best["predictions"]
     assert (chosen["models"], chosen["mean_prompt"]) == (best["models"], best["mean_prompt"])
-    assert (run / mean_prompt.OPTIONS_PLOT).exists()
+    assert (run / blend_choice.OPTIONS_PLOT).exists()
     curve = pd.read_csv(run / "n_curve.csv")  # the echo model's 2 predictions, without and with the mean prompt
     assert sorted(map(tuple, curve[["n", "mean_prompt"]].values.tolist())) == [(1, False), (1, True), (2, False),
                                                                                (2, True)]
