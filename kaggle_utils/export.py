@@ -33,9 +33,9 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     divided by their count) with ``r`` and ``lora_alpha`` multiplied by the count, so the scaling alpha / r stays.
     Merged, it costs what one adapter costs; unmerged, its rank is the count times the rank.
 
-    Any count works (an odd one is the window rule's, :func:`choose_window`; a soup of two seeds' best steps is two).
-    Refused, naming the folder: per-module ranks or alphas, rsLoRA, DoRA, adapters of another ``r`` or ``lora_alpha``
-    than the first, and adapters whose tensors differ in name or shape."""
+    Any count works (an odd one is the window rule's, :func:`kaggle_utils.checkpoints.choose_window`; a soup of two
+    seeds' best steps is two). Refused, naming the folder: per-module ranks or alphas, rsLoRA, DoRA, adapters of
+    another ``r`` or ``lora_alpha`` than the first, and adapters whose tensors differ in name or shape."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -88,11 +88,12 @@ def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: 
                      validation: pd.DataFrame | None = None, run_cfg: dict | None = None) -> Path:
     """Write ``selected/``: the chosen adapter, ``selection.json`` and (with ``export_merged``) ``merged/``.
 
-    ``step`` is one step, or the steps of :func:`choose_window`: several are averaged into one adapter
-    (:func:`average_adapters`), and ``selection.json`` names the middle one as its ``step`` and all of them as
-    ``averaged_steps``. When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model worse on
-    validation, and shipping an adapter anyway would cost score silently. ``selection.json`` then says ``"adapter":
-    null`` and names the best checkpoint, which ``force_step`` can still select. Returns the ``selected/`` folder.
+    ``step`` is one step, or the steps of :func:`kaggle_utils.checkpoints.choose_window`: several are averaged into
+    one adapter (:func:`average_adapters`), and ``selection.json`` names the middle one as its ``step`` and all of
+    them as ``averaged_steps``. When step 0 (the base model) wins, no adapter is exported: fine-tuning made the model
+    worse on validation, and shipping an adapter anyway would cost score silently. ``selection.json`` then says
+    ``"adapter": null`` and names the best checkpoint, which ``force_step`` can still select. Returns the
+    ``selected/`` folder.
     """
     table = checkpoints.as_scores(scores)
     window = [int(x) for x in step] if isinstance(step, (list, tuple)) else [int(step)]
@@ -103,7 +104,7 @@ def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: 
     per_step = scores.sort_values("step").to_dict(orient="records") if isinstance(scores, pd.DataFrame) else [
         {"step": s, "scs": v} for s, v in sorted(table.items())]
     rounded = {str(r["step"]): round(float(r["scs"]), 4) for r in per_step}
-    if checkpoints.scores_report_rows(cfg):  # the report rows choose nothing: record their scores, leave selected/ alone
+    if checkpoints.scores_report_rows(cfg):  # the report rows choose nothing: their scores kept, selected/ left alone
         artifacts.write_json(cfg.run_dir / f"{checkpoints.REPORT_BY_STEP}.json", {
             "run": cfg.run_name, "validation_file": str(cfg.run_dir / artifacts.REPORT_FILE), "scores": rounded,
             "per_step": per_step, "created": datetime.datetime.now().isoformat(timespec="seconds")})
@@ -199,10 +200,13 @@ def _window(chosen: int | list[int] | None, scores, cfg: checkpoints.SelectConfi
 
 
 def _selected_score(cfg: checkpoints.SelectConfig) -> float | None:
-    """The exported adapter's score that :func:`score_selected` recorded for these rows, if any."""
+    """The exported adapter's score that :func:`kaggle_utils.checkpoints.score_selected` recorded for these rows, if
+    any."""
     if checkpoints.scores_report_rows(cfg):
         path = cfg.run_dir / f"{checkpoints.REPORT_BY_STEP}.json"
-        return read_json_object(path, checkpoints.SelectionError).get("selected", {}).get("scs") if path.exists() else None
+        if not path.exists():
+            return None
+        return read_json_object(path, checkpoints.SelectionError).get("selected", {}).get("scs")
     sel = artifacts.Selection.find(cfg.run_dir / checkpoints.SELECTED_DIR)
     return sel.selected_scs if sel is not None else None
 
@@ -211,9 +215,9 @@ def plot_scores(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, chosen: int
     """Mean SCS against step (step 0 = base model) with the eval loss on a second axis, as ``selected/scores.png``.
 
     The chosen step is starred; checkpoints averaged into the export are shaded, with the averaged adapter's own
-    score (a diamond) once :func:`score_selected` has it. The best-scoring step is where training stopped helping on
-    these rows: the steps after it are shaded, so a curve that is still rising at the last step (train longer) reads
-    differently from one that peaked early (over-fitting, or a learning rate too high).
+    score (a diamond) once :func:`kaggle_utils.checkpoints.score_selected` has it. The best-scoring step is where
+    training stopped helping on these rows: the steps after it are shaded, so a curve that is still rising at the last
+    step (train longer) reads differently from one that peaked early (over-fitting, or a learning rate too high).
     """
     import matplotlib
 
@@ -261,7 +265,8 @@ def plot_scores(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, chosen: int
                  f"{scores['scorer'].iloc[0]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    path = cfg.run_dir / f"{checkpoints.REPORT_BY_STEP}.png" if report else cfg.run_dir / checkpoints.SELECTED_DIR / "scores.png"
+    path = (cfg.run_dir / f"{checkpoints.REPORT_BY_STEP}.png" if report
+            else cfg.run_dir / checkpoints.SELECTED_DIR / "scores.png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -210,7 +210,7 @@ def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path:
     ``choice`` "off" never merges and "on" always does where it can; "auto" merges on a card of compute capability
     below 8.0 (``capability`` of the first GPU; a T4) or when the model samples at least :data:`MERGE_MIN_ROWS` rows.
     None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy (weights + 5%).
-    A copy that is ``ready`` (:func:`holds_merge`) costs nothing: any choice but "off" serves it.
+    A copy that is ``ready`` (:func:`kaggle_utils.adapters.holds_merge`) costs nothing: any choice but "off" serves it.
     """
     require(choice in MERGE_CHOICES, "merge_adapters", f"must be one of {MERGE_CHOICES}, got '{choice}'")
     if choice == "off":
