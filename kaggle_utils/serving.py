@@ -223,44 +223,6 @@ def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path:
     if ready:
         return True, f"a copy with this adapter merged is already in {merge_dir}"
     base = models.resolve_base_path(spec, base_model_path)
-    need, free = weights_bytes(base), _free_disk(Path(merge_dir))
-    if need * 1.05 > free:
-        return False, (f"{need / 2**30:.1f} GiB of merged weights do not fit the {free / 2**30:.1f} GiB free at "
-                       f"{merge_dir}")
-    disk = f"{need / 2**30:.1f} GiB to write, {free / 2**30:.1f} GiB free at {merge_dir}"
-    if choice == "on":
-        return True, f"merge_adapters is on; {disk}"
-    if capability is not None and capability[0] < 8:
-        return True, (f"compute capability {capability[0]}.{capability[1]}: a merged model needs no LoRA kernels and "
-                      f"samples faster; {disk}")
-    if rows < MERGE_MIN_ROWS:
-        return False, (f"{rows} rows to sample, fewer than the {MERGE_MIN_ROWS} from which a merge pays back "
-                       "(merge_adapters=on forces it)")
-    return True, f"{rows} rows to sample (a merge pays back from {MERGE_MIN_ROWS}); {disk}"
-
-
-def merge_decision(choice: str, preset: str, base_model_path: str, adapter_path: str, rows: int,
-                   merge_dir: str | os.PathLike, capability: tuple[int, int] | None = None,
-                   ready: bool = False) -> tuple[bool, str]:
-    """Whether vLLM should serve this model merged (the adapter folded into a 16-bit copy of the base, written to
-    ``merge_dir``) rather than as a ``LoRARequest``, and why (the caller logs it).
-
-    ``choice`` "off" never merges and "on" always does where it can; "auto" merges on a card of compute capability
-    below 8.0 (``capability`` of the first GPU; a T4) or when the model samples at least :data:`MERGE_MIN_ROWS` rows.
-    None merges a 4-bit preset (the merged copy would be 16-bit) or without the disk for the copy (weights + 5%).
-    A copy that is ``ready`` (:func:`kaggle_utils.adapters.holds_merge`) costs nothing: any choice but "off" serves it.
-    """
-    require(choice in MERGE_CHOICES, "merge_adapters", f"must be one of {MERGE_CHOICES}, got '{choice}'")
-    if choice == "off":
-        return False, "merge_adapters is off"
-    if not adapter_path:
-        return False, "no adapter"
-    spec = models.get_preset(preset)
-    if spec.load_in_4bit:
-        return False, f"preset {preset} runs 4-bit; a merged copy would be 16-bit"
-    if ready:
-        return True, f"a copy with this adapter merged is already in {merge_dir}"
-    base = models.resolve_base_path(spec, base_model_path)
     need, free = models.weights_bytes(base), _free_disk(Path(merge_dir))
     if need * 1.05 > free:
         return False, (f"{need / 2**30:.1f} GiB of merged weights do not fit the {free / 2**30:.1f} GiB free at "
