@@ -6,7 +6,8 @@ stage's module):
 Shared by every stage
     ``config``       stage configs from notebook parameters or YAML, paths (data/... is the data folder), config.json
     ``sources``      the training data's public sources: pinned files, checksums, the builder behind `make data`
-    ``models``       model presets and loading (base path, chat family, dtype, 4-bit, LoRA targets)
+    ``models``       model presets and loading (base path, chat family, dtype, 4-bit, LoRA targets), the chat
+                     tokenizer's set-up, the cards (memory, capability, freeing it) and the weights' size
     ``data``         competition-format CSVs: reading, checking, dedup, the split by prompt group
     ``prompts``      the instruction template, tokenization for training and generation, the answer's extraction
     ``metric``       the competition metric (sharpened cosine) and the scorer that embeds with a cache
@@ -16,7 +17,8 @@ Shared by every stage
     ``callbacks``    the trainer's callbacks: the metrics log, and the time budget that fits the loop to its minutes
     ``distributed``  one process or data-parallel ones (one per GPU) launched from the notebook; what the run ended with
     ``experts``      Mixtral's experts in 4 bits for QLoRA
-    ``artifacts``    what a run leaves for later stages: checkpoint folders, selection.json, max_prompt_tokens
+    ``artifacts``    the run folder's layout and what a run leaves for later stages: validation.csv / report.csv,
+                     the metrics log, checkpoint folders, selection.json, max_prompt_tokens
 2. Select (``select_checkpoint.ipynb``)
     ``checkpoints``  each checkpoint step scored by the metric on the choice rows (cached), the step or window chosen
     ``export``       the choice written to selected/: one adapter (averaged), selection.json, merged copy, plots

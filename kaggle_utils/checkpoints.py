@@ -11,12 +11,12 @@ re-declaring the step.
 Usage (headless): ``make select RUN=smollm`` (or ``papermill notebooks/select_checkpoint.ipynb out.ipynb -p run_name
 smollm``).
 
-Files it writes::
+Files the select stage writes::
 
     runs/<run>/selection/config.json     the resolved SelectConfig, before any work
     runs/<run>/selection/step-N.json     per-step predictions + scores (the resume cache; delete to recompute)
     runs/<run>/selected/                 adapter_config.json, adapter_model.safetensors, selection.json,
-                                         loss.png, scores.png (+ merged/ with export_merged)
+                                         loss.png, scores.png (+ merged/ with export_merged): kaggle_utils.export
 """
 from __future__ import annotations
 
