@@ -182,7 +182,7 @@ class SamplingReport:
     rows_per_s: float  # sampled rows per second
     merge_s: float = 0.0  # seconds merging the adapter into a copy of the base before start (vLLM)
     load_s: float = 0.0  # seconds starting the engine (model load, vLLM's start)
-    merged: bool = False  # vLLM served a merged copy (a merged_path, or the merge at start) rather than a LoRARequest
+    merged: bool = False  # vLLM served a merged copy (use_merged, or the merge at start) rather than a LoRARequest
 
 
 def _retry_empty_rows(engine: Engine, records: list[dict], empty: list[int], rows, originals, rewrittens,
