@@ -43,7 +43,7 @@ from .prompts import DEFAULT_PROMPT_TOKENS
 
 logger = logging.getLogger("kaggle_utils")
 
-# ---- the run folder's layout
+# The run folder's layout: what the stages name its files and folders.
 VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint step, blend and mean prompt
 REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
 METRICS_FILE = "metrics.jsonl"  # every logged train and eval loss, by step

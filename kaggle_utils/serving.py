@@ -9,8 +9,8 @@
 3. for vLLM, the adapter may be merged into a 16-bit copy of its base on local disk first (:func:`merge_decision`;
    :func:`merged_copy_for_vllm`), which then needs no LoRA kernels; a failed merge serves the adapter as a
    ``LoRARequest``;
-4. the engine starts (:func:`load_engine`); vLLM failing to start is logged, merged copy included, and the HF engine
-   serves the same folders, so the engine never costs the submission.
+4. the engine starts (:func:`load_engine`); vLLM failing to start is logged (saying so when it was to serve a merged
+   copy) and the HF engine serves the same folders, so the engine never costs the submission.
 
 The engine comes back with its :class:`kaggle_utils.engines.Startup`: merged or not, seconds merging and starting
 (``sampling.csv``'s columns). A wrong plan (a missing folder, an adapter of another model, a bad setting) is raised
@@ -67,7 +67,7 @@ def serve(entry: ModelEntry, rows: int = 0, engine: str = "auto", merge_adapters
                          merged=merged)
     load_s = time.time() - start - merge_s
     served.startup = engines.Startup(merged=merged and served.name == "vllm", merge_s=round(merge_s, 1),
-                             load_s=round(load_s, 1))
+                                     load_s=round(load_s, 1))
     logger.info("%s: ready in %.0f s (merge %.0f s, engine start %.0f s)", entry.name, merge_s + load_s, merge_s,
                 load_s)
     return served
@@ -92,9 +92,10 @@ def load_engine(kind: str, preset: str, weights: str = "", adapter: str = "",
         except Exception as e:
             logger.error("vLLM failed to start for %s (%s: %s); falling back to the HF engine for this model%s\n%s",
                          Path(weights).name if weights else preset, type(e).__name__, error_summary(e),
-                         ", on the merged copy made for vLLM" if merged else "", traceback.format_exc())
+                         ", on the merged copy" if merged else "", traceback.format_exc())
             models.free_gpu_memory()
     spec = models.get_preset(preset)
+    # 4-bit only where the preset wants it and a GPU runs it: on CPU bitsandbytes is slow and the small models fit.
     four_bit = (spec.load_in_4bit and models.gpu_count() > 0) if load_in_4bit is None else load_in_4bit
     return engines.HFEngine.from_preset(preset, weights, adapter, load_in_4bit=four_bit, options=options)
 
@@ -180,6 +181,7 @@ def pick_engine(requested: str = "auto", preset: str = "", weights: str = "") ->
         kind, why = "vllm", f"the model's size could not be weighed ({type(e).__name__}: {e})"
     logger.info("engine: %s (auto, %s: %s)", kind, preset, why)
     return kind
+
 
 # ---------------------------------------------------------------- the merged copy for vLLM
 

@@ -148,7 +148,7 @@ def _launch_in_a_child(tmp_path, base, run_name: str, processes: int, max_steps:
     """distributed.launch in a fresh Python (the launcher forks it), as `make train GPUS=N` does; its output."""
     script = f"""
 import json, sys
-from kaggle_utils import config, training
+from kaggle_utils import config, distributed, training
 config.setup_logging()
 cfg = training.TrainConfig(run_name={run_name!r}, runs_dir={str(tmp_path)!r}, preset="mistral-7b",
     base_model_path={str(base)!r}, train_files={[str(GEMMA_CSV), str(EXTRA_CSV)]!r}, validation_file={str(GEMMA_CSV)!r},

@@ -295,4 +295,4 @@ def test_the_kernel_merge_reaches_the_engine_and_sampling_csv(folders, tmp_path,
         assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("vllm", True, 5.0, 3.0)
     else:  # the HF engine serves the same copy, with no adapter on top either, and the log says so
         assert (row["engine"], bool(row["merged"]), row["merge_s"], row["load_s"]) == ("hf", False, 5.0, 3.0)
-        assert "falling back to the HF engine for this model, on the merged copy made for vLLM" in caplog.text
+        assert "falling back to the HF engine for this model, on the merged copy" in caplog.text
