@@ -1,9 +1,9 @@
-"""Kaggle delivery, the part that needs no account: the submission plan, rendered kernels and the local dry run.
+"""Kaggle delivery, the part that needs no account: rendered kernels, their parameters and sources, the local dry run.
 
-The plan (``configs/submissions.yaml``) lists the planned submissions ("variants"). Each one becomes a Kaggle kernel:
-``notebooks/inference.ipynb`` prepared by papermill (parameters injected, nothing run) with an install cell put first
-and its ``kernel-metadata.json``, in ``build/kernels/<slug>/``. The authored notebook stays free of Kaggle-only
-logic; rendered kernels are build products (as in Kaggle/learntools).
+The plan (``configs/submissions.yaml``, read by :mod:`kaggle_utils.plan`) lists the planned submissions ("variants").
+Each one becomes a Kaggle kernel: ``notebooks/inference.ipynb`` prepared by papermill (parameters injected, nothing
+run) with an install cell put first and its ``kernel-metadata.json``, in ``build/kernels/<slug>/``. The authored
+notebook stays free of Kaggle-only logic; rendered kernels are build products (as in Kaggle/learntools).
 
 Kernels read only attached inputs, mounted read-only under ``/kaggle/input``:
   - the competition data: ``/kaggle/input/llm-prompt-recovery/test.csv``;
