@@ -71,7 +71,9 @@ DEMO_CONFIG ?= configs/smollm2-135m.yaml
 DEMO_TRAIN_ARGS ?=
 DEMO_INFER_ARGS ?=
 D := runs/$(DEMO_RUN)
-DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter: $(D)/selected, n: 4, temperature: 0.7, \
+# Two predictions a choice row (greedy, then one sample): enough for the blend choice to weigh a second prediction
+# and the mean prompt, at half the sampling of four on a 2-core CPU.
+DEMO_MODELS := models: [{name: smollm, preset: smollm2-135m, adapter: $(D)/selected, n: 2, temperature: 0.7, \
 	top_p: 0.95, greedy_first: true}]
 
 demo: demo-train demo-select demo-blend demo-report ## the whole job on CPU with the embedded defaults; prints the scores

@@ -98,7 +98,7 @@ def test_host_dispatch_refuses_a_case_it_cannot_pin_before_building_anything(tmp
 
 @pytest.mark.slow
 def test_training_speed_tiny_compares_one_and_two_processes_over_the_same_rows(tmp_path):
-    """The training benchmark's phases on CPU: one process and two (gloo) through training.launch, timed from the
+    """The training benchmark's phases on CPU: one process and two (gloo) through distributed.launch, timed from the
     metrics log, and the same losses step by step (the same rows per optimizer step)."""
     results = _run(["benchmarks/training_speed.py", "--models", "tiny", "--steps", "3", "--qlora", "",
                     "--work_dir", str(tmp_path / "work")], tmp_path / "out")
@@ -197,14 +197,14 @@ def test_kernel_e2e_tiny_runs_the_submission_notebook_and_times_its_parts(tmp_pa
 
 @pytest.mark.slow
 def test_cpu_training_levers_times_each_arm_against_the_recipe(tmp_path):
-    """Two runs of the CPU recipe (the real SmolLM2, a few steps each): the recipe and an arm with shorter prompts;
+    """Two runs of the CPU recipe (the real SmolLM2, a few steps each): the recipe and an arm with longer prompts;
     each timed from its own step log, the arm's ratio taken against the baseline of its round."""
     result = _run(["benchmarks/cpu_training_levers.py", "--steps", "4", "--reps", "1",
-                   "--arm", "short:max_prompt_tokens=128,max_seq_length=224"], tmp_path)
+                   "--arm", "long:max_prompt_tokens=192,max_seq_length=288"], tmp_path)
     arms = {s["arm"]: s for s in result["summary"]}
-    assert set(arms) == {"baseline", "short"}
-    assert arms["short"]["overrides"] == {"max_prompt_tokens": 128, "max_seq_length": 224}
-    assert arms["short"]["mean_tokens"] < arms["baseline"]["mean_tokens"]  # the override reached the training rows
+    assert set(arms) == {"baseline", "long"}
+    assert arms["long"]["overrides"] == {"max_prompt_tokens": 192, "max_seq_length": 288}
+    assert arms["long"]["mean_tokens"] > arms["baseline"]["mean_tokens"]  # the override reached the training rows
     assert all(r["steps_timed"] == 2 and r["seconds_per_step"] > 0 for r in result["runs"])  # steps 2->3, 3->4
-    assert arms["short"]["ratio"] == pytest.approx(arms["short"]["examples_per_s"] / arms["baseline"]["examples_per_s"])
-    assert "| short |" in (tmp_path / "results.md").read_text()
+    assert arms["long"]["ratio"] == pytest.approx(arms["long"]["examples_per_s"] / arms["baseline"]["examples_per_s"])
+    assert "| long |" in (tmp_path / "results.md").read_text()
