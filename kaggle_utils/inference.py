@@ -23,7 +23,7 @@ from .plan import ModelEntry
 logger = logging.getLogger("kaggle_utils")
 
 DEFAULT_MODELS = [ModelEntry(name="smollm", preset="smollm2-135m", adapter="runs/demo/selected", n=4, temperature=0.7,
-                             top_p=0.95, greedy_first=True).to_dict()]  # the demo's plan
+                             top_p=0.95, greedy_first=True).to_dict()]  # the demo's adapter, 4 predictions a row
 SUBMISSION_COLUMNS = ["id", "rewrite_prompt"]
 PREDICTIONS_DIR = "predictions"
 BASELINES_DIR = "baselines"  # kept apart from predictions/, which later stages read as the plan's models

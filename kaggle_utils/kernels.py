@@ -449,15 +449,14 @@ def missing_adapters(plan: Plan, slug: str = "", runs_dir: str | os.PathLike = "
     ``runs_dir/<adapter>/selected/`` does not hold yet: the folder, the variants that need it and the commands that
     make it. Empty when `make push-adapters` has everything."""
     runs = resolve_path(runs_dir)
-    needed: dict[str, list[str]] = {}
+    merged = own_adapters(plan, slug)
+    needed: dict[str, list[str]] = {name: [] for name in merged}
     presets: dict[str, str] = {}
-    merged: dict[str, bool] = {}
     for v in plan.select(slug):
         for m in v.models:
-            if m.adapter and "/" not in m.adapter:
-                needed.setdefault(m.adapter, []).append(v.slug)
+            if m.adapter in needed:
+                needed[m.adapter].append(v.slug)
                 presets.setdefault(m.adapter, m.preset)
-                merged[m.adapter] = merged.get(m.adapter, False) or m.use_merged
     lines = []
     for name, slugs in needed.items():
         sel = runs / name / artifacts.SELECTED_DIR

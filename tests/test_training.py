@@ -267,15 +267,21 @@ class _FakeClock:
         return self.now
 
 
-def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule(tmp_path, tiny_model_dir,
-                                                                                 monkeypatch, caplog):
-    """12 planned steps (a checkpoint every 4) at 10 s a step do not fit 1 minute: timed over steps 2-4, the loop
-    stops at step 6 with checkpoints every 2 steps, and the cosine schedule reaches 0 there."""
+def _budget_cut_run(tmp_path, tiny_model_dir, monkeypatch):
+    """12 planned steps (a checkpoint every 4, cosine) with a 1-minute budget, trained on a clock of 10 s a step."""
     monkeypatch.setattr(callbacks, "_clock", _FakeClock())
     cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
                    lr_scheduler="cosine", time_budget_minutes=1.0)
     _, _, trainer = _train(cfg)
     training.train(cfg, trainer)
+    return cfg, trainer
+
+
+def test_time_budget_cuts_steps_keeps_the_checkpoint_count_and_ends_the_schedule(tmp_path, tiny_model_dir,
+                                                                                 monkeypatch, caplog):
+    """12 planned steps (a checkpoint every 4) at 10 s a step do not fit 1 minute: timed over steps 2-4, the loop
+    stops at step 6 with checkpoints every 2 steps, and the cosine schedule reaches 0 there."""
+    cfg, trainer = _budget_cut_run(tmp_path, tiny_model_dir, monkeypatch)
     assert trainer.state.global_step == 6
     assert list(artifacts.find_checkpoints(cfg.run_dir)) == [4, 6]  # 4 as planned before the decision, then every 2
     chosen = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())
@@ -427,11 +433,7 @@ def test_time_budget_on_a_real_resume_from_a_checkpoint(tmp_path, tiny_model_dir
     step 6 again, with a checkpoint there, and the file stays as the first run wrote it."""
     import shutil
 
-    monkeypatch.setattr(callbacks, "_clock", _FakeClock())
-    cfg = tiny_cfg(tmp_path, tiny_model_dir("mistral"), max_steps=12, save_steps=4, logging_steps=1,
-                   lr_scheduler="cosine", time_budget_minutes=1.0)
-    _, _, trainer = _train(cfg)
-    training.train(cfg, trainer)
+    cfg, trainer = _budget_cut_run(tmp_path, tiny_model_dir, monkeypatch)
     assert trainer.state.global_step == 6
     written = (cfg.run_dir / training.BUDGET_FILE).read_bytes()
     shutil.rmtree(cfg.run_dir / "checkpoint-6")
