@@ -175,10 +175,41 @@ def smollm_gguf_path() -> Path:
 
 
 def prepare_default_model(target: Path | None = None) -> Path:
-    """Turn the SmolLM2 GGUF into a normal HF folder once; later calls return the cached folder at once."""
+    """Turn the SmolLM2 GGUF into a normal HF folder once; later calls return the cached folder at once.
+
+    Several processes may prepare it at once (``research/sweep.sh`` starts its runs together): each writes its own
+    temporary folder beside the target and renames it into place; the first rename wins and the others drop theirs,
+    so no process ever reads or deletes a folder another is writing."""
     target = target or default_model_dir()
-    if (target / "config.json").exists() and has_weights(target):
+    if _is_prepared(target):
         return target
+    import shutil
+    import tempfile
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.", suffix=".partial", dir=target.parent))
+    try:
+        _convert_gguf(tmp)
+        if not _is_prepared(target):
+            if target.exists():  # a half folder of an older version's interrupted preparation
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                tmp.rename(target)  # atomic: the folder appears whole or not at all
+                logger.info("embedded default model saved to %s", target)
+            except OSError:
+                if not _is_prepared(target):  # not another process's finished copy: a real failure
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours when another process's copy won; gone after our rename
+    return target
+
+
+def _is_prepared(folder: Path) -> bool:
+    return (folder / "config.json").exists() and has_weights(folder)
+
+
+def _convert_gguf(dest: Path) -> None:
+    """Write the embedded GGUF as a bf16 HF folder (weights, config, tokenizer) into ``dest``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -192,17 +223,8 @@ def prepare_default_model(target: Path | None = None) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.is_quantized = False
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)  # atomic, so an interrupted preparation never leaves a half folder behind
-    logger.info("embedded default model saved to %s", target)
-    return target
+    model.to(torch.bfloat16).save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
 
 
 # ---------------------------------------------------------------- hardware and loading

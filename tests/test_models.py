@@ -106,3 +106,35 @@ def test_the_cpu_computes_in_bf16_only_with_bf16_instructions(monkeypatch, caplo
         monkeypatch.delattr(models.cpu_dtype, "_said", raising=False)
         assert models.cpu_dtype() == dtype
         assert f"computing in {'bf16' if native else 'fp32'}" in caplog.text
+
+
+def test_default_model_prepared_by_several_processes_at_once(tmp_path, monkeypatch):
+    """Runs started together (research/sweep.sh) each convert the GGUF; every one gets the whole folder, none is
+    left half-written, no temporary folder stays behind."""
+    import threading
+
+    both_writing = threading.Barrier(3)
+
+    def fake_convert(dest):  # both conversions are in flight before either renames its folder into place
+        (dest / "config.json").write_text('{"model_type": "llama", "writer": "%s"}' % threading.current_thread().name)
+        both_writing.wait(timeout=10)
+        (dest / "model.safetensors").write_bytes(b"weights")
+
+    monkeypatch.setattr(models, "_convert_gguf", fake_convert)
+    target = tmp_path / "models" / "smollm2-135m-instruct"
+    results, errors = [], []
+
+    def prepare():
+        try:
+            results.append(models.prepare_default_model(target))
+        except Exception as e:  # noqa: BLE001 - the assertion below names it
+            errors.append(e)
+
+    workers = [threading.Thread(target=prepare, name=f"w{i}") for i in range(3)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=30)
+    assert errors == [] and results == [target] * 3
+    assert (target / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no .partial folder left
