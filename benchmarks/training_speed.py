@@ -6,6 +6,8 @@ Usage (on a box with 2+ GPUs, TRL, datasets and bitsandbytes; writes results.jso
     python benchmarks/training_speed.py --out runs/bench/training_speed
 CPU smoke test (two gloo processes, a 2-layer stand-in; about a minute):
     python benchmarks/training_speed.py --models tiny --steps 3 --qlora "" --out runs/bench/training-tiny
+Where the second card waits (each step's phases timed per process, side by side; docs/gpu.md says how to read it):
+    python benchmarks/training_speed.py --models mistral-7b --steps 12 --qlora "" --profile --out runs/bench/ddp_profile
 
 Each (model, process count) is one phase, run in a fresh Python (``--phase``): ``distributed.launch`` forks its workers
 with accelerate's ``notebook_launcher``, which needs a parent that never touched CUDA, and the one-GPU phase sees one
@@ -24,7 +26,9 @@ samples/s counts optimizer steps 2..last (step 1 holds the warm-up), from the wa
 records for each logged step, so model loading and the two evaluations are outside it; they are in ``phase_s``.
 Each process also records its own step times (micro steps, and the last one with the all-reduce and the optimizer),
 and nvidia-smi samples the cards' clocks and power during each phase: where a data-parallel step loses time.
-``--extra '{"gradient_checkpointing": false}'`` changes the recipe of every phase.
+``--extra '{"gradient_checkpointing": false}'`` changes the recipe of every phase. ``--profile`` trains every phase
+with ``profile_steps`` (``callbacks.step_profile_callback``: data, forward + backward, DDP's collectives, optimizer,
+evaluation and saves, per process) and adds their table, 1 process against each of N, to results.md.
 """
 from __future__ import annotations
 
@@ -60,6 +64,7 @@ class Config:
     phase_timeout_s: int = 900  # a phase that runs longer is stopped (its error is recorded, the rest go on)
     extra: str = ""  # JSON of TrainConfig fields for every phase, e.g. '{"gradient_checkpointing": false}'
     gpu_sampling_ms: int = 500  # nvidia-smi samples clocks, power and load this often during each phase (0 = off)
+    profile: bool = False  # time every step's phases per process (profile_steps) and add their side-by-side table
     phase: str = ""  # internal: run one phase (JSON) in this process and print its result
 
 
@@ -142,7 +147,7 @@ def run_phase(spec: dict) -> dict:
     """Train one (model, processes) phase through ``distributed.launch``; what its metrics log and step times say."""
     import yaml
 
-    from kaggle_utils import config, distributed, models, training
+    from kaggle_utils import artifacts, config, distributed, models, training
 
     config.setup_logging()
     values = yaml.safe_load((common.REPO / spec["recipe"]).read_text())
@@ -158,7 +163,11 @@ def run_phase(spec: dict) -> dict:
     rows = [json.loads(ln) for ln in (cfg.run_dir / training.METRICS_FILE).read_text().splitlines() if ln.strip()]
     ranks = {int(p.stem.rsplit("rank", 1)[1]): [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
              for p in sorted(cfg.run_dir.glob(STEP_TIMES.format(rank="*")))}
-    return {**measure(rows, cfg.batch_size), "per_process": {r: step_split(ev) for r, ev in ranks.items()},
+    profiled = {}
+    if cfg.profile_steps:  # each process's step_profile_rank<R>.json
+        profiled = {"step_profile": {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text())
+                                     for p in sorted(cfg.run_dir.glob(artifacts.STEP_PROFILE_FILE.format(rank="*")))}}
+    return {**measure(rows, cfg.batch_size), **profiled, "per_process": {r: step_split(ev) for r, ev in ranks.items()},
             "launch_s": round(seconds, 1), "final": state,
             "lora_moved": lora_moved(state.get("checkpoint")), "gpu": gpu_name(),
             "recipe": spec["recipe"], "config": {k: values[k] for k in sorted(spec["overrides"])},
@@ -229,6 +238,8 @@ def phase_spec(cfg: Config, model: str, processes: int, steps: int, work: Path, 
                      runs_dir=str(work / "runs"), max_steps=steps, save_steps=steps, logging_steps=1,
                      batch_size=cfg.batch_size, micro_batch_size=micro, val_rows=cfg.val_rows, report_rows=0,
                      warmup_steps=min(int(values.get("warmup_steps", 0)), steps // 4), num_processes=processes)
+    if cfg.profile:
+        overrides["profile_steps"] = steps
     overrides.update(json.loads(cfg.extra) if cfg.extra else {})
     return {"model": model, "recipe": recipe, "random_weights": model != "smollm2-135m", "overrides": overrides}
 
@@ -328,6 +339,8 @@ def main(cfg: Config) -> dict:
     rec.put("summary", summary)
     plot_losses(cfg, results, out / "loss_curves.png")
     md = render_table(cfg, summary)
+    if cfg.profile:
+        md += render_profile(summary)
     (out / "results.md").write_text(md)
     print(md)
     return rec.data
@@ -345,6 +358,8 @@ def summarize(cfg: Config, results: dict) -> dict:
         losses = r.get("losses") or []
         row["final_loss"] = losses[-1][1] if losses else None
         row["eval_losses"] = r.get("eval_losses")
+        if r.get("step_profile"):
+            row["step_profile"] = {rank: profile_split(p) for rank, p in r["step_profile"].items()}
         one = results.get(f"{model}/1")
         if n != 1 and one and one.get("samples_per_s") and r.get("samples_per_s"):
             row["x_one_gpu"] = r["samples_per_s"] / one["samples_per_s"]
@@ -416,6 +431,63 @@ def render_table(cfg: Config, summary: dict) -> str:
             lines.append(f"| {r['phase']} | {rank} | {fmt(t.get('s_per_step'), '{:.3f}')} | "
                          f"{fmt(t.get('s_per_micro_step'), '{:.3f}')} | "
                          f"{fmt(t.get('s_last_micro_and_optimizer'), '{:.3f}')} | {card_text} |")
+    return "\n".join(lines) + "\n"
+
+
+# The profile's phases of a training step, in the table's order (kaggle_utils.callbacks.STEP_PHASES says what each
+# holds); evaluations and saves are shown apart, in seconds each, as samples/s leaves them out.
+STEP_PHASE_ROWS = {"data": "data: next batches + token-count gather", "forward_backward": "forward + backward",
+                   "ddp_pre_forward": "DDP pre-forward (buffer broadcast)",
+                   "grad_allreduce": "gradient all-reduce (with the wait)", "optimizer": "optimizer step",
+                   "log": "train-loss log (loss gather)"}
+
+
+def profile_split(profile: dict) -> dict:
+    """One process's step profile over optimizer steps 2..last (step 1 holds the warm-up), as samples/s counts them:
+    seconds a step in each phase and its share of the step, forward + backward a micro step (N processes take fewer
+    micro steps a step), evaluations and saves in seconds each."""
+    steps = [r for r in profile.get("per_step", []) if r["step"] >= 1]  # step 0: the evaluation before training
+    rows = [r for r in steps if r["step"] >= 2] or steps
+    totals = {p: sum(r.get(p, 0.0) for r in rows) for p in STEP_PHASE_ROWS}
+    step = sum(totals.values())
+    micro_steps = len(rows) * profile.get("gradient_accumulation_steps", 0)
+    phases = profile.get("phases", {})
+    each = lambda p: phases[p]["mean_s"] if phases.get(p, {}).get("count") else None  # noqa: E731
+    return {"steps": len(rows), "s_per_step": step / len(rows) if rows else None,
+            "phases": {p: t / len(rows) for p, t in totals.items()} if rows else {},
+            "shares": {p: t / step for p, t in totals.items()} if step > 0 else {},
+            "forward_backward_per_micro_s": totals["forward_backward"] / micro_steps if micro_steps else None,
+            "evaluate_s": each("evaluate"), "save_s": each("save"),
+            "torch_threads": profile.get("torch_threads"), "process_threads": profile.get("process_threads")}
+
+
+def render_profile(summary: dict) -> str:
+    """Each model's step profile as one Markdown table: 1 process against each process of N, phase by phase."""
+    lines = ["", "Where each process's step goes (`--profile`): seconds a step over optimizer steps 2..last (share of "
+             "the step). Every phase boundary waits for the card, so a profiled step runs a little slower than the "
+             "speed table's; the waits for another process sit in the collectives (token-count gather, buffer "
+             "broadcast, all-reduce, loss gather)."]
+    for model in dict.fromkeys(r["model"] for r in summary["rows"]):
+        columns = [(f"{r['processes']} process{'es' if r['processes'] > 1 else ''}"
+                    + (f", rank {rank}" if r["processes"] > 1 else ""), split)
+                   for r in summary["rows"] if r["model"] == model and r.get("step_profile")
+                   for rank, split in sorted(r["step_profile"].items(), key=lambda kv: int(kv[0]))]
+        if not columns:
+            continue
+        lines += ["", f"| {model}: phase | " + " | ".join(c for c, _ in columns) + " |",
+                  "|---|" + "---|" * len(columns)]
+        for phase, label in STEP_PHASE_ROWS.items():
+            cells = [f"{t['phases'][phase]:.3f} ({t['shares'].get(phase, 0):.0%})" if t["phases"] else "-"
+                     for _, t in columns]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        lines += ["| **step** | " + " | ".join(f"**{fmt(t['s_per_step'])}**" for _, t in columns) + " |",
+                  "| forward + backward, s a micro step | " + " | ".join(fmt(t["forward_backward_per_micro_s"])
+                                                                    for _, t in columns) + " |",
+                  "| evaluation, s each | " + " | ".join(fmt(t["evaluate_s"]) for _, t in columns) + " |",
+                  "| checkpoint save, s each | " + " | ".join(fmt(t["save_s"]) for _, t in columns) + " |",
+                  "| CPU threads: torch / process | " + " | ".join(f"{t['torch_threads']} / {t['process_threads']}"
+                                                               for _, t in columns) + " |"]
     return "\n".join(lines) + "\n"
 
 

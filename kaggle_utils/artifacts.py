@@ -48,6 +48,7 @@ VALIDATION_FILE = "validation.csv"  # the *choice* rows: eval loss, checkpoint s
 REPORT_FILE = "report.csv"  # the *report* rows: held out from training and from every choice; scores only
 METRICS_FILE = "metrics.jsonl"  # every logged train and eval loss, by step
 BUDGET_FILE = "budget.json"  # what the training time budget measured and chose (time_budget_minutes)
+STEP_PROFILE_FILE = "step_profile_rank{rank}.json"  # per training process: where its steps' time went (profile_steps)
 SELECTED_DIR = "selected"  # the export of checkpoint selection, inside the run folder
 SELECTION_FILE = "selection.json"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what a complete PEFT adapter folder holds

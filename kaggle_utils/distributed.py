@@ -82,7 +82,10 @@ def launch(cfg: TrainConfig) -> dict:
     _, accumulation = training.batch_split(cfg, cfg.num_processes)
     logger.info("data-parallel: %d processes x micro batch %d x %d accumulation = effective batch %d",
                 cfg.num_processes, cfg.micro_batch_size, accumulation, cfg.batch_size)
-    notebook_launcher(_run_rank, args=(cfg,), num_processes=cfg.num_processes)
+    # accelerate's launcher rendezvouses on port 29500 whatever the environment says; a MASTER_PORT set there wins, so
+    # two runs on one host need not collide
+    port = {"use_port": os.environ["MASTER_PORT"]} if os.environ.get("MASTER_PORT") else {}
+    notebook_launcher(_run_rank, args=(cfg,), num_processes=cfg.num_processes, **port)
     return final_state(cfg)
 
 

@@ -83,6 +83,8 @@ class TrainConfig:
     cpu_threads: int = 0  # torch CPU threads per data-parallel process; 0 = auto (OMP_NUM_THREADS if set, else 1 per
     # GPU process as accelerate launch and torchrun set, the cores shared out on CPUs); one process keeps torch's
     # default unless set
+    profile_steps: int = 0  # time this many steps' phases per process into <run>/step_profile_rank<R>.json (data,
+    # forward+backward, DDP's collectives, optimizer, evaluation, saves); 0 = off
 
     def __post_init__(self):
         preset = models.get_preset(self.preset)
@@ -92,6 +94,7 @@ class TrainConfig:
         require(self.micro_batch_size >= 1, "micro_batch_size", f"must be >= 1, got {self.micro_batch_size}")
         require(self.num_processes >= 1, "num_processes", f"must be >= 1, got {self.num_processes}")
         require(self.cpu_threads >= 0, "cpu_threads", f"must be >= 0 (0 = auto), got {self.cpu_threads}")
+        require(self.profile_steps >= 0, "profile_steps", f"must be >= 0 (0 = off), got {self.profile_steps}")
         require(self.time_budget_minutes >= 0, "time_budget_minutes",
                 f"must be >= 0 (0 = no budget), got {self.time_budget_minutes}")
         require(not (self.time_budget_minutes and self.num_processes > 1), "time_budget_minutes",
@@ -395,8 +398,11 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
     hooks = [callbacks.metrics_callback(cfg.run_dir)]
     if cfg.time_budget_minutes:
         hooks.append(callbacks.time_budget_callback(cfg))
-    return _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                            processing_class=tokenizer, callbacks=hooks)
+    trainer = _trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               processing_class=tokenizer, callbacks=hooks)
+    if cfg.profile_steps:  # it reads the DDP wrapper the trainer builds when training begins
+        trainer.add_callback(callbacks.step_profile_callback(cfg, trainer))
+    return trainer
 
 
 def _trainer_class():
