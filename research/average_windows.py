@@ -1,6 +1,6 @@
 """How many checkpoints to average, and which: windows chosen on the choice rows, scored on the report rows.
 
-Usage: python research/average_windows.py RUN [RUN ...] [--k 5 9 13] [--tail 9 15] [--soup]
+Usage: python research/average_windows.py RUN [RUN ...] [--k 5 9 13] [--tail 9 15] [--soup] [--png PATH]
 
 Each RUN folder needs its choice rows scored by step (``make select RUN=...``: ``selection/step-N.json``). For each
 window rule, the adapters of its checkpoints are averaged into one (``export.average_adapters``, the exact mean
@@ -22,6 +22,8 @@ adapters of each seed's ``best`` (or ``peakK``) window, all of them in one adapt
 
 The windows are chosen from the scores ``make select`` cached (its scorer); every window is then scored with
 ``--scorer_path`` (the MiniLM stand-in by default): give the select stage's scorer to keep them alike.
+
+With ``--png PATH``, each run's choice-row curve is plotted with its widest peak window drawn thick.
 
 Writes ``RUN/average_windows.json`` (and, with ``--soup``, ``average_windows_soups.json`` in the first run); prints
 each run's rules (choice and report means, the report's 90% interval over prompt groups), then, over the runs, each
@@ -107,14 +109,54 @@ def averaged(folders: list[Path], out: Path) -> Path:
     return folders[0] if len(folders) == 1 else export.average_adapters(folders, out)
 
 
-def one_run(run: Path, ks: list[int], tails: list[int], scorer, val_rows: int = 0) -> dict:
-    """Every rule's window of ``run``, its adapters averaged and scored on both row sets; ``pick`` added."""
+def choice_curve(run: Path) -> dict[int, float]:
+    """The choice rows' mean SCS by step, as ``make select`` cached it (step 0: the base model)."""
     means = {}
     for f in (run / checkpoints.SELECTION_DIR).glob("step-*.json"):
         if f.stem.split("-")[1].isdigit():
             means[int(f.stem.split("-")[1])] = float(np.mean(json.loads(f.read_text())["scs"]))
     if not means:
         raise SystemExit(f"{run / checkpoints.SELECTION_DIR}: no step-N.json (run make select RUN={run.name} first)")
+    return dict(sorted(means.items()))
+
+
+def plot_curves(runs: list[Path], found: dict[str, dict], rule: str, path: Path) -> Path:
+    """Each run's choice-row curve by step, one colour per arm, with the steps of its ``rule`` window drawn thick:
+    where the curve peaks, and whether it still rises at the end of training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    colours: dict[str, str] = {}
+    for run in runs:
+        arm = arm_and_seed(run.name)[0]
+        curve = {s: v for s, v in choice_curve(run).items() if s > 0}
+        colour = colours.setdefault(arm, f"C{len(colours)}")
+        labelled = arm in ax.get_legend_handles_labels()[1]
+        ax.plot(list(curve), list(curve.values()), color=colour, alpha=0.5, lw=1, label=None if labelled else arm)
+        window = found.get(run.name, {}).get(rule, {}).get("steps", [])
+        ax.plot(window, [curve[s] for s in window], color=colour, lw=3)
+    ax.set_xlabel("training step")
+    ax.set_ylabel("choice rows: mean SCS of the checkpoint")
+    ax.set_title(f"one line per run; thick: its {rule} window")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def arm_and_seed(name: str) -> tuple[str, int]:
+    """``<arm>-s<seed>`` (research/sweep.sh's run names) split; any other name is its own arm, seed 0."""
+    m = re.match(r"^(.*)-s(\d+)$", name)
+    return (m.group(1), int(m.group(2))) if m else (name, 0)
+
+
+def one_run(run: Path, ks: list[int], tails: list[int], scorer, val_rows: int = 0) -> dict:
+    """Every rule's window of ``run``, its adapters averaged and scored on both row sets; ``pick`` added."""
+    means = choice_curve(run)
     ckpts, found, samplers = checkpoints.run_checkpoints(run), {}, {}
     for rule, steps in windows(means, ks, tails).items():
         adapter = averaged([ckpts[s] for s in steps], run / "windows" / rule)
@@ -159,6 +201,7 @@ def main() -> None:
     parser.add_argument("--scorer_path", default="", help="sentence-transformers folder; empty: the MiniLM stand-in")
     parser.add_argument("--soup", action="store_true", help="also average each arm's seeds into one adapter")
     parser.add_argument("--val_rows", type=int, default=0, help="rows of each set, as whole prompt groups (0: all)")
+    parser.add_argument("--png", default="", help="also plot each run's choice-row curve with its widest peak window")
     args = parser.parse_args()
     if any(k < 1 or k % 2 == 0 for k in args.k):
         parser.error(f"--k: window sizes must be odd (a window is centred on a step), got {args.k}")
@@ -168,8 +211,7 @@ def main() -> None:
     for name in args.runs:
         run = Path(name)
         found[run.name] = one_run(run, args.k, args.tail, scorer, args.val_rows)
-        m = re.match(r"^(.*)-s(\d+)$", run.name)
-        arm, seed = (m.group(1), int(m.group(2))) if m else (run.name, 0)
+        arm, seed = arm_and_seed(run.name)
         by_arm.setdefault(arm, []).append(run)
         rows += [{"arm": arm, "seed": seed, "rule": r, **v} for r, v in found[run.name].items()]
     soups = []
@@ -180,6 +222,8 @@ def main() -> None:
                     soups.append({"arm": arm, "rule": f"soup-{rule}", **soup(runs, found, rule, scorer, args.val_rows)})
     if soups:
         (Path(args.runs[0]) / "average_windows_soups.json").write_text(json.dumps(soups, indent=2) + "\n")
+    if args.png:
+        print(f"plot -> {plot_curves([Path(r) for r in args.runs], found, f'peak{max(args.k)}', Path(args.png))}")
     df = pd.DataFrame(rows)
     print(f"scorer: {scorer.name}")
     for name, sets in found.items():

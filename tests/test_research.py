@@ -181,9 +181,12 @@ def test_the_script_groups_runs_by_arm_pairs_them_and_says_which_rows_it_scored(
     sub = make_run(tmp_path, "sub-s0", QUALITY, CURVE, report=False)
     monkeypatch.setattr(aw.metric, "Scorer", lambda path="": ExactScorer())
     monkeypatch.setattr(aw, "setup_logging", lambda: None)
-    monkeypatch.setattr(sys, "argv", ["average_windows.py", str(s0), str(s1), str(sub), "--k", "3", "--soup"])
+    png = tmp_path / "curves.png"
+    monkeypatch.setattr(sys, "argv", ["average_windows.py", str(s0), str(s1), str(sub), "--k", "3", "--soup",
+                                      "--png", str(png)])
     aw.main()
     out = capsys.readouterr().out
+    assert f"plot -> {png}" in out and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "scorer: exact match" in out
     assert "arm-s0: scored on choice rows (6) and report rows (6)" in out
     assert "sub-s0: scored on choice rows (6) only: no report.csv (a run trained with report_rows 0)" in out
