@@ -22,7 +22,11 @@ lengths, other words), so its prefix cache (on, as in the submission) never hold
 
 vLLM runs on every visible GPU (tensor parallel when the heads split): on a 2-GPU box, the Kaggle 2xT4 setting is
 ``--vllm_dtype float16 --hf_dtype float16`` with the HF engine's layers split over both cards
-(``--baseline_every 5`` keeps that slow path short).
+(``--baseline_every 5`` keeps that slow path short). There ``hf_copies`` is the HF engine's other arm, as the
+submission runs it with ``hf_copies``: one 4-bit copy of the base + adapter per card, each sampling its share of the
+rows in a process of its own (``kaggle_utils.card_parallel``), with its rows/s over the slowest card's sampling, the
+wall time start-up included, and each card's start-up seconds and peak memory (``per_card``). It runs on CUDA
+(``--hf_copies N``: N cards, else every visible one) and on CPU only when ``--hf_copies N`` asks (N processes).
 
 Is the project's decoder worth keeping? ``hf_static`` / ``hf_static_n4`` against ``fast`` / ``fast_n4``, one run,
 one card (``--skip one_row baseline fast_repeat ablations quant tests vllm_lora vllm_merged`` runs only these four;
@@ -88,6 +92,8 @@ class Config:
     quant_every: int = 5  # the 4-bit path runs on every k-th row, extrapolated
     n_extra: int = 4  # the n of the "n=4" phases (predictions per row)
     baseline_every: int = 1  # transformers-generate batches time every k-th row by length, extrapolated
+    hf_copies: int = 0  # the hf_copies arm's processes, one 4-bit copy per card: 0 = every visible GPU (none on CPU)
+    copies_every: int = 1  # the hf_copies arm samples every k-th row by length (1 = all of them)
     hf_dtype: str = "auto"  # the HF engine's dtype: auto (bf16 on this card) | float16 | bfloat16
     vllm_dtype: str = "auto"  # vLLM's dtype: auto | float16 (Kaggle's T4) | bfloat16
     vllm_max_model_len: int = 2048  # vLLM context (prompts + new tokens)
@@ -95,7 +101,7 @@ class Config:
     hf_static_batch_size: int = 0  # rows per generate call of hf_static (0: fast_batch_size; n=4 takes 1/n_extra)
     hf_static_compile: str = "on"  # on: compile on any device | cuda: only on CUDA (eager static cache elsewhere) | off
     # phases to skip: one_row, baseline, fast, fast_repeat, fast_n4 (runs only with fast), ablations, hf_static,
-    # hf_static_n4, quant, tests, vllm_lora, vllm_merged
+    # hf_static_n4, quant, hf_copies, tests, vllm_lora, vllm_merged
     skip: list = field(default_factory=list)
 
 
@@ -516,9 +522,21 @@ def main(cfg: Config) -> dict:
         except Exception as e:
             rec.put("quant4", {"error": f"{type(e).__name__}: {str(e)[:500]}"})
 
-    # ---- phase 5: vLLM through the project's VLLMEngine (fresh prompts per phase)
+    # ---- phase 4b: one 4-bit copy per card, each in its own process (this process holds no model now)
     engine = q_engine = None
     free()
+    if "hf_copies" not in cfg.skip and (cuda or cfg.hf_copies):
+        try:
+            results["hf_copies"] = hf_copies_run(cfg, base_dir, adapter_dir, originals, rewrittens,
+                                                 pick(cfg.copies_every))
+            rec.put("hf_copies", results["hf_copies"])
+        except Exception as e:  # one failing arm must not cost the others
+            import traceback
+
+            rec.put("hf_copies", {"error": f"{type(e).__name__}: {str(e)[:2000]}",
+                                  "traceback": traceback.format_exc()[-3000:]})
+
+    # ---- phase 5: vLLM through the project's VLLMEngine (fresh prompts per phase)
     vllm_phases = [k for k in ("vllm_lora", "vllm_merged") if k not in cfg.skip]
     if cuda and vllm_phases:
         results.update(vllm_phases_run(cfg, rec, vllm_phases, base_dir, adapter_dir, work / "merged", lengths, vocab))
@@ -529,6 +547,32 @@ def main(cfg: Config) -> dict:
     (Path(cfg.out) / "results.md").write_text(md)
     print(md)
     return rec.data
+
+
+def hf_copies_run(cfg: Config, base_dir: Path, adapter_dir: Path, originals, rewrittens, rows: list[int]) -> dict:
+    """The rows through ``kaggle_utils.card_parallel.sample_on_cards`` (one 4-bit copy of base + adapter per card,
+    each its share in a process of its own, joined in row order), from an empty prediction file."""
+    import shutil
+
+    from kaggle_utils import card_parallel, engines, models, plan, sampling
+
+    copies = cfg.hf_copies or models.gpu_count()
+    folder = Path(cfg.work_dir) / cfg.model / "hf_copies"
+    shutil.rmtree(folder, ignore_errors=True)  # every run samples every row
+    store = sampling.PredictionStore(folder, "hf_copies", {"benchmark": "hf_copies"})
+    entry = plan.ModelEntry(name="hf_copies", preset="mistral-7b", base_model=str(base_dir), adapter=str(adapter_dir))
+    out = card_parallel.sample_on_cards(entry, sampling_config(cfg, cfg.baseline_batch_size), [str(i) for i in rows],
+                                        [originals[i] for i in rows], [rewrittens[i] for i in rows], store,
+                                        "Improve this text.", copies, options=engines.EngineOptions(dtype=cfg.hf_dtype))
+    r = out.report
+    cards = [{"card": w.card, "rows": len(w.ids), **{k: w.report.get(k) for k in (
+        "sampled", "seconds", "rows_per_s", "load_s", "peak_gib", "four_bit", "device")}} for w in out.workers]
+    peaks = [c["peak_gib"] for c in cards if c["peak_gib"] is not None]
+    return {"rows": r.rows, "completions": sum(len(store.done[str(i)]["predictions"]) for i in rows),
+            "seconds": r.seconds, "rows_per_s": r.rows_per_s, "start_s": r.load_s, "wall_s": out.wall_s,
+            "rows_per_s_wall": r.rows / out.wall_s if out.wall_s else None,
+            "gpus": 0 if all(c["card"] == "cpu" for c in cards) else len(cards),
+            "peak_gib": max(peaks) if peaks else None, "per_card": cards, "extrapolated_from_rows": len(rows)}
 
 
 def wait_for_free_gpus(share: float = 0.9, timeout_s: float = 60.0) -> float:
@@ -633,7 +677,9 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
              "fast": f"HF engine + decoding fast path, batches of {cfg.fast_batch_size} (LoRA merged)",
              "fast_repeat": "the same, run again",
              "fast_n4": f"the same at n={cfg.n_extra} (batches of {cfg.fast_batch_size // cfg.n_extra} rows)",
-             "quant4": f"4-bit nf4 base + unmerged LoRA, transformers generate, batches of {cfg.baseline_batch_size}"}
+             "quant4": f"4-bit nf4 base + unmerged LoRA, transformers generate, batches of {cfg.baseline_batch_size}",
+             "hf_copies": "one copy per card in its own process (4-bit nf4 base + unmerged LoRA on a GPU), "
+                          f"transformers generate, batches of {cfg.baseline_batch_size}"}
     for phase, what in (("vllm_lora", "vLLM, adapter as a LoRARequest"), ("vllm_merged", "vLLM, merged folder, LoRA off")):
         for n in (1, cfg.n_extra):
             names[f"{phase}_n{n}"] = f"{what}, n={n}"
@@ -657,6 +703,8 @@ def summarize(cfg: Config, card: dict, roof: dict, results: dict) -> dict:
             label += f" [{cards} GPUs]"
         if key.startswith("vllm"):
             label += f" (start {r['start_s']:.0f} s)"
+        if key == "hf_copies":
+            label += f" (start up to {r['start_s']:.0f} s; {r['wall_s']:.0f} s wall for {r['rows']} rows)"
         rows[key] = {"how": label, "rows_per_s": rate, "x_one_row": rate / base if base else None,
                      "share_of_roofline": rate / (cards * roof["rows_per_s"]),
                      "share_of_sustained_roofline": rate / (cards * roof["sustained"]["rows_per_s"])

@@ -26,6 +26,7 @@ Shared by every stage
     ``engines``      the HF and vLLM engines behind one interface: what to sample, how they load, what starting took
     ``adapters``     LoRA adapter folders: the checks, applying or swapping one in, the merged copy on disk
     ``serving``      one model of the plan served: the engine rule, the merge at start for vLLM, the fallbacks
+    ``card_parallel``  the HF engine data-parallel: one copy per card in a process of its own, parts joined in order
     ``decoding``     the HF engine's fast generation on CUDA (static KV cache, CUDA graphs)
     ``sampling``     the sampling loop and the resumable prediction files
     ``budget``       the deadline: each model's share of the time, how many predictions still fit

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import adapters, artifacts, blending, budget, data, engines, models, prompts, sampling, serving
+from . import adapters, artifacts, blending, budget, card_parallel, data, engines, models, prompts, sampling, serving
 from .config import require, resolve_path, save_config
 from .plan import ModelEntry
 
@@ -91,6 +91,9 @@ class InferenceConfig:
     max_new_tokens: int = 32  # a recovered prompt is one sentence
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = each model's, from selection.json
     generation_batch_size: int = 16  # rows per HF generate call (vLLM schedules its own)
+    hf_copies: int = 0  # where the HF engine runs a model: 0 = one process (layers split over the cards where the model
+    # needs it); N = one copy per card (4-bit on a GPU) in N processes, each sampling part of the rows
+    # (kaggle_utils.card_parallel; at most one per visible card; on CPU, N processes). Not measured on 2 GPUs yet
     gpu_memory_utilization: float = engines.EngineOptions.gpu_memory_utilization  # vLLM's share of each GPU
     attention_backend: str = engines.EngineOptions.attention_backend  # vLLM: auto (TRITON_ATTN on a T4) | a name
     enforce_eager: str = engines.EngineOptions.enforce_eager  # vLLM without CUDA graphs: auto (on a T4) | on | off
@@ -126,6 +129,8 @@ class InferenceConfig:
         require(not self.use_mean_prompt or bool(self.mean_prompt.strip()), "mean_prompt",
                 "is blank while use_mean_prompt is on")
         require(self.max_rows >= 0, "max_rows", f"must be >= 0, got {self.max_rows}")
+        require(isinstance(self.hf_copies, int) and not isinstance(self.hf_copies, bool) and self.hf_copies >= 0,
+                "hf_copies", f"must be a whole number >= 0 (0 = one process), got {self.hf_copies!r}")
         require(self.max_prompt_tokens == 0 or self.max_prompt_tokens >= 64, "max_prompt_tokens",
                 f"must be 0 (each model's training length) or >= 64, got {self.max_prompt_tokens}")
         require(bool(self.submission_path), "submission_path", "must not be empty")
@@ -253,16 +258,24 @@ def _store(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines.Sam
                    **{k: getattr(entry, k) for k in ("temperature", "top_p", "forced_start", "greedy_first")},
                    "weights": sampling.fingerprint_files(weights) if weights else "",
                    **{k: getattr(scfg, k) for k in ("n", "max_new_tokens", "max_prompt_tokens", "seed")}}
-    return sampling.PredictionStore(cfg.run_dir / folder, name, fingerprint)
+    store = sampling.PredictionStore(cfg.run_dir / folder, name, fingerprint)
+    card_parallel.fold_parts(store)  # rows an interrupted hf_copies run left in part files count as done
+    return store
 
 
 def _run_model(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines.SamplingConfig,
                store: sampling.PredictionStore, rows: pd.DataFrame, share, undone: int = 0
                ) -> sampling.SamplingReport | None:
     """Serve one model (:func:`kaggle_utils.serving.serve`: the engine, for vLLM merged first when that pays) and
-    sample what is not done yet (``undone`` rows); a failure is logged and its rows fall back."""
+    sample what is not done yet (``undone`` rows); a failure is logged and its rows fall back. With ``hf_copies``
+    and the HF engine chosen, one copy per card samples part of the rows (:mod:`kaggle_utils.card_parallel`)."""
     engine = None
     try:
+        if cfg.hf_copies and card_parallel.engine_for(entry, cfg.engine) == "hf":
+            return card_parallel.sample_on_cards(entry, scfg, rows["id"].tolist(), rows["original_text"].tolist(),
+                                                 rows["rewritten_text"].tolist(), store, cfg.fallback_prompt,
+                                                 cfg.hf_copies, share=share, options=cfg.engine_options(scfg),
+                                                 model_name=name).report
         engine = serving.serve(entry, undone, engine=cfg.engine, merge_adapters=cfg.merge_adapters,
                                merge_dir=cfg.merge_dir, options=cfg.engine_options(scfg))
         report = sampling.sample_rows(engine, rows["id"].tolist(), rows["original_text"].tolist(),
@@ -273,7 +286,8 @@ def _run_model(cfg: InferenceConfig, entry: ModelEntry, name: str, scfg: engines
         raise  # a wrong plan is the user's to fix, not to paper over
     except Exception as e:  # e.g. out of GPU memory on Kaggle: keep the other models and write the submission anyway
         logger.error("%s failed, its undone rows get the fallback: %s\n%s", name, e, traceback.format_exc())
-        return None
+        # with hf_copies, what the other cards sampled still makes the model's row of sampling.csv
+        return e.result.report if isinstance(e, card_parallel.WorkerError) else None
     finally:
         if engine is not None:
             engine.close()
