@@ -112,44 +112,26 @@ def _take(store: sampling.PredictionStore, records) -> int:
     return len(new)
 
 
-def fold_parts(store: sampling.PredictionStore) -> int:
-    """Move the rows of part files an interrupted parallel run left into ``store`` (appended; a row the store already
-    has from the same texts is skipped), then delete the parts; returns how many rows came in. A part written for
-    another model or sampling setting is set aside as ``*.stale.jsonl``, as the store does with its own file."""
+def _take_parts(store: sampling.PredictionStore) -> tuple[int, int]:
+    """Append the rows of every part file that ``store`` does not hold yet, then delete the parts; returns the rows
+    taken and the part files read. Each part is opened as a store of its own with ``store``'s fingerprint, so a torn
+    last line (a worker killed mid-write) is dropped and a part of another model or setting is set aside as
+    ``*.stale.jsonl``."""
     folder = parts_folder(store)
     files = _part_files(folder)
     moved = sum(_take(store, sampling.PredictionStore(folder, p.stem, store.fingerprint).done.values()) for p in files)
     if files:
         _remove_parts(folder)
+    return moved, len(files)
+
+
+def fold_parts(store: sampling.PredictionStore) -> int:
+    """Move the rows of part files an interrupted parallel run left into ``store`` (appended; a row the store already
+    has from the same texts is skipped), then delete the parts; returns how many rows came in."""
+    moved, files = _take_parts(store)
+    if files:
         logger.info("%s: %d row(s) taken from the parts of an interrupted parallel run", store.path.name, moved)
     return moved
-
-
-def _join_parts(store: sampling.PredictionStore) -> int:
-    """Append the rows the workers of this run wrote to their parts into ``store``; returns how many. Their meta
-    files are this run's, so only a torn last line (a worker killed mid-write) is left out."""
-    def records(path: Path):
-        for line in path.read_bytes().splitlines():
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
-
-    return sum(_take(store, records(p)) for p in _part_files(parts_folder(store)))
-
-
-def write_in_order(store: sampling.PredictionStore, ids: Sequence[str]) -> None:
-    """Rewrite ``store``'s file with one line per done row, ``ids``' rows first in that order (the submission's), then
-    any other row it holds; written to a temporary file and renamed over, so a kill never leaves half a file."""
-    order = [str(i) for i in ids if str(i) in store.done]
-    seen = set(order)
-    order += [i for i in store.done if i not in seen]
-    tmp = store.path.with_name(store.path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(store.done[i], ensure_ascii=False) + "\n" for i in order))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, store.path)
 
 
 def deal_rows(originals: Sequence[str], rewrittens: Sequence[str], todo: Sequence[int], copies: int) -> list[list[int]]:
@@ -270,9 +252,8 @@ def sample_on_cards(entry: ModelEntry, scfg: engines.SamplingConfig, ids: Sequen
     for w in workers:
         report = Path(folder / f"part{w.worker}.report.json")
         w.report = json.loads(report.read_text()) if report.exists() else None
-    _join_parts(store)  # every worker's rows, a failed one's included
-    _remove_parts(folder)
-    write_in_order(store, ids)
+    _take_parts(store)  # every worker's rows, a failed one's included
+    store.rewrite_in_order(ids)
     result = _combine(name, scfg, ids, keys, store, resumed, workers, wall)
     if workers:
         logger.info("%s: %d row(s) sampled on %d worker(s) in %.0f s, start-up included (%.2f rows/s over the slowest "

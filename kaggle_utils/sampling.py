@@ -125,6 +125,19 @@ class PredictionStore:
         for r in records:
             self.done[str(r["id"])] = r
 
+    def rewrite_in_order(self, ids: Sequence[str]) -> None:
+        """Rewrite the file with one line per done row, ``ids``' rows first in that order (the submission's), then any
+        other row it holds; written to a temporary file and renamed over, so a kill never leaves half a file."""
+        order = [str(i) for i in ids if str(i) in self.done]
+        seen = set(order)
+        order += [i for i in self.done if i not in seen]
+        tmp = self.path.with_name(self.path.name + ".partial")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write("".join(json.dumps(self.done[i], ensure_ascii=False) + "\n" for i in order))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
     def predictions(self, ids: Sequence[str], keys: Sequence[str]) -> dict[str, list[str]]:
         """Predictions of the given rows that are done (same id and texts)."""
         return {i: self.done[i]["predictions"] for i, k in zip(ids, keys) if self.is_done(i, k)}

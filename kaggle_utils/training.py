@@ -469,13 +469,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def load_for_training(cfg: TrainConfig):
+    """Model + LoRA, its tokenizer, and the trainer over the run's datasets: everything :func:`train` needs."""
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    train_ds, eval_ds = build_datasets(cfg, tokenizer)
+    return model, tokenizer, build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
+
+
 def run(cfg: TrainConfig) -> dict:
     """The whole training of one process: model + LoRA, datasets, trainer, train (resuming). What every data-parallel
     process runs, and what one process runs alone."""
-    model, tokenizer = load_model_and_tokenizer(cfg)
-    train_ds, eval_ds = build_datasets(cfg, tokenizer)
-    trainer = build_trainer(cfg, model, tokenizer, train_ds, eval_ds)
-    return train(cfg, trainer)
+    return train(cfg, load_for_training(cfg)[2])
 
 
 # ---------------------------------------------------------------- the result

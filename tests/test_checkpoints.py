@@ -393,9 +393,7 @@ def train_tiny_run(runs_dir, base, name="tiny", **kw):
                                batch_size=2, micro_batch_size=2, save_steps=1, max_seq_length=512,
                                learning_rate=1e-2, warmup_steps=0, **kw)
     training.prepare_run(cfg)
-    model, tok = training.load_model_and_tokenizer(cfg)
-    train_ds, eval_ds = training.build_datasets(cfg, tok)
-    training.train(cfg, training.build_trainer(cfg, model, tok, train_ds, eval_ds))
+    training.train(cfg, training.load_for_training(cfg)[2])
     return cfg.run_dir
 
 

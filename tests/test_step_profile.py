@@ -34,9 +34,7 @@ def cfg_of(tmp_path, base, **kw):
 
 def _trainer(cfg):
     training.prepare_run(cfg)
-    model, tok = training.load_model_and_tokenizer(cfg)
-    train_ds, eval_ds = training.build_datasets(cfg, tok)
-    return training.build_trainer(cfg, model, tok, train_ds, eval_ds)
+    return training.load_for_training(cfg)[2]
 
 
 def _profile(run_dir: Path, rank: int = 0) -> dict:

@@ -25,10 +25,7 @@ def tiny_cfg(tmp_path, base, preset="mistral-7b", **kw):
 
 def _train(cfg):
     training.prepare_run(cfg)
-    model, tok = training.load_model_and_tokenizer(cfg)
-    train_ds, eval_ds = training.build_datasets(cfg, tok)
-    trainer = training.build_trainer(cfg, model, tok, train_ds, eval_ds)
-    return model, tok, trainer
+    return training.load_for_training(cfg)
 
 
 @pytest.mark.parametrize("arch,preset", [("llama", "llama2-13b"), ("mistral", "mistral-7b"),
