@@ -64,6 +64,9 @@ class TrainConfig:
     lora_r: int = 1  # LoRA rank (the original recipe used 1)
     lora_alpha: int = 16  # LoRA scaling numerator
     lora_dropout: float = 0.0  # dropout on the LoRA input
+    neftune_noise_alpha: float = 0.0  # > 0: NEFTune, uniform noise of this scale on the input embeddings while
+    # training (transformers' Trainer; off at evaluation and generation); 0 = off
+    weight_decay: float = 0.0  # AdamW weight decay on the trainable (LoRA) weights; 0 = none
     lora_target_modules: str = ""  # "" = the preset's; "attention" | "all" | comma-separated module names
     lora_layers: int = 0  # 0 = LoRA in every decoder layer; k = the last k only (without activation checkpointing
     # the backward pass then stops below them)
@@ -107,6 +110,10 @@ class TrainConfig:
         require(self.lora_layers >= 0, "lora_layers", f"must be >= 0 (0 = every layer), got {self.lora_layers}")
         require(self.val_rows >= 1, "val_rows", f"must be >= 1, got {self.val_rows}")
         require(self.learning_rate > 0, "learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(0 <= self.lora_dropout < 1, "lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        require(self.neftune_noise_alpha >= 0, "neftune_noise_alpha",
+                f"must be >= 0 (0 = off), got {self.neftune_noise_alpha}")
+        require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
         require(self.lr_scheduler in LR_SCHEDULERS, "lr_scheduler",
                 f"must be one of {LR_SCHEDULERS}, got '{self.lr_scheduler}'")
         require(self.report_rows >= 0, "report_rows", f"must be >= 0 (0 = none), got {self.report_rows}")
@@ -364,6 +371,8 @@ def build_trainer(cfg: TrainConfig, model, tokenizer, train_ds, eval_ds):
         per_device_eval_batch_size=cfg.micro_batch_size * 2,
         gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
+        weight_decay=cfg.weight_decay,
+        neftune_noise_alpha=cfg.neftune_noise_alpha or None,
         warmup_steps=cfg.warmup_steps,
         lr_scheduler_type=cfg.lr_scheduler,
         # Micro batches of similar lengths: far less padding computed (texts range from 50 to 1000+ tokens).

@@ -126,6 +126,9 @@ def test_run_folder_of_another_model_is_refused(tmp_path, tiny_model_dir):
     ("report_rows", -1, "report_rows: must be >= 0"),
     ("lora_layers", -1, "lora_layers: must be >= 0"),
     ("cpu_threads", -1, "cpu_threads: must be >= 0"),
+    ("lora_dropout", 1.0, r"lora_dropout: must be in \[0, 1\)"),
+    ("neftune_noise_alpha", -5, "neftune_noise_alpha: must be >= 0"),
+    ("weight_decay", -0.1, "weight_decay: must be >= 0"),
 ])
 def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
     with pytest.raises(config.ConfigError, match=match):
@@ -168,6 +171,34 @@ def test_lora_in_the_last_layers_only(tmp_path, tiny_model_dir):
     assert any(not torch.equal(lora[n], after[n]) for n in lora if "lora_B" in n), "LoRA B never moved"
     saved = json.loads((training.find_last_checkpoint(cfg.run_dir) / "adapter_config.json").read_text())
     assert saved["layers_to_transform"] == [1]
+
+
+def test_neftune_noise_and_weight_decay_reach_the_training_steps(tmp_path, tiny_model_dir):
+    """neftune_noise_alpha: while the trainer steps, the same token ids embed differently twice (noise on the
+    input embeddings) and after training they embed the same again; weight_decay: the optimizer decays the LoRA
+    weights by that much."""
+    from transformers import TrainerCallback
+
+    cfg = tiny_cfg(tmp_path, tiny_model_dir("llama"), neftune_noise_alpha=5.0, weight_decay=0.1)
+    model, _, trainer = _train(cfg)
+    embed = model.get_input_embeddings()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    seen = []
+
+    class Probe(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # the model in train mode, as it stepped
+            with torch.no_grad():
+                seen.append((bool(embed.training), not torch.equal(embed(ids), embed(ids))))
+            decays = {g["weight_decay"] for g in kwargs["optimizer"].param_groups if g["params"]}
+            seen.append(decays)
+
+    trainer.add_callback(Probe())
+    training.train(cfg, trainer)
+    assert seen[0] == (True, True), "no noise on the embeddings while training"
+    assert 0.1 in seen[1], seen[1]
+    embed.eval()
+    with torch.no_grad():
+        assert torch.equal(embed(ids), embed(ids)), "the noise outlived training"
 
 
 def test_lora_layers_beyond_the_model_is_named(tmp_path, tiny_model_dir):
