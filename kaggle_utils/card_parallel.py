@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from . import adapters, budget, engines, models, sampling, serving
+from . import adapters, artifacts, budget, engines, models, sampling, serving
 from .plan import ModelEntry
 
 logger = logging.getLogger("kaggle_utils")
@@ -213,8 +213,7 @@ def sample_on_cards(entry: ModelEntry, scfg: engines.SamplingConfig, ids: Sequen
     copies = max(1, min(copies, len(todo)))
     cards = _visible_cards(gpus)[:copies] if gpus else ["cpu"] * copies
     four_bit = gpus > 0 if load_in_4bit is None else bool(load_in_4bit)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, cores // copies)  # the CPUs this process may use, shared out
+    threads = max(1, models.usable_cores() // copies)  # the CPUs this process may use, shared out
     folder = parts_folder(store)
     folder.mkdir(parents=True, exist_ok=True)
     shares = deal_rows(originals, rewrittens, todo, copies) if todo else []
@@ -363,9 +362,7 @@ def _worker_main(job_path: str) -> int:
         logger.error("worker %d failed: %s: %s\n%s", job["worker"], type(e).__name__, e, traceback.format_exc())
         out["error"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
         code = 1
-    tmp = Path(job["report"] + ".partial")
-    tmp.write_text(json.dumps(out, indent=2) + "\n")
-    os.replace(tmp, job["report"])
+    artifacts.write_json(job["report"], out)
     return code
 
 

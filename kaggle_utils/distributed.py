@@ -12,6 +12,7 @@ import os
 
 from . import training
 from .config import require
+from .models import usable_cores
 from .training import TrainConfig
 
 logger = logging.getLogger("kaggle_utils")
@@ -28,14 +29,6 @@ def rank_threads(cfg: TrainConfig, gpus: int, cores: int, env_threads: str = "")
     if env_threads.strip().isdigit() and int(env_threads) > 0:
         return int(env_threads)
     return 1 if gpus else max(1, cores // cfg.num_processes)
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on (a container's or a job's share), not every CPU of the host."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def _run_rank(cfg: TrainConfig) -> None:

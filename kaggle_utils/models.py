@@ -235,6 +235,14 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (a container's or a job's share), not every CPU of the host."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def gpu_count() -> int:
     """Visible CUDA devices (0 on CPU machines)."""
     import torch

@@ -10,6 +10,7 @@ there (``KAGGLE_UTILS_DATA``), so no test reads ``../shared/data`` or ``data/``.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pandas as pd
@@ -25,6 +26,14 @@ SELECTED_PROMPTS = FIXTURE_DATA / "selected_prompts.json"
 # The caller's own data override, kept for the real-file checks before the tests point data/ at the fixtures.
 USER_DATA_ENV = os.environ.get("KAGGLE_UTILS_DATA")
 os.environ["KAGGLE_UTILS_DATA"] = str(FIXTURE_DATA)
+
+
+def free_port() -> int:
+    """A port no one listens on now, so a data-parallel launch never collides with another run on accelerate's 29500
+    (its MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from kaggle_utils import artifacts, callbacks, config, distributed, training
-from conftest import EXTRA_CSV, GEMMA_CSV
+from conftest import EXTRA_CSV, GEMMA_CSV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -158,7 +158,7 @@ training.prepare_run(cfg)
 print("RESULT " + json.dumps(distributed.launch(cfg)))
 """
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=600,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out
 

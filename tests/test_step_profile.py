@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 
 from kaggle_utils import artifacts, callbacks, config, training
-from conftest import EXTRA_CSV, GEMMA_CSV
+from conftest import EXTRA_CSV, GEMMA_CSV, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_PHASES = ("ddp_pre_forward", "grad_allreduce")  # DDP's own collectives: none on one process
@@ -48,13 +47,6 @@ def _tiles_the_wall_time(profile: dict) -> None:
     assert sum(p["total_s"] for p in phases.values()) == pytest.approx(profile["wall_s"], rel=0.01, abs=0.002)
     for name, p in phases.items():  # the steps' records add up to the totals
         assert sum(r.get(name, 0.0) for r in profile["per_step"]) == pytest.approx(p["total_s"], abs=0.002)
-
-
-def free_port() -> int:
-    """A port no one listens on now, so a launch never collides with another run on accelerate's 29500."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_one_process_times_every_phase_of_its_steps(tmp_path, tiny_model_dir):
