@@ -63,9 +63,13 @@ def metrics_callback(run_dir: Path):
 
 # The time budget decides after timing this many optimizer steps (the first, with its warm-up, not counted), then
 # looks again every BUDGET_RECHECK_STEPS with everything timed so far: early steps on a CPU run slower than later
-# ones (new shapes), so the first estimate errs long and the rechecks give steps back.
+# ones (new shapes), so the first estimate errs long and the rechecks give steps back. A recheck moves the last step
+# only by more than BUDGET_TOLERANCE of the planned steps (and at least 2): the pace jitters by a step or so between
+# rechecks, and following it would flip the last step and the checkpoint interval back and forth (a checkpoint at 74
+# and another at 75), each flip one more checkpoint for the select stage to score.
 BUDGET_PROBE_STEPS = 3
 BUDGET_RECHECK_STEPS = 5
+BUDGET_TOLERANCE = 0.02
 _clock = time.monotonic  # the time budget's clock (tests run it on a fake one)
 
 
@@ -77,7 +81,8 @@ def time_budget_callback(cfg):
     the remaining steps at the measured pace, and the remaining checkpoints' evaluations. When the recipe does not
     fit, ``max_steps`` becomes the most that does, the checkpoints keep their count (``save_steps`` shrinks with it),
     and the learning-rate schedule is stretched to end at the new last step, as if the recipe had asked for it; later
-    checks move that step as the pace estimate firms up, never past the recipe's. Each decision goes to
+    checks move that step as the pace estimate firms up (by more than 2% of the recipe's steps: less is the pace's
+    jitter), never past the recipe's. Each decision goes to
     ``budget.json`` and the log; a resumed run reads it back instead of measuring again.
     """
     from transformers import TrainerCallback
@@ -85,6 +90,7 @@ def time_budget_callback(cfg):
     path = cfg.run_dir / BUDGET_FILE
     n_checkpoints = max(1, cfg.max_steps // cfg.save_steps)
     budget = cfg.time_budget_minutes * 60
+    tolerance = max(2, math.ceil(BUDGET_TOLERANCE * cfg.max_steps))
 
     def apply(state, scheduler, max_steps: int, save_steps: int) -> None:
         state.max_steps = max_steps
@@ -133,7 +139,7 @@ def time_budget_callback(cfg):
                 return spent + (steps - step) * pace + n_checkpoints * (steps - step) / steps * evaluation
 
             fit = next((m for m in range(cfg.max_steps, step, -1) if projected(m) <= budget), step + 1)
-            if timed > BUDGET_PROBE_STEPS and fit == self.chosen:  # a recheck that changes nothing says nothing
+            if timed > BUDGET_PROBE_STEPS and abs(fit - self.chosen) < tolerance:  # within the pace's jitter
                 return
             save_steps = cfg.save_steps if fit == cfg.max_steps else max(1, math.ceil(fit / n_checkpoints))
             if fit != state.max_steps:

@@ -420,6 +420,35 @@ def test_the_time_budget_takes_evaluations_out_of_the_pace_and_projects_them(tmp
     assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [7]  # the schedule ends at step 7
 
 
+def test_the_time_budget_holds_its_last_step_through_the_pace_s_jitter(tmp_path, monkeypatch, caplog):
+    """100 planned steps (a checkpoint every 50) in 10 minutes. The pace measured at the rechecks jitters: 6.10, 6.04,
+    6.16, 6.10 s a step, which by itself would end the run at step 98, 99, 97, 98 with a checkpoint every 49, 50, 49,
+    49 steps (a checkpoint at 49 and another at 50). The first decision holds through the jitter; when the pace picks
+    up to 5 s a step the whole recipe fits again, and the budget says so."""
+    clock = _SetClock()
+    monkeypatch.setattr(callbacks, "_clock", clock)
+    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=100,
+                               save_steps=50, lr_scheduler="cosine", time_budget_minutes=10.0)
+    cfg.run_dir.mkdir(parents=True)
+    state, scheduler, callback = _loop_state(100, 50), _cosine(100), callbacks.time_budget_callback(cfg)
+    callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    # the rechecks come at steps 4, 9, 14, 19, 24 (every 5 steps after 3 timed ones); the pace is timed from step 1
+    paces = {4: 6.10, 9: 6.04, 14: 6.16, 19: 6.10}
+    jitter = {1: 6.1, **{step: 6.1 + (step - 1) * pace for step, pace in paces.items()}}
+    _run_steps(callback, state, clock, scheduler, {1: jitter.pop(1)}, {})  # the first step is not timed
+    for step, now in jitter.items():  # by hand: the 6.04 recheck alone would fit 99 steps, the 6.16 one 97
+        _run_steps(callback, state, clock, scheduler, {step: now}, {})
+        assert (state.max_steps, state.save_steps) == (98, 49), step
+    decisions = [r.getMessage() for r in caplog.records if "training stops at step" in r.getMessage()]
+    assert len(decisions) == 1 and "training stops at step 98 (a checkpoint every 49 steps" in decisions[0]
+    assert json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["max_steps"] == 98
+
+    _run_steps(callback, state, clock, scheduler, {24: 6.1 + 23 * 5.0}, {})  # 5 s a step: 120 steps would fit
+    assert (state.max_steps, state.save_steps) == (100, 50)
+    assert json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["max_steps"] == 100
+    assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [100]
+
+
 def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkeypatch, caplog):
     """The first run decided 7 steps and was interrupted; the resumed one, on a far slower clock, neither measures
     again nor rewrites budget.json: it trains to the recorded step with the recorded checkpoints and schedule. A
