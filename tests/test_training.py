@@ -384,6 +384,20 @@ def _cosine(steps: int):
     return get_cosine_schedule_with_warmup(optimizer, 0, steps)
 
 
+def _budget_loop(tmp_path, monkeypatch, max_steps: int, save_steps: int):
+    """A time budget of 10 minutes for ``max_steps`` planned steps (a checkpoint every ``save_steps``, cosine), begun
+    on a clock the test sets: (cfg, clock, loop state, scheduler, callback)."""
+    clock = _SetClock()
+    monkeypatch.setattr(callbacks, "_clock", clock)
+    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=max_steps,
+                               save_steps=save_steps, lr_scheduler="cosine", time_budget_minutes=10.0)
+    cfg.run_dir.mkdir(parents=True)
+    state, scheduler = _loop_state(max_steps, save_steps), _cosine(max_steps)
+    callback = callbacks.time_budget_callback(cfg)
+    callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    return cfg, clock, state, scheduler, callback
+
+
 def _run_steps(callback, state, clock, scheduler, times: dict[int, float], evals: dict[int, float]):
     """Step ends at ``times[step]``; after the steps in ``evals``, an evaluation that ends at that time."""
     from types import SimpleNamespace
@@ -404,13 +418,7 @@ def test_the_time_budget_takes_evaluations_out_of_the_pace_and_projects_them(tmp
     140 + 10 (m - 4) + 10 (m - 4) / m x 100 s: 598.6 s for m = 7, 680 s for m = 8, so 7 steps fit. (Had the
     evaluation stayed in the pace, 43.3 s a step, only 6 would; had the evaluations been left out of the projection,
     all 20 would.)"""
-    clock = _SetClock()
-    monkeypatch.setattr(callbacks, "_clock", clock)
-    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
-                               save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
-    cfg.run_dir.mkdir(parents=True)
-    state, scheduler, callback = _loop_state(20, 2), _cosine(20), callbacks.time_budget_callback(cfg)
-    callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    cfg, clock, state, scheduler, callback = _budget_loop(tmp_path, monkeypatch, 20, 2)
     _run_steps(callback, state, clock, scheduler, {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
     record = json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())
     assert (record["seconds_per_step"], record["evaluation_seconds"], record["timed_steps"]) == (10.0, 100.0, [2, 4])
@@ -425,19 +433,11 @@ def test_the_time_budget_holds_its_last_step_through_the_pace_s_jitter(tmp_path,
     6.16, 6.10 s a step, which by itself would end the run at step 98, 99, 97, 98 with a checkpoint every 49, 50, 49,
     49 steps (a checkpoint at 49 and another at 50). The first decision holds through the jitter; when the pace picks
     up to 5 s a step the whole recipe fits again, and the budget says so."""
-    clock = _SetClock()
-    monkeypatch.setattr(callbacks, "_clock", clock)
-    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=100,
-                               save_steps=50, lr_scheduler="cosine", time_budget_minutes=10.0)
-    cfg.run_dir.mkdir(parents=True)
-    state, scheduler, callback = _loop_state(100, 50), _cosine(100), callbacks.time_budget_callback(cfg)
-    callback.on_train_begin(None, state, None, lr_scheduler=scheduler)
+    cfg, clock, state, scheduler, callback = _budget_loop(tmp_path, monkeypatch, 100, 50)
     # the rechecks come at steps 4, 9, 14, 19, 24 (every 5 steps after 3 timed ones); the pace is timed from step 1
-    paces = {4: 6.10, 9: 6.04, 14: 6.16, 19: 6.10}
-    jitter = {1: 6.1, **{step: 6.1 + (step - 1) * pace for step, pace in paces.items()}}
-    _run_steps(callback, state, clock, scheduler, {1: jitter.pop(1)}, {})  # the first step is not timed
-    for step, now in jitter.items():  # by hand: the 6.04 recheck alone would fit 99 steps, the 6.16 one 97
-        _run_steps(callback, state, clock, scheduler, {step: now}, {})
+    _run_steps(callback, state, clock, scheduler, {1: 6.1}, {})  # the first step is not timed
+    for step, pace in {4: 6.10, 9: 6.04, 14: 6.16, 19: 6.10}.items():  # by hand: 6.04 alone fits 99 steps, 6.16 97
+        _run_steps(callback, state, clock, scheduler, {step: 6.1 + (step - 1) * pace}, {})
         assert (state.max_steps, state.save_steps) == (98, 49), step
     decisions = [r.getMessage() for r in caplog.records if "training stops at step" in r.getMessage()]
     assert len(decisions) == 1 and "training stops at step 98 (a checkpoint every 49 steps" in decisions[0]
@@ -453,15 +453,8 @@ def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkey
     """The first run decided 7 steps and was interrupted; the resumed one, on a far slower clock, neither measures
     again nor rewrites budget.json: it trains to the recorded step with the recorded checkpoints and schedule. A
     budget.json of another recipe or budget is measured anew."""
-    clock = _SetClock()
-    monkeypatch.setattr(callbacks, "_clock", clock)
-    cfg = training.TrainConfig(run_name="budget", runs_dir=str(tmp_path), train_files=["x.csv"], max_steps=20,
-                               save_steps=2, lr_scheduler="cosine", time_budget_minutes=10.0)
-    cfg.run_dir.mkdir(parents=True)
-    first = callbacks.time_budget_callback(cfg)
-    state = _loop_state(20, 2)
-    first.on_train_begin(None, state, None, lr_scheduler=_cosine(20))
-    _run_steps(first, state, clock, _cosine(20), {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
+    cfg, clock, state, scheduler, first = _budget_loop(tmp_path, monkeypatch, 20, 2)
+    _run_steps(first, state, clock, scheduler, {1: 10.0, 2: 20.0, 3: 130.0, 4: 140.0}, {2: 120.0})
     written = (cfg.run_dir / training.BUDGET_FILE).read_bytes()
     assert json.loads(written)["max_steps"] == 7
 
