@@ -223,6 +223,7 @@ def load_model_and_tokenizer(cfg: TrainConfig):
     """Base model (4-bit if the config says so) wrapped in a fresh LoRA adapter, and its tokenizer (own pad token)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     preset = models.get_preset(cfg.preset)
     path = models.resolve_base_path(preset, cfg.base_model_path)
@@ -233,6 +234,9 @@ def load_model_and_tokenizer(cfg: TrainConfig):
         dtype = torch.float32
     model = models.load_model(preset, path, load_in_4bit=bool(cfg.load_in_4bit), dtype=dtype,
                               for_training=True)
+    # The training seed draws what is new here (a <pad> token's embedding row, LoRA's A matrices) as it does the data
+    # order: the Trainer seeds itself only once the model exists, and data-parallel processes start alike.
+    set_seed(cfg.seed)
     if resized:
         logger.warning("added a <pad> token; resizing embeddings to %d", len(tokenizer))
         model.resize_token_embeddings(len(tokenizer))

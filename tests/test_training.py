@@ -135,6 +135,19 @@ def test_bad_config_values(tmp_path, tiny_model_dir, field, value, match):
         tiny_cfg(tmp_path, tiny_model_dir("llama"), **{field: value})
 
 
+def test_the_training_seed_draws_the_lora_initialisation(tmp_path, tiny_model_dir):
+    """Two loads with the same seed start from the same LoRA A matrices (so runs paired by seed start alike, and
+    data-parallel processes too); another seed starts elsewhere."""
+    def lora_a(seed: int) -> list:
+        model, _ = training.load_model_and_tokenizer(tiny_cfg(tmp_path, tiny_model_dir("llama"), seed=seed))
+        torch.manual_seed(1234)  # what runs between two loads draws on the global generator
+        return [p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n]
+
+    first, again, other = lora_a(0), lora_a(0), lora_a(1)
+    assert first and all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not any(torch.equal(a, b) for a, b in zip(first, other))
+
+
 def test_missing_training_file_is_named(tmp_path, tiny_model_dir):
     from kaggle_utils.data import DataError
 
