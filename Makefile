@@ -125,8 +125,13 @@ select: setup ## score RUN's checkpoints (step 0 = base model) by the metric; ex
 
 SEEDS ?= 3
 .PHONY: seeds
-seeds: setup ## SEEDS training seeds of CONFIG as runs/RUN-sN, each selected, joined in runs/RUN-seeds/plan.yaml
+seeds: setup ## SEEDS training seeds of CONFIG as runs/RUN-sN, each selected; joined in runs/RUN-seeds/plan.yaml, averaged in runs/RUN-soup
 	bash scripts/seed_runs.sh $(RUN) $(CONFIG) $(SEEDS) $(TRAIN_ARGS)
+
+SOUP_RUNS ?=
+.PHONY: soup
+soup: setup ## average the selected adapters of SOUP_RUNS="runs/a runs/b ..." into runs/RUN/selected (+ plan.yaml)
+	$(PY) scripts/soup.py runs/$(RUN) $(SOUP_RUNS)
 
 train-smollm: RUN = smollm
 train-smollm: CONFIG = configs/smollm2-135m.yaml

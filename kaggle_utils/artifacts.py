@@ -170,11 +170,11 @@ def plot_losses(run_dir: str | os.PathLike, path: str | os.PathLike | None = Non
 _SELECTION_TYPES = {"run": (str,), "preset": (str, type(None)), "base_model_path": (str,), "step": (int,),
                     "adapter": (str, type(None)), "base_model_won": (bool,), "forced": (bool,),
                     "max_prompt_tokens": (int,), "merged": (str, type(None)), "scores": (dict,),
-                    "per_step": (list,), "config": (dict,), "averaged_steps": (list,)}
+                    "per_step": (list,), "config": (dict,), "averaged_steps": (list,), "souped": (list,)}
 
 
 # Written only when set: a single step's selection reads and writes as it did before averaging existed.
-_OPTIONAL_FIELDS = ("averaged_steps", "selected_scs")
+_OPTIONAL_FIELDS = ("averaged_steps", "selected_scs", "souped")
 
 
 @dataclass
@@ -211,6 +211,7 @@ class Selection:
     config: dict = field(default_factory=dict)  # the SelectConfig that chose
     averaged_steps: list = field(default_factory=list)  # the checkpoints averaged into the adapter ([] = one step's)
     selected_scs: float | None = None  # the exported adapter's mean SCS on the same rows (an average is scored anew)
+    souped: list = field(default_factory=list)  # runs whose selected adapters were averaged into this one (make soup)
     extra: dict = field(default_factory=dict)  # keys this version does not know, written back as read
 
     @classmethod

@@ -73,6 +73,73 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     return out
 
 
+# ---------------------------------------------------------------- several runs in one adapter
+
+
+def _row_ids(path: Path) -> set | None:
+    """The ``id`` column of a run's rows file as a set; None when the file is absent."""
+    if not path.exists():
+        return None
+    table = pd.read_csv(path)
+    require("id" in table.columns, "soup", f"{path} has no 'id' column")
+    return set(table["id"].astype(str))
+
+
+def soup_selections(runs: list[Path], out: Path) -> Path:
+    """The selected adapters of several runs of one recipe (training seeds: ``make seeds``) averaged into one
+    adapter in ``out/selected/`` (:func:`average_adapters`: the exact mean of their updates, "a model soup"), one
+    model at inference where a plan joining them runs each. ``out`` also gets the first run's choice and report rows,
+    so ``make infer TEST=<out>/report.csv`` scores the soup on rows none of the runs trained on.
+
+    Refused, naming the run: a run without ``selected/selection.json`` or whose base model won (no adapter), runs of
+    other presets, base weights or prompt limits than the first, and runs that held out other rows (another
+    ``split_seed``: one run's choice rows would be another's training rows). Returns ``out/selected``."""
+    runs = [resolve_path(r) for r in runs]
+    require(len(runs) >= 2, "soup", f"needs two runs or more, got {len(runs)}")
+    selections = []
+    for run in runs:
+        sel = artifacts.Selection.find(run / checkpoints.SELECTED_DIR)
+        require(sel is not None, "soup", f"{run}: no {checkpoints.SELECTED_DIR}/{artifacts.SELECTION_FILE} "
+                f"(make select RUN={run.name} first)")
+        require(not sel.base_model_won and artifacts.has_adapter(run / checkpoints.SELECTED_DIR), "soup",
+                f"{run}: its selection exported no adapter (the base model won), so it has nothing to average")
+        selections.append(sel)
+    first, first_sel = runs[0], selections[0]
+    for run, sel in zip(runs[1:], selections[1:]):
+        for what in ("preset", "base_model_path", "max_prompt_tokens"):
+            require(getattr(sel, what) == getattr(first_sel, what), "soup",
+                    f"{run} has {what} {getattr(sel, what)!r}, {first} {getattr(first_sel, what)!r}")
+        for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
+            ids = [_row_ids(r / rows) for r in (first, run)]
+            require(ids[0] == ids[1], "soup", f"{run / rows} holds other rows than {first / rows}: the runs were "
+                    "split differently (split_seed), so each trained on rows another one holds out")
+    selected, fresh = out / checkpoints.SELECTED_DIR, out / f"{checkpoints.SELECTED_DIR}.new"
+    shutil.rmtree(fresh, ignore_errors=True)
+    average_adapters([r / checkpoints.SELECTED_DIR for r in runs], fresh)  # refused here: an earlier soup stays
+    selected.mkdir(parents=True, exist_ok=True)
+    _clear_export(selected)
+    for name in ADAPTER_FILES:
+        (fresh / name).replace(selected / name)
+    fresh.rmdir()
+    for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
+        if (first / rows).exists():
+            shutil.copy2(first / rows, out / rows)
+    steps = [f"{r.name}: " + (f"steps {s.averaged_steps[0]}-{s.averaged_steps[-1]}" if s.averaged_steps
+                              else f"step {s.step}") for r, s in zip(runs, selections)]
+    artifacts.Selection(
+        run=out.name, preset=first_sel.preset, base_model_path=first_sel.base_model_path, step=first_sel.step,
+        adapter=ADAPTER_FILES[1],
+        rule=f"the selected adapters of {len(runs)} runs averaged into one ({'; '.join(steps)})",
+        scorer=first_sel.scorer, validation_file=str(out / artifacts.VALIDATION_FILE),
+        max_new_tokens=first_sel.max_new_tokens, max_prompt_tokens=first_sel.max_prompt_tokens,
+        created=datetime.datetime.now().isoformat(timespec="seconds"),
+        souped=[{"run": str(r), "selected_scs": s.selected_scs if s.selected_scs is not None
+                 else s.scores.get(str(s.step))} for r, s in zip(runs, selections)],
+    ).write(selected)
+    logger.info("averaged the selected adapters of %s into %s", ", ".join(r.name for r in runs), selected)
+    return selected
+
+
 # ---------------------------------------------------------------- the export
 
 

@@ -16,6 +16,8 @@ import pytest
 from kaggle_utils import artifacts, checkpoints, config, data, engines, export, training
 from conftest import GEMMA_CSV
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # ---------------------------------------------------------------- the selection rule
 
 
@@ -605,6 +607,91 @@ def test_averaging_refuses_adapters_whose_mean_it_cannot_write(tmp_path, change,
     with pytest.raises(config.ConfigError, match=f"^average_checkpoints: .*{message}"):
         export.average_adapters(folders, tmp_path / "avg")
     assert not (tmp_path / "avg").exists()
+
+
+def _selected_run(tmp_path, name, a, b, rows, preset="smollm2-135m", max_prompt_tokens=128, base_won=False):
+    """A run folder after ``make select``: selected/ with a real LoRA adapter (one q_proj module) and
+    selection.json, and its choice and report rows (``rows``: the first two rows, then the rest)."""
+    run = tmp_path / "runs" / name
+    if base_won:
+        (run / "selected").mkdir(parents=True)
+    else:
+        _lora_checkpoint(run / "selected", a, b)
+    artifacts.Selection(run=name, preset=preset, step=40, adapter=None if base_won else "adapter_model.safetensors",
+                        base_model_won=base_won, averaged_steps=[] if base_won else [30, 40, 50],
+                        max_prompt_tokens=max_prompt_tokens, selected_scs=0.25, scorer="stand-in").write(run / "selected")
+    rows[:2].to_csv(run / "validation.csv", index=False)
+    rows[2:].to_csv(run / "report.csv", index=False)
+    return run
+
+
+def test_a_soup_of_runs_applies_the_mean_of_their_selected_updates(tmp_path, rewrites_csv):
+    """`make soup` (scripts/soup.py): two seeds' selected adapters in one, its selection.json naming both runs, the
+    first run's choice and report rows beside it, and a plan that serves it."""
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    rows = pd.read_csv(rewrites_csv).head(5)
+    torch.manual_seed(0)
+    parts = [(torch.randn(4, 8), torch.randn(6, 4)) for _ in range(2)]
+    runs = [_selected_run(tmp_path, f"gpu-s{i}", a, b, rows) for i, (a, b) in enumerate(parts)]
+    out = tmp_path / "runs" / "gpu-soup"
+    done = subprocess.run([sys.executable, "scripts/soup.py", str(out), *map(str, runs)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    t = load_file(str(out / "selected" / "adapter_model.safetensors"))
+    cfg = json.loads((out / "selected" / "adapter_config.json").read_text())
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+    got = t[key.format("B")] @ t[key.format("A")] * (cfg["lora_alpha"] / cfg["r"])
+    assert torch.allclose(got, torch.stack([b @ a * 2.0 for a, b in parts]).mean(0), atol=1e-5)
+    sel = artifacts.Selection.read(out / "selected")
+    assert (sel.run, sel.preset, sel.max_prompt_tokens, sel.base_model_won) == ("gpu-soup", "smollm2-135m", 128, False)
+    assert [s["run"] for s in sel.souped] == [str(r) for r in runs]
+    assert "gpu-s0: steps 30-50; gpu-s1: steps 30-50" in sel.rule
+    assert pd.read_csv(out / "report.csv")["id"].tolist() == rows["id"].tolist()[2:]
+    plan = yaml.safe_load((out / "plan.yaml").read_text())
+    assert plan == {"models": [{"name": "soup", "preset": "smollm2-135m", "adapter": str(out / "selected")}]}
+    # the soup's adapter passes the inference stage's checks for its preset
+    from kaggle_utils import adapters
+    assert adapters.selected_adapter(str(out / "selected"), "smollm2-135m") == str(out / "selected")
+    # a later soup that cannot be averaged (another LoRA scale) is refused and leaves this one as it was
+    odd = _selected_run(tmp_path, "gpu-s2", *parts[0], rows)
+    written = json.loads((odd / "selected" / "adapter_config.json").read_text())
+    (odd / "selected" / "adapter_config.json").write_text(json.dumps({**written, "lora_alpha": 16}))
+    with pytest.raises(config.ConfigError, match="has r=4, lora_alpha=16"):
+        export.soup_selections([runs[0], odd], out)
+    assert torch.equal(load_file(str(out / "selected" / "adapter_model.safetensors"))[key.format("A")],
+                       t[key.format("A")])
+    assert artifacts.Selection.read(out / "selected").souped == sel.souped
+
+
+@pytest.mark.parametrize("spoil, message", [
+    ("no selection", r"gpu-s1: no selected/selection.json \(make select RUN=gpu-s1 first\)"),
+    ("base won", r"gpu-s1: its selection exported no adapter"),
+    ("other preset", r"gpu-s1 has preset 'mistral-7b', .*gpu-s0 'smollm2-135m'"),
+    ("other prompt limit", r"gpu-s1 has max_prompt_tokens 512, .*gpu-s0 128"),
+    ("other split", r"gpu-s1/validation.csv holds other rows than .*gpu-s0/validation.csv"),
+    ("one run", r"needs two runs or more, got 1"),
+], ids=["no_selection", "base_won", "other_preset", "other_prompt_limit", "other_split", "one_run"])
+def test_a_soup_is_refused_naming_the_run_that_cannot_join(tmp_path, rewrites_csv, spoil, message):
+    import torch
+
+    rows = pd.read_csv(rewrites_csv).head(5)
+    first = _selected_run(tmp_path, "gpu-s0", torch.randn(4, 8), torch.randn(6, 4), rows)
+    kw = {"base won": {"base_won": True}, "other preset": {"preset": "mistral-7b"},
+          "other prompt limit": {"max_prompt_tokens": 512}}.get(spoil, {})
+    second = _selected_run(tmp_path, "gpu-s1", torch.randn(4, 8), torch.randn(6, 4),
+                           rows.iloc[[3, 4, 0, 1, 2]] if spoil == "other split" else rows, **kw)
+    if spoil == "no selection":
+        (second / "selected" / "selection.json").unlink()
+    runs = [first] if spoil == "one run" else [first, second]
+    with pytest.raises(config.ConfigError, match=f"^soup: .*{message}"):
+        export.soup_selections(runs, tmp_path / "runs" / "soup")
+    assert not (tmp_path / "runs" / "soup" / "selected" / "adapter_model.safetensors").exists()
 
 
 def test_an_even_window_is_refused_where_windows_are_chosen():

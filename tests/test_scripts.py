@@ -194,7 +194,8 @@ def test_average_windows_centres_each_window_on_the_smoothed_peak_and_keeps_it_i
 
 
 def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_path):
-    """scripts/seed_runs.sh with a stand-in `make` that records its calls: the plan names each seed's selection."""
+    """scripts/seed_runs.sh with a stand-in `make` that records its calls: the plan names each seed's selection, and
+    the seeds' selected adapters go to `make soup` (its own test: tests/test_checkpoints.py)."""
     import os
     import subprocess
 
@@ -218,7 +219,8 @@ def test_seed_runs_trains_and_selects_each_seed_and_writes_a_joined_plan(tmp_pat
         "--no-print-directory train RUN=gpu-s0 CONFIG=configs/r.yaml TRAIN_ARGS=-p seed 0 -p max_steps 5",
         "--no-print-directory select RUN=gpu-s0",
         "--no-print-directory train RUN=gpu-s1 CONFIG=configs/r.yaml TRAIN_ARGS=-p seed 1 -p max_steps 5",
-        "--no-print-directory select RUN=gpu-s1"]
+        "--no-print-directory select RUN=gpu-s1",
+        "--no-print-directory soup RUN=gpu-soup SOUP_RUNS=runs/gpu-s0 runs/gpu-s1"]
     plan = yaml.safe_load((root / "runs" / "gpu-seeds" / "plan.yaml").read_text())
     assert plan == {"models": [
         {"name": "s0", "preset": "smollm2-135m", "adapter": "runs/gpu-s0/selected"},
