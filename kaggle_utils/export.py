@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import adapters, artifacts, checkpoints, models
-from .config import read_json_object, require, resolve_path
+from .config import ConfigError, project_root, read_json_object, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
 
@@ -40,7 +40,7 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     k = len(folders)
-    configs = [json.loads((Path(f) / ADAPTER_FILES[0]).read_text()) for f in folders]
+    configs = [read_json_object(Path(f) / ADAPTER_FILES[0]) for f in folders]
     for f, c in zip(folders, configs):
         require(not c.get("rank_pattern") and not c.get("alpha_pattern") and not c.get("use_rslora")
                 and not c.get("use_dora"), "average_checkpoints",
@@ -49,7 +49,13 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
         require((c.get("r"), c.get("lora_alpha")) == (configs[0].get("r"), configs[0].get("lora_alpha")),
                 "average_checkpoints", f"{f} has r={c.get('r')}, lora_alpha={c.get('lora_alpha')}; {folders[0]} has "
                 f"r={configs[0].get('r')}, lora_alpha={configs[0].get('lora_alpha')}")
-    tensors = [load_file(str(Path(f) / ADAPTER_FILES[1])) for f in folders]
+    tensors = []
+    for f in folders:
+        try:
+            tensors.append(load_file(str(Path(f) / ADAPTER_FILES[1])))
+        except Exception as e:  # safetensors' own error type, or an OSError
+            raise ConfigError(f"average_checkpoints: {Path(f) / ADAPTER_FILES[1]}: not readable as safetensors "
+                              f"({e})") from None
     names = set(tensors[0])
     for f, t in zip(folders, tensors):
         require(set(t) == names, "average_checkpoints", f"{f} holds other LoRA tensors than {folders[0]}")
@@ -76,13 +82,23 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
 # ---------------------------------------------------------------- several runs in one adapter
 
 
-def _row_ids(path: Path) -> set | None:
-    """The ``id`` column of a run's rows file as a set; None when the file is absent."""
-    if not path.exists():
-        return None
-    table = pd.read_csv(path)
+def _row_ids(path: Path) -> set:
+    """The ``id`` column of a run's rows file as a set; a file pandas cannot read, or one without ``id``, is refused
+    naming it."""
+    try:
+        table = pd.read_csv(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
+        raise ConfigError(f"soup: {path}: not readable as CSV ({e})") from None
     require("id" in table.columns, "soup", f"{path} has no 'id' column")
     return set(table["id"].astype(str))
+
+
+def relative_to_checkout(path: Path) -> str:
+    """``path`` relative to the checkout where it is inside it (what a plan or a pushed selection.json should hold)."""
+    try:
+        return str(path.relative_to(project_root()))
+    except ValueError:
+        return str(path)
 
 
 def soup_selections(runs: list[Path], out: Path) -> Path:
@@ -91,28 +107,40 @@ def soup_selections(runs: list[Path], out: Path) -> Path:
     model at inference where a plan joining them runs each. ``out`` also gets the first run's choice and report rows,
     so ``make infer TEST=<out>/report.csv`` scores the soup on rows none of the runs trained on.
 
-    Refused, naming the run: a run without ``selected/selection.json`` or whose base model won (no adapter), runs of
-    other presets, base weights or prompt limits than the first, and runs that held out other rows (another
-    ``split_seed``: one run's choice rows would be another's training rows). Returns ``out/selected``."""
-    runs = [resolve_path(r) for r in runs]
+    Refused, naming the run or file: fewer than two runs, a run given twice or ``out`` among them, a run without
+    ``selected/selection.json`` or without an exported adapter (the base model won), runs of other presets, base
+    weights or prompt limits than the first, and runs that held out other rows (another ``split_seed``: one run's
+    choice rows would be another's training rows). A soup that cannot be averaged leaves an earlier one in ``out``
+    as it was. Returns ``out/selected``."""
+    runs, out = [resolve_path(r) for r in runs], resolve_path(out)
     require(len(runs) >= 2, "soup", f"needs two runs or more, got {len(runs)}")
+    require(len(set(runs)) == len(runs), "soup", f"a run is given twice: {', '.join(map(str, runs))}")
+    require(out not in runs, "soup", f"{out} is one of the runs; write the soup to a folder of its own")
     selections = []
     for run in runs:
-        sel = artifacts.Selection.find(run / checkpoints.SELECTED_DIR)
+        folder = run / checkpoints.SELECTED_DIR
+        sel = artifacts.Selection.find(folder)
         require(sel is not None, "soup", f"{run}: no {checkpoints.SELECTED_DIR}/{artifacts.SELECTION_FILE} "
                 f"(make select RUN={run.name} first)")
-        require(not sel.base_model_won and artifacts.has_adapter(run / checkpoints.SELECTED_DIR), "soup",
-                f"{run}: its selection exported no adapter (the base model won), so it has nothing to average")
+        require(not sel.base_model_won, "soup", f"{run}: its selection exported no adapter (the base model won), "
+                "so it has nothing to average")
+        require(all((folder / name).exists() for name in ADAPTER_FILES), "soup",
+                f"{folder}: no {' + '.join(ADAPTER_FILES)} to average")
         selections.append(sel)
     first, first_sel = runs[0], selections[0]
+    require((first / artifacts.VALIDATION_FILE).exists(), "soup",
+            f"{first / artifacts.VALIDATION_FILE} does not exist: the runs' held-out rows cannot be compared")
     for run, sel in zip(runs[1:], selections[1:]):
         for what in ("preset", "base_model_path", "max_prompt_tokens"):
             require(getattr(sel, what) == getattr(first_sel, what), "soup",
                     f"{run} has {what} {getattr(sel, what)!r}, {first} {getattr(first_sel, what)!r}")
         for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
-            ids = [_row_ids(r / rows) for r in (first, run)]
-            require(ids[0] == ids[1], "soup", f"{run / rows} holds other rows than {first / rows}: the runs were "
-                    "split differently (split_seed), so each trained on rows another one holds out")
+            here, there = (first / rows).exists(), (run / rows).exists()
+            require(here == there, "soup", f"{(first if here else run) / rows} exists, {(run if here else first) / rows}"
+                    " does not: the runs held out other rows")
+            require(not here or _row_ids(first / rows) == _row_ids(run / rows), "soup", f"{run / rows} holds other "
+                    f"rows than {first / rows}: the runs were split differently (split_seed), so each trained on rows "
+                    "another one holds out")
     selected, fresh = out / checkpoints.SELECTED_DIR, out / f"{checkpoints.SELECTED_DIR}.new"
     shutil.rmtree(fresh, ignore_errors=True)
     average_adapters([r / checkpoints.SELECTED_DIR for r in runs], fresh)  # refused here: an earlier soup stays
@@ -121,19 +149,23 @@ def soup_selections(runs: list[Path], out: Path) -> Path:
     for name in ADAPTER_FILES:
         (fresh / name).replace(selected / name)
     fresh.rmdir()
-    for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
+    for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):  # an earlier soup's rows never outlive it
+        (out / rows).unlink(missing_ok=True)
         if (first / rows).exists():
             shutil.copy2(first / rows, out / rows)
-    steps = [f"{r.name}: " + (f"steps {s.averaged_steps[0]}-{s.averaged_steps[-1]}" if s.averaged_steps
-                              else f"step {s.step}") for r, s in zip(runs, selections)]
+
+    def chose(sel: artifacts.Selection) -> str:
+        return f"steps {sel.averaged_steps[0]}-{sel.averaged_steps[-1]}" if sel.averaged_steps else f"step {sel.step}"
+
     artifacts.Selection(
         run=out.name, preset=first_sel.preset, base_model_path=first_sel.base_model_path, step=first_sel.step,
         adapter=ADAPTER_FILES[1],
-        rule=f"the selected adapters of {len(runs)} runs averaged into one ({'; '.join(steps)})",
-        scorer=first_sel.scorer, validation_file=str(out / artifacts.VALIDATION_FILE),
+        rule=f"the selected adapters of {len(runs)} runs averaged into one "
+             f"({'; '.join(f'{r.name}: {chose(s)}' for r, s in zip(runs, selections))})",
+        scorer=first_sel.scorer, validation_file=relative_to_checkout(out / artifacts.VALIDATION_FILE),
         max_new_tokens=first_sel.max_new_tokens, max_prompt_tokens=first_sel.max_prompt_tokens,
         created=datetime.datetime.now().isoformat(timespec="seconds"),
-        souped=[{"run": str(r), "selected_scs": s.selected_scs if s.selected_scs is not None
+        souped=[{"run": relative_to_checkout(r), "selected_scs": s.selected_scs if s.selected_scs is not None
                  else s.scores.get(str(s.step))} for r, s in zip(runs, selections)],
     ).write(selected)
     logger.info("averaged the selected adapters of %s into %s", ", ".join(r.name for r in runs), selected)

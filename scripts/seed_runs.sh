@@ -25,4 +25,6 @@ mkdir -p "runs/$run-seeds"
   echo "models:"; printf '%s\n' "${models[@]}"; } > "runs/$run-seeds/plan.yaml"
 echo "plan: runs/$run-seeds/plan.yaml"
 # The same seeds as one model: their selected adapters averaged (runs/RUN-soup/selected, runs/RUN-soup/plan.yaml)
-[ "$seeds" -lt 2 ] || make --no-print-directory soup RUN="$run-soup" SOUP_RUNS="${runs[*]}"
+# (a refusal, e.g. a seed whose base model won its selection, leaves the joined plan as the result)
+[ "$seeds" -lt 2 ] || make --no-print-directory soup RUN="$run-soup" SOUP_RUNS="${runs[*]}" \
+  || echo "no soup of the seeds (above: why); the joined plan stands" >&2

@@ -16,9 +16,10 @@ def main(out: str, runs: list[str]) -> None:
     config.setup_logging()
     selected = export.soup_selections([Path(r) for r in runs], Path(out))
     sel = artifacts.Selection.read(selected)
-    plan = Path(out) / "plan.yaml"
+    plan = selected.parent / "plan.yaml"  # the adapter relative to the checkout, as make infer resolves it
+    adapter = export.relative_to_checkout(selected)
     plan.write_text(f"# the selected adapters of {len(runs)} runs averaged into one ({', '.join(runs)})\n"
-                    f"models:\n  - {{name: soup, preset: {sel.preset}, adapter: {selected}}}\n")
+                    f"models:\n  - {{name: soup, preset: {sel.preset}, adapter: {adapter}}}\n")
     print(f"soup: {selected}\nplan: {plan}")
 
 
@@ -28,4 +29,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1], sys.argv[2:])
     except (config.ConfigError, artifacts.ArtifactError) as e:
-        sys.exit(f"soup: {e}")
+        sys.exit(str(e))

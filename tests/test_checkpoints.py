@@ -626,23 +626,21 @@ def _selected_run(tmp_path, name, a, b, rows, preset="smollm2-135m", max_prompt_
 
 
 def test_a_soup_of_runs_applies_the_mean_of_their_selected_updates(tmp_path, rewrites_csv):
-    """`make soup` (scripts/soup.py): two seeds' selected adapters in one, its selection.json naming both runs, the
-    first run's choice and report rows beside it, and a plan that serves it."""
-    import subprocess
-    import sys
-
+    """export.soup_selections (`make soup`): two seeds' selected adapters in one, its selection.json naming both
+    runs, and the first run's choice and report rows beside it (the script and its plan: tests/test_scripts.py)."""
     import torch
-    import yaml
     from safetensors.torch import load_file
+
+    from kaggle_utils import adapters
 
     rows = pd.read_csv(rewrites_csv).head(5)
     torch.manual_seed(0)
     parts = [(torch.randn(4, 8), torch.randn(6, 4)) for _ in range(2)]
     runs = [_selected_run(tmp_path, f"gpu-s{i}", a, b, rows) for i, (a, b) in enumerate(parts)]
     out = tmp_path / "runs" / "gpu-soup"
-    done = subprocess.run([sys.executable, "scripts/soup.py", str(out), *map(str, runs)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    (out).mkdir()
+    (out / "report.csv").write_text("id\nleft by an earlier soup\n")
+    assert export.soup_selections(runs, out) == out / "selected"
     t = load_file(str(out / "selected" / "adapter_model.safetensors"))
     cfg = json.loads((out / "selected" / "adapter_config.json").read_text())
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
@@ -652,11 +650,8 @@ def test_a_soup_of_runs_applies_the_mean_of_their_selected_updates(tmp_path, rew
     assert (sel.run, sel.preset, sel.max_prompt_tokens, sel.base_model_won) == ("gpu-soup", "smollm2-135m", 128, False)
     assert [s["run"] for s in sel.souped] == [str(r) for r in runs]
     assert "gpu-s0: steps 30-50; gpu-s1: steps 30-50" in sel.rule
-    assert pd.read_csv(out / "report.csv")["id"].tolist() == rows["id"].tolist()[2:]
-    plan = yaml.safe_load((out / "plan.yaml").read_text())
-    assert plan == {"models": [{"name": "soup", "preset": "smollm2-135m", "adapter": str(out / "selected")}]}
+    assert pd.read_csv(out / "report.csv")["id"].tolist() == rows["id"].tolist()[2:]  # not the earlier soup's
     # the soup's adapter passes the inference stage's checks for its preset
-    from kaggle_utils import adapters
     assert adapters.selected_adapter(str(out / "selected"), "smollm2-135m") == str(out / "selected")
     # a later soup that cannot be averaged (another LoRA scale) is refused and leaves this one as it was
     odd = _selected_run(tmp_path, "gpu-s2", *parts[0], rows)
@@ -669,14 +664,48 @@ def test_a_soup_of_runs_applies_the_mean_of_their_selected_updates(tmp_path, rew
     assert artifacts.Selection.read(out / "selected").souped == sel.souped
 
 
+def test_make_soup_takes_runs_relative_to_the_checkout_and_writes_a_plan_that_serves_them(tmp_path, rewrites_csv):
+    """scripts/soup.py as `make soup RUN=gpu-soup SOUP_RUNS="runs/gpu-s0 runs/gpu-s1"` calls it: paths relative to
+    the checkout, a plan whose adapter make infer resolves there, and a refusal printed once, naming the run."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+    import yaml
+
+    rows = pd.read_csv(rewrites_csv).head(5)
+    for i in range(2):
+        _selected_run(tmp_path, f"gpu-s{i}", torch.randn(4, 8), torch.randn(6, 4), rows)
+    env = {**os.environ, "KAGGLE_UTILS_ROOT": str(tmp_path)}
+    soup = [sys.executable, str(ROOT / "scripts" / "soup.py"), "runs/gpu-soup"]
+    done = subprocess.run(soup + ["runs/gpu-s0", "runs/gpu-s1"], cwd=tmp_path / "runs", env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    plan = yaml.safe_load((tmp_path / "runs" / "gpu-soup" / "plan.yaml").read_text())
+    assert plan["models"] == [{"name": "soup", "preset": "smollm2-135m", "adapter": "runs/gpu-soup/selected"}]
+    sel = artifacts.Selection.read(tmp_path / "runs" / "gpu-soup" / "selected")
+    assert [s["run"] for s in sel.souped] == ["runs/gpu-s0", "runs/gpu-s1"]
+    refused = subprocess.run(soup + ["runs/gpu-s0", "runs/gpu-s9"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1] == (f"soup: {tmp_path / 'runs' / 'gpu-s9'}: no selected/"
+                                                       "selection.json (make select RUN=gpu-s9 first)")
+
+
 @pytest.mark.parametrize("spoil, message", [
     ("no selection", r"gpu-s1: no selected/selection.json \(make select RUN=gpu-s1 first\)"),
     ("base won", r"gpu-s1: its selection exported no adapter"),
     ("other preset", r"gpu-s1 has preset 'mistral-7b', .*gpu-s0 'smollm2-135m'"),
     ("other prompt limit", r"gpu-s1 has max_prompt_tokens 512, .*gpu-s0 128"),
+    ("other base weights", r"gpu-s1 has base_model_path '/models/other', .*gpu-s0 ''"),
     ("other split", r"gpu-s1/validation.csv holds other rows than .*gpu-s0/validation.csv"),
+    ("report rows in one run", r"gpu-s0/report.csv exists, .*gpu-s1/report.csv does not"),
     ("one run", r"needs two runs or more, got 1"),
-], ids=["no_selection", "base_won", "other_preset", "other_prompt_limit", "other_split", "one_run"])
+    ("a run twice", r"a run is given twice"),
+    ("into a run", r"gpu-s1 is one of the runs; write the soup to a folder of its own"),
+], ids=["no_selection", "base_won", "other_preset", "other_prompt_limit", "other_base_weights", "other_split",
+        "report_rows_in_one_run", "one_run", "a_run_twice", "into_a_run"])
 def test_a_soup_is_refused_naming_the_run_that_cannot_join(tmp_path, rewrites_csv, spoil, message):
     import torch
 
@@ -688,10 +717,21 @@ def test_a_soup_is_refused_naming_the_run_that_cannot_join(tmp_path, rewrites_cs
                            rows.iloc[[3, 4, 0, 1, 2]] if spoil == "other split" else rows, **kw)
     if spoil == "no selection":
         (second / "selected" / "selection.json").unlink()
-    runs = [first] if spoil == "one run" else [first, second]
+    if spoil == "other base weights":
+        sel = artifacts.Selection.read(second / "selected")
+        sel.base_model_path = "/models/other"
+        sel.write(second / "selected")
+    if spoil == "report rows in one run":
+        (second / "report.csv").unlink()
+    runs = {"one run": [first], "a run twice": [first, second, first]}.get(spoil, [first, second])
+    out = second if spoil == "into a run" else tmp_path / "runs" / "soup"
+    before = (second / "selected" / "adapter_config.json").read_bytes() if spoil != "base won" else None
     with pytest.raises(config.ConfigError, match=f"^soup: .*{message}"):
-        export.soup_selections(runs, tmp_path / "runs" / "soup")
-    assert not (tmp_path / "runs" / "soup" / "selected" / "adapter_model.safetensors").exists()
+        export.soup_selections(runs, out)
+    assert not (tmp_path / "runs" / "soup").exists()  # refused before anything was written
+    if before is not None:  # the runs themselves are untouched
+        assert (second / "selected" / "adapter_config.json").read_bytes() == before
+        assert artifacts.Selection.find(second / "selected") is not None or spoil == "no selection"
 
 
 def test_an_even_window_is_refused_where_windows_are_chosen():
