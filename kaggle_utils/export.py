@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import adapters, artifacts, checkpoints, models
+from . import adapters, artifacts, checkpoints, data, models
 from .config import ConfigError, project_root, read_json_object, require, resolve_path
 
 logger = logging.getLogger("kaggle_utils")
@@ -82,15 +82,10 @@ def average_adapters(folders: list[Path], out: Path) -> Path:
 # ---------------------------------------------------------------- several runs in one adapter
 
 
-def _row_ids(path: Path) -> set:
-    """The ``id`` column of a run's rows file as a set; a file pandas cannot read, or one without ``id``, is refused
-    naming it."""
-    try:
-        table = pd.read_csv(path)
-    except (OSError, ValueError, UnicodeDecodeError) as e:  # pandas' parser errors are ValueErrors
-        raise ConfigError(f"soup: {path}: not readable as CSV ({e})") from None
-    require("id" in table.columns, "soup", f"{path} has no 'id' column")
-    return set(table["id"].astype(str))
+def _row_ids(path: Path) -> set[str]:
+    """The ids of a run's rows file (:func:`kaggle_utils.data.read_rewrites`: an unreadable file, or one without
+    ids, is a ``DataError`` naming it)."""
+    return set(data.read_rewrites(path, require_id=True)["id"])
 
 
 def relative_to_checkout(path: Path) -> str:
@@ -130,15 +125,17 @@ def soup_selections(runs: list[Path], out: Path) -> Path:
     first, first_sel = runs[0], selections[0]
     require((first / artifacts.VALIDATION_FILE).exists(), "soup",
             f"{first / artifacts.VALIDATION_FILE} does not exist: the runs' held-out rows cannot be compared")
+    first_ids = {rows: _row_ids(first / rows) for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE)
+                 if (first / rows).exists()}
     for run, sel in zip(runs[1:], selections[1:]):
         for what in ("preset", "base_model_path", "max_prompt_tokens"):
             require(getattr(sel, what) == getattr(first_sel, what), "soup",
                     f"{run} has {what} {getattr(sel, what)!r}, {first} {getattr(first_sel, what)!r}")
         for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):
-            here, there = (first / rows).exists(), (run / rows).exists()
+            here, there = rows in first_ids, (run / rows).exists()
             require(here == there, "soup", f"{(first if here else run) / rows} exists, {(run if here else first) / rows}"
                     " does not: the runs held out other rows")
-            require(not here or _row_ids(first / rows) == _row_ids(run / rows), "soup", f"{run / rows} holds other "
+            require(not here or first_ids[rows] == _row_ids(run / rows), "soup", f"{run / rows} holds other "
                     f"rows than {first / rows}: the runs were split differently (split_seed), so each trained on rows "
                     "another one holds out")
     selected, fresh = out / checkpoints.SELECTED_DIR, out / f"{checkpoints.SELECTED_DIR}.new"

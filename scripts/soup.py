@@ -9,7 +9,7 @@ runs/OUT/plan.yaml (one model, one greedy prediction), for
 import sys
 from pathlib import Path
 
-from kaggle_utils import artifacts, config, export
+from kaggle_utils import artifacts, config, data, export
 
 
 def main(out: str, runs: list[str]) -> None:
@@ -28,5 +28,5 @@ if __name__ == "__main__":
         sys.exit(__doc__)
     try:
         main(sys.argv[1], sys.argv[2:])
-    except (config.ConfigError, artifacts.ArtifactError) as e:
+    except (config.ConfigError, artifacts.ArtifactError, data.DataError) as e:
         sys.exit(str(e))
