@@ -88,7 +88,8 @@ def time_budget_callback(cfg):
     from transformers import TrainerCallback
 
     path = cfg.run_dir / BUDGET_FILE
-    n_checkpoints = max(1, cfg.max_steps // cfg.save_steps)
+    # the checkpoints at every save_steps, and the last step's (saved at the end whether or not save_steps divides it)
+    n_checkpoints = max(1, math.ceil(cfg.max_steps / cfg.save_steps))
     budget = cfg.time_budget_minutes * 60
     tolerance = max(2, math.ceil(BUDGET_TOLERANCE * cfg.max_steps))
 

@@ -462,6 +462,17 @@ def test_the_time_budget_holds_its_last_step_through_the_pace_s_jitter(tmp_path,
     assert [f.keywords["num_training_steps"] for f in scheduler.lr_lambdas] == [100]
 
 
+def test_the_time_budget_keeps_the_last_step_s_checkpoint_when_save_steps_does_not_divide_the_steps(tmp_path,
+                                                                                                  monkeypatch):
+    """175 planned steps with a checkpoint every 88: two checkpoints, at step 88 and at the last step, which training
+    saves at its end. At 4 s a step over steps 2-4 (16 s spent), 150 steps fit the 10 minutes (16 + 146 x 4 = 600 s);
+    the two checkpoints keep their count, so one every 75 steps, not a single one at step 150."""
+    cfg, clock, state, scheduler, callback = _budget_loop(tmp_path, monkeypatch, 175, 88)
+    _run_steps(callback, state, clock, scheduler, {1: 4.0, 2: 8.0, 3: 12.0, 4: 16.0}, {})
+    assert (state.max_steps, state.save_steps) == (150, 75)
+    assert json.loads((cfg.run_dir / training.BUDGET_FILE).read_text())["save_steps"] == 75
+
+
 def test_a_resumed_run_keeps_the_steps_its_budget_json_recorded(tmp_path, monkeypatch, caplog):
     """The first run decided 7 steps and was interrupted; the resumed one, on a far slower clock, neither measures
     again nor rewrites budget.json: it trains to the recorded step with the recorded checkpoints and schedule. A
