@@ -250,6 +250,11 @@ class Selection:
             raise ArtifactError(f"{resolve_path(folder)}: no {SELECTION_FILE} (choose a step first: make select)")
         return found
 
+    def chosen(self) -> str:
+        """The checkpoints in the adapter, in words: "step 40", or "steps 30-50" for an average."""
+        return f"steps {self.averaged_steps[0]}-{self.averaged_steps[-1]}" if self.averaged_steps else \
+            f"step {self.step}"
+
     def to_dict(self) -> dict:
         """The file's content: every field in order (the optional ones only when set), then the keys this version
         does not know."""

@@ -528,8 +528,7 @@ def score_selected(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.S
         row = _score_one(cfg, run_cfg, validation, scorer, label, adapter, sampler)
     finally:
         _free(sampler)
-    what = f"steps {sel.averaged_steps[0]}-{sel.averaged_steps[-1]} averaged" if sel.averaged_steps else \
-        f"step {sel.step}"
+    what = sel.chosen() + (" averaged" if sel.averaged_steps else "")
     logger.info("selected adapter (%s): mean SCS %.4f on %d rows", what, row["scs"], row["rows"])
     if scores_report_rows(cfg):
         path = cfg.run_dir / f"{REPORT_BY_STEP}.json"

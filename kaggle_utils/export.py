@@ -148,17 +148,14 @@ def soup_selections(runs: list[Path], out: Path) -> Path:
     fresh.rmdir()
     for rows in (artifacts.VALIDATION_FILE, artifacts.REPORT_FILE):  # an earlier soup's rows never outlive it
         (out / rows).unlink(missing_ok=True)
-        if (first / rows).exists():
+        if rows in first_ids:
             shutil.copy2(first / rows, out / rows)
-
-    def chose(sel: artifacts.Selection) -> str:
-        return f"steps {sel.averaged_steps[0]}-{sel.averaged_steps[-1]}" if sel.averaged_steps else f"step {sel.step}"
 
     artifacts.Selection(
         run=out.name, preset=first_sel.preset, base_model_path=first_sel.base_model_path, step=first_sel.step,
         adapter=ADAPTER_FILES[1],
         rule=f"the selected adapters of {len(runs)} runs averaged into one "
-             f"({'; '.join(f'{r.name}: {chose(s)}' for r, s in zip(runs, selections))})",
+             f"({'; '.join(f'{r.name}: {s.chosen()}' for r, s in zip(runs, selections))})",
         scorer=first_sel.scorer, validation_file=relative_to_checkout(out / artifacts.VALIDATION_FILE),
         max_new_tokens=first_sel.max_new_tokens, max_prompt_tokens=first_sel.max_prompt_tokens,
         created=datetime.datetime.now().isoformat(timespec="seconds"),
