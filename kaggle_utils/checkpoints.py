@@ -3,8 +3,8 @@ validation rows, each step's predictions with their cache, and the choice.
 
 For every candidate step (step 0 = the base model without an adapter, then every k-th checkpoint and always the last)
 greedy predictions are sampled on held-out validation rows and scored with SCS; the highest mean wins, the earlier
-step on ties, unless a step is forced, and runs with enough checkpoints export the mean of a window around the
-smoothed peak (:func:`choose_window`). :mod:`kaggle_utils.export` writes the choice to ``runs/<run>/selected/`` with
+step on ties, unless a step is forced; runs with enough checkpoints export the mean of a window around the smoothed
+peak, shorter ones the latest checkpoint within one standard error of the best (:func:`choose_window`). :mod:`kaggle_utils.export` writes the choice to ``runs/<run>/selected/`` with
 ``selection.json`` (:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of
 re-declaring the step.
 
@@ -72,7 +72,8 @@ class SelectConfig:
     max_prompt_tokens: int = 0  # prompt-token limit (kaggle_utils.artifacts); 0 = the run's, from its config.json
     generation_batch_size: int = 24  # rows per generate call
     average_checkpoints: int = 9  # export the mean of this many (odd) checkpoints around the smoothed peak of the
-    # scores; 1 = the best step alone, as do runs with fewer than twice as many checkpoints (a rising curve: no plateau).
+    # scores; 1 = the best step alone; a run with fewer than twice as many checkpoints (a rising curve: no plateau)
+    # exports its latest checkpoint within one standard error of the best (latest_within_se).
     # 9 rather than 5: on the GPU recipe's 30 checkpoints, +0.011 on the report rows in 3 of 3 training seeds, and a
     # tie on 20 (RESULTS.md, "The GPU recipe")
     export_merged: bool = False  # also write fp16 base+adapter merged weights to selected/merged/ (vLLM on T4)
@@ -344,7 +345,8 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     """Sample greedy predictions at every candidate step, score them, and return one row per step.
 
     Columns: step, scs (mean), cos (mean), rows, fallbacks (empty predictions scored as the fallback prompt),
-    seconds (generation time; 0 when cached), scorer. Each finished step is cached in ``selection/step-N.json``, so
+    seconds (generation time; 0 when cached), scorer, precision, and paired_se: the standard error of the step's mean
+    minus the best checkpoint's, paired over prompt groups (:func:`paired_standard_errors`). Each finished step is cached in ``selection/step-N.json``, so
     an interrupted selection resumes where it stopped; a step whose inputs changed (rows, adapter file, tokens) is
     recomputed, and a cached step scored by another scorer is only rescored. The model loads only if some step needs
     generating.
@@ -361,7 +363,11 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     except BaseException:
         _free(sampler)
         raise
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    per_row = {int(r["step"]): json.loads(step_cache_file(cfg, r["step"]).read_text())["scs"] for r in rows}
+    se = paired_standard_errors(per_row, group_keys(validation))
+    table["paired_se"] = [round(se[int(s)], 6) for s in table["step"]]
+    return table
 
 
 # The model score_steps loaded stays for score_selected (an averaged adapter is scored on the same base: a 7B model
@@ -472,6 +478,39 @@ def choose_step(scores: Mapping[int, float] | pd.DataFrame, force_step: int = 0)
     return min(s for s, v in finite.items() if v >= best - TIE_TOLERANCE)
 
 
+def paired_standard_errors(per_row: Mapping[int, list[float]], groups) -> dict[int, float]:
+    """Each step's standard error of its mean SCS minus the best checkpoint's (steps > 0), paired by prompt group.
+
+    ``per_row`` maps step -> SCS of the same rows in the same order, ``groups`` is each row's prompt group: the rows of
+    one group are averaged first (a group's rewrites share a prompt, so they are not independent), then the SE is that
+    of the per-group differences. 0 for the best checkpoint itself, and for every step with fewer than two groups."""
+    means = {int(s): float(np.mean(v)) for s, v in per_row.items()}
+    ckpts = {s: m for s, m in means.items() if s > 0 and math.isfinite(m)}
+    if not ckpts:
+        return {s: 0.0 for s in means}
+    best = choose_step(ckpts)
+    by_group = pd.DataFrame({s: np.asarray(per_row[s], dtype=float) for s in means}).groupby(np.asarray(groups)).mean()
+    if len(by_group) < 2:
+        return {s: 0.0 for s in means}
+    diff = by_group.sub(by_group[best], axis=0)
+    return {s: float(diff[s].std(ddof=1) / math.sqrt(len(diff))) for s in means}
+
+
+def latest_within_se(scores: pd.DataFrame) -> int:
+    """The latest checkpoint whose mean SCS is within one paired standard error (``paired_se``) of the best one's.
+
+    The rule for a run too short to average (:func:`choose_window`): its curve is still rising, so the last step is the
+    better one unless an earlier step beats it by more than the rows can tell apart. In make demo's CPU runs (two
+    checkpoints, 65 choice rows) the best mean picked the halfway checkpoint in 2 of 13 runs, each time 0.05-0.08
+    below the last one on the report rows (RESULTS.md, "The CPU recipe")."""
+    table = {s: v for s, v in as_scores(scores).items() if s > 0 and math.isfinite(v)}
+    if not table:
+        raise SelectionError("no scored checkpoints to choose from")
+    se = {int(s): float(v) if math.isfinite(v) else 0.0 for s, v in zip(scores["step"], scores["paired_se"])}
+    best = choose_step(table)
+    return max(s for s, v in table.items() if v >= table[best] - se.get(s, 0.0) - TIE_TOLERANCE)
+
+
 def smoothed(scores: Mapping[int, float] | pd.DataFrame, width: int) -> dict[int, float]:
     """Each checkpoint's mean SCS averaged with its ``width`` scored neighbours on either side (fewer at the ends).
     Step 0, the base model, is neither smoothed nor a neighbour."""
@@ -486,18 +525,22 @@ def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_
 
     ``k`` checkpoints centred on the peak of the ``k``-checkpoint moving average of the mean SCS (shifted inward at
     the ends): a single checkpoint's score on a few dozen rows swings by more than the curve moves on its plateau, so
-    the peak of the smoothed curve, and the mean of the adapters around it, are what the rows can tell apart. Only the
-    best step itself (the highest mean, the earlier on ties) when ``k`` is 1, when a step is forced, when the run has
-    fewer than ``min_checkpoints`` scored checkpoints (``2 * k`` by default: a shorter curve is still rising, the last
-    step is best; research/average_windows.py asks for any window that fits, ``k``), and [0] when the base model
-    scores best of all.
+    the peak of the smoothed curve, and the mean of the adapters around it, are what the rows can tell apart. One step
+    only: the best (the highest mean, the earlier on ties) when ``k`` is 1; the forced step; [0] when the base model
+    scores best of all; and when the run has fewer than ``min_checkpoints`` scored checkpoints (``2 * k`` by default;
+    research/average_windows.py asks for any window that fits, ``k``), a curve still rising, the latest checkpoint
+    within one paired standard error of the best (:func:`latest_within_se`, from :func:`score_steps`' table; the best
+    step where ``scores`` is a plain mapping of means).
     """
     require(k >= 1 and k % 2 == 1, "average_checkpoints", f"must be odd (the window is centred on a step), got {k}")
     best = choose_step(scores, force_step)
     ckpts = sorted(s for s, v in as_scores(scores).items() if s > 0 and math.isfinite(v))
     fewest = 2 * k if min_checkpoints is None else max(k, min_checkpoints)
-    if best == 0 or k <= 1 or (force_step and force_step > 0) or len(ckpts) < fewest:
+    if best == 0 or k <= 1 or (force_step and force_step > 0):
         return [best]
+    if len(ckpts) < fewest:
+        rising = isinstance(scores, pd.DataFrame) and "paired_se" in scores
+        return [latest_within_se(scores) if rising else best]
     center = choose_step(smoothed(scores, k // 2))
     i = ckpts.index(center)
     lo = min(max(0, i - k // 2), len(ckpts) - k)

@@ -177,6 +177,19 @@ def _clear_export(out: Path) -> None:
         shutil.rmtree(out / "merged")
 
 
+def _rule(cfg: checkpoints.SelectConfig, window: list[int], best_ckpt: int | None) -> str:
+    """How ``window`` was chosen, in words, for ``selection.json``."""
+    if cfg.forced:
+        return f"forced by force_step={window[0]}"
+    if len(window) > 1:
+        return (f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving "
+                "average of mean SCS")
+    if window[0] > 0 and best_ckpt is not None and window[0] != best_ckpt:
+        return (f"the latest checkpoint within one paired standard error of the best (step {best_ckpt}): too few "
+                "checkpoints to average, a curve still rising")
+    return "highest mean SCS; the earlier step on ties"
+
+
 def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: int | list[int],
                      validation: pd.DataFrame | None = None, run_cfg: dict | None = None) -> Path:
     """Write ``selected/``: the chosen adapter, ``selection.json`` and (with ``export_merged``) ``merged/``.
@@ -243,9 +256,7 @@ def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: 
         base_model_won=base_won,
         forced=bool(cfg.forced),
         averaged_steps=window if len(window) > 1 else [],
-        rule=f"forced by force_step={step}" if cfg.forced else (
-            f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving average"
-            " of mean SCS" if len(window) > 1 else "highest mean SCS; the earlier step on ties"),
+        rule=_rule(cfg, window, best_ckpt),
         best_checkpoint_step=best_ckpt,
         scores=rounded,
         per_step=per_step,

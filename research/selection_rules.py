@@ -9,8 +9,9 @@ cache: ``selection/step-N.json``), then ``make select RUN=... SELECT_ARGS="-r va
 
 - ``best``: the highest mean on the choice rows (the earlier step on ties);
 - ``smooth3`` / ``smooth5``: the highest mean of each checkpoint with its neighbours (3 or 5 scored checkpoints);
-- ``latest_1se``: the latest step whose mean is within one standard error (paired, over prompt groups) of the best;
-- ``export``: what ``make select`` exported (by default the mean of the 5 adapters around the ``smooth5`` peak,
+- ``latest_1se``: the latest step whose mean is within one standard error (paired, over prompt groups) of the best
+  (``kaggle_utils.checkpoints.latest_within_se``, the select stage's rule for a run too short to average);
+- ``export``: what ``make select`` exported (by default the mean of the 9 adapters around the smoothed peak,
   ``kaggle_utils.checkpoints.choose_window``), scored on the report rows by the select stage itself.
 
 Writes ``RUN/selection_rules.json`` and prints one row per run and rule, each with its 90% interval over prompt groups.
@@ -44,26 +45,14 @@ def read_split(run: Path, folder: str, csv: str) -> tuple[dict[int, np.ndarray],
     return per_step, groups
 
 
-def latest_within_se(per_step: dict[int, np.ndarray], groups: np.ndarray) -> int:
-    """The latest checkpoint whose mean is within one paired standard error (over prompt groups) of the best's."""
-    means = {s: float(v.mean()) for s, v in per_step.items() if s > 0}
-    best = checkpoints.choose_step(means)
-    by_group = pd.DataFrame({s: per_step[s] for s in means}).groupby(groups).mean()
-    eligible = []
-    for s in means:
-        d = by_group[s] - by_group[best]
-        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-        if means[s] >= means[best] - se:
-            eligible.append(s)
-    return max(eligible)
-
-
 def choose(per_step: dict[int, np.ndarray], groups: np.ndarray) -> dict[str, int]:
     """Every step rule's pick from the choice rows."""
     means = {s: float(v.mean()) for s, v in per_step.items()}
+    se = checkpoints.paired_standard_errors(per_step, groups)
+    table = pd.DataFrame({"step": list(means), "scs": list(means.values()), "paired_se": [se[s] for s in means]})
     return {"best": checkpoints.choose_step(means), "smooth3": checkpoints.choose_step(checkpoints.smoothed(means, 1)),
             "smooth5": checkpoints.choose_step(checkpoints.smoothed(means, 2)),
-            "latest_1se": latest_within_se(per_step, groups)}
+            "latest_1se": checkpoints.latest_within_se(table)}
 
 
 def main() -> None:

@@ -248,6 +248,9 @@ def test_score_steps_caches_and_resumes(tmp_path, rewrites_csv, fake_model, capl
     assert "scored as 'Improve this text.'" in caplog.text
     assert np.allclose(scores["scs"], [0.1, 0.19, 0.28, 0.37])
     assert checkpoints.choose_step(scores) == 24
+    # each step against the best checkpoint, paired by prompt group: 0 for the best itself, more for the others
+    se = dict(zip(scores["step"], scores["paired_se"]))
+    assert se[24] == 0.0 and all(se[s] > 0 for s in (0, 8, 16))
 
     # interrupted after step 8: only the missing steps are generated again
     fake_model.generated = []
@@ -495,13 +498,59 @@ def test_an_adapter_in_the_last_layers_only_merges_there_and_samples(tmp_path, t
      [40, 48, 56]),
     # the smoothed peak at the last checkpoint: the window shifts inward
     ({0: 0.0, **{s: s / 1000 for s in range(8, 88, 8)}}, 3, 0, [64, 72, 80]),
-    ({0: 0.0, 8: 0.3, 16: 0.1, 24: 0.2}, 3, 0, [8]),  # fewer than 2k checkpoints: the best step alone
+    # fewer than 2k checkpoints, means only (no paired_se to tell steps apart): the best step alone
+    ({0: 0.0, 8: 0.3, 16: 0.1, 24: 0.2}, 3, 0, [8]),
     ({0: 0.0, **{s: 0.1 for s in range(8, 88, 8)}, 40: 0.3}, 1, 0, [40]),  # k = 1: the best step alone
     ({0: 0.0, **{s: 0.1 for s in range(8, 88, 8)}}, 3, 16, [16]),  # forced
     ({0: 0.9, **{s: 0.1 for s in range(8, 88, 8)}}, 3, 0, [0]),  # the base model wins: no adapter
 ])
 def test_choose_window(table, k, force, expected):
     assert checkpoints.choose_window(table, k, force) == expected
+
+
+def test_paired_standard_errors_average_each_prompt_group_first():
+    groups = ["a", "a", "b", "c"]
+    per_row = {0: [0.0, 0.0, 0.1, 0.0], 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}
+    se = checkpoints.paired_standard_errors(per_row, groups)
+    # step 16 minus the best checkpoint (8), by group: a 0.4-0.3, b 0.6-0.9, c 0.3-0.3 -> sd 0.2082 over 3 groups
+    assert se[8] == 0.0 and se[16] == pytest.approx(0.20817 / 3 ** 0.5, abs=1e-4)
+    assert se[0] > 0  # the base model is compared with the best checkpoint too
+    assert checkpoints.paired_standard_errors({8: [0.2, 0.3]}, ["a", "a"]) == {8: 0.0}  # one group: nothing to pair
+
+
+def _table(per_row: dict, groups: list) -> pd.DataFrame:
+    se = checkpoints.paired_standard_errors(per_row, groups)
+    return pd.DataFrame({"step": list(per_row), "scs": [float(np.mean(v)) for v in per_row.values()],
+                         "paired_se": [se[s] for s in per_row]})
+
+
+def test_a_run_too_short_to_average_exports_its_latest_checkpoint_within_one_standard_error():
+    groups = ["a", "a", "b", "c"]
+    base = [0.0, 0.0, 0.1, 0.0]
+    # step 8 leads by 0.025, less than the paired standard error (0.12): the later step, still rising, is exported
+    close = _table({0: base, 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}, groups)
+    assert checkpoints.choose_step(close) == 8
+    assert checkpoints.choose_window(close, 3) == [16]
+    # step 8 leads by 0.15, more than its standard error (0.115): step 8
+    clear = _table({0: base, 8: [0.3, 0.3, 0.9, 0.3], 16: [0.2, 0.4, 0.5, 0.1]}, groups)
+    assert checkpoints.choose_window(clear, 3) == [8]
+    # k = 1 still asks for the best step alone; a forced step and a winning base model are unchanged
+    assert checkpoints.choose_window(close, 1) == [8]
+    assert checkpoints.choose_window(close, 3, force_step=8) == [8]
+    worse = _table({0: [0.9, 0.9, 0.9, 0.9], 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}, groups)
+    assert checkpoints.choose_window(worse, 3) == [0]
+
+
+def test_export_says_when_the_latest_checkpoint_within_one_standard_error_was_chosen(tmp_path, rewrites_csv):
+    make_run(tmp_path, rewrites_csv, steps=(8, 16))
+    cfg = select_cfg(tmp_path, average_checkpoints=3)
+    table = _table({0: [0.0, 0.0, 0.1, 0.0], 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}, ["a", "a", "b", "c"])
+    steps = checkpoints.choose_window(table, cfg.average_checkpoints)
+    out = export.export_selection(cfg, table.assign(scorer="fake scorer"), steps, checkpoints.load_validation(cfg))
+    sel = artifacts.Selection.read(out)
+    assert (sel.step, sel.best_checkpoint_step) == (16, 8)
+    assert (out / "adapter_model.safetensors").read_bytes() == b"weights of step 16"
+    assert sel.rule.startswith("the latest checkpoint within one paired standard error of the best (step 8)")
 
 
 def _lora_checkpoint(folder: Path, a, b, r=4, alpha=8):
