@@ -4,9 +4,9 @@ validation rows, each step's predictions with their cache, and the choice.
 For every candidate step (step 0 = the base model without an adapter, then every k-th checkpoint and always the last)
 greedy predictions are sampled on held-out validation rows and scored with SCS; the highest mean wins, the earlier
 step on ties, unless a step is forced; runs with enough checkpoints export the mean of a window around the smoothed
-peak, shorter ones the latest checkpoint within one standard error of the best (:func:`choose_window`). :mod:`kaggle_utils.export` writes the choice to ``runs/<run>/selected/`` with
-``selection.json`` (:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of
-re-declaring the step.
+peak, shorter ones the latest checkpoint within one standard error of the best (:func:`choose_window`).
+:mod:`kaggle_utils.export` writes the choice to ``runs/<run>/selected/`` with ``selection.json``
+(:class:`kaggle_utils.artifacts.Selection`), which the inference stage reads instead of re-declaring the step.
 
 Usage (headless): ``make select RUN=smollm`` (or ``papermill notebooks/select_checkpoint.ipynb out.ipynb -p run_name
 smollm``).
@@ -344,12 +344,12 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
                 run_cfg: dict | None = None) -> pd.DataFrame:
     """Sample greedy predictions at every candidate step, score them, and return one row per step.
 
-    Columns: step, scs (mean), cos (mean), rows, fallbacks (empty predictions scored as the fallback prompt),
-    seconds (generation time; 0 when cached), scorer, precision, and paired_se: the standard error of the step's mean
-    minus the best checkpoint's, paired over prompt groups (:func:`paired_standard_errors`). Each finished step is cached in ``selection/step-N.json``, so
-    an interrupted selection resumes where it stopped; a step whose inputs changed (rows, adapter file, tokens) is
-    recomputed, and a cached step scored by another scorer is only rescored. The model loads only if some step needs
-    generating.
+    Columns: step, scs (mean), cos (mean), rows, fallbacks (empty predictions scored as the fallback prompt), seconds
+    (generation time; 0 when cached), scorer, precision, and paired_se: the standard error of the step's mean minus
+    the best checkpoint's, paired over prompt groups (:func:`paired_standard_errors`). Each finished step is cached in
+    ``selection/step-N.json``, so an interrupted selection resumes where it stopped; a step whose inputs changed
+    (rows, adapter file, tokens) is recomputed, and a cached step scored by another scorer is only rescored. The model
+    loads only if some step needs generating.
     """
     from tqdm.auto import tqdm
 
@@ -496,19 +496,31 @@ def paired_standard_errors(per_row: Mapping[int, list[float]], groups) -> dict[i
     return {s: float(diff[s].std(ddof=1) / math.sqrt(len(diff))) for s in means}
 
 
+def short_run_rule(scores) -> bool:
+    """Whether ``scores`` carry what :func:`latest_within_se` needs (:func:`score_steps`' table); a plain mapping of
+    means gets the best step instead."""
+    return isinstance(scores, pd.DataFrame) and "paired_se" in scores
+
+
 def latest_within_se(scores: pd.DataFrame) -> int:
     """The latest checkpoint whose mean SCS is within one paired standard error (``paired_se``) of the best one's.
 
     The rule for a run too short to average (:func:`choose_window`): its curve is still rising, so the last step is the
     better one unless an earlier step beats it by more than the rows can tell apart. In make demo's CPU runs (two
     checkpoints, 65 choice rows) the best mean picked the halfway checkpoint in 2 of 13 runs, each time 0.05-0.08
-    below the last one on the report rows (RESULTS.md, "The CPU recipe")."""
-    table = {s: v for s, v in as_scores(scores).items() if s > 0 and math.isfinite(v)}
+    below the last one on the report rows (RESULTS.md, "The CPU recipe"). A checkpoint that scores no better than the
+    base model (step 0) is never the one exported."""
+    if not isinstance(scores, pd.DataFrame) or "paired_se" not in scores:
+        raise SelectionError("latest_within_se needs score_steps' table, with its paired_se column")
+    means = as_scores(scores)
+    floor = means.get(0, -math.inf)
+    table = {s: v for s, v in means.items() if s > 0 and math.isfinite(v)}
     if not table:
         raise SelectionError("no scored checkpoints to choose from")
     se = {int(s): float(v) if math.isfinite(v) else 0.0 for s, v in zip(scores["step"], scores["paired_se"])}
     best = choose_step(table)
-    return max(s for s, v in table.items() if v >= table[best] - se.get(s, 0.0) - TIE_TOLERANCE)
+    within = [s for s, v in table.items() if v >= table[best] - se.get(s, 0.0) - TIE_TOLERANCE and v > floor]
+    return max(within, default=best)
 
 
 def smoothed(scores: Mapping[int, float] | pd.DataFrame, width: int) -> dict[int, float]:
@@ -539,8 +551,7 @@ def choose_window(scores: Mapping[int, float] | pd.DataFrame, k: int = 5, force_
     if best == 0 or k <= 1 or (force_step and force_step > 0):
         return [best]
     if len(ckpts) < fewest:
-        rising = isinstance(scores, pd.DataFrame) and "paired_se" in scores
-        return [latest_within_se(scores) if rising else best]
+        return [latest_within_se(scores) if short_run_rule(scores) else best]
     center = choose_step(smoothed(scores, k // 2))
     i = ckpts.index(center)
     lo = min(max(0, i - k // 2), len(ckpts) - k)

@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -177,17 +178,25 @@ def _clear_export(out: Path) -> None:
         shutil.rmtree(out / "merged")
 
 
-def _rule(cfg: checkpoints.SelectConfig, window: list[int], best_ckpt: int | None) -> str:
-    """How ``window`` was chosen, in words, for ``selection.json``."""
+def _rule(cfg: checkpoints.SelectConfig, scores, window: list[int], best_ckpt: int | None) -> str:
+    """How ``window`` was chosen, in words, for ``selection.json``: the rule of :func:`checkpoints.choose_window` that
+    gives it, else "as given" (a step passed by hand)."""
     if cfg.forced:
         return f"forced by force_step={window[0]}"
+    k = cfg.average_checkpoints
     if len(window) > 1:
         return (f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving "
                 "average of mean SCS")
-    if window[0] > 0 and best_ckpt is not None and window[0] != best_ckpt:
+    step = window[0]
+    table = checkpoints.as_scores(scores)
+    ckpts = [s for s, v in table.items() if s > 0 and math.isfinite(v)]
+    if (step > 0 and step != best_ckpt and k > 1 and len(ckpts) < 2 * k and checkpoints.short_run_rule(scores)
+            and checkpoints.latest_within_se(scores) == step):
         return (f"the latest checkpoint within one paired standard error of the best (step {best_ckpt}): too few "
                 "checkpoints to average, a curve still rising")
-    return "highest mean SCS; the earlier step on ties"
+    if step == checkpoints.choose_step(table):
+        return "highest mean SCS; the earlier step on ties"
+    return f"step {step} as given to export_selection (the best checkpoint is step {best_ckpt})"
 
 
 def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: int | list[int],
@@ -256,7 +265,7 @@ def export_selection(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, step: 
         base_model_won=base_won,
         forced=bool(cfg.forced),
         averaged_steps=window if len(window) > 1 else [],
-        rule=_rule(cfg, window, best_ckpt),
+        rule=_rule(cfg, scores, window, best_ckpt),
         best_checkpoint_step=best_ckpt,
         scores=rounded,
         per_step=per_step,
@@ -384,4 +393,6 @@ def score_table(cfg: checkpoints.SelectConfig, scores: pd.DataFrame, chosen: int
     table = scores.merge(losses, on="step", how="left")
     table["chosen"] = table["step"].isin(_window(chosen, scores, cfg))
     cols = ["step", "scs", "cos", "eval_loss", "train_loss", "rows", "fallbacks", "seconds", "scorer", "chosen"]
-    return table[cols].round({"scs": 4, "cos": 4, "eval_loss": 4, "train_loss": 4})
+    if "paired_se" in table:  # what tells the steps apart on these rows (checkpoints.latest_within_se)
+        cols.insert(2, "paired_se")
+    return table[cols].round({"scs": 4, "cos": 4, "eval_loss": 4, "train_loss": 4, "paired_se": 4})

@@ -11,8 +11,9 @@ cache: ``selection/step-N.json``), then ``make select RUN=... SELECT_ARGS="-r va
 - ``smooth3`` / ``smooth5``: the highest mean of each checkpoint with its neighbours (3 or 5 scored checkpoints);
 - ``latest_1se``: the latest step whose mean is within one standard error (paired, over prompt groups) of the best
   (``kaggle_utils.checkpoints.latest_within_se``, the select stage's rule for a run too short to average);
-- ``export``: what ``make select`` exported (by default the mean of the 9 adapters around the smoothed peak,
-  ``kaggle_utils.checkpoints.choose_window``), scored on the report rows by the select stage itself.
+- ``export``: what ``make select`` exported (``kaggle_utils.checkpoints.choose_window``: the mean of the 9 adapters
+  around the smoothed peak, or in a run too short to average the ``latest_1se`` step), scored on the report rows by
+  the select stage itself.
 
 Writes ``RUN/selection_rules.json`` and prints one row per run and rule, each with its 90% interval over prompt groups.
 """

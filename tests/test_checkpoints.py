@@ -539,6 +539,11 @@ def test_a_run_too_short_to_average_exports_its_latest_checkpoint_within_one_sta
     assert checkpoints.choose_window(close, 3, force_step=8) == [8]
     worse = _table({0: [0.9, 0.9, 0.9, 0.9], 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}, groups)
     assert checkpoints.choose_window(worse, 3) == [0]
+    # step 16 is within the standard error of step 8 but below the base model: step 8, never a step worse than none
+    below_base = _table({0: [0.36, 0.36, 0.66, 0.36], 8: [0.3, 0.3, 0.9, 0.3], 16: [0.4, 0.4, 0.6, 0.3]}, groups)
+    assert checkpoints.choose_window(below_base, 3) == [8]
+    with pytest.raises(checkpoints.SelectionError, match="paired_se"):
+        checkpoints.latest_within_se(close.drop(columns="paired_se"))
 
 
 def test_export_says_when_the_latest_checkpoint_within_one_standard_error_was_chosen(tmp_path, rewrites_csv):
@@ -551,6 +556,11 @@ def test_export_says_when_the_latest_checkpoint_within_one_standard_error_was_ch
     assert (sel.step, sel.best_checkpoint_step) == (16, 8)
     assert (out / "adapter_model.safetensors").read_bytes() == b"weights of step 16"
     assert sel.rule.startswith("the latest checkpoint within one paired standard error of the best (step 8)")
+    # the same scores with step 8 passed by hand: the best step, so the best-mean rule; the summary shows the errors
+    out = export.export_selection(cfg, table.assign(scorer="fake scorer"), 8, checkpoints.load_validation(cfg))
+    assert artifacts.Selection.read(out).rule == "highest mean SCS; the earlier step on ties"
+    assert "paired_se" in export.score_table(cfg, table.assign(**{c: 0 for c in ("cos", "rows", "fallbacks",
+                                                                                "seconds")}, scorer="f"), 8)
 
 
 def _lora_checkpoint(folder: Path, a, b, r=4, alpha=8):
