@@ -363,8 +363,8 @@ def score_steps(cfg: SelectConfig, validation: pd.DataFrame, scorer: metric.Scor
     except BaseException:
         _free(sampler)
         raise
+    per_row = {int(r["step"]): r.pop("per_row") for r in rows}
     table = pd.DataFrame(rows)
-    per_row = {int(r["step"]): json.loads(step_cache_file(cfg, r["step"]).read_text())["scs"] for r in rows}
     se = paired_standard_errors(per_row, group_keys(validation))
     table["paired_se"] = [round(se[int(s)], 6) for s in table["step"]]
     return table
@@ -386,7 +386,8 @@ def _held_sampler(cfg: SelectConfig) -> list:
 def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, scorer: metric.Scorer, step: int | str,
                adapter: Path | None, sampler: list) -> dict:
     """One step's (or the exported adapter's) greedy predictions, generated unless cached, scored unless scored by
-    this scorer: its row of the scores table. ``sampler`` holds the loaded model, loaded here on first need."""
+    this scorer: its row of the scores table, and each row's SCS under ``per_row``. ``sampler`` holds the loaded
+    model, loaded here on first need."""
     truths = list(validation[data.PROMPT_COLUMN])
     key = _sampling_key(cfg, run_cfg, validation, adapter)
     cache = step_cache_file(cfg, step)
@@ -415,7 +416,7 @@ def _score_one(cfg: SelectConfig, run_cfg: dict, validation: pd.DataFrame, score
                        entry["fallbacks"], len(truths), FALLBACK_PROMPT)
     row = {"step": step, "scs": float(np.mean(entry["scs"])), "cos": float(np.mean(entry["cos"])),
            "rows": len(entry["scs"]), "fallbacks": entry["fallbacks"], "seconds": round(seconds, 1),
-           "scorer": entry["scorer"], "precision": precision}
+           "scorer": entry["scorer"], "precision": precision, "per_row": entry["scs"]}
     logger.info("step %s: mean SCS %.4f (cos %.4f) on %d rows, %s%s", step, row["scs"], row["cos"], row["rows"],
                 entry["scorer"], f", generated in {seconds:.0f} s" if seconds else ", cached")
     return row
@@ -510,7 +511,7 @@ def latest_within_se(scores: pd.DataFrame) -> int:
     checkpoints, 65 choice rows) the best mean picked the halfway checkpoint in 2 of 13 runs, each time 0.05-0.08
     below the last one on the report rows (RESULTS.md, "The CPU recipe"). A checkpoint that scores no better than the
     base model (step 0) is never the one exported."""
-    if not isinstance(scores, pd.DataFrame) or "paired_se" not in scores:
+    if not short_run_rule(scores):
         raise SelectionError("latest_within_se needs score_steps' table, with its paired_se column")
     means = as_scores(scores)
     floor = means.get(0, -math.inf)

@@ -11,7 +11,6 @@ import dataclasses
 import datetime
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 
@@ -183,19 +182,15 @@ def _rule(cfg: checkpoints.SelectConfig, scores, window: list[int], best_ckpt: i
     gives it, else "as given" (a step passed by hand)."""
     if cfg.forced:
         return f"forced by force_step={window[0]}"
-    k = cfg.average_checkpoints
     if len(window) > 1:
         return (f"the mean of the {len(window)} checkpoints around the peak of the {len(window)}-checkpoint moving "
                 "average of mean SCS")
     step = window[0]
-    table = checkpoints.as_scores(scores)
-    ckpts = [s for s, v in table.items() if s > 0 and math.isfinite(v)]
-    if (step > 0 and step != best_ckpt and k > 1 and len(ckpts) < 2 * k and checkpoints.short_run_rule(scores)
-            and checkpoints.latest_within_se(scores) == step):
+    if step == checkpoints.choose_step(scores):
+        return "highest mean SCS; the earlier step on ties"
+    if checkpoints.choose_window(scores, cfg.average_checkpoints) == window:  # its one single step that is not the best
         return (f"the latest checkpoint within one paired standard error of the best (step {best_ckpt}): too few "
                 "checkpoints to average, a curve still rising")
-    if step == checkpoints.choose_step(table):
-        return "highest mean SCS; the earlier step on ties"
     return f"step {step} as given to export_selection (the best checkpoint is step {best_ckpt})"
 
 
